@@ -1,0 +1,29 @@
+# distft: `make train` runs the default job, `make test` the whole suite; both install first.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: install train test test-quick lint bench
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+train: $(STAMP)
+	$(VENV)/bin/distft-launch $(ARGS)
+
+test: $(STAMP)
+	$(VENV)/bin/ruff check distft launch tests bench
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+test-quick: $(STAMP)
+	$(PY) -m pytest -q -m quick $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check distft launch tests bench
+	$(VENV)/bin/ruff format --check distft launch tests bench

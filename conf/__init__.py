@@ -1,0 +1,1 @@
+"""Shipped Hydra config groups (installed as the distft_conf package)."""

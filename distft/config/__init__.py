@@ -1,0 +1,1 @@
+"""Typed config: Hydra composes conf/, dataclasses check it (distft.config.load)."""

@@ -1,0 +1,155 @@
+"""Typed configuration: one dataclass per config group, attribute docstrings are the reference.
+
+Group options with their own keys (tuning, method, strategy) register their own dataclass in
+their registry; `name` picks it. Unknown keys are rejected by `distft.config.load`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class ModelConfig:
+    name: str = "tiny"
+    """Config-group option that produced this block (for tags and reports)."""
+    name_or_path: str | None = None
+    """Hub id or local Hugging Face directory. None builds the tiny random-init model below."""
+    hidden_size: int = 128
+    """Tiny model: width."""
+    num_layers: int = 3
+    """Tiny model: decoder layers."""
+    num_heads: int = 4
+    """Tiny model: attention heads."""
+    num_kv_heads: int = 4
+    """Tiny model: key/value heads (grouped-query attention when smaller than num_heads)."""
+    intermediate_size: int = 384
+    """Tiny model: MLP width."""
+    max_position_embeddings: int = 256
+    """Tiny model: longest sequence."""
+    init_seed: int = 1234
+    """Tiny model: seed of the random init (the same on every rank and every run)."""
+    trust_remote_code: bool = False
+    """Allow model code from the hub repository. Off unless you trust the repository."""
+    attn_implementation: str = "sdpa"
+    """transformers attention kernel: sdpa, eager or flash_attention_2 (GPU, when installed)."""
+
+
+@dataclass
+class DataConfig:
+    name: str = "default"
+    """Config-group option that produced this block."""
+    path: list[str] = field(default_factory=list)
+    """JSONL files, directories of them, or hub dataset ids. Empty: the method's embedded data."""
+    splits: list[float] = field(default_factory=lambda: [8.0, 1.0, 1.0])
+    """train/val/test ratios (normalized); deterministic by train.seed."""
+    max_length: int = 64
+    """Tokens per example; longer examples are truncated and counted in the data report."""
+    packing: bool = False
+    """Pack several examples into one sequence of max_length; attention never crosses examples."""
+    num_examples: int = 6000
+    """Embedded default data: how many examples to generate."""
+    max_eval_generations: int = 200
+    """Held-out examples used for exact-match generation eval (0 turns it off)."""
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 0
+    """Optimizer steps. 0: use epochs."""
+    epochs: float = 6.0
+    """Passes over the train split, used when max_steps is 0."""
+    micro_batch_size: int = 16
+    """Sequences per rank per forward pass."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step; the global batch is micro × accum × world size."""
+    lr: float = 3e-3
+    """Peak learning rate."""
+    lr_scheduler: str = "cosine"
+    """transformers scheduler name: constant, constant_with_warmup, linear or cosine."""
+    warmup_steps: int = 0
+    """Linear warmup steps (overrides warmup_ratio when > 0)."""
+    warmup_ratio: float = 0.05
+    """Warmup as a fraction of the total steps."""
+    weight_decay: float = 0.0
+    """AdamW weight decay (not applied to biases and norms)."""
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    """AdamW betas."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping by global norm (0 disables)."""
+    seed: int = 42
+    """Seeds data order, dropout and sampling."""
+    precision: str = "fp32"
+    """fp32, bf16 (mixed, fp32 master weights) or fp16 (mixed with loss scaling)."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in backward to save memory."""
+    save_every: int = 0
+    """Checkpoint every N steps (0: only at the end)."""
+    keep_last: int = 2
+    """Checkpoints kept; older ones are pruned."""
+    eval_every: int = 0
+    """Validation loss every N steps (0: only at the end)."""
+    log_every: int = 1
+    """Metrics row every N steps."""
+    export: bool = True
+    """Write export/ (Hugging Face format) at the end."""
+    eval_generate: bool = True
+    """Exact-match generation eval on the held-out split before and after training."""
+    max_new_tokens: int = 16
+    """Generation length for generation eval."""
+    progress: bool = True
+    """Progress bar on rank 0."""
+
+
+@dataclass
+class ClusterConfig:
+    name: str = "local"
+    """local (this machine) or slurm."""
+    nodes: int = 1
+    """Nodes in the job."""
+    nproc_per_node: int = 2
+    """Ranks per node (defaults to the GPU count on GPU nodes)."""
+    gpus_per_node: int = 0
+    """GPUs per node (0 on CPU nodes: ranks use gloo)."""
+    max_restarts: int = 0
+    """Elastic restarts of the whole group after a failed rank."""
+    master_port: int = 29500
+    """Rendezvous port on the first node."""
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Cluster-specific keys (SLURM partition, account, time, ...)."""
+
+
+@dataclass
+class LoggerConfig:
+    name: str = "none"
+    """none, wandb or tensorboard (metrics.jsonl is always written)."""
+    project: str = "distft"
+    """W&B project."""
+    group: str | None = None
+    """W&B group (sweeps set it)."""
+    run_name: str | None = None
+    """W&B run name."""
+    tags: list[str] = field(default_factory=list)
+    """Extra W&B tags (model/tuning/method/strategy are added)."""
+
+
+@dataclass
+class RootConfig:
+    model: ModelConfig
+    data: DataConfig
+    train: TrainConfig
+    cluster: ClusterConfig
+    logger: LoggerConfig
+    tuning: Any
+    """The tuning option's own dataclass (see distft.tuning)."""
+    method: Any
+    """The method option's own dataclass (see distft.methods)."""
+    strategy: Any
+    """The strategy option's own dataclass (see distft.strategies)."""
+    output_dir: str | None = None
+    """Run directory. None: outputs/<date>/<time>."""
+    resume: str = "auto"
+    """auto (continue from output_dir's latest checkpoint if any), never, or a checkpoint path."""
+    launch: dict[str, Any] = field(default_factory=dict)
+    """Launcher-only keys (dry_run, ...); ignored by the ranks."""

@@ -1,0 +1,1 @@
+"""Data: load → split → method-specific encode (tokenize, mask, pack) → global-batch sampler."""

@@ -1,0 +1,289 @@
+"""The training loop: global batches → method.loss → strategy backward/step → log → eval → save.
+
+`Trainer.build` assembles the pieces picked from registries; `Trainer.train` runs the loop. The
+loop knows no method, tuning or strategy by name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import random
+import time
+from datetime import datetime
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from distft import dist
+from distft.data.pipeline import prepare_cached
+from distft.data.sampler import GlobalBatchSampler
+from distft.engine import checkpoint
+from distft.engine.export import export
+from distft.engine.metrics import MetricsLogger
+from distft.engine.schedule import lr_schedule
+from distft.methods import METHODS
+from distft.models import load_model, load_tokenizer, resolve_model_path
+from distft.strategies import STRATEGIES
+from distft.tuning import TUNINGS
+
+LOAD_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _default_output_dir() -> str:
+    return str(Path("outputs") / datetime.now().strftime("%Y-%m-%d/%H-%M-%S"))
+
+
+@dataclasses.dataclass
+class Trainer:
+    cfg: object
+    info: dist.DistInfo
+    run_dir: Path
+    tokenizer: object
+    method: object
+    tuning: object
+    strategy: object
+    data: object
+    sampler: GlobalBatchSampler
+    total_steps: int
+    lr_at: object
+    logger: MetricsLogger
+    model_path: str
+    start_step: int = 0
+    notes: list = dataclasses.field(default_factory=list)
+
+    # ------------------------------------------------------------------ build
+    @classmethod
+    def build(cls, cfg, composed=None) -> Trainer:
+        info = dist.init()
+        run_dir = Path(dist.broadcast_object(cfg.output_dir or _default_output_dir())).resolve()
+        cfg.output_dir = str(run_dir)
+        if info.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            _write_config(cfg, composed, run_dir)
+        dist.barrier()
+        _seed(cfg.train.seed)
+
+        model_path = resolve_model_path(cfg, run_dir, info)
+        tokenizer = load_tokenizer(model_path, cfg)
+        method = METHODS[cfg.method.name](cfg, tokenizer)
+        tuning = TUNINGS[cfg.tuning.name]
+        data = prepare_cached(cfg, method, tokenizer, run_dir, info.is_main)
+
+        load_dtype = torch.float32 if not tuning.adapter else LOAD_DTYPES[cfg.train.precision]
+        model = load_model(
+            model_path, cfg, torch.float32, tuning.load_kwargs(cfg, load_dtype), method.auto_class
+        )
+        if cfg.train.gradient_checkpointing:
+            model.gradient_checkpointing_enable({"use_reentrant": False})
+        model.config.use_cache = False
+        model = tuning.apply(model, cfg)
+        strategy = STRATEGIES[cfg.strategy.name].make(cfg, info)
+        strategy.setup(model)
+        if info.is_main and hasattr(strategy, "write_config"):
+            strategy.write_config(run_dir)
+
+        t = cfg.train
+        global_batch = t.micro_batch_size * t.grad_accum * info.world_size
+        sampler = GlobalBatchSampler(len(data.train), global_batch, t.seed)
+        total = t.max_steps or max(1, math.ceil(t.epochs * sampler.steps_per_epoch))
+
+        trainer = cls(
+            cfg, info, run_dir, tokenizer, method, tuning, strategy, data, sampler, total,
+            lr_schedule(cfg, total), None, model_path,
+        )
+        trainer._maybe_resume()
+        trainer.logger = MetricsLogger(cfg, run_dir, info.is_main, trainer.start_step)
+        return trainer
+
+    def _maybe_resume(self) -> None:
+        path = checkpoint.resolve_resume(self.cfg.resume, self.run_dir)
+        if path is None:
+            return
+        state = checkpoint.load(self.strategy, path, self.info)
+        self.start_step = state["step"]
+        if state.get("total_steps") not in (None, self.total_steps):
+            note = (
+                f"resumed at step {self.start_step} with a new total of {self.total_steps} steps "
+                f"(was {state['total_steps']}): the LR schedule is recomputed for the new total"
+            )
+            self.notes.append(note)
+            if self.info.is_main:
+                with open(self.run_dir / "notes.txt", "a") as f:
+                    f.write(note + "\n")
+        if self.info.is_main:
+            print(f"distft: resumed from {path} at step {self.start_step}", flush=True)
+
+    # ------------------------------------------------------------------ loop
+    def train(self) -> dict:
+        cfg, info = self.cfg, self.info
+        t = cfg.train
+        summary: dict = {"run_dir": str(self.run_dir)}
+        if self.start_step == 0:
+            before = self.method.evaluate(self.strategy.module, self.data.val_rows, info,
+                                          self.strategy.sharded_params)
+            summary["before"] = before
+            if before:
+                self.logger.log(0, {f"eval/{k}": v for k, v in before.items()})
+        bar = _progress(self.total_steps, self.start_step, info.is_main and t.progress)
+        last_loss = float("nan")
+        tokens_window, time_window = 0.0, time.perf_counter()
+        for step in range(self.start_step, self.total_steps):
+            loss, tokens, grad_norm = self.train_step(step)
+            last_loss = loss
+            tokens_window += tokens
+            done = step + 1
+            if done % t.log_every == 0 or done == self.total_steps:
+                elapsed = time.perf_counter() - time_window
+                row = {
+                    "loss": loss,
+                    "lr": self.lr_at(step),
+                    "grad_norm": grad_norm,
+                    "tokens_per_s": tokens_window / max(elapsed, 1e-9),
+                    "epoch": step / self.sampler.steps_per_epoch,
+                }
+                self.logger.log(done, row)
+                if bar is not None:
+                    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{row['lr']:.2e}",
+                                    tok_s=f"{row['tokens_per_s']:.0f}")
+                tokens_window, time_window = 0.0, time.perf_counter()
+            if bar is not None:
+                bar.update(1)
+            if t.eval_every and done % t.eval_every == 0 and done != self.total_steps:
+                self.logger.log(done, self.eval_loss())
+            if t.save_every and done % t.save_every == 0 and done != self.total_steps:
+                self.save(done)
+        if bar is not None:
+            bar.close()
+        end = self.total_steps
+        summary["train_loss"] = last_loss
+        final_eval = self.eval_loss()
+        after = self.method.evaluate(self.strategy.module, self.data.val_rows, info,
+                                     self.strategy.sharded_params)
+        final_eval.update({f"eval/{k}": v for k, v in after.items()})
+        self.logger.log(end, final_eval)
+        summary.update(final_eval)
+        summary["after"] = after
+        if self.start_step < end or checkpoint.latest(self.run_dir) is None:
+            self.save(end)
+        if t.export:
+            summary["export"] = str(export(self.strategy, cfg, self.tuning, self.method,
+                                           self.model_path, self.tokenizer, self.run_dir, info))
+        self.logger.close()
+        if info.is_main:
+            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+            _print_summary(summary, self.notes)
+        return summary
+
+    def train_step(self, step: int) -> tuple[float, int, float]:
+        """One optimizer step over a global batch; returns (global loss, global tokens, grad norm)."""
+        t, info = self.cfg.train, self.info
+        shares = self.sampler.rank_micro_batches(step, info.rank, info.world_size, t.grad_accum)
+        batches = [self.method.collate([self.data.train[i] for i in ids]) for ids in shares]
+        local_targets = sum(b["num_targets"] for b in batches)
+        local_tokens = sum(b["num_tokens"] for b in batches)
+        global_targets, global_tokens = dist.all_reduce_sum([local_targets, local_tokens],
+                                                            info.device)
+        scale = self.strategy.loss_scale / max(global_targets, 1.0)
+        self.strategy.set_lr(self.lr_at(step))
+        loss_sum = torch.zeros((), dtype=torch.float64, device=info.device)
+        for i, batch in enumerate(batches):
+            is_last = i == len(batches) - 1
+            batch = _to_device(batch, info.device)
+            with self.strategy.accumulate(is_last):
+                loss, _ = self.method.loss(self.strategy.model, batch)
+                self.strategy.backward(loss * scale, is_last)
+            loss_sum += loss.detach().double()
+        grad_norm = self.strategy.step()
+        (total,) = dist.all_reduce_sum([float(loss_sum)], info.device)
+        return total / max(global_targets, 1.0), int(global_tokens), grad_norm
+
+    @torch.no_grad()
+    def eval_loss(self) -> dict:
+        """Validation loss over the whole val split, normalized by its target tokens."""
+        val = self.data.val
+        if not val:
+            return {}
+        info, micro = self.info, self.cfg.train.micro_batch_size
+        mine = val[info.rank :: info.world_size]
+        per_rank = math.ceil(len(val) / info.world_size)
+        n_batches = math.ceil(per_rank / micro)
+        model = self.strategy.model
+        was_training = model.training
+        model.eval()
+        loss_sum, targets = 0.0, 0.0
+        for b in range(n_batches):
+            rows = mine[b * micro : (b + 1) * micro]
+            # Sharded parameters need every rank in every forward: idle ranks run a dummy batch.
+            batch = _to_device(self.method.collate(rows or val[:1]), info.device)
+            with self.strategy.accumulate(True):
+                loss, _ = self.method.loss(model, batch)
+            if rows:
+                loss_sum += float(loss)
+                targets += batch["num_targets"]
+        model.train(was_training)
+        loss_sum, targets = dist.all_reduce_sum([loss_sum, targets], info.device)
+        mean = loss_sum / max(targets, 1.0)
+        return {"eval/loss": mean, "eval/ppl": math.exp(min(mean, 50.0))}
+
+    def save(self, step: int) -> Path:
+        state = {
+            "step": step,
+            "total_steps": self.total_steps,
+            "world_size": self.info.world_size,
+            "global_batch": self.sampler.global_batch,
+            "examples_seen": step * self.sampler.global_batch,
+            "strategy": self.cfg.strategy.name,
+            "tuning": self.cfg.tuning.name,
+        }
+        return checkpoint.save(self.strategy, self.run_dir, step, state, self.info,
+                               self.cfg.train.keep_last)
+
+
+def _to_device(batch: dict, device) -> dict:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v
+            for k, v in batch.items()}
+
+
+def _seed(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _write_config(cfg, composed, run_dir: Path) -> None:
+    if composed is not None:
+        plain = OmegaConf.to_container(composed, resolve=True)
+        plain.pop("hydra", None)
+        plain["output_dir"] = cfg.output_dir
+        OmegaConf.save(OmegaConf.create(plain), run_dir / "config.yaml")
+    else:
+        OmegaConf.save(OmegaConf.structured(dataclasses.asdict(cfg)), run_dir / "config.yaml")
+
+
+def _progress(total: int, start: int, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=start, desc="train", dynamic_ncols=True)
+
+
+def _print_summary(summary: dict, notes: list) -> None:
+    def fmt(v):
+        return f"{v:.4f}" if isinstance(v, float) else str(v)
+
+    lines = ["", "distft run summary"]
+    lines.append(f"  final train loss : {fmt(summary.get('train_loss'))}")
+    if "eval/loss" in summary:
+        lines.append(f"  final val loss   : {fmt(summary['eval/loss'])}")
+    before, after = summary.get("before") or {}, summary.get("after") or {}
+    for k in sorted(set(before) | set(after)):
+        lines.append(f"  val {k:<13}: {fmt(before.get(k, '-'))} before -> {fmt(after.get(k))} after")
+    lines.append(f"  run dir          : {summary['run_dir']}")
+    lines.append("  files            : config.yaml metrics.jsonl summary.json checkpoints/")
+    if summary.get("export"):
+        lines.append(f"  export           : {summary['export']}")
+    lines += [f"  note: {n}" for n in notes]
+    print("\n".join(lines), flush=True)

@@ -1,0 +1,83 @@
+"""Supervised fine-tuning: next-token loss on completion tokens (and EOS), summed per token."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from distft.data.collate import as_row, pack, pad_batch
+from distft.data.default_tasks import sft_rows
+from distft.data.sft_format import IGNORE, tokenize_sft
+from distft.engine.generation import exact_match
+
+
+@dataclass
+class SFTConfig:
+    name: str = "sft"
+    """Method."""
+    train_on_prompt: bool = False
+    """Also train on prompt tokens (default: completion and EOS only)."""
+
+
+class SFT:
+    config = SFTConfig
+    auto_class = None  # AutoModelForCausalLM
+
+    def __init__(self, cfg, tokenizer):
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+
+    @staticmethod
+    def validate(cfg) -> None:
+        pass
+
+    @staticmethod
+    def default_rows(cfg) -> list[dict]:
+        return sft_rows(cfg.data.num_examples)
+
+    @staticmethod
+    def encode(rows: list[dict], tokenizer, cfg, train: bool) -> tuple[list[dict], dict]:
+        examples, truncated, dropped = [], 0, 0
+        for row in rows:
+            ex = tokenize_sft(row, tokenizer, cfg.data.max_length, cfg.method.train_on_prompt)
+            truncated += ex.truncated
+            if all(label == IGNORE for label in ex.labels):
+                dropped += 1  # truncation removed every target token
+                continue
+            examples.append(ex)
+        lengths = sorted(len(ex.input_ids) for ex in examples) or [0]
+        stats = {
+            "truncated": truncated,
+            "dropped_no_target": dropped,
+            "tokens_p50": lengths[len(lengths) // 2],
+            "tokens_max": lengths[-1],
+        }
+        if cfg.data.packing and train:
+            rows_out = pack(examples, cfg.data.max_length)
+            stats["packed_sequences"] = len(rows_out)
+        else:
+            rows_out = [as_row(ex) for ex in examples]
+        return rows_out, stats
+
+    def collate(self, examples: list[dict]) -> dict:
+        return pad_batch(examples, self.tokenizer.pad_token_id)
+
+    def loss(self, model, batch: dict) -> tuple[torch.Tensor, dict]:
+        """Summed token loss over the batch's targets (the engine normalizes globally)."""
+        out = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"])
+        logits = out.logits[:, :-1].float()
+        labels = batch["labels"][:, 1:]
+        loss = F.cross_entropy(
+            logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=IGNORE,
+            reduction="sum",
+        )
+        return loss, {}
+
+    def evaluate(self, model, rows: list[dict], info, sharded: bool) -> dict:
+        """Exact match of greedy generations on held-out rows."""
+        if not self.cfg.train.eval_generate or not rows:
+            return {}
+        rows = rows[: self.cfg.data.max_eval_generations]
+        return {"exact_match": exact_match(model, self.tokenizer, rows, self.cfg, info, sharded)}

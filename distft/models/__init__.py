@@ -1,0 +1,5 @@
+"""Models and tokenizers: transformers Auto* from a hub id or local directory, or the tiny default."""
+
+from distft.models.loader import load_model, load_tokenizer, resolve_model_path
+
+__all__ = ["load_model", "load_tokenizer", "resolve_model_path"]

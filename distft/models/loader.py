@@ -1,0 +1,59 @@
+"""Load a causal LM and its tokenizer from a hub id or local directory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from distft import dist
+from distft.errors import ConfigError
+from distft.models.tiny import build_tiny
+
+
+def resolve_model_path(cfg, output_dir: Path, info) -> str:
+    """The model's name_or_path; the tiny default is built into the run dir by one rank per node."""
+    if cfg.model.name_or_path:
+        return cfg.model.name_or_path
+    path = output_dir / "base_model"
+    if info.local_rank == 0:
+        build_tiny(path, cfg.model)
+    dist.barrier()
+    return str(path)
+
+
+def load_tokenizer(name_or_path: str, cfg):
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(
+            name_or_path, trust_remote_code=cfg.model.trust_remote_code
+        )
+    except OSError as e:
+        raise ConfigError(
+            f"cannot load a tokenizer from model.name_or_path={name_or_path!r}: {e}. "
+            "Give a local Hugging Face directory or a reachable hub id."
+        ) from None
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(name_or_path: str, cfg, dtype: torch.dtype, extra: dict, auto_class=None):
+    from transformers import AutoModelForCausalLM
+
+    auto_class = auto_class or AutoModelForCausalLM
+    try:
+        model = auto_class.from_pretrained(
+            name_or_path,
+            dtype=dtype,
+            attn_implementation=cfg.model.attn_implementation,
+            trust_remote_code=cfg.model.trust_remote_code,
+            **extra,
+        )
+    except OSError as e:
+        raise ConfigError(
+            f"cannot load model.name_or_path={name_or_path!r}: {e}. "
+            "Give a local Hugging Face directory or a reachable hub id."
+        ) from None
+    return model

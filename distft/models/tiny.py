@@ -1,0 +1,77 @@
+"""The tiny default: a random-init Llama with a character tokenizer, built deterministically.
+
+It is written as an ordinary Hugging Face directory, so the rest of distft (quantization, PEFT,
+export, `from_pretrained` in tests) treats it exactly like a real model.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import string
+from pathlib import Path
+
+import torch
+
+SPECIAL = ["<pad>", "<unk>", "<|end|>", "<|system|>", "<|user|>", "<|assistant|>"]
+CHARS = list(string.printable[:95]) + ["\n"]  # digits, letters, punctuation, space, newline
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def build_tokenizer():
+    """Character-level fast tokenizer; `<|end|>` is both EOS and end of turn."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(SPECIAL + sorted(set(CHARS)))}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    tok.add_special_tokens(SPECIAL)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="<pad>",
+        unk_token="<unk>",
+        eos_token="<|end|>",
+        chat_template=CHAT_TEMPLATE,
+    )
+
+
+def build_tiny(path: Path, model_cfg) -> Path:
+    """Write the tiny model + tokenizer to `path` once (atomic rename, so ranks may race)."""
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    if (path / "config.json").is_file():
+        return path
+    tokenizer = build_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=model_cfg.hidden_size,
+        intermediate_size=model_cfg.intermediate_size,
+        num_hidden_layers=model_cfg.num_layers,
+        num_attention_heads=model_cfg.num_heads,
+        num_key_value_heads=model_cfg.num_kv_heads,
+        max_position_embeddings=model_cfg.max_position_embeddings,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+        tie_word_embeddings=True,
+    )
+    gen = torch.Generator().manual_seed(model_cfg.init_seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=gen)))
+        model = LlamaForCausalLM(config)
+    model.generation_config = GenerationConfig(
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
+    )
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    try:
+        os.rename(tmp, path)
+    except OSError:  # another rank or node finished first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path

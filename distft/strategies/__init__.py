@@ -1,0 +1,15 @@
+"""Strategies, picked by `strategy=`: each module has `config`, `validate(cfg, gpu)` and
+`make(cfg, info)`; the object it makes wraps the model and does backward, step, save, load."""
+
+from types import ModuleType
+
+from distft.strategies import ddp, deepspeed_zero, fsdp
+
+STRATEGIES: dict[str, ModuleType] = {
+    "ddp": ddp,
+    "fsdp": fsdp,
+    "zero1": deepspeed_zero,
+    "zero2": deepspeed_zero,
+    "zero3": deepspeed_zero,
+    "zero3_offload": deepspeed_zero,
+}

@@ -1,0 +1,39 @@
+"""DDP: full replicas, gradients all-reduced (averaged) after the last micro-batch."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from distft.strategies.torch_native import TorchNativeStrategy
+
+
+@dataclass
+class DdpConfig:
+    name: str = "ddp"
+    """Strategy."""
+    bucket_cap_mb: int = 25
+    """Gradient all-reduce bucket size."""
+
+
+config = DdpConfig
+
+
+def validate(cfg, gpu: bool) -> None:
+    pass
+
+
+def parallelize(model: torch.nn.Module, cfg, info) -> torch.nn.Module:
+    if info.world_size == 1:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [info.device.index] if info.device.type == "cuda" else None
+    return DistributedDataParallel(
+        model, device_ids=ids, bucket_cap_mb=cfg.strategy.bucket_cap_mb
+    )
+
+
+def make(cfg, info) -> TorchNativeStrategy:
+    return TorchNativeStrategy(cfg, info, parallelize, sharded=False, autocast=True)

@@ -1,0 +1,152 @@
+"""DeepSpeed ZeRO stages 1-3 (+ CPU offload). The DeepSpeed config is generated from ours and
+written to the run dir; there is no second hand-kept JSON."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from distft.errors import ConfigError
+from distft.strategies.optim import build_adamw
+
+
+@dataclass
+class ZeroConfig:
+    name: str = "zero2"
+    """Strategy option (zero1, zero2, zero3, zero3_offload)."""
+    stage: int = 2
+    """ZeRO stage: 1 shards optimizer states, 2 also gradients, 3 also parameters."""
+    offload_optimizer: bool = False
+    """Keep optimizer states on the host and step there (DeepSpeedCPUAdam)."""
+    offload_params: bool = False
+    """Stage 3 only: keep parameters on the host between uses."""
+    reduce_bucket_size: int = 50_000_000
+    """Elements per gradient reduction bucket (smaller buckets trade speed for memory)."""
+    overlap_comm: bool = False
+    """Overlap gradient reduction with backward (more buffers, more memory)."""
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Merged into the generated DeepSpeed config (advanced; printed in ds_config.json)."""
+
+
+config = ZeroConfig
+
+
+def validate(cfg, gpu: bool) -> None:
+    s = cfg.strategy
+    if s.stage not in (1, 2, 3):
+        raise ConfigError(f"strategy.stage={s.stage}; valid: 1, 2, 3")
+    if s.offload_params and s.stage != 3:
+        raise ConfigError("strategy.offload_params=true needs strategy.stage=3 (use zero3_offload)")
+    if cfg.train.precision == "fp16" and not gpu:
+        raise ConfigError(
+            f"train.precision=fp16 with strategy={s.name}: DeepSpeed has no fp16 on CPU. "
+            "Use train.precision=bf16 or fp32 on CPU, or run on GPUs (cluster.gpus_per_node>0)"
+        )
+
+
+def ds_config(cfg, world_size: int) -> dict:
+    s, t = cfg.strategy, cfg.train
+    zero: dict[str, Any] = {
+        "stage": s.stage,
+        "reduce_bucket_size": s.reduce_bucket_size,
+        "overlap_comm": s.overlap_comm,
+        "contiguous_gradients": True,
+    }
+    if s.stage == 3:
+        zero["stage3_prefetch_bucket_size"] = s.reduce_bucket_size
+        zero["stage3_param_persistence_threshold"] = 10_000
+    if s.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    if s.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    out = {
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": t.grad_accum,
+        "train_batch_size": t.micro_batch_size * t.grad_accum * world_size,
+        "gradient_clipping": t.max_grad_norm,
+        "zero_optimization": zero,
+        "bf16": {"enabled": t.precision == "bf16"},
+        "fp16": {"enabled": t.precision == "fp16", "initial_scale_power": 16},
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+    out.update(s.extra)
+    return out
+
+
+class DeepSpeedStrategy:
+    def __init__(self, cfg, info):
+        self.cfg = cfg
+        self.info = info
+        self.sharded_params = cfg.strategy.stage == 3
+        # DeepSpeed divides by accumulation steps and averages over ranks.
+        self.loss_scale = float(info.world_size * cfg.train.grad_accum)
+        self.adapter_only = False
+
+    def setup(self, model: torch.nn.Module) -> None:
+        import deepspeed
+
+        self.adapter_only = any(not p.requires_grad for p in model.parameters())
+        optimizer = build_adamw(model, self.cfg, cpu_adam=self.cfg.strategy.offload_optimizer)
+        self.config = ds_config(self.cfg, self.info.world_size)
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(
+            model=model, optimizer=optimizer, config=self.config
+        )
+        self.base_optimizer = optimizer
+        self.model = self.engine
+        self.module = self.engine.module
+
+    def write_config(self, run_dir: Path) -> None:
+        (run_dir / "ds_config.json").write_text(json.dumps(self.config, indent=2))
+
+    def accumulate(self, is_last: bool):
+        import contextlib
+
+        return contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor, is_last: bool) -> None:
+        self.engine.backward(loss)
+        if not is_last:
+            self.engine.step()  # a micro step: DeepSpeed only accumulates
+
+    def step(self) -> float:
+        self.engine.step()
+        norm = self.engine.get_global_grad_norm()
+        return float(norm) if norm is not None else float("nan")
+
+    def set_lr(self, lr: float) -> None:
+        for g in self.base_optimizer.param_groups:
+            g["lr"] = lr
+
+    def save(self, path: Path) -> None:
+        self.engine.save_checkpoint(
+            str(path),
+            tag="deepspeed",
+            client_state={"universal_checkpoint_info": {"universal_checkpoint_version": 0.2}},
+            save_latest=False,  # checkpoints/latest is ours, written after every rank finished
+            exclude_frozen_parameters=self.adapter_only,
+        )
+
+    def load(self, path: Path) -> None:
+        self.engine.load_checkpoint(
+            str(path), tag="deepspeed", load_module_strict=not self.adapter_only
+        )
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """Full weights on rank 0 (gathered under ZeRO-3), empty elsewhere; a collective."""
+        if self.cfg.strategy.stage == 3:
+            sd = self.engine._zero3_consolidated_16bit_state_dict()
+            return {k: v.detach().cpu() for k, v in sd.items()} if self.info.is_main else {}
+        if not self.info.is_main:
+            return {}
+        return {k: v.detach().cpu() for k, v in self.module.state_dict().items()}
+
+
+def make(cfg, info) -> DeepSpeedStrategy:
+    return DeepSpeedStrategy(cfg, info)

@@ -1,0 +1,62 @@
+"""FSDP2: `fully_shard` on every decoder layer, then the root, with a mixed-precision policy."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from distft.errors import ConfigError
+from distft.strategies.torch_native import DTYPES, TorchNativeStrategy
+
+
+@dataclass
+class FsdpConfig:
+    name: str = "fsdp"
+    """Strategy."""
+    reshard_after_forward: bool = True
+    """Free gathered layer weights after forward (ZeRO-3-like); false keeps them (ZeRO-2-like)."""
+
+
+config = FsdpConfig
+
+
+def validate(cfg, gpu: bool) -> None:
+    if cfg.train.precision == "fp16":
+        raise ConfigError(
+            "train.precision=fp16 is not supported with strategy=fsdp (FSDP2 gradients need a "
+            "sharded loss scaler); use train.precision=bf16, or fp16 with strategy=ddp or "
+            "zero1/zero2/zero3 on GPU"
+        )
+
+
+def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The repeated transformer blocks, found by the model's `_no_split_modules` class names."""
+    names: set[str] = set()
+    for m in model.modules():
+        names.update(getattr(m, "_no_split_modules", None) or [])
+    return [m for m in model.modules() if type(m).__name__ in names]
+
+
+def parallelize(model: torch.nn.Module, cfg, info) -> torch.nn.Module:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mesh = init_device_mesh(info.device.type, (info.world_size,))
+    mp = None
+    if cfg.train.precision != "fp32":
+        mp = MixedPrecisionPolicy(
+            param_dtype=DTYPES[cfg.train.precision], reduce_dtype=torch.float32
+        )
+    kwargs = {"mesh": mesh, "reshard_after_forward": cfg.strategy.reshard_after_forward}
+    if mp is not None:
+        kwargs["mp_policy"] = mp
+    for layer in decoder_layers(model):
+        fully_shard(layer, **kwargs)
+    fully_shard(model, **kwargs)
+    return model
+
+
+def make(cfg, info) -> TorchNativeStrategy:
+    # The mixed-precision policy casts parameters, so no autocast on top.
+    return TorchNativeStrategy(cfg, info, parallelize, sharded=True, autocast=False)

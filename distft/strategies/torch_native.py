@@ -1,0 +1,110 @@
+"""The torch-native strategies' shared mechanics (DDP and FSDP2 differ only in `parallelize`):
+autocast / loss scaling, clipped step, and DCP checkpoints that reshard on load."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_state_dict,
+)
+
+from distft import dist
+from distft.strategies.optim import build_adamw
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class TorchNativeStrategy:
+    """DDP or FSDP2 around a model; `parallelize(model, cfg, info)` does the wrapping."""
+
+    def __init__(self, cfg, info, parallelize: Callable, sharded: bool, autocast: bool):
+        self.cfg = cfg
+        self.info = info
+        self.parallelize = parallelize
+        self.sharded_params = sharded
+        self.use_autocast = autocast and cfg.train.precision != "fp32"
+        self.loss_scale = float(info.world_size)  # gradient reduction averages over ranks
+        self.scaler = None
+
+    def setup(self, model: torch.nn.Module) -> None:
+        model.to(self.info.device)
+        self.model = self.parallelize(model, self.cfg, self.info)
+        self.module = getattr(self.model, "module", self.model)  # DDP wraps, FSDP2 does not
+        self.optimizer = build_adamw(self.module, self.cfg)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        if self.cfg.train.precision == "fp16":
+            self.scaler = torch.amp.GradScaler(self.info.device.type)
+
+    def accumulate(self, is_last: bool):
+        stack = contextlib.ExitStack()
+        if hasattr(self.model, "set_requires_gradient_sync"):  # FSDP2
+            self.model.set_requires_gradient_sync(is_last)
+        elif not is_last and hasattr(self.model, "no_sync"):  # DDP
+            stack.enter_context(self.model.no_sync())
+        if self.use_autocast:
+            dtype = DTYPES[self.cfg.train.precision]
+            stack.enter_context(torch.autocast(self.info.device.type, dtype=dtype))
+        return stack
+
+    def backward(self, loss: torch.Tensor, is_last: bool) -> None:
+        (self.scaler.scale(loss) if self.scaler else loss).backward()
+
+    def step(self) -> float:
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        max_norm = self.cfg.train.max_grad_norm or math.inf
+        norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm, foreach=True)
+        if hasattr(norm, "full_tensor"):
+            norm = norm.full_tensor()
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        elif torch.isfinite(norm):
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(norm)
+
+    def set_lr(self, lr: float) -> None:
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+
+    # Checkpoints: DCP writes one shard per rank and reshards on load (any world size).
+    def _options(self) -> StateDictOptions:
+        return StateDictOptions(ignore_frozen_params=True)
+
+    def save(self, path: Path) -> None:
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer, options=self._options())
+        state = {"model": model_sd, "optim": optim_sd}
+        if self.scaler:
+            state["scaler"] = self.scaler.state_dict()
+        dcp.save(state, checkpoint_id=str(path / "dcp"))
+
+    def load(self, path: Path) -> None:
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer, options=self._options())
+        state = {"model": model_sd, "optim": optim_sd}
+        dcp.load(state, checkpoint_id=str(path / "dcp"))
+        set_state_dict(
+            self.model,
+            self.optimizer,
+            model_state_dict=state["model"],
+            optim_state_dict=state["optim"],
+            options=StateDictOptions(ignore_frozen_params=True, strict=False),
+        )
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """Full (unsharded) weights on rank 0, empty elsewhere; a collective."""
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        sd = get_model_state_dict(self.model, options=opts)
+        return sd if self.info.is_main else {}
+
+    def barrier(self) -> None:
+        dist.barrier()

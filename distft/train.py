@@ -1,0 +1,37 @@
+"""One rank's entry: `python -m distft.train [overrides]` (alone, under torchrun, deepspeed or srun)."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from distft.errors import DistftError
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in ("--version", "-V"):
+        from distft import __version__
+
+        print(f"distft {__version__}")
+        return 0
+    try:
+        from distft.config.load import load_config
+
+        cfg, composed = load_config(argv)
+        from distft.engine.trainer import Trainer
+
+        Trainer.build(cfg, composed).train()
+    except DistftError as e:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"distft: error: {e}", file=sys.stderr, flush=True)
+        return 2
+    finally:
+        from distft import dist
+
+        dist.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

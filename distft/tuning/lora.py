@@ -1,0 +1,62 @@
+"""LoRA through PEFT: low-rank adapters on the chosen linear layers, the base frozen."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from distft.errors import ConfigError
+
+
+@dataclass
+class LoraConfig:
+    name: str = "lora"
+    """Tuning mode."""
+    r: int = 8
+    """Adapter rank."""
+    alpha: int = 16
+    """Scaling numerator (scale = alpha / r)."""
+    dropout: float = 0.0
+    """Dropout on the adapter input."""
+    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+    """Module names to adapt, or ['all-linear'] for every linear layer but the output head."""
+    merge_on_export: bool = False
+    """Also write merged full weights to export/merged."""
+
+
+config = LoraConfig
+adapter = True
+
+
+def validate(cfg) -> None:
+    t = cfg.tuning
+    if t.r < 1 or t.alpha <= 0 or not 0 <= t.dropout < 1:
+        raise ConfigError(
+            f"tuning.r={t.r}, tuning.alpha={t.alpha}, tuning.dropout={t.dropout}: need r >= 1, "
+            "alpha > 0 and 0 <= dropout < 1"
+        )
+
+
+def load_kwargs(cfg, dtype: torch.dtype) -> dict:
+    return {}
+
+
+def peft_config(cfg, task_type: str = "CAUSAL_LM"):
+    from peft import LoraConfig as PeftLoraConfig
+
+    t = cfg.tuning
+    targets = t.target_modules
+    return PeftLoraConfig(
+        r=t.r,
+        lora_alpha=t.alpha,
+        lora_dropout=t.dropout,
+        target_modules="all-linear" if targets == ["all-linear"] else list(targets),
+        task_type=task_type,
+    )
+
+
+def apply(model: torch.nn.Module, cfg) -> torch.nn.Module:
+    from peft import get_peft_model
+
+    return get_peft_model(model, peft_config(cfg))

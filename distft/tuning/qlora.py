@@ -1,0 +1,73 @@
+"""QLoRA: the base loaded as bitsandbytes NF4 (double quantization), LoRA adapters on top.
+
+The 4-bit weights are stored in the compute dtype (`bnb_4bit_quant_storage`), not uint8, so that
+FSDP2 and ZeRO-3 shard them as ordinary floating tensors: the uint8 default is the silent
+loss-0/NaN trap users hit with FSDP (accelerate#3983), and it cannot be configured here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from distft.errors import ConfigError
+from distft.tuning import lora
+
+
+@dataclass
+class QLoraConfig:
+    name: str = "qlora"
+    """Tuning mode."""
+    r: int = 8
+    """Adapter rank."""
+    alpha: int = 16
+    """Scaling numerator (scale = alpha / r)."""
+    dropout: float = 0.0
+    """Dropout on the adapter input."""
+    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+    """Module names to adapt, or ['all-linear']."""
+    quant_type: str = "nf4"
+    """4-bit data type: nf4 or fp4."""
+    double_quant: bool = True
+    """Quantize the quantization constants too (saves ~0.4 bit/param)."""
+    merge_on_export: bool = False
+    """Also write merged weights (adapter merged into a dequantized base) to export/merged."""
+
+
+config = QLoraConfig
+adapter = True
+peft_config = lora.peft_config
+
+
+def validate(cfg) -> None:
+    lora.validate(cfg)
+    if cfg.tuning.quant_type not in ("nf4", "fp4"):
+        raise ConfigError(f"tuning.quant_type={cfg.tuning.quant_type!r}; valid: nf4, fp4")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise ConfigError("tuning=qlora needs bitsandbytes: pip install bitsandbytes") from None
+
+
+def load_kwargs(cfg, dtype: torch.dtype) -> dict:
+    from transformers import BitsAndBytesConfig
+
+    return {
+        "quantization_config": BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=cfg.tuning.quant_type,
+            bnb_4bit_use_double_quant=cfg.tuning.double_quant,
+            bnb_4bit_compute_dtype=dtype,
+            bnb_4bit_quant_storage=dtype,
+        )
+    }
+
+
+def apply(model: torch.nn.Module, cfg) -> torch.nn.Module:
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    model = prepare_model_for_kbit_training(
+        model, use_gradient_checkpointing=cfg.train.gradient_checkpointing
+    )
+    return get_peft_model(model, lora.peft_config(cfg))

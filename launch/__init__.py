@@ -1,0 +1,1 @@
+"""distft-launch: starts a whole job from cluster= (local ranks, SLURM batch jobs, sweeps)."""

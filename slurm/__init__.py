@@ -1,0 +1,1 @@
+"""Shipped SLURM batch templates (installed as the distft_slurm package)."""
