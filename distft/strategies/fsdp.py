@@ -51,9 +51,12 @@ def parallelize(model: torch.nn.Module, cfg, info) -> torch.nn.Module:
     kwargs = {"mesh": mesh, "reshard_after_forward": cfg.strategy.reshard_after_forward}
     if mp is not None:
         kwargs["mp_policy"] = mp
-    for layer in decoder_layers(model):
+    # The root is the transformers model itself, not a PEFT wrapper: generate() is called on it
+    # directly, and its forward hooks must gather the embedding and head.
+    root = model.get_base_model() if hasattr(model, "get_base_model") else model
+    for layer in decoder_layers(root):
         fully_shard(layer, **kwargs)
-    fully_shard(model, **kwargs)
+    fully_shard(root, **kwargs)
     return model
 
 

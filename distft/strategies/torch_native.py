@@ -41,13 +41,17 @@ class TorchNativeStrategy:
         self.module = getattr(self.model, "module", self.model)  # DDP wraps, FSDP2 does not
         self.optimizer = build_adamw(self.module, self.cfg)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
+        # FSDP2: the outermost fully_shard module controls gradient sync for all of them.
+        self.fsdp_root = next(
+            (m for m in self.model.modules() if hasattr(m, "set_requires_gradient_sync")), None
+        )
         if self.cfg.train.precision == "fp16":
             self.scaler = torch.amp.GradScaler(self.info.device.type)
 
     def accumulate(self, is_last: bool):
         stack = contextlib.ExitStack()
-        if hasattr(self.model, "set_requires_gradient_sync"):  # FSDP2
-            self.model.set_requires_gradient_sync(is_last)
+        if self.fsdp_root is not None:
+            self.fsdp_root.set_requires_gradient_sync(is_last)
         elif not is_last and hasattr(self.model, "no_sync"):  # DDP
             stack.enter_context(self.model.no_sync())
         if self.use_autocast:

@@ -65,7 +65,14 @@ def load_kwargs(cfg, dtype: torch.dtype) -> dict:
 
 
 def apply(model: torch.nn.Module, cfg) -> torch.nn.Module:
+    from bitsandbytes.nn import Linear4bit
     from peft import get_peft_model, prepare_model_for_kbit_training
+
+    for m in model.modules():
+        if isinstance(m, Linear4bit):
+            # bitsandbytes repacks weights for CPU inference in eval mode; the repacked form
+            # cannot be saved with a float quant storage, and sharded copies must stay identical.
+            m.support_avx512bf16_for_cpu = False
 
     model = prepare_model_for_kbit_training(
         model, use_gradient_checkpointing=cfg.train.gradient_checkpointing

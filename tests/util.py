@@ -1,0 +1,62 @@
+"""Shared test helpers: start real ranks (torchrun / plain process) and read a run dir."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+# Small, fast settings for tests; a test's own overrides come after and win.
+FAST = [
+    "train.progress=false",
+    "data.num_examples=400",
+    "data.max_eval_generations=8",
+    "train.max_new_tokens=6",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def env(**extra: str) -> dict[str, str]:
+    e = dict(os.environ)
+    e.update({"OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "TOKENIZERS_PARALLELISM": "false"})
+    e.update(extra)
+    return e
+
+
+def train(run_dir: Path, *overrides: str, nproc: int = 2, check: bool = True, timeout: int = 600,
+          extra_env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run `distft.train` on `nproc` real ranks (torchrun, gloo) or as one plain process."""
+    args = [*FAST, f"output_dir={run_dir}", *overrides]
+    if nproc == 1:
+        cmd = [sys.executable, "-m", "distft.train", *args]
+    else:
+        cmd = [
+            sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+            f"--master_port={free_port()}", "-m", "distft.train", *args,
+        ]
+    proc = subprocess.run(cmd, cwd=REPO, env=env(**(extra_env or {})), capture_output=True,
+                          text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            f"command failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stdout[-4000:]}\n"
+            f"{proc.stderr[-8000:]}"
+        )
+    return proc
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def train_losses(run_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in metrics(run_dir) if "loss" in r}
