@@ -13,13 +13,17 @@ def command(cfg, overrides: list[str]) -> list[str]:
     if c.gpus_per_node > 0:
         nproc = min(nproc, c.gpus_per_node) if nproc else c.gpus_per_node
     return [
-        sys.executable, "-m", "torch.distributed.run",
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
         f"--nproc_per_node={nproc}",
         f"--nnodes={c.nodes}",
         f"--max-restarts={c.max_restarts}",
         "--rdzv-backend=c10d",
         f"--rdzv-endpoint=127.0.0.1:{c.master_port}",
-        "-m", "distft.train", *overrides,
+        "-m",
+        "distft.train",
+        *overrides,
     ]
 
 

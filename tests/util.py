@@ -32,19 +32,32 @@ def env(**extra: str) -> dict[str, str]:
     return e
 
 
-def train(run_dir: Path, *overrides: str, nproc: int = 2, check: bool = True, timeout: int = 600,
-          extra_env: dict | None = None) -> subprocess.CompletedProcess:
+def train(
+    run_dir: Path,
+    *overrides: str,
+    nproc: int = 2,
+    check: bool = True,
+    timeout: int = 600,
+    extra_env: dict | None = None,
+) -> subprocess.CompletedProcess:
     """Run `distft.train` on `nproc` real ranks (torchrun, gloo) or as one plain process."""
     args = [*FAST, f"output_dir={run_dir}", *overrides]
     if nproc == 1:
         cmd = [sys.executable, "-m", "distft.train", *args]
     else:
         cmd = [
-            sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-            f"--master_port={free_port()}", "-m", "distft.train", *args,
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            f"--nproc_per_node={nproc}",
+            f"--master_port={free_port()}",
+            "-m",
+            "distft.train",
+            *args,
         ]
-    proc = subprocess.run(cmd, cwd=REPO, env=env(**(extra_env or {})), capture_output=True,
-                          text=True, timeout=timeout)
+    proc = subprocess.run(
+        cmd, cwd=REPO, env=env(**(extra_env or {})), capture_output=True, text=True, timeout=timeout
+    )
     if check and proc.returncode != 0:
         raise AssertionError(
             f"command failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stdout[-4000:]}\n"

@@ -154,15 +154,12 @@ def to_typed(cfg: DictConfig) -> RootConfig:
         block = raw.pop(key, {}) or {}
         name = block.get("name")
         if name not in registry:
-            raise ConfigError(
-                f"unknown {key} '{name}'. Valid options: {', '.join(sorted(registry))}"
-            )
+            raise ConfigError(f"unknown {key} '{name}'. Valid options: {', '.join(sorted(registry))}")
         kwargs[key] = build(registry[name].config, block, key)
     unknown = sorted(set(raw) - {f.name for f in dataclasses.fields(RootConfig)})
     if unknown:
         raise ConfigError(
-            f"unknown config key '{unknown[0]}'. Valid top-level keys: "
-            f"{', '.join(sorted(_valid_keys('')))}"
+            f"unknown config key '{unknown[0]}'. Valid top-level keys: {', '.join(sorted(_valid_keys('')))}"
         )
     cfg_typed = RootConfig(**kwargs, **raw)
     validate(cfg_typed)
@@ -190,8 +187,7 @@ def validate(cfg: RootConfig) -> None:
             raise ConfigError(f"train.{key} must be >= 1 (got {getattr(t, key)})")
     if t.lr_scheduler not in ("constant", "constant_with_warmup", "linear", "cosine"):
         raise ConfigError(
-            f"train.lr_scheduler={t.lr_scheduler!r}; valid: constant, constant_with_warmup, "
-            "linear, cosine"
+            f"train.lr_scheduler={t.lr_scheduler!r}; valid: constant, constant_with_warmup, linear, cosine"
         )
     if len(cfg.data.splits) != 3 or cfg.data.splits[0] <= 0 or min(cfg.data.splits) < 0:
         raise ConfigError(
@@ -216,8 +212,4 @@ def validate(cfg: RootConfig) -> None:
 
 
 def _looks_like_hub_id(name: str) -> bool:
-    return (
-        not name.startswith(("/", ".", "~"))
-        and name.count("/") <= 1
-        and not Path(name).exists()
-    )
+    return not name.startswith(("/", ".", "~")) and name.count("/") <= 1 and not Path(name).exists()

@@ -70,9 +70,7 @@ def prepare(cfg, method, tokenizer) -> PreparedData:
             f"the train split is empty after encoding ({report['splits']['train']}); "
             "check data.path, data.max_length and data.splits"
         )
-    return PreparedData(
-        encoded["train"], encoded["val"], encoded["test"], val_rows, test_rows, report
-    )
+    return PreparedData(encoded["train"], encoded["val"], encoded["test"], val_rows, test_rows, report)
 
 
 def _cache_key(cfg, tokenizer) -> str:

@@ -29,8 +29,7 @@ def render(row: dict, tokenizer) -> tuple[str, list[tuple[int, int]], bool]:
             isinstance(m, dict) and "role" in m and "content" in m for m in msgs
         ):
             raise DataError(
-                f"{row.get('_source', '?')}: 'messages' must be a list of objects with 'role' and "
-                "'content'"
+                f"{row.get('_source', '?')}: 'messages' must be a list of objects with 'role' and 'content'"
             )
         if tokenizer.chat_template is None:
             raise DataError(
@@ -55,9 +54,7 @@ def render(row: dict, tokenizer) -> tuple[str, list[tuple[int, int]], bool]:
 
 
 def _chat(tokenizer, messages: list[dict], generation_prompt: bool) -> str:
-    return tokenizer.apply_chat_template(
-        messages, tokenize=False, add_generation_prompt=generation_prompt
-    )
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
 
 
 def tokenize_sft(row: dict, tokenizer, max_length: int, train_on_prompt: bool) -> Tokenized:

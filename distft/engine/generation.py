@@ -9,8 +9,9 @@ from distft.data.sft_format import prompt_text, reference_answer
 
 
 @torch.no_grad()
-def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, device, synced: bool,
-             batch_size: int = 64) -> list[str]:
+def generate(
+    model, tokenizer, prompts: list[str], max_new_tokens: int, device, synced: bool, batch_size: int = 64
+) -> list[str]:
     """Greedy completions (text after the prompt, up to EOS). `synced` keeps ranks in lock-step
     when parameters are sharded (FSDP2 / ZeRO-3 gather them in every forward)."""
     side = tokenizer.padding_side

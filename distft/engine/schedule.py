@@ -16,8 +16,6 @@ def lr_schedule(cfg, total_steps: int) -> Callable[[int], float]:
     if t.lr_scheduler == "constant":
         warmup = 0
     holder = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=t.lr)
-    sched = get_scheduler(
-        t.lr_scheduler, holder, num_warmup_steps=warmup, num_training_steps=total_steps
-    )
+    sched = get_scheduler(t.lr_scheduler, holder, num_warmup_steps=warmup, num_training_steps=total_steps)
     factor = sched.lr_lambdas[0]
     return lambda step: t.lr * factor(step)

@@ -53,6 +53,7 @@ class Trainer:
     model_path: str
     start_step: int = 0
     notes: list = dataclasses.field(default_factory=list)
+    step_metrics: dict = dataclasses.field(default_factory=dict)
 
     # ------------------------------------------------------------------ build
     @classmethod
@@ -91,8 +92,19 @@ class Trainer:
         total = t.max_steps or max(1, math.ceil(t.epochs * sampler.steps_per_epoch))
 
         trainer = cls(
-            cfg, info, run_dir, tokenizer, method, tuning, strategy, data, sampler, total,
-            lr_schedule(cfg, total), None, model_path,
+            cfg,
+            info,
+            run_dir,
+            tokenizer,
+            method,
+            tuning,
+            strategy,
+            data,
+            sampler,
+            total,
+            lr_schedule(cfg, total),
+            None,
+            model_path,
         )
         trainer._maybe_resume()
         trainer.logger = MetricsLogger(cfg, run_dir, info.is_main, trainer.start_step)
@@ -122,8 +134,9 @@ class Trainer:
         t = cfg.train
         summary: dict = {"run_dir": str(self.run_dir)}
         if self.start_step == 0:
-            before = self.method.evaluate(self.strategy.module, self.data.val_rows, info,
-                                          self.strategy.sharded_params)
+            before = self.method.evaluate(
+                self.strategy.module, self.data.val_rows, info, self.strategy.sharded_params
+            )
             summary["before"] = before
             if before:
                 self.logger.log(0, {f"eval/{k}": v for k, v in before.items()})
@@ -143,11 +156,13 @@ class Trainer:
                     "grad_norm": grad_norm,
                     "tokens_per_s": tokens_window / max(elapsed, 1e-9),
                     "epoch": step / self.sampler.steps_per_epoch,
+                    **self.step_metrics,
                 }
                 self.logger.log(done, row)
                 if bar is not None:
-                    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{row['lr']:.2e}",
-                                    tok_s=f"{row['tokens_per_s']:.0f}")
+                    bar.set_postfix(
+                        loss=f"{loss:.4f}", lr=f"{row['lr']:.2e}", tok_s=f"{row['tokens_per_s']:.0f}"
+                    )
                 tokens_window, time_window = 0.0, time.perf_counter()
             if bar is not None:
                 bar.update(1)
@@ -160,8 +175,9 @@ class Trainer:
         end = self.total_steps
         summary["train_loss"] = last_loss
         final_eval = self.eval_loss()
-        after = self.method.evaluate(self.strategy.module, self.data.val_rows, info,
-                                     self.strategy.sharded_params)
+        after = self.method.evaluate(
+            self.strategy.module, self.data.val_rows, info, self.strategy.sharded_params
+        )
         final_eval.update({f"eval/{k}": v for k, v in after.items()})
         self.logger.log(end, final_eval)
         summary.update(final_eval)
@@ -169,8 +185,18 @@ class Trainer:
         if self.start_step < end or checkpoint.latest(self.run_dir) is None:
             self.save(end)
         if t.export:
-            summary["export"] = str(export(self.strategy, cfg, self.tuning, self.method,
-                                           self.model_path, self.tokenizer, self.run_dir, info))
+            summary["export"] = str(
+                export(
+                    self.strategy,
+                    cfg,
+                    self.tuning,
+                    self.method,
+                    self.model_path,
+                    self.tokenizer,
+                    self.run_dir,
+                    info,
+                )
+            )
         self.logger.close()
         if info.is_main:
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -184,19 +210,21 @@ class Trainer:
         batches = [self.method.collate([self.data.train[i] for i in ids]) for ids in shares]
         local_targets = sum(b["num_targets"] for b in batches)
         local_tokens = sum(b["num_tokens"] for b in batches)
-        global_targets, global_tokens = dist.all_reduce_sum([local_targets, local_tokens],
-                                                            info.device)
+        global_targets, global_tokens = dist.all_reduce_sum([local_targets, local_tokens], info.device)
         scale = self.strategy.loss_scale / max(global_targets, 1.0)
         self.strategy.set_lr(self.lr_at(step))
         loss_sum = torch.zeros((), dtype=torch.float64, device=info.device)
+        extra: dict[str, list[float]] = {}
         for i, batch in enumerate(batches):
             is_last = i == len(batches) - 1
             batch = _to_device(batch, info.device)
             with self.strategy.accumulate(is_last):
-                loss, _ = self.method.loss(self.strategy.model, batch)
+                loss, parts = self.method.loss(self.strategy.model, batch)
                 self.strategy.backward(loss * scale, is_last)
             loss_sum += loss.detach().double()
+            _add_parts(extra, parts)
         grad_norm = self.strategy.step()
+        self.step_metrics = _reduce_parts(extra, info.device)
         (total,) = dist.all_reduce_sum([float(loss_sum)], info.device)
         return total / max(global_targets, 1.0), int(global_tokens), grad_norm
 
@@ -214,19 +242,23 @@ class Trainer:
         was_training = model.training
         model.eval()
         loss_sum, targets = 0.0, 0.0
+        extra: dict[str, list[float]] = {}
         for b in range(n_batches):
             rows = mine[b * micro : (b + 1) * micro]
             # Sharded parameters need every rank in every forward: idle ranks run a dummy batch.
             batch = _to_device(self.method.collate(rows or val[:1]), info.device)
             with self.strategy.accumulate(True):
-                loss, _ = self.method.loss(model, batch)
+                loss, parts = self.method.loss(model, batch)
             if rows:
                 loss_sum += float(loss)
                 targets += batch["num_targets"]
+                _add_parts(extra, parts)
         model.train(was_training)
         loss_sum, targets = dist.all_reduce_sum([loss_sum, targets], info.device)
         mean = loss_sum / max(targets, 1.0)
-        return {"eval/loss": mean, "eval/ppl": math.exp(min(mean, 50.0))}
+        out = {"eval/loss": mean, "eval/ppl": math.exp(min(mean, 50.0))}
+        out.update({f"eval/{k}": v for k, v in _reduce_parts(extra, info.device).items()})
+        return out
 
     def save(self, step: int) -> Path:
         state = {
@@ -238,13 +270,25 @@ class Trainer:
             "strategy": self.cfg.strategy.name,
             "tuning": self.cfg.tuning.name,
         }
-        return checkpoint.save(self.strategy, self.run_dir, step, state, self.info,
-                               self.cfg.train.keep_last)
+        return checkpoint.save(self.strategy, self.run_dir, step, state, self.info, self.cfg.train.keep_last)
+
+
+def _add_parts(acc: dict[str, list[float]], parts: dict) -> None:
+    """Method metrics come as {name: (sum, count)}; summed here, averaged after the all-reduce."""
+    for k, (total, count) in parts.items():
+        a = acc.setdefault(k, [0.0, 0.0])
+        a[0] += float(total)
+        a[1] += float(count)
+
+
+def _reduce_parts(acc: dict[str, list[float]], device) -> dict[str, float]:
+    keys = sorted(acc)
+    flat = dist.all_reduce_sum([x for k in keys for x in acc[k]], device) if keys else []
+    return {k: flat[2 * i] / max(flat[2 * i + 1], 1e-12) for i, k in enumerate(keys)}
 
 
 def _to_device(batch: dict, device) -> dict:
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v
-            for k, v in batch.items()}
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
 def _seed(seed: int) -> None:

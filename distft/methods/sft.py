@@ -65,12 +65,15 @@ class SFT:
         return pad_batch(examples, self.tokenizer.pad_token_id)
 
     def loss(self, model, batch: dict) -> tuple[torch.Tensor, dict]:
-        """Summed token loss over the batch's targets (the engine normalizes globally)."""
+        """Summed token loss over the batch's targets (the engine normalizes it by the global target
+        count) and extra metrics as {name: (sum, count)}, averaged over the step by the engine."""
         out = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"])
         logits = out.logits[:, :-1].float()
         labels = batch["labels"][:, 1:]
         loss = F.cross_entropy(
-            logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=IGNORE,
+            logits.reshape(-1, logits.size(-1)),
+            labels.reshape(-1),
+            ignore_index=IGNORE,
             reduction="sum",
         )
         return loss, {}

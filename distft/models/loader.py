@@ -26,9 +26,7 @@ def load_tokenizer(name_or_path: str, cfg):
     from transformers import AutoTokenizer
 
     try:
-        tok = AutoTokenizer.from_pretrained(
-            name_or_path, trust_remote_code=cfg.model.trust_remote_code
-        )
+        tok = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=cfg.model.trust_remote_code)
     except OSError as e:
         raise ConfigError(
             f"cannot load a tokenizer from model.name_or_path={name_or_path!r}: {e}. "

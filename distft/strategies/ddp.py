@@ -30,9 +30,7 @@ def parallelize(model: torch.nn.Module, cfg, info) -> torch.nn.Module:
     from torch.nn.parallel import DistributedDataParallel
 
     ids = [info.device.index] if info.device.type == "cuda" else None
-    return DistributedDataParallel(
-        model, device_ids=ids, bucket_cap_mb=cfg.strategy.bucket_cap_mb
-    )
+    return DistributedDataParallel(model, device_ids=ids, bucket_cap_mb=cfg.strategy.bucket_cap_mb)
 
 
 def make(cfg, info) -> TorchNativeStrategy:

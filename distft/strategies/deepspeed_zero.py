@@ -134,9 +134,7 @@ class DeepSpeedStrategy:
         )
 
     def load(self, path: Path) -> None:
-        self.engine.load_checkpoint(
-            str(path), tag="deepspeed", load_module_strict=not self.adapter_only
-        )
+        self.engine.load_checkpoint(str(path), tag="deepspeed", load_module_strict=not self.adapter_only)
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """Full weights on rank 0 (gathered under ZeRO-3), empty elsewhere; a collective."""

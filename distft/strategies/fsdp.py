@@ -45,9 +45,7 @@ def parallelize(model: torch.nn.Module, cfg, info) -> torch.nn.Module:
     mesh = init_device_mesh(info.device.type, (info.world_size,))
     mp = None
     if cfg.train.precision != "fp32":
-        mp = MixedPrecisionPolicy(
-            param_dtype=DTYPES[cfg.train.precision], reduce_dtype=torch.float32
-        )
+        mp = MixedPrecisionPolicy(param_dtype=DTYPES[cfg.train.precision], reduce_dtype=torch.float32)
     kwargs = {"mesh": mesh, "reshard_after_forward": cfg.strategy.reshard_after_forward}
     if mp is not None:
         kwargs["mp_policy"] = mp
