@@ -189,6 +189,8 @@ def validate(cfg: RootConfig) -> None:
         raise ConfigError(
             f"train.lr_scheduler={t.lr_scheduler!r}; valid: constant, constant_with_warmup, linear, cosine"
         )
+    if t.export not in ("last", "none"):
+        raise ConfigError(f"train.export={t.export!r}; valid: last, none")
     if len(cfg.data.splits) != 3 or cfg.data.splits[0] <= 0 or min(cfg.data.splits) < 0:
         raise ConfigError(
             f"data.splits={cfg.data.splits}: give three non-negative train/val/test ratios "

@@ -92,8 +92,8 @@ class TrainConfig:
     """Validation loss every N steps (0: only at the end)."""
     log_every: int = 1
     """Metrics row every N steps."""
-    export: bool = True
-    """Write export/ (Hugging Face format) at the end."""
+    export: str = "last"
+    """What export/ (Hugging Face format) holds at the end: last (final weights) or none."""
     eval_generate: bool = True
     """Exact-match generation eval on the held-out split before and after training."""
     max_new_tokens: int = 16

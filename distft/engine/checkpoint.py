@@ -62,7 +62,7 @@ def _write_pointer(root: Path, name: str) -> None:
     os.replace(tmp, root / "latest")
 
 
-def save(strategy, run_dir: Path, step: int, trainer_state: dict, info, keep_last: int) -> Path:
+def save(strategy, run_dir: Path, step: int, trainer_state: dict, info, keep_last: int, extra=None) -> Path:
     root = checkpoints_dir(run_dir)
     final = root / f"step_{step}"
     tmp = root / f"step_{step}.tmp"
@@ -71,6 +71,8 @@ def save(strategy, run_dir: Path, step: int, trainer_state: dict, info, keep_las
         tmp.mkdir(parents=True)
     dist.barrier()
     strategy.save(tmp)
+    if extra is not None:
+        extra(tmp)
     torch.save(_rng_state(), tmp / f"rng_rank{info.rank}.pt")
     dist.barrier()
     if info.is_main:

@@ -106,6 +106,8 @@ class Trainer:
             None,
             model_path,
         )
+        if hasattr(method, "setup"):  # optional: extra models (reference, critic), precomputation
+            method.setup(trainer)
         trainer._maybe_resume()
         trainer.logger = MetricsLogger(cfg, run_dir, info.is_main, trainer.start_step)
         return trainer
@@ -115,6 +117,8 @@ class Trainer:
         if path is None:
             return
         state = checkpoint.load(self.strategy, path, self.info)
+        if hasattr(self.method, "load_state"):  # optional: state of extra models
+            self.method.load_state(path)
         self.start_step = state["step"]
         if state.get("total_steps") not in (None, self.total_steps):
             note = (
@@ -143,8 +147,10 @@ class Trainer:
         bar = _progress(self.total_steps, self.start_step, info.is_main and t.progress)
         last_loss = float("nan")
         tokens_window, time_window = 0.0, time.perf_counter()
+        # A method may own the whole step (RL: rollouts, then several updates).
+        method_step = getattr(self.method, "train_step", None)
         for step in range(self.start_step, self.total_steps):
-            loss, tokens, grad_norm = self.train_step(step)
+            loss, tokens, grad_norm = method_step(self, step) if method_step else self.train_step(step)
             last_loss = loss
             tokens_window += tokens
             done = step + 1
@@ -184,7 +190,7 @@ class Trainer:
         summary["after"] = after
         if self.start_step < end or checkpoint.latest(self.run_dir) is None:
             self.save(end)
-        if t.export:
+        if t.export != "none":
             summary["export"] = str(
                 export(
                     self.strategy,
