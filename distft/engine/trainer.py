@@ -191,18 +191,7 @@ class Trainer:
         if self.start_step < end or checkpoint.latest(self.run_dir) is None:
             self.save(end)
         if t.export != "none":
-            summary["export"] = str(
-                export(
-                    self.strategy,
-                    cfg,
-                    self.tuning,
-                    self.method,
-                    self.model_path,
-                    self.tokenizer,
-                    self.run_dir,
-                    info,
-                )
-            )
+            summary["export"] = str(export(self))
         self.logger.close()
         if info.is_main:
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))

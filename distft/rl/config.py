@@ -1,0 +1,78 @@
+"""Configuration shared by the RL methods (`method=ppo`, `method=grpo`); each adds its own keys."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from distft.errors import ConfigError
+
+DEFAULT_REWARD = [{"_target_": "distft.rl.rewards.char_match", "weight": 1.0}]
+
+
+@dataclass
+class RLConfig:
+    name: str = "ppo"
+    """Method."""
+    num_prompts: int = 640
+    """Embedded default task: prompts generated (split by data.splits like any data)."""
+    sft_warmup_steps: int = 50
+    """Steps of SFT on the default task run before RL, so a random-init policy earns reward
+    (0: start from model.name_or_path as given). Skipped when resuming."""
+    sft_warmup_lr: float = 3e-3
+    """Learning rate of the SFT warm-up."""
+    max_new_tokens: int = 8
+    """Completion length of rollouts and of the greedy reward eval."""
+    temperature: float = 1.0
+    """Sampling temperature of rollouts (log-probs use the same temperature)."""
+    epochs: int = 2
+    """Optimizer updates per batch of rollouts (PPO epochs; TRL's num_iterations)."""
+    clip_range: float = 0.2
+    """Policy ratio clipping: 1 ± clip_range."""
+    lr_scale: float = 1.0
+    """Policy learning rate = train.lr × lr_scale (RL usually wants a smaller step than SFT)."""
+    reward_funcs: list[dict[str, Any]] = field(default_factory=lambda: [dict(r) for r in DEFAULT_REWARD])
+    """Rule-based rewards: {_target_: dotted.path.to.callable, weight: w, **kwargs}. Called as
+    fn(prompts=, completions=, completion_ids=, stopped=, **row_columns) -> list[float | None]."""
+    reward_model: str | None = None
+    """Path of a `method=reward` export (AutoModelForSequenceClassification); its score is added."""
+    reward_model_weight: float = 1.0
+    """Weight of the reward model's score."""
+    max_reward_failures: int = 16
+    """Rollouts whose reward raised or was not finite that may be skipped (counted, logged) over
+    the whole run before training stops with an error."""
+
+
+def validate_rl(cfg) -> None:
+    m = cfg.method
+    for key in ("epochs", "max_new_tokens"):
+        if getattr(m, key) < 1:
+            raise ConfigError(f"method.{key} must be >= 1 (got {getattr(m, key)})")
+    if m.temperature <= 0:
+        raise ConfigError(f"method.temperature must be > 0 (got {m.temperature})")
+    if not 0 < m.clip_range < 1:
+        raise ConfigError(f"method.clip_range must be in (0, 1) (got {m.clip_range})")
+    if m.sft_warmup_steps < 0 or m.max_reward_failures < 0:
+        raise ConfigError("method.sft_warmup_steps and method.max_reward_failures must be >= 0")
+    if not m.reward_funcs and not m.reward_model:
+        raise ConfigError(
+            "no reward: set method.reward_funcs (e.g. [{_target_: distft.rl.rewards.char_match}]) "
+            "and/or method.reward_model (a method=reward export)"
+        )
+    for i, spec in enumerate(m.reward_funcs):
+        if not isinstance(spec, dict) or "_target_" not in spec:
+            raise ConfigError(
+                f"method.reward_funcs[{i}]={spec!r}: each entry needs _target_ (a dotted path to a "
+                "callable), optionally weight and keyword arguments"
+            )
+    if m.max_new_tokens >= cfg.data.max_length:
+        raise ConfigError(
+            f"method.max_new_tokens={m.max_new_tokens} leaves no room for the prompt in "
+            f"data.max_length={cfg.data.max_length}; raise data.max_length"
+        )
+    if m.sft_warmup_steps and cfg.tuning.name != "full":
+        raise ConfigError(
+            f"method.sft_warmup_steps={m.sft_warmup_steps} with tuning={cfg.tuning.name}: the warm-up "
+            "trains full weights; start from an SFT export (model.name_or_path=<dir>) with "
+            "method.sft_warmup_steps=0, or use tuning=full"
+        )

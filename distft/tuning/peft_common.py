@@ -1,0 +1,71 @@
+"""What every PEFT tuning mode shares: the PEFT task type from the model's head, starting from a
+saved adapter (continual learning), and the trainable-parameter report printed at start."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from distft.errors import ConfigError
+
+
+def task_type(model: torch.nn.Module) -> str:
+    """PEFT task type of a transformers model: a sequence-classification head needs SEQ_CLS, so that
+    PEFT trains (and saves) the new head as `modules_to_save`; anything else is a causal LM."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "SEQ_CLS" if type(base).__name__.endswith("ForSequenceClassification") else "CAUSAL_LM"
+
+
+def check_init_adapter(path: str | None, key: str = "tuning.init_adapter") -> None:
+    if path and not (Path(path) / "adapter_config.json").is_file():
+        raise ConfigError(
+            f"{key}={path!r} is not a PEFT adapter directory (no adapter_config.json); give an "
+            "export/ directory of an adapter run or a directory written by distft-adapter"
+        )
+
+
+def saved_peft_type(path: str) -> str:
+    return json.loads((Path(path) / "adapter_config.json").read_text()).get("peft_type", "?")
+
+
+def wrap(model: torch.nn.Module, cfg, peft_cfg) -> torch.nn.Module:
+    """A PEFT model around `model`: a fresh adapter from `peft_cfg`, or, with tuning.init_adapter,
+    the saved adapter's weights (and its own config: rank, targets) to continue training."""
+    from peft import PeftModel, get_peft_model
+
+    init = getattr(cfg.tuning, "init_adapter", None)
+    if not init:
+        return get_peft_model(model, peft_cfg)
+    check_init_adapter(init)
+    saved = saved_peft_type(init)
+    if saved != str(peft_cfg.peft_type.value if hasattr(peft_cfg.peft_type, "value") else peft_cfg.peft_type):
+        raise ConfigError(
+            f"tuning.init_adapter={init!r} holds a {saved} adapter but tuning={cfg.tuning.name} trains "
+            f"{peft_cfg.peft_type}; pick the matching tuning option"
+        )
+    return PeftModel.from_pretrained(model, init, is_trainable=True)
+
+
+def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameters; 4-bit weights count as the values they hold."""
+    if hasattr(model, "get_nb_trainable_parameters"):
+        return model.get_nb_trainable_parameters()
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, sum(p.numel() for p in model.parameters())
+
+
+def report(model: torch.nn.Module, cfg, extra: str = "") -> tuple[int, int]:
+    """Print the trainable-parameter count once (rank 0) so every run states what it trains."""
+    trainable, total = count_parameters(model)
+    if os.environ.get("RANK", "0") == "0":
+        pct = 100.0 * trainable / max(total, 1)
+        note = f" ({extra})" if extra else ""
+        print(
+            f"distft: tuning={cfg.tuning.name}: trainable parameters {trainable:,} of {total:,} "
+            f"({pct:.3f}%){note}",
+            flush=True,
+        )
+    return trainable, total
