@@ -1,0 +1,1 @@
+"""Performance accounting: model FLOPs per token, device peaks, MFU, memory readings."""

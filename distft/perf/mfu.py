@@ -1,0 +1,201 @@
+"""Model FLOPs utilization: FLOPs per token (6N + 12·L·H·Q·T, PaLM appendix B) over the device peak.
+
+N counts the weights that do matmuls: every parameter except embedding lookups (an output head
+tied to the embedding is a real matmul and counted once). With a frozen base (LoRA, QLoRA) the
+backward skips the frozen weights' gradients, so a token costs 4N + 2·N_trainable instead of 6N.
+GPU peaks are the vendors' dense bf16/fp16 figures; a CPU's peak is measured once by a short
+matmul calibration and cached on disk (per CPU model, thread count and dtype).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+# Dense (no sparsity) tensor-core peaks in FLOP/s for bf16/fp16 with fp32 accumulation. Longer names
+# first: "H100 PCIe" must not match "H100".
+GPU_PEAKS: list[tuple[str, float]] = [
+    ("H100 NVL", 835e12),
+    ("H100 PCIe", 756e12),
+    ("H100", 989e12),  # SXM
+    ("H200", 989e12),
+    ("A100", 312e12),
+    ("L40S", 362e12),
+    ("4090", 165.2e12),
+]
+
+
+def gpu_peak_flops(device_name: str) -> float | None:
+    """The table's bf16 peak for a CUDA device name (e.g. 'NVIDIA H100 80GB HBM3'), None if unknown."""
+    name = device_name.upper()
+    for key, peak in GPU_PEAKS:
+        if key.upper() in name:
+            return peak
+    return None
+
+
+def matmul_params(model: torch.nn.Module) -> tuple[int, int]:
+    """(N, N_trainable): parameters that take part in matmuls, embeddings excluded, the head counted
+    even when tied to the embedding. Quantized 4-bit weights count by their logical shape."""
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    seen: set[int] = set()
+    total = trainable = 0
+    for module in model.modules():
+        for p in module.parameters(recurse=False):
+            if id(p) in seen or id(p) in embeddings:
+                continue
+            seen.add(id(p))
+            n = _logical_numel(module, p)
+            total += n
+            trainable += n if p.requires_grad else 0
+    head = _output_head(model)
+    if head is not None and id(head.weight) in embeddings:
+        total += head.weight.numel()
+        trainable += head.weight.numel() if head.weight.requires_grad else 0
+    return total, trainable
+
+
+def _logical_numel(module: torch.nn.Module, p: torch.nn.Parameter) -> int:
+    if (
+        p is getattr(module, "weight", None)
+        and hasattr(module, "in_features")
+        and hasattr(module, "out_features")
+    ):
+        return int(module.in_features) * int(module.out_features)  # bitsandbytes packs 4-bit weights
+    return p.numel()
+
+
+def _output_head(model: torch.nn.Module):
+    get = getattr(model, "get_output_embeddings", None)
+    try:
+        return get() if get else None
+    except (AttributeError, NotImplementedError):
+        return None
+
+
+def flops_per_token(
+    n_params: int, n_trainable: int, layers: int, heads: int, head_dim: int, seq_len: float
+) -> float:
+    """Training FLOPs per token: 2N forward + 2N input gradients + 2·N_trainable weight gradients
+    (= 6N when everything trains) + 12·L·H·Q·T for attention scores (non-causal convention)."""
+    return 4 * n_params + 2 * n_trainable + 12 * layers * heads * head_dim * seq_len
+
+
+def mean_length(examples: list[dict], default: float) -> float:
+    """Mean `input_ids` length of encoded examples (the attention span T); `default` when the
+    method's examples carry no `input_ids` (e.g. paired preference rows)."""
+    lengths = [len(ex["input_ids"]) for ex in examples if isinstance(ex, dict) and "input_ids" in ex]
+    return sum(lengths) / len(lengths) if lengths else float(default)
+
+
+def model_shape(config) -> tuple[int, int, int]:
+    """(layers, heads, head_dim) of a transformers config."""
+    heads = int(config.num_attention_heads)
+    head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
+    return int(config.num_hidden_layers), heads, head_dim
+
+
+# ---------------------------------------------------------------------------- device peak
+def _cache_path() -> Path:
+    root = os.environ.get("DISTFT_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "distft"
+    )
+    return Path(root) / "cpu_peak_flops.json"
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def calibrate_cpu(dtype: torch.dtype, threads: int, seconds: float = 0.3, size: int = 512) -> float:
+    """Best FLOP/s of repeated square matmuls with `threads` threads: what a rank can reach here."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        a = torch.randn(size, size).to(dtype)
+        b = torch.randn(size, size).to(dtype)
+        torch.mm(a, b)  # warm-up: kernel selection, page faults
+        best, end = 0.0, time.perf_counter() + seconds
+        while time.perf_counter() < end:
+            t0 = time.perf_counter()
+            torch.mm(a, b)
+            best = max(best, 2 * size**3 / max(time.perf_counter() - t0, 1e-9))
+        return best
+    finally:
+        torch.set_num_threads(old)
+
+
+def cpu_peak_flops(dtype: torch.dtype, threads: int | None = None) -> float:
+    """Measured CPU peak for this CPU, thread count and dtype, read from the cache or measured now."""
+    threads = threads or torch.get_num_threads()
+    key = f"{_cpu_name()}|threads={threads}|{str(dtype).removeprefix('torch.')}"
+    path = _cache_path()
+    try:
+        cache = json.loads(path.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    if key in cache:
+        return float(cache[key])
+    peak = calibrate_cpu(dtype, threads)
+    try:  # concurrent ranks may both measure; the atomic replace keeps the file whole
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            cache = json.loads(path.read_text())
+        except (OSError, ValueError):
+            cache = {}
+        cache[key] = peak
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(cache, indent=1))
+        os.replace(tmp, path)
+    except OSError:
+        pass  # a read-only home only costs a re-measurement next time
+    return peak
+
+
+def device_peak_flops(device: torch.device, dtype: torch.dtype) -> float | None:
+    if device.type == "cuda":
+        return gpu_peak_flops(torch.cuda.get_device_name(device))
+    return cpu_peak_flops(dtype)
+
+
+@dataclass
+class MfuMeter:
+    """Turns global tokens/s into MFU: FLOP/s over (per-device peak × world size)."""
+
+    flops_per_token: float
+    peak_flops: float | None
+    world_size: int
+
+    def mfu(self, tokens_per_s: float) -> float | None:
+        if not self.peak_flops:
+            return None
+        return tokens_per_s * self.flops_per_token / (self.peak_flops * self.world_size)
+
+    @classmethod
+    def for_model(cls, model, seq_len: float, device, dtype: torch.dtype, world_size: int) -> MfuMeter:
+        n, n_trainable = matmul_params(model)
+        config = getattr(model, "config", None)
+        layers, heads, head_dim = model_shape(config) if config is not None else (0, 0, 0)
+        fpt = flops_per_token(n, n_trainable, layers, heads, head_dim, seq_len)
+        return cls(fpt, device_peak_flops(device, dtype), world_size)
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    """Peak memory of this rank so far: allocated GPU memory, or the process's peak RSS on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
