@@ -26,6 +26,7 @@ from distft.engine.metrics import MetricsLogger
 from distft.engine.schedule import lr_schedule
 from distft.methods import METHODS
 from distft.models import load_model, load_tokenizer, resolve_model_path
+from distft.perf.mfu import MfuMeter, mean_length, peak_memory_gib
 from distft.strategies import STRATEGIES
 from distft.tuning import TUNINGS
 
@@ -54,6 +55,7 @@ class Trainer:
     start_step: int = 0
     notes: list = dataclasses.field(default_factory=list)
     step_metrics: dict = dataclasses.field(default_factory=dict)
+    perf: MfuMeter | None = None
 
     # ------------------------------------------------------------------ build
     @classmethod
@@ -81,6 +83,11 @@ class Trainer:
             model.gradient_checkpointing_enable({"use_reentrant": False})
         model.config.use_cache = False
         model = tuning.apply(model, cfg)
+        # FLOPs per token from the unwrapped model (sharding hides shapes); mean example length as T.
+        seq_len = mean_length(data.train, cfg.data.max_length)
+        perf = MfuMeter.for_model(
+            model, seq_len, info.device, LOAD_DTYPES[cfg.train.precision], info.world_size
+        )
         strategy = STRATEGIES[cfg.strategy.name].make(cfg, info)
         strategy.setup(model)
         if info.is_main and hasattr(strategy, "write_config"):
@@ -108,6 +115,7 @@ class Trainer:
         )
         if hasattr(method, "setup"):  # optional: extra models (reference, critic), precomputation
             method.setup(trainer)
+        trainer.perf = perf
         trainer._maybe_resume()
         trainer.logger = MetricsLogger(cfg, run_dir, info.is_main, trainer.start_step)
         return trainer
@@ -156,11 +164,15 @@ class Trainer:
             done = step + 1
             if done % t.log_every == 0 or done == self.total_steps:
                 elapsed = time.perf_counter() - time_window
+                tokens_per_s = tokens_window / max(elapsed, 1e-9)
                 row = {
                     "loss": loss,
                     "lr": self.lr_at(step),
                     "grad_norm": grad_norm,
-                    "tokens_per_s": tokens_window / max(elapsed, 1e-9),
+                    "tokens_per_s": tokens_per_s,
+                    "mfu": self.perf.mfu(tokens_per_s) if self.perf else None,
+                    "mem_gib": peak_memory_gib(info.device),  # this rank's peak so far
+                    "time": time.time(),
                     "epoch": step / self.sampler.steps_per_epoch,
                     **self.step_metrics,
                 }
