@@ -72,7 +72,7 @@ def probe_logits(model, strategy, method, batch: dict, info) -> torch.Tensor:
     model.eval()
     batch = {k: v.to(info.device) if torch.is_tensor(v) else v for k, v in batch.items()}
     with strategy.accumulate(True):
-        out = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"])
+        out = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
     model.train(was_training)
     return out.logits.float().flatten()[:512].cpu()
 
@@ -80,7 +80,7 @@ def probe_logits(model, strategy, method, batch: dict, info) -> torch.Tensor:
 @torch.no_grad()
 def _verify(fresh, method, batch: dict, trained: torch.Tensor, cfg) -> float:
     fresh.eval()
-    out = fresh(input_ids=batch["input_ids"], position_ids=batch["position_ids"])
+    out = fresh(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
     got = out.logits.float().flatten()[:512].cpu()
     diff = float((got - trained).abs().max())
     scale = float(trained.abs().max()) or 1.0

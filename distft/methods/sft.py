@@ -67,7 +67,7 @@ class SFT:
     def loss(self, model, batch: dict) -> tuple[torch.Tensor, dict]:
         """Summed token loss over the batch's targets (the engine normalizes it by the global target
         count) and extra metrics as {name: (sum, count)}, averaged over the step by the engine."""
-        out = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"])
+        out = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
         logits = out.logits[:, :-1].float()
         labels = batch["labels"][:, 1:]
         loss = F.cross_entropy(
