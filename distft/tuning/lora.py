@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import torch
 
 from distft.errors import ConfigError
+from distft.tuning import peft_common
 
 
 @dataclass
@@ -21,6 +22,8 @@ class LoraConfig:
     """Dropout on the adapter input."""
     target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
     """Module names to adapt, or ['all-linear'] for every linear layer but the output head."""
+    init_adapter: str | None = None
+    """Continue from a saved LoRA adapter (a PEFT adapter directory) instead of a fresh one."""
     merge_on_export: bool = False
     """Also write merged full weights to export/merged."""
 
@@ -36,6 +39,7 @@ def validate(cfg) -> None:
             f"tuning.r={t.r}, tuning.alpha={t.alpha}, tuning.dropout={t.dropout}: need r >= 1, "
             "alpha > 0 and 0 <= dropout < 1"
         )
+    peft_common.check_init_adapter(t.init_adapter)
 
 
 def load_kwargs(cfg, dtype: torch.dtype) -> dict:
@@ -57,6 +61,6 @@ def peft_config(cfg, task_type: str = "CAUSAL_LM"):
 
 
 def apply(model: torch.nn.Module, cfg) -> torch.nn.Module:
-    from peft import get_peft_model
-
-    return get_peft_model(model, peft_config(cfg))
+    model = peft_common.wrap(model, cfg, peft_config(cfg, peft_common.task_type(model)))
+    peft_common.report(model, cfg, f"r={cfg.tuning.r}")
+    return model

@@ -41,7 +41,7 @@ def wrap(model: torch.nn.Module, cfg, peft_cfg) -> torch.nn.Module:
         return get_peft_model(model, peft_cfg)
     check_init_adapter(init)
     saved = saved_peft_type(init)
-    if saved != str(peft_cfg.peft_type.value if hasattr(peft_cfg.peft_type, "value") else peft_cfg.peft_type):
+    if saved != str(getattr(peft_cfg.peft_type, "value", peft_cfg.peft_type)):
         raise ConfigError(
             f"tuning.init_adapter={init!r} holds a {saved} adapter but tuning={cfg.tuning.name} trains "
             f"{peft_cfg.peft_type}; pick the matching tuning option"

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from distft.errors import ConfigError
-from distft.tuning import lora
+from distft.tuning import lora, peft_common
 
 
 @dataclass
@@ -27,6 +27,8 @@ class QLoraConfig:
     """Dropout on the adapter input."""
     target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
     """Module names to adapt, or ['all-linear']."""
+    init_adapter: str | None = None
+    """Continue from a saved LoRA adapter (a PEFT adapter directory) instead of a fresh one."""
     quant_type: str = "nf4"
     """4-bit data type: nf4 or fp4."""
     double_quant: bool = True
@@ -66,7 +68,7 @@ def load_kwargs(cfg, dtype: torch.dtype) -> dict:
 
 def apply(model: torch.nn.Module, cfg) -> torch.nn.Module:
     from bitsandbytes.nn import Linear4bit
-    from peft import get_peft_model, prepare_model_for_kbit_training
+    from peft import prepare_model_for_kbit_training
 
     for m in model.modules():
         if isinstance(m, Linear4bit):
@@ -77,4 +79,6 @@ def apply(model: torch.nn.Module, cfg) -> torch.nn.Module:
     model = prepare_model_for_kbit_training(
         model, use_gradient_checkpointing=cfg.train.gradient_checkpointing
     )
-    return get_peft_model(model, lora.peft_config(cfg))
+    model = peft_common.wrap(model, cfg, lora.peft_config(cfg, peft_common.task_type(model)))
+    peft_common.report(model, cfg, f"r={cfg.tuning.r}, {cfg.tuning.quant_type} base")
+    return model
