@@ -11,6 +11,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from distft.config.schema import (
+    CLUSTERS,
     ClusterConfig,
     DataConfig,
     LoggerConfig,
@@ -149,7 +150,10 @@ def to_typed(cfg: DictConfig) -> RootConfig:
     }
     kwargs: dict[str, Any] = {}
     for key, cls in plain.items():
-        kwargs[key] = build(cls, raw.pop(key, {}) or {}, key)
+        block = raw.pop(key, {}) or {}
+        if key == "cluster":  # a cluster option may add its own keys (SLURM resources)
+            cls = CLUSTERS.get(block.get("name"), cls)
+        kwargs[key] = build(cls, block, key)
     for key, registry in (("tuning", TUNINGS), ("method", METHODS), ("strategy", STRATEGIES)):
         block = raw.pop(key, {}) or {}
         name = block.get("name")

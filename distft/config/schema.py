@@ -116,8 +116,66 @@ class ClusterConfig:
     """Elastic restarts of the whole group after a failed rank."""
     master_port: int = 29500
     """Rendezvous port on the first node."""
+    master_addr: str = "127.0.0.1"
+    """Rendezvous host (the first node) for cluster=local multi-node; SLURM uses its first node."""
+    node_rank: int = 0
+    """This launcher's node (cluster=local multi-node: one distft-launch per node)."""
+    rdzv_timeout_s: int = 300
+    """Seconds a node waits for the rendezvous (all nodes joined) before failing with host:port."""
+    timeout_s: int = 600
+    """Collective timeout of the process group (a hung collective fails after this)."""
+    hang_dump_s: int = 300
+    """Dump every rank's Python stacks to <run dir>/stacks/ when no step finishes this long (0: off)."""
+    stop_grace_s: int = 120
+    """After a stop signal (SIGUSR1, e.g. SLURM's pre-timeout warning), seconds ranks get to checkpoint."""
+    preflight: bool = True
+    """Rank 0 reports world size, backends, devices and all-reduce bandwidth/latency before training."""
     extra: dict[str, Any] = field(default_factory=dict)
-    """Cluster-specific keys (SLURM partition, account, time, ...)."""
+    """Cluster-specific keys not covered by the cluster option's own fields."""
+
+
+@dataclass
+class SlurmClusterConfig(ClusterConfig):
+    """cluster=slurm: the batch job's resources; rendered into the run dir's train.sbatch."""
+
+    partition: str | None = None
+    """--partition (None: the cluster's default)."""
+    account: str | None = None
+    """--account."""
+    qos: str | None = None
+    """--qos."""
+    time: str = "01:00:00"
+    """--time limit (the stop signal comes signal_before_s earlier)."""
+    constraint: str | None = None
+    """--constraint (node features)."""
+    cpus_per_task: int = 2
+    """CPUs for each node's launcher task, i.e. for all ranks of a node."""
+    mem: str | None = "8G"
+    """--mem per node (None: the cluster's default)."""
+    job_name: str = "distft"
+    """--job-name."""
+    signal_before_s: int = 120
+    """--signal=B:USR1@N: ranks checkpoint and the job requeues itself N s before the time limit."""
+    requeue: bool = True
+    """--requeue, and requeue on the warning signal (the job resumes with resume=auto)."""
+    sbatch_extra: list[str] = field(default_factory=list)
+    """Extra #SBATCH options, e.g. ['--mail-type=END', '--exclusive']."""
+    srun_args: list[str] = field(default_factory=list)
+    """Extra srun options."""
+    setup: list[str] = field(default_factory=list)
+    """Shell lines run before srun (module load ..., source venv/bin/activate, exports)."""
+    container_image: str | None = None
+    """Run ranks in a container: pyxis image (--container-image) or an apptainer .sif."""
+    container_runtime: str = "pyxis"
+    """pyxis (srun --container-image) or apptainer (apptainer exec)."""
+    container_mounts: list[str] = field(default_factory=list)
+    """src:dst mounts for the container (the repo and run dir must be visible inside)."""
+    submit: bool = True
+    """Submit with sbatch (false: only render the script into the run dir)."""
+
+
+# cluster= option → its dataclass (unknown options use the plain one).
+CLUSTERS: dict[str, type] = {"local": ClusterConfig, "slurm": SlurmClusterConfig}
 
 
 @dataclass
