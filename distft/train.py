@@ -6,6 +6,8 @@ import os
 import sys
 
 from distft.errors import DistftError
+from distft.stop import EXIT_CODE as STOP_EXIT_CODE
+from distft.stop import StopRequested
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,6 +28,10 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("RANK", "0") == "0":
             print(f"distft: error: {e}", file=sys.stderr, flush=True)
         return 2
+    except StopRequested as e:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"distft: {e}; resume=auto continues from it", file=sys.stderr, flush=True)
+        return STOP_EXIT_CODE
     finally:
         from distft import dist
 

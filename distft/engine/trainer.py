@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from distft import dist
+from distft import dist, preflight, stop
 from distft.data.pipeline import prepare_cached
 from distft.data.sampler import GlobalBatchSampler
 from distft.engine import checkpoint
@@ -60,13 +60,14 @@ class Trainer:
     # ------------------------------------------------------------------ build
     @classmethod
     def build(cls, cfg, composed=None) -> Trainer:
-        info = dist.init()
+        info = dist.init(cfg.cluster.timeout_s)
         run_dir = Path(dist.broadcast_object(cfg.output_dir or _default_output_dir())).resolve()
         cfg.output_dir = str(run_dir)
         if info.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
             _write_config(cfg, composed, run_dir)
         dist.barrier()
+        preflight.run(cfg, info, run_dir)  # report, stop-signal handler, hang stack dumps
         _seed(cfg.train.seed)
 
         model_path = resolve_model_path(cfg, run_dir, info)
@@ -188,6 +189,13 @@ class Trainer:
                 self.logger.log(done, self.eval_loss())
             if t.save_every and done % t.save_every == 0 and done != self.total_steps:
                 self.save(done)
+            preflight.kick()
+            if done != self.total_steps and stop.agreed(info.device):
+                # A stop signal (e.g. SLURM's pre-timeout warning) reached a rank: all checkpoint, leave.
+                if not (t.save_every and done % t.save_every == 0):
+                    self.save(done)
+                self.logger.close()
+                raise stop.StopRequested(done)
         if bar is not None:
             bar.close()
         end = self.total_steps
@@ -204,6 +212,8 @@ class Trainer:
             self.save(end)
         if t.export != "none":
             summary["export"] = str(export(self))
+            if hasattr(self.method, "export_extra"):  # optional: extra models (a critic) in export/
+                self.method.export_extra(self, Path(summary["export"]))
         self.logger.close()
         if info.is_main:
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -277,7 +287,10 @@ class Trainer:
             "strategy": self.cfg.strategy.name,
             "tuning": self.cfg.tuning.name,
         }
-        return checkpoint.save(self.strategy, self.run_dir, step, state, self.info, self.cfg.train.keep_last)
+        extra = getattr(self.method, "save_state", None)  # optional: state of extra models
+        return checkpoint.save(
+            self.strategy, self.run_dir, step, state, self.info, self.cfg.train.keep_last, extra
+        )
 
 
 def _add_parts(acc: dict[str, list[float]], parts: dict) -> None:

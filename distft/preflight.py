@@ -1,0 +1,156 @@
+"""Before training: who is in the job and how fast its collectives are; during training: stack
+dumps of every rank when it hangs or crashes.
+
+- `run` (every rank, once, right after the process group exists): rank 0 prints and writes
+  `preflight.json`: world size, backend, each rank's host/device/pid, all-reduce latency
+  (1 float) and bandwidth (4 MiB).
+- Stacks: each rank appends to `<run dir>/stacks/rank<N>.txt` when no step finishes within
+  `cluster.hang_dump_s` (a watchdog timer re-armed by `kick()` once per step), on a fatal
+  signal (segfault, abort), and on demand with `kill -USR2 <rank pid>` (pids are in the report).
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import json
+import os
+import signal
+import socket
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from distft import dist, stop
+
+DUMP_SIGNAL = signal.SIGUSR2
+_dump_file = None
+_hang_s = 0
+
+
+def run(cfg, info: dist.DistInfo, run_dir: Path) -> dict:
+    stop.install()
+    arm_stack_dumps(run_dir, info.rank, cfg.cluster.hang_dump_s)
+    if not cfg.cluster.preflight:
+        return {}
+    me = {
+        "rank": info.rank,
+        "local_rank": info.local_rank,
+        "host": socket.gethostname(),
+        "device": str(info.device),
+        "device_name": torch.cuda.get_device_name(info.device) if info.device.type == "cuda" else "cpu",
+        "pid": os.getpid(),
+        "threads": torch.get_num_threads(),
+    }
+    ranks = dist.all_gather_objects(me)
+    report = {
+        "world_size": info.world_size,
+        "nodes": len({r["host"] for r in ranks}),
+        "backend": info.backend if dist.active() else "none (single process)",
+        "torch": torch.__version__,
+        "ranks": ranks,
+        **measure_all_reduce(info),
+    }
+    if info.is_main:
+        (run_dir / "preflight.json").write_text(json.dumps(report, indent=2))
+        print(format_report(report), flush=True)
+    return report
+
+
+def _timed(t: torch.Tensor, iters: int, device: torch.device) -> list[float]:
+    import torch.distributed as tdist
+
+    times = []
+    for _ in range(iters):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        tdist.all_reduce(t)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def measure_all_reduce(info: dist.DistInfo, size_mb: float = 4.0, iters: int = 5) -> dict:
+    """Median all-reduce latency (one float) and bus bandwidth (size_mb of float32), as nccl-tests
+    define it: busbw = bytes / time × 2(n-1)/n."""
+    if not dist.active():
+        return {}
+    small = torch.zeros(1, device=info.device)
+    _timed(small, 3, info.device)  # warm-up: connections, allocator
+    latency = statistics.median(_timed(small, 20, info.device))
+    n = int(size_mb * 2**20 / 4)
+    big = torch.ones(n, dtype=torch.float32, device=info.device)
+    _timed(big, 1, info.device)
+    t = statistics.median(_timed(big, iters, info.device))
+    # Ranks' clocks differ: take the slowest rank's view, as the slowest rank bounds the job.
+    latency, t = (-x for x in _all_min([-latency, -t], info.device))
+    nbytes = n * 4
+    algbw = nbytes / t
+    busbw = algbw * 2 * (info.world_size - 1) / info.world_size
+    return {
+        "all_reduce_latency_us": latency * 1e6,
+        "all_reduce_bytes": nbytes,
+        "all_reduce_time_ms": t * 1e3,
+        "all_reduce_algbw_gbps": algbw / 1e9,
+        "all_reduce_busbw_gbps": busbw / 1e9,
+    }
+
+
+def _all_min(values: list[float], device) -> list[float]:
+    import torch.distributed as tdist
+
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    tdist.all_reduce(t, op=tdist.ReduceOp.MIN)
+    return t.tolist()
+
+
+def format_report(r: dict) -> str:
+    lines = [
+        "distft preflight",
+        f"  world size  : {r['world_size']} ranks on {r['nodes']} node(s), backend {r['backend']}",
+    ]
+    for x in r["ranks"]:
+        lines.append(
+            f"  rank {x['rank']:<6} : {x['host']} local {x['local_rank']} {x['device']} "
+            f"({x['device_name']}, {x['threads']} threads) pid {x['pid']}"
+        )
+    if "all_reduce_latency_us" in r:
+        lines.append(f"  all-reduce  : latency {r['all_reduce_latency_us']:.0f} us (1 float)")
+        lines.append(
+            f"  all-reduce  : {r['all_reduce_bytes'] / 2**20:.0f} MiB in {r['all_reduce_time_ms']:.2f} ms, "
+            f"bus bandwidth {r['all_reduce_busbw_gbps']:.2f} GB/s"
+        )
+    return "\n".join(lines)
+
+
+def arm_stack_dumps(run_dir: Path, rank: int, hang_s: int) -> Path:
+    """Route this rank's stack dumps (hang timer, fatal signal, SIGUSR2) to stacks/rank<N>.txt."""
+    global _dump_file, _hang_s
+    path = run_dir / "stacks" / f"rank{rank}.txt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if _dump_file is None or _dump_file.name != str(path):
+        _dump_file = open(path, "a", buffering=1)  # kept open: faulthandler writes to its fd
+    faulthandler.enable(file=_dump_file, all_threads=True)
+    try:
+        faulthandler.register(DUMP_SIGNAL, file=_dump_file, all_threads=True, chain=False)
+    except (ValueError, RuntimeError):
+        pass
+    _hang_s = hang_s
+    kick()
+    return path
+
+
+def kick() -> None:
+    """Once per step: restart the hang timer (a dump only when no step ends within hang_dump_s)."""
+    if _dump_file is None or _hang_s <= 0:
+        return
+    faulthandler.cancel_dump_traceback_later()
+    faulthandler.dump_traceback_later(_hang_s, repeat=False, file=_dump_file, exit=False)
+
+
+def disarm() -> None:
+    if _dump_file is not None:
+        faulthandler.cancel_dump_traceback_later()
