@@ -75,6 +75,8 @@ class Trainer:
         method = METHODS[cfg.method.name](cfg, tokenizer)
         tuning = TUNINGS[cfg.tuning.name]
         data = prepare_cached(cfg, method, tokenizer, run_dir, info.is_main)
+        if hasattr(method, "on_data"):  # optional: what the model depends on in the data (labels)
+            method.on_data(data)
 
         load_dtype = torch.float32 if not tuning.adapter else LOAD_DTYPES[cfg.train.precision]
         model = load_model(
