@@ -1,0 +1,88 @@
+"""Helpers shared by the benchmarks: start ranks through the RSS wrapper, read what they left."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+BENCH = REPO / "bench"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def bench_env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", "1")
+    env.update({"TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1"})
+    env.update(extra)
+    return env
+
+
+def launch(
+    module: str, args: list[str], nproc: int, rss_dir: Path, log: Path, env: dict | None = None
+) -> dict:
+    """Run `module` on `nproc` ranks (torchrun; one plain process when nproc is 1) through
+    bench/rss.py; returns the start time, wall time, exit code and per-rank peak RSS."""
+    wrapper = [str(BENCH / "rss.py"), module, *args]
+    if nproc == 1:
+        cmd = [sys.executable, *wrapper]
+    else:
+        cmd = [
+            sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+            f"--master_port={free_port()}", *wrapper,
+        ]  # fmt: skip
+    env = dict(env or bench_env())
+    env["BENCH_RSS_DIR"] = str(rss_dir)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    with open(log, "w") as f:
+        rc = subprocess.call(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
+    wall = time.time() - t0
+    if rc != 0:
+        tail = log.read_text()[-3000:]
+        raise RuntimeError(f"{module} failed ({rc}); log {log}:\n{tail}")
+    return {"t0": t0, "wall_s": wall, "rss_gib": read_rss(rss_dir, nproc)}
+
+
+def read_rss(rss_dir: Path, nproc: int) -> list[float]:
+    out = []
+    for r in range(nproc):
+        p = rss_dir / f"rank{r}.json"
+        out.append(json.loads(p.read_text())["peak_rss_gib"] if p.is_file() else float("nan"))
+    return out
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+
+
+def spread(values: list[float]) -> str:
+    """min / median / max of repeated measurements."""
+    v = [x for x in values if x == x]
+    if not v:
+        return "-"
+    return f"{min(v):.2f} / {statistics.median(v):.2f} / {max(v):.2f}"
+
+
+def build_model_dir(path: Path, **shape) -> Path:
+    """The tiny random-init Llama + character tokenizer (distft's default model) in `path`."""
+    from distft.config.schema import ModelConfig
+    from distft.models.tiny import build_tiny
+
+    return build_tiny(path, ModelConfig(**shape))
+
+
+def load_average() -> float:
+    return os.getloadavg()[0]
