@@ -166,6 +166,10 @@ def to_typed(cfg: DictConfig) -> RootConfig:
             f"unknown config key '{unknown[0]}'. Valid top-level keys: {', '.join(sorted(_valid_keys('')))}"
         )
     cfg_typed = RootConfig(**kwargs, **raw)
+    if cfg_typed.strategy.name == "auto":  # the planner picks from the rest of the config
+        from distft.plan.auto import resolve_strategy
+
+        cfg_typed = resolve_strategy(cfg_typed)
     validate(cfg_typed)
     return cfg_typed
 
@@ -187,8 +191,11 @@ def validate(cfg: RootConfig) -> None:
     if t.precision not in ("fp32", "bf16", "fp16"):
         raise ConfigError(f"train.precision={t.precision!r}; valid: fp32, bf16, fp16")
     for key in ("micro_batch_size", "grad_accum", "log_every"):
-        if getattr(t, key) < 1:
-            raise ConfigError(f"train.{key} must be >= 1 (got {getattr(t, key)})")
+        value = getattr(t, key)
+        if key == "micro_batch_size" and value == "auto":
+            continue  # estimated and confirmed by a trial step in Trainer.build
+        if not isinstance(value, int) or value < 1:
+            raise ConfigError(f"train.{key} must be >= 1 (got {value!r})")
     if t.lr_scheduler not in ("constant", "constant_with_warmup", "linear", "cosine"):
         raise ConfigError(
             f"train.lr_scheduler={t.lr_scheduler!r}; valid: constant, constant_with_warmup, linear, cosine"

@@ -60,8 +60,12 @@ class TrainConfig:
     """Optimizer steps. 0: use epochs."""
     epochs: float = 6.0
     """Passes over the train split, used when max_steps is 0."""
-    micro_batch_size: int = 16
-    """Sequences per rank per forward pass."""
+    micro_batch_size: int | str = 16
+    """Sequences per rank per forward pass, or auto: the largest that fits train.memory_gib by the
+    planner's estimate, confirmed by a trial step (see distft-plan)."""
+    memory_gib: float | None = None
+    """Memory one rank may use, for the auto choices (strategy=auto, micro_batch_size=auto).
+    None: the GPU's memory, or host RAM divided by the ranks per node."""
     grad_accum: int = 1
     """Micro-batches per optimizer step; the global batch is micro × accum × world size."""
     lr: float = 3e-3

@@ -3,7 +3,7 @@
 
 from types import ModuleType
 
-from distft.strategies import ddp, deepspeed_zero, fsdp
+from distft.strategies import auto, ddp, deepspeed_zero, fsdp
 
 STRATEGIES: dict[str, ModuleType] = {
     "ddp": ddp,
@@ -12,4 +12,5 @@ STRATEGIES: dict[str, ModuleType] = {
     "zero2": deepspeed_zero,
     "zero3": deepspeed_zero,
     "zero3_offload": deepspeed_zero,
+    "auto": auto,  # resolved to one of the above by distft.plan while the config loads
 }

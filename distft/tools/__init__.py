@@ -1,0 +1,1 @@
+"""Commands beside training: adapter merging and combining (`distft-export`)."""
