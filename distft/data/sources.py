@@ -1,29 +1,53 @@
-"""Read rows from JSONL/JSON files, directories of them, or hub dataset ids, keeping file:line."""
+"""Read rows from JSONL/JSON/CSV/TSV/Parquet files, directories of them, saved `datasets`
+directories, or hub dataset ids, keeping where each row came from (file:line or file#index).
+
+JSONL is read line by line so a malformed line is reported with its file:line (skipped and listed
+in the data report, or an error with data.bad_lines=error); the other formats go through
+`datasets`. Several sources can be mixed with weights (`mix`).
+"""
 
 from __future__ import annotations
 
 import json
+import random
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from distft.errors import DataError
 
+TABLE_SUFFIXES = {".csv": "csv", ".tsv": "csv", ".parquet": "parquet"}
+SUFFIXES = {".jsonl", ".json", *TABLE_SUFFIXES}
 
-def read_jsonl(path: Path) -> list[dict]:
+
+@dataclass
+class Source:
+    spec: str
+    rows: list[dict] = field(default_factory=list)
+    bad_lines: list[dict] = field(default_factory=list)
+    """[{"where": file:line, "error": ...}] lines that could not be parsed (skipped)."""
+
+
+def read_jsonl(path: Path, bad: list[dict] | None = None) -> list[dict]:
+    """Rows of a JSONL file. Malformed lines raise, or are appended to `bad` when it is given."""
     rows = []
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
+            where = f"{path}:{lineno}"
             try:
                 row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(
-                    f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno}); fix or "
-                    "remove that line (each line must be one JSON object)"
-                ) from None
-            if not isinstance(row, dict):
-                raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-            row["_source"] = f"{path}:{lineno}"
+                if not isinstance(row, dict):
+                    raise ValueError(f"expected a JSON object, got {type(row).__name__}")
+            except (json.JSONDecodeError, ValueError) as e:
+                msg = f"malformed JSON ({e.msg} at column {e.colno})" if hasattr(e, "colno") else str(e)
+                if bad is None:
+                    raise DataError(
+                        f"{where}: {msg}; fix or remove that line (each line must be one JSON object)"
+                    ) from None
+                bad.append({"where": where, "error": msg})
+                continue
+            row["_source"] = where
             rows.append(row)
     return rows
 
@@ -35,25 +59,66 @@ def read_json(path: Path) -> list[dict]:
         raise DataError(f"{path}:{e.lineno}: malformed JSON ({e.msg}); fix the file") from None
     if isinstance(data, dict):
         data = data.get("data", data.get("rows", [data]))
-    if not isinstance(data, list):
-        raise DataError(f"{path}: expected a list of objects")
+    if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
+        raise DataError(f"{path}: expected a list of objects (or {{'data': [...]}})")
     return [dict(row, _source=f"{path}#{i}") for i, row in enumerate(data)]
 
 
-def read_path(spec: str) -> list[dict]:
+def read_table(path: Path) -> list[dict]:
+    """CSV/TSV (header row) or Parquet through `datasets`."""
+    import datasets
+
+    builder = TABLE_SUFFIXES[path.suffix]
+    kwargs = {"delimiter": "\t"} if path.suffix == ".tsv" else {}
+    try:
+        ds = datasets.load_dataset(builder, data_files=str(path), split="train", **kwargs)
+    except Exception as e:  # parser errors name the file themselves
+        raise DataError(f"{path}: cannot read as {path.suffix[1:]} ({_first_line(e)})") from None
+    return [dict(row, _source=f"{path}#{i}") for i, row in enumerate(ds.to_list())]
+
+
+def is_saved_dataset(p: Path) -> bool:
+    """A directory written by `Dataset.save_to_disk` / `DatasetDict.save_to_disk`."""
+    return (p / "dataset_dict.json").is_file() or (
+        (p / "state.json").is_file() and (p / "dataset_info.json").is_file()
+    )
+
+
+def read_saved_dataset(p: Path) -> list[dict]:
+    import datasets
+
+    ds = datasets.load_from_disk(str(p))
+    if isinstance(ds, datasets.DatasetDict):
+        if "train" not in ds:
+            raise DataError(f"{p}: saved DatasetDict has no 'train' split (splits: {', '.join(ds)})")
+        ds = ds["train"]
+    return [dict(row, _source=f"{p}#{i}") for i, row in enumerate(ds.to_list())]
+
+
+def read_path(spec: str, bad: list[dict] | None = None) -> list[dict]:
     p = Path(spec).expanduser()
     if p.is_dir():
-        files = sorted(x for x in p.rglob("*") if x.suffix in (".jsonl", ".json"))
+        if is_saved_dataset(p):
+            return read_saved_dataset(p)
+        files = sorted(x for x in p.rglob("*") if x.suffix in SUFFIXES and x.is_file())
         if not files:
-            raise DataError(f"data.path {spec}: directory has no .jsonl or .json files")
-        return [row for f in files for row in read_path(str(f))]
+            raise DataError(
+                f"data.path {spec}: directory has no .jsonl/.json/.csv/.tsv/.parquet files and is "
+                "not a saved `datasets` directory"
+            )
+        return [row for f in files for row in read_path(str(f), bad)]
     if p.is_file():
         if p.suffix == ".json":
             return read_json(p)
-        return read_jsonl(p)
+        if p.suffix in TABLE_SUFFIXES:
+            return read_table(p)
+        return read_jsonl(p, bad)
     if spec.count("/") == 1 and not spec.startswith((".", "/", "~")):
         return _read_hub(spec)
-    raise DataError(f"data.path {spec}: no such file or directory; give JSONL/JSON files or a hub id")
+    raise DataError(
+        f"data.path {spec}: no such file or directory; give JSONL/JSON/CSV/TSV/Parquet files, "
+        "a saved `datasets` directory or a hub id"
+    )
 
 
 def _read_hub(spec: str) -> list[dict]:
@@ -62,9 +127,48 @@ def _read_hub(spec: str) -> list[dict]:
     try:
         ds = datasets.load_dataset(spec, split="train")
     except Exception as e:  # network, auth, missing dataset
-        raise DataError(f"data.path {spec}: cannot load hub dataset ({e})") from None
+        raise DataError(f"data.path {spec}: cannot load hub dataset ({_first_line(e)})") from None
     return [dict(row, _source=f"{spec}#{i}") for i, row in enumerate(ds)]
 
 
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def read_sources(paths: list[str], bad_lines: str = "skip") -> list[Source]:
+    """One Source per data.path entry; rows are tagged with `_src` (the entry's index)."""
+    sources = []
+    for i, spec in enumerate(paths):
+        src = Source(spec)
+        src.rows = read_path(spec, src.bad_lines if bad_lines == "skip" else None)
+        for row in src.rows:
+            row["_src"] = i
+        sources.append(src)
+    return sources
+
+
 def read_all(paths: list[str]) -> list[dict]:
+    """All rows of all paths; a malformed line is an error."""
     return [row for spec in paths for row in read_path(spec)]
+
+
+def mix(rows: list[dict], weights: list[float], seed: int) -> tuple[list[dict], dict[int, int]]:
+    """Re-weight rows by their source (`_src`): source i gets a share weights[i]/sum(weights) of
+    the same total, down-sampled without replacement or repeated (whole copies, then a sample).
+    Returns the mixed rows (in a seeded order) and rows per source."""
+    by_src: dict[int, list[dict]] = {}
+    for row in rows:
+        by_src.setdefault(row.get("_src", 0), []).append(row)
+    total, wsum = len(rows), sum(weights)
+    rng = random.Random(f"mix:{seed}")
+    out, counts = [], {}
+    for i, w in enumerate(weights):
+        have = by_src.get(i, [])
+        want = round(total * w / wsum) if have else 0
+        copies, rest = divmod(want, len(have)) if have else (0, 0)
+        picked = have * copies + rng.sample(have, rest)
+        counts[i] = len(picked)
+        out += picked
+    rng.shuffle(out)
+    return out, counts

@@ -1,0 +1,294 @@
+"""Recognize a row's schema and map it to one canonical form per kind of data.
+
+Canonical forms (what methods receive):
+  sft            {"prompt", "completion"} or {"messages": [{"role", "content"}, ...]}
+  preference     {"prompt", "chosen", "rejected"}
+  classification {"text", "label"}
+  prompt         {"prompt", ...}  (RL prompts; extra fields such as a reference answer pass through)
+
+Accepted input formats: prompt/completion, Alpaca (instruction/input/output), OpenAI-style chat
+`messages`, ShareGPT `conversations` (from/value), preference prompt/chosen/rejected and
+classification text/label. `data.columns` renames columns first (canonical name → column name),
+`data.format` forces one format instead of detecting it per row.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from distft.errors import DataError
+
+# format name → (required fields, kind). Detection tries them in this order.
+FORMATS: dict[str, tuple[tuple[str, ...], str]] = {
+    "preference": (("prompt", "chosen", "rejected"), "preference"),
+    "messages": (("messages",), "sft"),
+    "sharegpt": (("conversations",), "sft"),
+    "alpaca": (("instruction", "output"), "sft"),
+    "prompt_completion": (("prompt", "completion"), "sft"),
+    "classification": (("text", "label"), "classification"),
+    "prompt": (("prompt",), "prompt"),
+}
+EXPECTED = (
+    "prompt+completion, instruction+output (Alpaca, optional input), messages (OpenAI chat), "
+    "conversations (ShareGPT), prompt+chosen+rejected (preference) or text+label (classification)"
+)
+KIND_FIELDS = {
+    "sft": "prompt/completion, Alpaca instruction/input/output, chat messages or ShareGPT conversations",
+    "preference": "prompt/chosen/rejected pairs",
+    "classification": "text/label rows",
+    "prompt": "prompts (a 'prompt' field)",
+}
+# Which row kinds a method's kind can train on: RL prompt methods take any row that has a prompt.
+COMPATIBLE = {
+    "sft": {"sft"},
+    "preference": {"preference"},
+    "classification": {"classification"},
+    "prompt": {"prompt", "sft", "preference"},
+}
+SHAREGPT_ROLES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "chatgpt": "assistant",
+    "bard": "assistant",
+    "bing": "assistant",
+    "model": "assistant",
+    "system": "system",
+    "tool": "tool",
+    "function": "tool",
+    "function_response": "tool",
+    "observation": "tool",
+}
+
+
+def _blank(v) -> bool:
+    return v is None or (isinstance(v, str) and not v.strip()) or (isinstance(v, (list, dict)) and not v)
+
+
+def is_empty(row: dict) -> bool:
+    """No field with content (besides our own `_` bookkeeping)."""
+    return all(_blank(v) for k, v in row.items() if not k.startswith("_"))
+
+
+def detect(row: dict) -> str | None:
+    for name, (fields, _) in FORMATS.items():
+        if all(f in row for f in fields):
+            return name
+    return None
+
+
+def kind_of(fmt: str) -> str:
+    return FORMATS[fmt][1]
+
+
+def _content(value) -> str:
+    """Message content: a string, or OpenAI content parts [{"type": "text", "text": ...}]."""
+    if value is None:
+        return ""
+    if isinstance(value, list):
+        return "".join(p.get("text", "") if isinstance(p, dict) else str(p) for p in value)
+    return str(value)
+
+
+def _messages(msgs, where: str, role_key: str, content_key: str, roles: dict | None) -> list[dict]:
+    if not isinstance(msgs, list):
+        raise DataError(f"{where}: expected a list of chat turns, got {type(msgs).__name__}")
+    out = []
+    for i, m in enumerate(msgs):
+        if not isinstance(m, dict) or role_key not in m or content_key not in m:
+            found = sorted(m) if isinstance(m, dict) else type(m).__name__
+            raise DataError(
+                f"{where}: turn {i} must be an object with '{role_key}' and '{content_key}'; found {found}"
+            )
+        role = str(m[role_key])
+        if roles is not None:
+            if role.lower() not in roles:
+                raise DataError(
+                    f"{where}: turn {i} has unknown ShareGPT role {role!r}; known: {', '.join(sorted(roles))}"
+                )
+            role = roles[role.lower()]
+        out.append({"role": role, "content": _content(m[content_key])})
+    return out
+
+
+def _text(v) -> str:
+    return "" if v is None else str(v)
+
+
+def _map_preference(row: dict, where: str) -> dict:
+    out = {"prompt": row["prompt"]}
+    for key in ("chosen", "rejected"):
+        v = row[key]
+        if isinstance(v, list):  # conversational preference data
+            out[key] = _messages(v, where, "role", "content", None)
+        else:
+            out[key] = _text(v)
+    if isinstance(out["prompt"], list):
+        out["prompt"] = _messages(out["prompt"], where, "role", "content", None)
+    elif not isinstance(out["prompt"], str):
+        out["prompt"] = _text(out["prompt"])
+    return out
+
+
+def _map_alpaca(row: dict, where: str) -> dict:
+    instruction, extra = _text(row["instruction"]), _text(row.get("input"))
+    prompt = f"{instruction}\n{extra}\n" if extra.strip() else f"{instruction}\n"
+    return {"prompt": prompt, "completion": _text(row["output"])}
+
+
+MAPPERS: dict[str, Callable[[dict, str], dict]] = {
+    "preference": _map_preference,
+    "messages": lambda r, w: {"messages": _messages(r["messages"], w, "role", "content", None)},
+    "sharegpt": lambda r, w: {"messages": _messages(r["conversations"], w, "from", "value", SHAREGPT_ROLES)},
+    "alpaca": _map_alpaca,
+    "prompt_completion": lambda r, w: {"prompt": _text(r["prompt"]), "completion": _text(r["completion"])},
+    "classification": lambda r, w: {"text": _text(r["text"]), "label": r["label"]},
+    "prompt": lambda r, w: {"prompt": _text(r["prompt"])},
+}
+CONSUMED = {
+    "preference": {"prompt", "chosen", "rejected"},
+    "messages": {"messages"},
+    "sharegpt": {"conversations"},
+    "alpaca": {"instruction", "input", "output"},
+    "prompt_completion": {"prompt", "completion"},
+    "classification": {"text", "label"},
+    "prompt": {"prompt"},
+}
+
+
+def rename(row: dict, columns: dict[str, str]) -> dict:
+    """Apply data.columns (canonical name → the dataset's column name)."""
+    if not columns:
+        return row
+    out = dict(row)
+    for canonical, column in columns.items():
+        if column in out and column != canonical:
+            out[canonical] = out.pop(column)
+    return out
+
+
+def map_row(row: dict, fmt: str, where: str) -> dict:
+    """Canonical row (plus pass-through fields and `_source`)."""
+    mapped = MAPPERS[fmt](row, where)
+    for k, v in row.items():
+        if k not in CONSUMED[fmt] and k not in mapped:
+            mapped[k] = v
+    return mapped
+
+
+def no_schema_error(row: dict, forced: str | None = None) -> DataError:
+    where = row.get("_source", "?")
+    found = sorted(k for k in row if not k.startswith("_"))
+    if forced:
+        need = ", ".join(FORMATS[forced][0])
+        return DataError(
+            f"{where}: data.format={forced} needs fields [{need}]; found {found}. "
+            "Fix the row, map columns with data.columns={canonical: column}, or use data.format=auto"
+        )
+    return DataError(
+        f"{where}: the row matches no known data schema; found fields {found}, expected {EXPECTED}. "
+        "Map your columns with data.columns, e.g. data.columns={prompt: question, completion: answer}"
+    )
+
+
+def prompt_and_answer(row: dict) -> tuple[str, str]:
+    """The input part and the target part of a canonical row (for near-dedup and reports)."""
+    if "messages" in row:
+        msgs = row["messages"]
+        prompt = "\n".join(f"{m['role']}: {m['content']}" for m in msgs if m["role"] != "assistant")
+        answer = "\n".join(m["content"] for m in msgs if m["role"] == "assistant")
+        return prompt, answer
+    if "chosen" in row:
+        return _flat(row["prompt"]), _flat(row["chosen"]) + "\n\x00\n" + _flat(row["rejected"])
+    if "text" in row and "label" in row:
+        return str(row["text"]), str(row["label"])
+    if "completion" in row:
+        return str(row["prompt"]), str(row["completion"])
+    return _flat(row.get("prompt", "")), ""
+
+
+def completion_text(row: dict) -> str:
+    """The first target text of a row (for 'most common first tokens of completions')."""
+    if "messages" in row:
+        return next((m["content"] for m in row["messages"] if m["role"] == "assistant"), "")
+    if "chosen" in row:
+        return _flat(row["chosen"])
+    if "completion" in row:
+        return str(row["completion"])
+    return ""
+
+
+def _flat(v) -> str:
+    if isinstance(v, list):
+        return "\n".join(f"{m.get('role', '')}: {m.get('content', '')}" for m in v if isinstance(m, dict))
+    return "" if v is None else str(v)
+
+
+def length_text(row: dict, tokenizer) -> str:
+    """The text a row is trained on, as close to the method's rendering as is generic."""
+    if "messages" in row:
+        if getattr(tokenizer, "chat_template", None):
+            return tokenizer.apply_chat_template(row["messages"], tokenize=False)
+        return "\n".join(m["content"] for m in row["messages"])
+    if "chosen" in row:
+        prompt = _flat(row["prompt"])
+        return prompt + max(_flat(row["chosen"]), _flat(row["rejected"]), key=len)
+    if "text" in row and "label" in row:
+        return str(row["text"])
+    if "completion" in row:
+        return str(row["prompt"]) + str(row["completion"])
+    return _flat(row.get("prompt", ""))
+
+
+def required_texts(row: dict) -> list[str]:
+    """Fields that must not be blank for the row to be usable."""
+    if "messages" in row:
+        return [m["content"] for m in row["messages"] if m["role"] == "assistant"] or [""]
+    if "chosen" in row:
+        return [_flat(row["prompt"]), _flat(row["chosen"]), _flat(row["rejected"])]
+    if "text" in row and "label" in row:
+        return [str(row["text"]), "" if row["label"] is None else str(row["label"])]
+    if "completion" in row:
+        return [str(row["prompt"]), str(row["completion"])]
+    return [_flat(row.get("prompt", ""))]
+
+
+def to_canonical(
+    rows: list[dict], fmt: str, columns: dict[str, str], method_kind: str | None, method_name: str
+) -> tuple[list[dict], list[dict], dict[str, int]]:
+    """Map rows; returns (mapped rows, empty rows, rows per detected format). A row with content
+    but no known schema, or of a kind the method cannot train on, is a DataError."""
+    mapped, empty, formats = [], [], {}
+    for raw in rows:
+        row = rename(raw, columns)
+        if is_empty(row):
+            empty.append(row)
+            continue
+        found = detect(row) if fmt == "auto" else fmt
+        if found is None or not all(f in row for f in FORMATS[found][0]):
+            raise no_schema_error(row, None if fmt == "auto" else fmt)
+        kind = kind_of(found)
+        if method_kind and kind not in COMPATIBLE.get(method_kind, {method_kind}):
+            raise DataError(
+                f"{row.get('_source', '?')}: {found} rows ({KIND_FIELDS[kind]}) do not fit "
+                f"method={method_name}, which trains on {KIND_FIELDS.get(method_kind, method_kind)}. "
+                "Pick a method for this data or map columns with data.columns"
+            )
+        formats[found] = formats.get(found, 0) + 1
+        mapped.append(map_row(row, found, row.get("_source", "?")))
+    return mapped, empty, formats
+
+
+def method_kind(method, cfg) -> str | None:
+    """The kind of rows a method trains on: its `data_schema` attribute, else the kind of its
+    embedded default rows (every method ships data of its own kind)."""
+    kind = getattr(method, "data_schema", None)
+    if kind:
+        return kind
+    try:
+        sample = method.default_rows(cfg)[:1]
+    except Exception:  # a method without usable defaults: accept any schema
+        return None
+    fmt = detect(sample[0]) if sample else None
+    return kind_of(fmt) if fmt else None
