@@ -1,0 +1,31 @@
+"""Generation metrics on held-out rows: greedy generations sharded over ranks, gathered, scored
+once (corpus BLEU/chrF need every pair), the same result on every rank."""
+
+from __future__ import annotations
+
+from distft import dist
+from distft.data.sft_format import prompt_text, reference_answer
+from distft.engine.generation import generate
+from distft.eval.text_metrics import score_texts
+
+DEFAULT = ("exact_match",)
+
+
+def generate_pairs(model, tokenizer, rows: list[dict], cfg, info, sharded: bool) -> list[tuple[str, str]]:
+    """(prediction, reference) for every row, in row order, on every rank."""
+    mine = rows[info.rank :: info.world_size]
+    prompts = [prompt_text(r, tokenizer) for r in mine]
+    outs = generate(model, tokenizer, prompts, cfg.train.max_new_tokens, info.device, sharded)
+    pairs = [(o, reference_answer(r)) for o, r in zip(outs, mine)]
+    gathered = dist.all_gather_objects(pairs)
+    # Undo the round-robin so the order is the rows' order whatever the world size.
+    out = []
+    for i in range(max((len(g) for g in gathered), default=0)):
+        out += [g[i] for g in gathered if i < len(g)]
+    return out
+
+
+def generation_metrics(model, tokenizer, rows: list[dict], cfg, info, sharded: bool) -> dict[str, float]:
+    names = tuple(cfg.eval.metrics) or DEFAULT
+    pairs = generate_pairs(model, tokenizer, rows, cfg, info, sharded)
+    return score_texts([p for p, _ in pairs], [r for _, r in pairs], names)
