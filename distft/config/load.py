@@ -14,6 +14,7 @@ from distft.config.schema import (
     CLUSTERS,
     ClusterConfig,
     DataConfig,
+    EvalConfig,
     LoggerConfig,
     ModelConfig,
     RootConfig,
@@ -79,6 +80,7 @@ def _valid_keys(parent: str) -> list[str]:
         "train": TrainConfig,
         "cluster": ClusterConfig,
         "logger": LoggerConfig,
+        "eval": EvalConfig,
         "": RootConfig,
     }
     cls = classes.get(parent)
@@ -147,6 +149,7 @@ def to_typed(cfg: DictConfig) -> RootConfig:
         "train": TrainConfig,
         "cluster": ClusterConfig,
         "logger": LoggerConfig,
+        "eval": EvalConfig,
     }
     kwargs: dict[str, Any] = {}
     for key, cls in plain.items():
@@ -200,8 +203,8 @@ def validate(cfg: RootConfig) -> None:
         raise ConfigError(
             f"train.lr_scheduler={t.lr_scheduler!r}; valid: constant, constant_with_warmup, linear, cosine"
         )
-    if t.export not in ("last", "none"):
-        raise ConfigError(f"train.export={t.export!r}; valid: last, none")
+    if t.export not in ("last", "best", "none"):
+        raise ConfigError(f"train.export={t.export!r}; valid: last, best, none")
     if len(cfg.data.splits) != 3 or cfg.data.splits[0] <= 0 or min(cfg.data.splits) < 0:
         raise ConfigError(
             f"data.splits={cfg.data.splits}: give three non-negative train/val/test ratios "
@@ -218,10 +221,42 @@ def validate(cfg: RootConfig) -> None:
                 f"model.name_or_path={cfg.model.name_or_path!r} is not a directory; give a local "
                 "Hugging Face model directory or a hub id like 'org/name'"
             )
+    _validate_data_eval(cfg, METHODS[cfg.method.name])
     gpu = cfg.cluster.gpus_per_node > 0
     TUNINGS[cfg.tuning.name].validate(cfg)
     METHODS[cfg.method.name].validate(cfg)
     STRATEGIES[cfg.strategy.name].validate(cfg, gpu)
+
+
+def _validate_data_eval(cfg: RootConfig, method_cls) -> None:
+    """data.* cleaning/mixing keys, eval.metrics against the method, early stopping and export=best."""
+    from distft.data.clean import check_config
+    from distft.data.schemas import FORMATS
+    from distft.eval import check_metrics
+
+    d, e, t = cfg.data, cfg.eval, cfg.train
+    check_config(d)
+    if d.format != "auto" and d.format not in FORMATS:
+        raise ConfigError(f"data.format={d.format!r}; valid: auto, {', '.join(FORMATS)}")
+    if d.weights and (len(d.weights) != len(d.path) or min(d.weights) < 0 or sum(d.weights) <= 0):
+        raise ConfigError(
+            f"data.weights={d.weights} must give one non-negative weight per data.path entry "
+            f"({len(d.path)}), not all zero"
+        )
+    check_metrics(cfg, method_cls)
+    if e.mode not in ("auto", "min", "max"):
+        raise ConfigError(f"eval.mode={e.mode!r}; valid: auto, min, max")
+    if e.patience < 0 or e.min_delta < 0:
+        raise ConfigError("eval.patience and eval.min_delta must be >= 0")
+    wanted = (("eval.patience>0", e.patience > 0), ("train.export=best", t.export == "best"))
+    needs = [k for k, on in wanted if on]
+    if needs and (t.eval_every <= 0 or d.splits[1] <= 0):
+        raise ConfigError(
+            f"{' and '.join(needs)} need periodic validation: set train.eval_every > 0 and a val "
+            f"ratio in data.splits (now eval_every={t.eval_every}, splits={d.splits})"
+        )
+    if not (e.monitor in ("eval/loss", "eval/ppl") or e.monitor.startswith("eval/")):
+        raise ConfigError(f"eval.monitor={e.monitor!r}; give eval/loss, eval/ppl or eval/<metric>")
 
 
 def _looks_like_hub_id(name: str) -> bool:

@@ -41,11 +41,52 @@ class DataConfig:
     name: str = "default"
     """Config-group option that produced this block."""
     path: list[str] = field(default_factory=list)
-    """JSONL files, directories of them, or hub dataset ids. Empty: the method's embedded data."""
+    """JSONL/JSON/CSV/TSV/Parquet files, directories of them, saved `datasets` directories or hub
+    dataset ids. Empty: the method's embedded data."""
+    weights: list[float] = field(default_factory=list)
+    """Share of each data.path source in the train split (same length as path; sources are
+    down-sampled or repeated to reach it, val/test keep their natural mix). Empty: every row once."""
+    format: str = "auto"
+    """auto (detect per row), prompt_completion, alpaca, messages, sharegpt, preference,
+    classification or prompt."""
+    columns: dict[str, str] = field(default_factory=dict)
+    """Rename columns before schema detection: {canonical: column}, e.g. {prompt: question}."""
+    bad_lines: str = "skip"
+    """Malformed JSONL lines: skip (listed with file:line in the data report) or error."""
     splits: list[float] = field(default_factory=lambda: [8.0, 1.0, 1.0])
     """train/val/test ratios (normalized); deterministic by train.seed."""
     max_length: int = 64
-    """Tokens per example; longer examples are truncated and counted in the data report."""
+    """Tokens per example; longer examples are truncated (or dropped, see overlong) and counted."""
+    overlong: str = "truncate"
+    """Rows longer than max_length: truncate (counted as truncated) or drop (counted as too_long)."""
+    normalize_unicode: bool = True
+    """Unicode NFKC normalization of all text fields."""
+    normalize_whitespace: bool = True
+    """Trim, collapse runs of spaces inside lines, drop trailing spaces and extra blank lines (the
+    prompt's end and the completion's start are kept), so whitespace variants are duplicates."""
+    min_chars: int = 0
+    """Drop rows with fewer characters (prompt + answer); 0 keeps all non-empty rows."""
+    max_chars: int = 0
+    """Drop rows with more characters (prompt + answer); 0: no limit."""
+    drop_patterns: list[str] = field(default_factory=list)
+    """Regular expressions; rows whose prompt or answer matches one are dropped (reported)."""
+    dedup: bool = True
+    """Remove exact duplicates (same canonical content after normalization); the first is kept."""
+    near_dedup: bool = True
+    """Remove near duplicates (MinHash LSH); only rows whose answers and numbers also match."""
+    near_dedup_threshold: float = 0.85
+    """Estimated Jaccard similarity of the prompts' character 5-grams at or above which rows with
+    matching answers count as near duplicates."""
+    pii_mask: bool = False
+    """Mask personal data as [EMAIL] [PHONE] [IP] [CARD]; counts go to the data report."""
+    pii_kinds: list[str] = field(default_factory=lambda: ["email", "phone", "ip", "card"])
+    """Which personal data to mask."""
+    pii_phone_region: str = "US"
+    """Region for phone numbers written without a country code (libphonenumber)."""
+    stratify: bool = True
+    """Stratify the split by label for classification data."""
+    imbalance_warn_ratio: float = 3.0
+    """Warn when the most common label has more than this many times the rows of the rarest."""
     packing: bool = False
     """Pack several examples into one sequence of max_length; attention never crosses examples."""
     num_examples: int = 6000
@@ -97,7 +138,8 @@ class TrainConfig:
     log_every: int = 1
     """Metrics row every N steps."""
     export: str = "last"
-    """What export/ (Hugging Face format) holds at the end: last (final weights) or none."""
+    """What export/ (Hugging Face format) holds at the end: last (final weights), best (the
+    checkpoint with the best eval.monitor value; needs train.eval_every) or none."""
     eval_generate: bool = True
     """Exact-match generation eval on the held-out split before and after training."""
     max_new_tokens: int = 16
@@ -197,6 +239,26 @@ class LoggerConfig:
 
 
 @dataclass
+class EvalConfig:
+    name: str = "default"
+    """Config-group option that produced this block."""
+    metrics: list[str] = field(default_factory=list)
+    """Metrics on the val split at every eval and on the test split at the end. Generation
+    (sft): exact_match, rouge1, rouge2, rougeL, bleu, chrf; classification: accuracy, precision,
+    recall, f1. Empty: the method's default (exact_match for sft)."""
+    test: bool = True
+    """Final evaluation on the test split, written to eval.json and logged as test/*."""
+    monitor: str = "eval/loss"
+    """Metric for early stopping and the best checkpoint (eval/loss, eval/ppl or eval/<metric>)."""
+    mode: str = "auto"
+    """min, max, or auto (min for loss/ppl, max otherwise)."""
+    patience: int = 0
+    """Stop after this many evaluations without improvement (0: no early stopping)."""
+    min_delta: float = 0.0
+    """Smallest change of the monitored metric that counts as an improvement."""
+
+
+@dataclass
 class RootConfig:
     model: ModelConfig
     data: DataConfig
@@ -209,6 +271,8 @@ class RootConfig:
     """The method option's own dataclass (see distft.methods)."""
     strategy: Any
     """The strategy option's own dataclass (see distft.strategies)."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """Evaluation metrics, test eval and early stopping."""
     output_dir: str | None = None
     """Run directory. None: outputs/<date>/<time>."""
     resume: str = "auto"
