@@ -86,9 +86,29 @@ def save(strategy, run_dir: Path, step: int, trainer_state: dict, info, keep_las
     return final
 
 
+def mark_best(run_dir: Path, step: int, info) -> None:
+    """Point checkpoints/best at step_<step> (already complete on every rank); pruning keeps it."""
+    if info.is_main:
+        root = checkpoints_dir(run_dir)
+        tmp = root / f".best.tmp{os.getpid()}"
+        tmp.write_text(f"step_{step}\n")
+        os.replace(tmp, root / "best")
+    dist.barrier()
+
+
+def best(run_dir: Path) -> Path | None:
+    pointer = checkpoints_dir(run_dir) / "best"
+    if not pointer.is_file():
+        return None
+    path = checkpoints_dir(run_dir) / pointer.read_text().strip()
+    return path if (path / STATE_FILE).is_file() else None
+
+
 def _prune(root: Path, keep_last: int) -> None:
+    pointer = root / "best"
+    keep = pointer.read_text().strip() if pointer.is_file() else None
     steps = sorted(
-        (p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp")),
+        (p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp") and p.name != keep),
         key=lambda p: int(p.name.split("_")[1]),
     )
     for old in steps[: max(0, len(steps) - max(1, keep_last))]:

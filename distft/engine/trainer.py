@@ -24,6 +24,7 @@ from distft.engine import checkpoint
 from distft.engine.export import export
 from distft.engine.metrics import MetricsLogger
 from distft.engine.schedule import lr_schedule
+from distft.eval.early_stop import BestTracker
 from distft.methods import METHODS
 from distft.models import load_model, load_tokenizer, resolve_model_path
 from distft.perf.mfu import MfuMeter, mean_length, peak_memory_gib
@@ -55,6 +56,8 @@ class Trainer:
     start_step: int = 0
     notes: list = dataclasses.field(default_factory=list)
     step_metrics: dict = dataclasses.field(default_factory=dict)
+    tracker: BestTracker = dataclasses.field(default_factory=BestTracker)
+    last_eval: tuple | None = None  # (logged row, method metrics) of the latest periodic eval
     perf: MfuMeter | None = None
 
     # ------------------------------------------------------------------ build
@@ -119,6 +122,7 @@ class Trainer:
         if hasattr(method, "setup"):  # optional: extra models (reference, critic), precomputation
             method.setup(trainer)
         trainer.perf = perf
+        trainer.tracker = BestTracker.from_config(cfg)
         trainer._maybe_resume()
         trainer.logger = MetricsLogger(cfg, run_dir, info.is_main, trainer.start_step)
         return trainer
@@ -131,6 +135,7 @@ class Trainer:
         if hasattr(self.method, "load_state"):  # optional: state of extra models
             self.method.load_state(path)
         self.start_step = state["step"]
+        self.tracker.load(state.get("early_stopping"))
         if state.get("total_steps") not in (None, self.total_steps):
             note = (
                 f"resumed at step {self.start_step} with a new total of {self.total_steps} steps "
@@ -160,7 +165,8 @@ class Trainer:
         tokens_window, time_window = 0.0, time.perf_counter()
         # A method may own the whole step (RL: rollouts, then several updates).
         method_step = getattr(self.method, "train_step", None)
-        for step in range(self.start_step, self.total_steps):
+        stop_at = self.tracker.stopped_step or self.total_steps  # a resumed early-stopped run
+        for step in range(self.start_step, stop_at):
             loss, tokens, grad_norm = method_step(self, step) if method_step else self.train_step(step)
             last_loss = loss
             tokens_window += tokens
@@ -188,7 +194,8 @@ class Trainer:
             if bar is not None:
                 bar.update(1)
             if t.eval_every and done % t.eval_every == 0 and done != self.total_steps:
-                self.logger.log(done, self.eval_loss())
+                if self.validate(done):  # early stopping: no improvement for eval.patience evals
+                    break
             if t.save_every and done % t.save_every == 0 and done != self.total_steps:
                 self.save(done)
             preflight.kick()
@@ -200,18 +207,31 @@ class Trainer:
                 raise stop.StopRequested(done)
         if bar is not None:
             bar.close()
-        end = self.total_steps
+        end = self.tracker.stopped_step or self.total_steps
         summary["train_loss"] = last_loss
-        final_eval = self.eval_loss()
-        after = self.method.evaluate(
-            self.strategy.module, self.data.val_rows, info, self.strategy.sharded_params
-        )
-        final_eval.update({f"eval/{k}": v for k, v in after.items()})
-        self.logger.log(end, final_eval)
+        if self.tracker.stopped_step is not None:
+            summary["early_stopped_at"] = end
+        if self.tracker.stopped_step is not None and self.last_eval is not None:
+            (final_eval, after), improved = self.last_eval, False  # evaluated at this very step
+        else:
+            final_eval, after = self._eval_split(self.data.val, self.data.val_rows, "eval/")
+            self.logger.log(end, final_eval)
+            improved = self._track(end, final_eval)
         summary.update(final_eval)
         summary["after"] = after
         if self.start_step < end or checkpoint.latest(self.run_dir) is None:
             self.save(end)
+        if improved and t.export == "best":
+            checkpoint.mark_best(self.run_dir, end, info)
+        if self.tracker.best_step is not None:
+            summary["best"] = {"metric": self.tracker.monitor, "value": self.tracker.best}
+            summary["best"]["step"] = self.tracker.best_step
+        weights = "last"
+        if t.export == "best" and self.tracker.best_step not in (None, end):
+            self._load_best()
+            weights = f"best (step {self.tracker.best_step})"
+        if cfg.eval.test and self.data.test:
+            summary["test"] = self.test_eval(end, weights)
         if t.export != "none":
             summary["export"] = str(export(self))
             if hasattr(self.method, "export_extra"):  # optional: extra models (a critic) in export/
@@ -247,10 +267,56 @@ class Trainer:
         (total,) = dist.all_reduce_sum([float(loss_sum)], info.device)
         return total / max(global_targets, 1.0), int(global_tokens), grad_norm
 
+    def validate(self, step: int) -> bool:
+        """Val loss and the method's eval metrics, logged; tracks the best step (saved when
+        train.export=best). True when early stopping says stop."""
+        row, metrics = self._eval_split(self.data.val, self.data.val_rows, "eval/")
+        self.last_eval = (row, metrics)
+        self.logger.log(step, row)
+        if self._track(step, row) and self.cfg.train.export == "best":
+            self.save(step)
+            checkpoint.mark_best(self.run_dir, step, self.info)
+        return self.tracker.should_stop(step)
+
+    def _track(self, step: int, row: dict) -> bool:
+        t, e = self.cfg.train, self.cfg.eval
+        if not row or (self.tracker.monitor not in row and not (e.patience or t.export == "best")):
+            return False  # nothing to track (no val split, or an optional metric this method lacks)
+        return self.tracker.update(step, row)
+
+    def _eval_split(self, examples: list, rows: list, prefix: str) -> tuple[dict, dict]:
+        out = self.eval_loss(examples, prefix)
+        metrics = self.method.evaluate(self.strategy.module, rows, self.info, self.strategy.sharded_params)
+        out.update({f"{prefix}{k}": v for k, v in metrics.items()})
+        return out, metrics
+
+    def _load_best(self) -> None:
+        path = checkpoint.best(self.run_dir)
+        if path is None:
+            raise RuntimeError(f"train.export=best but no best checkpoint in {self.run_dir / 'checkpoints'}")
+        checkpoint.load(self.strategy, path, self.info)
+        if hasattr(self.method, "load_state"):
+            self.method.load_state(path)
+        if self.info.is_main:
+            print(f"distft: loaded the best checkpoint {path} for the test eval and export", flush=True)
+
+    def test_eval(self, step: int, weights: str) -> dict:
+        """Final evaluation on the test split: logged as test/* and written to eval.json."""
+        out, _ = self._eval_split(self.data.test, self.data.test_rows, "test/")
+        self.logger.log(step, out)
+        if self.info.is_main:
+            result = {"split": "test", "rows": len(self.data.test_rows), "weights": weights, "step": step}
+            if self.tracker.best_step is not None:
+                result["best_val"] = {"metric": self.tracker.monitor, "value": self.tracker.best}
+                result["best_val"]["step"] = self.tracker.best_step
+            result["metrics"] = out
+            (self.run_dir / "eval.json").write_text(json.dumps(result, indent=2))
+        return out
+
     @torch.no_grad()
-    def eval_loss(self) -> dict:
-        """Validation loss over the whole val split, normalized by its target tokens."""
-        val = self.data.val
+    def eval_loss(self, examples: list | None = None, prefix: str = "eval/") -> dict:
+        """Loss over a whole held-out split (val by default), normalized by its target tokens."""
+        val = self.data.val if examples is None else examples
         if not val:
             return {}
         info, micro = self.info, self.cfg.train.micro_batch_size
@@ -275,8 +341,8 @@ class Trainer:
         model.train(was_training)
         loss_sum, targets = dist.all_reduce_sum([loss_sum, targets], info.device)
         mean = loss_sum / max(targets, 1.0)
-        out = {"eval/loss": mean, "eval/ppl": math.exp(min(mean, 50.0))}
-        out.update({f"eval/{k}": v for k, v in _reduce_parts(extra, info.device).items()})
+        out = {f"{prefix}loss": mean, f"{prefix}ppl": math.exp(min(mean, 50.0))}
+        out.update({f"{prefix}{k}": v for k, v in _reduce_parts(extra, info.device).items()})
         return out
 
     def save(self, step: int) -> Path:
@@ -288,6 +354,7 @@ class Trainer:
             "examples_seen": step * self.sampler.global_batch,
             "strategy": self.cfg.strategy.name,
             "tuning": self.cfg.tuning.name,
+            "early_stopping": self.tracker.state(),
         }
         extra = getattr(self.method, "save_state", None)  # optional: state of extra models
         return checkpoint.save(
