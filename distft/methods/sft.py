@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from distft.data.collate import as_row, pack, pad_batch
 from distft.data.default_tasks import sft_rows
 from distft.data.sft_format import IGNORE, tokenize_sft
-from distft.engine.generation import exact_match
+from distft.eval import GENERATION_METRICS
+from distft.eval.generation import generation_metrics
 
 
 @dataclass
@@ -24,6 +25,8 @@ class SFTConfig:
 class SFT:
     config = SFTConfig
     auto_class = None  # AutoModelForCausalLM
+    data_schema = "sft"  # trains on prompt/completion, Alpaca, chat messages, ShareGPT rows
+    eval_metrics = GENERATION_METRICS
 
     def __init__(self, cfg, tokenizer):
         self.cfg = cfg
@@ -79,8 +82,8 @@ class SFT:
         return loss, {}
 
     def evaluate(self, model, rows: list[dict], info, sharded: bool) -> dict:
-        """Exact match of greedy generations on held-out rows."""
+        """eval.metrics (default exact match) of greedy generations on held-out rows."""
         if not self.cfg.train.eval_generate or not rows:
             return {}
         rows = rows[: self.cfg.data.max_eval_generations]
-        return {"exact_match": exact_match(model, self.tokenizer, rows, self.cfg, info, sharded)}
+        return generation_metrics(model, self.tokenizer, rows, self.cfg, info, sharded)
