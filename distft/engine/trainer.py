@@ -80,6 +80,11 @@ class Trainer:
         data = prepare_cached(cfg, method, tokenizer, run_dir, info.is_main)
         if hasattr(method, "on_data"):  # optional: what the model depends on in the data (labels)
             method.on_data(data)
+        auto_micro = cfg.train.micro_batch_size == "auto"
+        if auto_micro:  # the planner's estimate now, confirmed by a trial step once the strategy exists
+            from distft.plan.auto import estimate_micro_batch
+
+            cfg.train.micro_batch_size = estimate_micro_batch(cfg, data.train, info.world_size)
 
         load_dtype = torch.float32 if not tuning.adapter else LOAD_DTYPES[cfg.train.precision]
         model = load_model(
@@ -96,6 +101,10 @@ class Trainer:
         )
         strategy = STRATEGIES[cfg.strategy.name].make(cfg, info)
         strategy.setup(model)
+        if auto_micro:
+            from distft.plan.auto import confirm_micro_batch
+
+            confirm_micro_batch(cfg, info, method, strategy, data.train, run_dir)
         if info.is_main and hasattr(strategy, "write_config"):
             strategy.write_config(run_dir)
 
@@ -240,6 +249,7 @@ class Trainer:
         if info.is_main:
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
             _print_summary(summary, self.notes)
+            _write_report(self.run_dir)
         return summary
 
     def train_step(self, step: int) -> tuple[float, int, float]:
@@ -393,6 +403,16 @@ def _write_config(cfg, composed, run_dir: Path) -> None:
         OmegaConf.save(OmegaConf.create(plain), run_dir / "config.yaml")
     else:
         OmegaConf.save(OmegaConf.structured(dataclasses.asdict(cfg)), run_dir / "config.yaml")
+
+
+def _write_report(run_dir: Path) -> None:
+    """Plots and report/index.html; a plotting failure must never fail a finished training run."""
+    try:
+        from distft.report import write_report
+
+        print(f"  report           : {write_report(run_dir)}", flush=True)
+    except Exception as e:  # noqa: BLE001
+        print(f"distft: run report not written ({type(e).__name__}: {e})", flush=True)
 
 
 def _progress(total: int, start: int, enabled: bool):

@@ -1,0 +1,225 @@
+"""`strategy=auto` and `train.micro_batch_size=auto`: choices made from the memory estimate.
+
+The strategy is resolved while the config loads (every rank and the launcher make the same,
+deterministic choice from the config and the node's total memory). The micro-batch is estimated in
+Trainer.build from the longest encoded example, then confirmed by a trial forward/backward on the
+longest examples with the real strategy (its peak memory is measured; it halves until it fits).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import replace
+
+import torch
+from omegaconf import OmegaConf
+
+from distft.errors import ConfigError
+from distft.plan.memory import GIB, STRATEGY_ORDER, Estimate, estimate
+from distft.plan.shape import ModelShape, model_shape
+
+MICRO_CANDIDATES = [1, 2, 4, 8, 16, 32, 64, 128, 256]
+HEADROOM = 0.9  # an estimate must fit in 90% of the budget
+
+
+def world_size(cfg) -> int:
+    """Ranks of the job: the launcher's WORLD_SIZE inside a rank, else the cluster config."""
+    if "WORLD_SIZE" in os.environ:
+        return int(os.environ["WORLD_SIZE"])
+    c = cfg.cluster
+    per_node = c.nproc_per_node or c.gpus_per_node or 1
+    if c.gpus_per_node > 0:
+        per_node = min(per_node, c.gpus_per_node)
+    return max(1, c.nodes * per_node)
+
+
+def ranks_per_node(cfg) -> int:
+    if "LOCAL_WORLD_SIZE" in os.environ:
+        return int(os.environ["LOCAL_WORLD_SIZE"])
+    return max(1, world_size(cfg) // max(cfg.cluster.nodes, 1))
+
+
+def budget(cfg) -> tuple[float, str]:
+    """Memory one rank may use, in bytes, and where the number comes from."""
+    if cfg.train.memory_gib:
+        return cfg.train.memory_gib * GIB, "train.memory_gib"
+    if cfg.cluster.gpus_per_node > 0:
+        if torch.cuda.is_available():
+            return float(torch.cuda.get_device_properties(0).total_memory), torch.cuda.get_device_name(0)
+        return 80.0 * GIB, "assumed 80 GiB GPUs (set train.memory_gib)"
+    import psutil
+
+    per_rank = psutil.virtual_memory().total / ranks_per_node(cfg)
+    return per_rank, f"host RAM / {ranks_per_node(cfg)} ranks per node"
+
+
+def strategy_config(name: str):
+    """The shipped option's block (conf/strategy/<name>.yaml) as its typed dataclass."""
+    from distft.config.load import build
+    from distft.paths import conf_dir
+    from distft.strategies import STRATEGIES
+
+    raw = OmegaConf.to_container(OmegaConf.load(conf_dir() / "strategy" / f"{name}.yaml"), resolve=True)
+    return build(STRATEGIES[name].config, raw, "strategy")
+
+
+def plan_one(cfg, shape: ModelShape, strategy_cfg, world: int, micro: int, seq: int) -> Estimate:
+    from distft.tuning import TUNINGS
+
+    name = strategy_cfg.name
+    return estimate(
+        shape,
+        name,
+        world,
+        micro,
+        seq,
+        precision=cfg.train.precision,
+        tuning=cfg.tuning.name,
+        adapter=bool(getattr(TUNINGS[cfg.tuning.name], "adapter", False)),
+        checkpointing=cfg.train.gradient_checkpointing,
+        gpu=cfg.cluster.gpus_per_node > 0,
+        reduce_bucket=getattr(strategy_cfg, "reduce_bucket_size", 50_000_000),
+        stage=getattr(strategy_cfg, "stage", None),
+    )
+
+
+def valid_strategies(cfg) -> list:
+    """Shipped strategies this config may use, fastest first (each option's own validate decides)."""
+    from distft.strategies import STRATEGIES
+
+    gpu = cfg.cluster.gpus_per_node > 0
+    out = []
+    for name in STRATEGY_ORDER:
+        if name not in STRATEGIES:
+            continue
+        s = strategy_config(name)
+        try:
+            STRATEGIES[name].validate(replace(cfg, strategy=s), gpu)
+        except ConfigError:
+            continue
+        out.append(s)
+    return out
+
+
+def _micro_for_planning(cfg) -> int:
+    m = cfg.train.micro_batch_size
+    return 1 if m == "auto" else int(m)
+
+
+def pick_strategy(cfg, shape: ModelShape, world: int, seq: int) -> tuple[object, list[Estimate]]:
+    limit, source = budget(cfg)
+    estimates = []
+    for s in valid_strategies(cfg):
+        e = plan_one(cfg, shape, s, world, _micro_for_planning(cfg), seq)
+        estimates.append(e)
+        if e.total <= HEADROOM * limit:
+            return s, estimates
+    smallest = min(estimates, key=lambda e: e.total)
+    raise ConfigError(
+        f"strategy=auto: no strategy fits {limit / GIB:.1f} GiB per rank ({source}) at {world} ranks; the "
+        f"smallest estimate is {smallest.total / GIB:.1f} GiB ({smallest.strategy}). Add ranks, set "
+        "train.gradient_checkpointing=true, use tuning=lora or qlora, or lower train.micro_batch_size"
+    )
+
+
+def pick_micro(cfg, shape: ModelShape, world: int, seq: int, max_micro: int | None = None) -> int:
+    limit, source = budget(cfg)
+    best = 0
+    for micro in MICRO_CANDIDATES:
+        if max_micro is not None and micro > max_micro:
+            break
+        if plan_one(cfg, shape, cfg.strategy, world, micro, seq).total > HEADROOM * limit:
+            break
+        best = micro
+    if best == 0:
+        e = plan_one(cfg, shape, cfg.strategy, world, 1, seq)
+        raise ConfigError(
+            f"train.micro_batch_size=auto: even a micro-batch of 1 needs about {e.total / GIB:.2f} GiB per "
+            f"rank with strategy={cfg.strategy.name}, more than {limit / GIB:.2f} GiB ({source}); use a "
+            "sharded strategy (strategy=auto), gradient checkpointing or more ranks"
+        )
+    return best
+
+
+def resolve_strategy(cfg):
+    """A config whose strategy=auto is replaced by the planner's choice (other configs unchanged)."""
+    if cfg.strategy.name != "auto":
+        return cfg
+    shape = model_shape(cfg)
+    chosen, _ = pick_strategy(cfg, shape, world_size(cfg), cfg.data.max_length)
+    return replace(cfg, strategy=chosen)
+
+
+def estimate_micro_batch(cfg, examples: list[dict], world: int) -> int:
+    """train.micro_batch_size=auto: the largest candidate whose estimate fits, for the longest
+    example, capped so one global batch fits in the train split."""
+    seq = max((len(ex["input_ids"]) for ex in examples if "input_ids" in ex), default=cfg.data.max_length)
+    cap = max(1, len(examples) // max(cfg.train.grad_accum * world, 1))
+    return pick_micro(cfg, model_shape(cfg), world, seq, max_micro=cap)
+
+
+def trial_batch(method, examples: list[dict], micro: int) -> dict:
+    """A worst-case micro-batch: the longest examples (repeated when there are fewer)."""
+    ranked = sorted(examples, key=lambda ex: -len(ex.get("input_ids", ())))
+    rows = [ranked[i % len(ranked)] for i in range(micro)]
+    return method.collate(rows)
+
+
+def confirm_micro_batch(cfg, info, method, strategy, examples: list[dict], run_dir=None) -> dict:
+    """Run forward/backward on the worst-case micro-batch with the real strategy; halve the
+    micro-batch until every rank's peak memory fits the budget (GPU: or it stops running out of
+    memory). The loss is scaled by zero, so the gradients it leaves are exact zeros."""
+    from distft import dist
+    from distft.engine.trainer import _to_device
+    from distft.perf.mfu import peak_memory_gib
+
+    limit, _ = budget(cfg)
+    micro = int(cfg.train.micro_batch_size)
+    tried = []
+    while True:
+        ok, peak = _trial(cfg, info, method, strategy, examples, micro, peak_memory_gib, _to_device)
+        fits = ok and peak * GIB <= limit
+        all_fit = min(dist.all_gather_objects(bool(fits)))
+        tried.append({"micro": micro, "peak_gib": peak, "fits": bool(all_fit)})
+        if all_fit or micro == 1:
+            break
+        micro //= 2
+    _clear_grads(strategy)
+    cfg.train.micro_batch_size = micro
+    ds = getattr(strategy, "config", None)
+    if isinstance(ds, dict) and "train_micro_batch_size_per_gpu" in ds:  # keep ds_config.json true
+        ds["train_micro_batch_size_per_gpu"] = micro
+        ds["train_batch_size"] = micro * cfg.train.grad_accum * info.world_size
+    record = {"micro_batch_size": micro, "trials": tried, "budget_gib": limit / GIB}
+    if info.is_main:
+        print(f"distft: train.micro_batch_size=auto → {micro} (trial steps: {tried})", flush=True)
+        if run_dir is not None:
+            import json
+            from pathlib import Path
+
+            (Path(run_dir) / "plan.json").write_text(json.dumps(record, indent=2))
+    return record
+
+
+def _trial(cfg, info, method, strategy, examples, micro, peak_memory_gib, to_device) -> tuple[bool, float]:
+    if info.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(info.device)
+    try:
+        batch = to_device(trial_batch(method, examples, micro), info.device)
+        with strategy.accumulate(True):
+            loss, _ = method.loss(strategy.model, batch)
+            strategy.backward(loss * 0.0, True)
+        del loss, batch
+    except torch.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        return False, float("inf")
+    return True, peak_memory_gib(info.device)
+
+
+def _clear_grads(strategy) -> None:
+    """Drop the trial's (zero) gradients so the first real step starts clean."""
+    opt = getattr(strategy, "optimizer", None)
+    if hasattr(strategy, "engine"):
+        return  # DeepSpeed: its partitioned gradient buffers hold zeros, which the first step adds to
+    if opt is not None:
+        opt.zero_grad(set_to_none=True)

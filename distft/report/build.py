@@ -1,0 +1,108 @@
+"""Write <run dir>/report/: the plots and index.html (config, final metrics, plots) on one page."""
+
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+
+from distft.report.plots import plot_all
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            continue  # a line cut short by a crash
+    return rows
+
+
+def final_values(rows: list[dict]) -> dict:
+    """The last logged value of every metric (train rows and eval rows alike)."""
+    out: dict = {}
+    for r in rows:
+        for k, v in r.items():
+            if k != "time" and v is not None:
+                out[k] = v
+    return out
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return html.escape(json.dumps(v) if isinstance(v, (dict, list)) else str(v))
+
+
+def _table(d: dict) -> str:
+    rows = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{_fmt(v)}</td></tr>" for k, v in d.items())
+    return f"<table>{rows}</table>"
+
+
+def _throughput_summary(rows: list[dict]) -> dict:
+    train = [r for r in rows if "tokens_per_s" in r]
+    if not train:
+        return {}
+    steady = train[len(train) // 10 :] or train
+    out = {
+        "steps logged": len(train),
+        "median tokens/s (after the first 10% of steps)": sorted(r["tokens_per_s"] for r in steady)[
+            len(steady) // 2
+        ],
+    }
+    mfus = sorted(r["mfu"] for r in steady if isinstance(r.get("mfu"), (int, float)))
+    if mfus:
+        out["median MFU"] = mfus[len(mfus) // 2]
+    mems = [r["mem_gib"] for r in train if isinstance(r.get("mem_gib"), (int, float))]
+    if mems:
+        out["peak memory, rank 0 (GiB)"] = max(mems)
+    times = [r["time"] for r in train if isinstance(r.get("time"), (int, float))]
+    if len(times) > 1:
+        out["training wall time (s)"] = times[-1] - times[0]
+    return out
+
+
+def write_report(run_dir: str | Path) -> Path:
+    """Plots and index.html under <run dir>/report/; returns the HTML path."""
+    run_dir = Path(run_dir)
+    out = run_dir / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    rows = read_metrics(run_dir)
+    images = plot_all(rows, out)
+    summary = {}
+    if (run_dir / "summary.json").is_file():
+        summary = json.loads((run_dir / "summary.json").read_text())
+    config = (
+        (run_dir / "config.yaml").read_text() if (run_dir / "config.yaml").is_file() else "(no config.yaml)"
+    )
+    finals = final_values(rows)
+    parts = [
+        "<!doctype html><html><head><meta charset='utf-8'>",
+        f"<title>distft run {html.escape(run_dir.name)}</title>",
+        "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}"
+        "table{border-collapse:collapse;margin:0.5em 0}th,td{border:1px solid #ccc;padding:2px 8px;"
+        "text-align:left;font-size:90%}img{width:48%;margin:0.5%}pre{background:#f6f6f6;padding:1em;"
+        "font-size:80%;max-height:30em;overflow:auto}</style></head><body>",
+        f"<h1>distft run: {html.escape(str(run_dir))}</h1>",
+        "<h2>Final metrics</h2>",
+        _table({k: v for k, v in finals.items() if k not in ("step",)} | {"last step": finals.get("step")}),
+    ]
+    throughput = _throughput_summary(rows)
+    if throughput:
+        parts += ["<h2>Speed and memory</h2>", _table(throughput)]
+    if summary:
+        flat = {k: v for k, v in summary.items() if not isinstance(v, dict)}
+        for k, v in summary.items():
+            if isinstance(v, dict):
+                flat.update({f"{k}/{kk}": vv for kk, vv in v.items()})
+        parts += ["<h2>Summary (summary.json)</h2>", _table(flat)]
+    parts.append("<h2>Plots</h2>")
+    parts += [f"<img src='{p.name}' alt='{p.stem}'>" for p in images] or ["<p>(no metrics logged)</p>"]
+    parts += ["<h2>Config (config.yaml)</h2>", f"<pre>{html.escape(config)}</pre>", "</body></html>"]
+    index = out / "index.html"
+    index.write_text("\n".join(parts))
+    return index
