@@ -179,7 +179,13 @@ def to_typed(cfg: DictConfig) -> RootConfig:
 
 def load_config(overrides: list[str]) -> tuple[RootConfig, DictConfig]:
     composed = compose(strip_launcher_args(overrides))
-    return to_typed(composed), composed
+    typed = to_typed(composed)
+    if composed.strategy.name != typed.strategy.name:  # strategy=auto: config.yaml records the choice
+        from omegaconf import open_dict
+
+        with open_dict(composed):
+            composed.strategy = OmegaConf.create(dataclasses.asdict(typed.strategy))
+    return typed, composed
 
 
 def validate(cfg: RootConfig) -> None:
