@@ -49,5 +49,9 @@ def peft_config(cfg, task_type: str = "CAUSAL_LM"):
 
 def apply(model: torch.nn.Module, cfg) -> torch.nn.Module:
     model = peft_common.wrap(model, cfg, peft_config(cfg, peft_common.task_type(model)))
+    # DoRA reads the base layer's weight (for its norm) outside the base layer's forward.
+    from peft.tuners.lora.layer import LoraLayer
+
+    peft_common.zero3_leaves(model, cfg, LoraLayer)
     peft_common.report(model, cfg, f"r={cfg.tuning.r}, DoRA magnitudes")
     return model

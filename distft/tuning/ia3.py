@@ -62,5 +62,9 @@ def peft_config(cfg, task_type: str = "CAUSAL_LM"):
 
 def apply(model: torch.nn.Module, cfg) -> torch.nn.Module:
     model = peft_common.wrap(model, cfg, peft_config(cfg, peft_common.task_type(model)))
+    # IA3 layers read their scales from a ParameterDict, not through a submodule's forward.
+    from peft.tuners.ia3.layer import IA3Layer
+
+    peft_common.zero3_leaves(model, cfg, IA3Layer)
     peft_common.report(model, cfg)
     return model
