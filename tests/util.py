@@ -39,10 +39,11 @@ def train(
     check: bool = True,
     timeout: int = 600,
     extra_env: dict | None = None,
+    plain: bool = False,
 ) -> subprocess.CompletedProcess:
-    """Run `distft.train` on `nproc` real ranks (torchrun, gloo) or as one plain process."""
+    """Run `distft.train` on `nproc` real ranks (torchrun, gloo), or as one plain process."""
     args = [*FAST, f"output_dir={run_dir}", *overrides]
-    if nproc == 1:
+    if plain:
         cmd = [sys.executable, "-m", "distft.train", *args]
     else:
         cmd = [
@@ -73,3 +74,17 @@ def metrics(run_dir: Path) -> list[dict]:
 
 def train_losses(run_dir: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in metrics(run_dir) if "loss" in r}
+
+
+def exported_weights(run_dir: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(run_dir) / "export" / "model.safetensors"))
+
+
+def max_rel_diff(a: dict, b: dict) -> float:
+    """Largest |a - b| over all tensors, relative to the largest |a|."""
+    assert a.keys() == b.keys()
+    diff = max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+    scale = max(float(a[k].float().abs().max()) for k in a)
+    return diff / scale
