@@ -1,0 +1,131 @@
+"""MFU accounting: FLOPs per token against the closed form and TRL's independent count, the GPU
+peak table, the cached CPU calibration, and mfu/mem_gib logged by a real run."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from distft.perf import mfu
+from tests.util import metrics, train
+
+SHAPE = dict(hidden=64, inter=160, layers=2, heads=4, vocab=100)
+
+
+def llama(tie: bool = True, kv_heads: int = 4):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        vocab_size=SHAPE["vocab"],
+        hidden_size=SHAPE["hidden"],
+        intermediate_size=SHAPE["inter"],
+        num_hidden_layers=SHAPE["layers"],
+        num_attention_heads=SHAPE["heads"],
+        num_key_value_heads=kv_heads,
+        tie_word_embeddings=tie,
+    )
+    torch.manual_seed(0)
+    return LlamaForCausalLM(cfg)
+
+
+@pytest.mark.quick
+@pytest.mark.parametrize("tie", [True, False])
+def test_matmul_params_exclude_the_embedding_and_count_the_head(tie):
+    h, i, L, V = SHAPE["hidden"], SHAPE["inter"], SHAPE["layers"], SHAPE["vocab"]
+    per_layer = 4 * h * h + 3 * h * i + 2 * h  # q k v o, gate up down, two norms
+    expected = L * per_layer + h + V * h  # + final norm + the output head (tied or not)
+    n, n_trainable = mfu.matmul_params(llama(tie=tie))
+    assert n == expected
+    assert n_trainable == expected
+
+
+@pytest.mark.quick
+def test_full_finetuning_is_6n_plus_attention():
+    model = llama()
+    n, nt = mfu.matmul_params(model)
+    L, H, Q = mfu.model_shape(model.config)
+    assert (L, H, Q) == (2, 4, 16)
+    assert mfu.flops_per_token(n, nt, L, H, Q, 32) == 6 * n + 12 * L * H * Q * 32
+
+
+@pytest.mark.quick
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_agrees_with_trl_compute_flops_per_token(kv_heads):
+    """TRL counts matmul FLOPs layer by layer (no norms); the two must agree within 1%."""
+    from trl.trainer.utils import compute_flops_per_token
+
+    model = llama(kv_heads=kv_heads)
+    meter = mfu.MfuMeter.for_model(model, 128, torch.device("cpu"), torch.float32, 1)
+    theirs = compute_flops_per_token(model.config, 128)
+    assert abs(meter.flops_per_token - theirs) / theirs < 0.01
+
+
+@pytest.mark.quick
+def test_frozen_base_costs_4n_plus_2n_trainable():
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(llama(), LoraConfig(r=4, target_modules="all-linear"))
+    n, nt = mfu.matmul_params(model)
+    lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert nt == lora and 0 < nt < n
+    assert mfu.flops_per_token(n, nt, 2, 4, 16, 0) == 4 * n + 2 * nt
+
+
+@pytest.mark.quick
+@pytest.mark.parametrize(
+    "name, peak",
+    [
+        ("NVIDIA H100 80GB HBM3", 989e12),
+        ("NVIDIA H100 PCIe", 756e12),
+        ("NVIDIA H200", 989e12),
+        ("NVIDIA A100-SXM4-80GB", 312e12),
+        ("NVIDIA L40S", 362e12),
+        ("NVIDIA GeForce RTX 4090", 165.2e12),
+        ("Tesla V100-SXM2-16GB", None),
+    ],
+)
+def test_gpu_peak_table(name, peak):
+    assert mfu.gpu_peak_flops(name) == peak
+
+
+@pytest.mark.quick
+def test_cpu_peak_is_measured_once_then_read_from_the_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("DISTFT_CACHE", str(tmp_path))
+    measured = mfu.cpu_peak_flops(torch.float32, threads=1)
+    assert 1e8 < measured < 1e13  # a real matmul rate, not a placeholder
+    cache = tmp_path / "cpu_peak_flops.json"
+    (key,) = json.loads(cache.read_text())
+    cache.write_text(json.dumps({key: 12345.0}))  # a later call must read it, not measure again
+    assert mfu.cpu_peak_flops(torch.float32, threads=1) == 12345.0
+
+
+@pytest.mark.quick
+def test_meter_divides_by_peak_times_world_size():
+    meter = mfu.MfuMeter(flops_per_token=1e6, peak_flops=1e9, world_size=2)
+    assert meter.mfu(1000.0) == pytest.approx(0.5)
+    assert mfu.MfuMeter(1e6, None, 1).mfu(1000.0) is None
+
+
+@pytest.mark.slow
+def test_a_run_logs_mfu_and_memory(tmp_path):
+    """mfu in every row is tokens/s × FLOPs per token of the model / the cached CPU peak."""
+    from transformers import AutoModelForCausalLM
+
+    run, cache = tmp_path / "run", tmp_path / "cache"
+    overrides = ["train.max_steps=3", "train.eval_generate=false", "train.export=none"]
+    train(run, *overrides, nproc=1, plain=True, extra_env={"DISTFT_CACHE": str(cache)})
+    rows = [r for r in metrics(run) if "loss" in r]
+    assert len(rows) == 3
+    (peak,) = json.loads((cache / "cpu_peak_flops.json").read_text()).values()
+    model = AutoModelForCausalLM.from_pretrained(run / "base_model")
+    seq = json.loads((run / "data_report.json").read_text())["splits"]["train"]["tokens_p50"]
+    expected = (
+        mfu.MfuMeter.for_model(model, seq, torch.device("cpu"), torch.float32, 1).flops_per_token / peak
+    )
+    for r in rows:
+        assert 0 < r["mfu"] < 1
+        assert r["mfu"] / r["tokens_per_s"] == pytest.approx(expected, rel=0.02)
+        assert 0.1 < r["mem_gib"] < 64
+        assert r["time"] > 1.7e9
