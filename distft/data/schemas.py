@@ -244,7 +244,9 @@ def length_text(row: dict, tokenizer) -> str:
 def required_texts(row: dict) -> list[str]:
     """Fields that must not be blank for the row to be usable."""
     if "messages" in row:
-        return [m["content"] for m in row["messages"] if m["role"] == "assistant"] or [""]
+        # targets; RL prompt rows may have no assistant turn: then any content will do
+        answers = [m["content"] for m in row["messages"] if m["role"] == "assistant"]
+        return answers or ["".join(m["content"] for m in row["messages"])]
     if "chosen" in row:
         return [_flat(row["prompt"]), _flat(row["chosen"]), _flat(row["rejected"])]
     if "text" in row and "label" in row:
