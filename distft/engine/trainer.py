@@ -58,6 +58,7 @@ class Trainer:
     step_metrics: dict = dataclasses.field(default_factory=dict)
     tracker: BestTracker = dataclasses.field(default_factory=BestTracker)
     last_eval: tuple | None = None  # (logged row, method metrics) of the latest periodic eval
+    saved_step: int | None = None  # a best-checkpoint save and a save_every save may coincide
     perf: MfuMeter | None = None
 
     # ------------------------------------------------------------------ build
@@ -356,6 +357,9 @@ class Trainer:
         return out
 
     def save(self, step: int) -> Path:
+        if step == self.saved_step:
+            return checkpoint.checkpoints_dir(self.run_dir) / f"step_{step}"
+        self.saved_step = step
         state = {
             "step": step,
             "total_steps": self.total_steps,
@@ -434,8 +438,16 @@ def _print_summary(summary: dict, notes: list) -> None:
     before, after = summary.get("before") or {}, summary.get("after") or {}
     for k in sorted(set(before) | set(after)):
         lines.append(f"  val {k:<13}: {fmt(before.get(k, '-'))} before -> {fmt(after.get(k))} after")
+    if summary.get("early_stopped_at"):
+        lines.append(f"  early stopped at : step {summary['early_stopped_at']}")
+    if summary.get("best"):
+        b = summary["best"]
+        lines.append(f"  best {b['metric']:<12}: {fmt(b['value'])} at step {b['step']}")
+    for k, v in (summary.get("test") or {}).items():
+        lines.append(f"  {k:<17}: {fmt(v)}")
     lines.append(f"  run dir          : {summary['run_dir']}")
-    lines.append("  files            : config.yaml metrics.jsonl summary.json checkpoints/")
+    files = "config.yaml metrics.jsonl summary.json data_report.json checkpoints/"
+    lines.append(f"  files            : {files}" + (" eval.json" if summary.get("test") else ""))
     if summary.get("export"):
         lines.append(f"  export           : {summary['export']}")
     lines += [f"  note: {n}" for n in notes]
