@@ -23,6 +23,8 @@ import torch.nn.functional as F
 
 from distft import dist
 from distft.errors import ConfigError, DataError
+from distft.eval import CLASSIFICATION_METRICS
+from distft.eval.classification import check_known_labels, classification_metrics
 
 DEFAULT_LABELS = ("ascending", "descending", "mixed")
 
@@ -94,7 +96,8 @@ class LabelledHead:
 class Classify:
     config = ClassifyConfig
     auto_class = _SequenceClassificationAuto()
-    kind = "classification"  # the rows it trains on: {"text", "label"}
+    data_schema = "classification"  # the rows it trains on: {"text", "label"}
+    eval_metrics = CLASSIFICATION_METRICS
 
     def __init__(self, cfg, tokenizer):
         self.cfg = cfg
@@ -252,31 +255,15 @@ class Classify:
         return [p for g in gathered for p in g[0]], [t for g in gathered for t in g[1]]
 
     def evaluate(self, model, rows: list[dict], info, sharded: bool) -> dict:
-        """Accuracy, precision, recall and F1 (scikit-learn) on held-out rows."""
+        """eval.metrics (default: accuracy, precision, recall, F1 by scikit-learn) on held-out rows."""
         if not rows:
             return {}
         examples, _ = self.encode(rows, self.tokenizer, self.cfg, train=False)
-        unseen = sorted({ex["label"] for ex in examples} - set(self.label2id))
-        if unseen:
-            raise DataError(
-                f"labels unseen in training: {unseen} in the evaluation rows; known labels: "
-                f"{sorted(self.label2id)}"
-            )
+        check_known_labels([ex["label"] for ex in examples], list(self.label2id), "evaluation")
         if not examples:
             return {}
         preds, truth = self.predict(model, examples, info, sharded)
-        return classification_metrics(truth, preds, self.cfg.method.average, len(self.label2id))
-
-
-def classification_metrics(truth: list[int], preds: list[int], average: str, num_labels: int) -> dict:
-    from sklearn.metrics import accuracy_score, precision_recall_fscore_support
-
-    precision, recall, f1, _ = precision_recall_fscore_support(
-        truth, preds, labels=list(range(num_labels)), average=average, zero_division=0
-    )
-    return {
-        "accuracy": float(accuracy_score(truth, preds)),
-        "precision": float(precision),
-        "recall": float(recall),
-        "f1": float(f1),
-    }
+        names = tuple(getattr(getattr(self.cfg, "eval", None), "metrics", None) or CLASSIFICATION_METRICS)
+        return classification_metrics(
+            truth, preds, list(range(len(self.label2id))), self.cfg.method.average, names
+        )
