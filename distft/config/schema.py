@@ -46,6 +46,10 @@ class DataConfig:
     weights: list[float] = field(default_factory=list)
     """Share of each data.path source in the train split (same length as path; sources are
     down-sampled or repeated to reach it, val/test keep their natural mix). Empty: every row once."""
+    replay_path: list[str] = field(default_factory=list)
+    """Continual learning: old data (same forms as path) replayed in the train split only."""
+    replay_fraction: float = 0.0
+    """Share of the train split made of rows sampled from replay_path, e.g. 0.2 (distft/continual.py)."""
     format: str = "auto"
     """auto (detect per row), prompt_completion, alpaca, messages, sharegpt, preference,
     classification or prompt."""

@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from distft.continual import mix_replay
 from distft.data import report as data_report
 from distft.data.clean import clean
 from distft.data.schemas import length_text, method_kind, to_canonical
@@ -83,6 +84,7 @@ def prepare(cfg, method, tokenizer) -> PreparedData:
     if d.weights:
         parts["train"], per_source = mix(parts["train"], d.weights, cfg.train.seed)
         mixed = {d.path[i]: n for i, n in per_source.items()}
+    replay = mix_replay(parts, cfg, method, tokenizer)  # continual learning: old rows into train
 
     splits, encoded = {}, {}
     for name, part in parts.items():
@@ -110,6 +112,7 @@ def prepare(cfg, method, tokenizer) -> PreparedData:
         formats=formats,
     )
     report["method_kind"] = kind or method_kind(method, cfg)
+    report.update({"replay": replay} if replay else {})
     return PreparedData(
         encoded["train"], encoded["val"], encoded["test"], parts["val"], parts["test"], report, parts
     )
