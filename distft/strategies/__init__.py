@@ -3,11 +3,12 @@
 
 from types import ModuleType
 
-from distft.strategies import auto, ddp, deepspeed_zero, fsdp
+from distft.strategies import auto, ddp, deepspeed_zero, fsdp, hsdp
 
 STRATEGIES: dict[str, ModuleType] = {
     "ddp": ddp,
     "fsdp": fsdp,
+    "hsdp": hsdp,
     "zero1": deepspeed_zero,
     "zero2": deepspeed_zero,
     "zero3": deepspeed_zero,

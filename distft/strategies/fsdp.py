@@ -38,11 +38,13 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     return [m for m in model.modules() if type(m).__name__ in names]
 
 
-def parallelize(model: torch.nn.Module, cfg, info) -> torch.nn.Module:
+def parallelize(model: torch.nn.Module, cfg, info, mesh=None) -> torch.nn.Module:
+    """Shard over all ranks (1-D mesh), or over `mesh` (2-D: replicate × shard is HSDP)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    mesh = init_device_mesh(info.device.type, (info.world_size,))
+    if mesh is None:
+        mesh = init_device_mesh(info.device.type, (info.world_size,))
     mp = None
     if cfg.train.precision != "fp32":
         mp = MixedPrecisionPolicy(param_dtype=DTYPES[cfg.train.precision], reduce_dtype=torch.float32)

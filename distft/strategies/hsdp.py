@@ -1,0 +1,52 @@
+"""HSDP: FSDP2 hybrid sharding over a 2-D mesh (replicate × shard). Parameters are sharded
+within a group of `shard_size` ranks (a node by default, where the interconnect is fast) and
+replicated across groups, so only gradient all-reduces cross the slower inter-node network."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from distft.errors import ConfigError
+from distft.strategies import fsdp
+from distft.strategies.torch_native import TorchNativeStrategy
+
+
+@dataclass
+class HsdpConfig:
+    name: str = "hsdp"
+    """Strategy."""
+    shard_size: int = 0
+    """Ranks per shard group (0: the ranks of one node). world size / shard_size replicas."""
+    reshard_after_forward: bool = True
+    """Free gathered layer weights after forward (ZeRO-3-like); false keeps them (ZeRO-2-like)."""
+
+
+config = HsdpConfig
+
+
+def validate(cfg, gpu: bool) -> None:
+    fsdp.validate(cfg, gpu)
+    if cfg.strategy.shard_size < 0:
+        raise ConfigError(f"strategy.shard_size={cfg.strategy.shard_size}: give 0 (one node) or a rank count")
+
+
+def mesh_shape(cfg, info) -> tuple[int, int]:
+    """(replicas, shard group size) for this job."""
+    shard = cfg.strategy.shard_size or info.local_world_size
+    if shard <= 0 or info.world_size % shard:
+        raise ConfigError(
+            f"strategy=hsdp: world size {info.world_size} is not a multiple of the shard group size "
+            f"{shard}; set strategy.shard_size to a divisor of the world size"
+        )
+    return info.world_size // shard, shard
+
+
+def parallelize(model, cfg, info):
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh(info.device.type, mesh_shape(cfg, info), mesh_dim_names=("replicate", "shard"))
+    return fsdp.parallelize(model, cfg, info, mesh=mesh)
+
+
+def make(cfg, info) -> TorchNativeStrategy:
+    return TorchNativeStrategy(cfg, info, parallelize, sharded=True, autocast=False)
