@@ -409,3 +409,36 @@ def test_config_errors():
         load_config(["data.drop_patterns=['(']"])
     with pytest.raises(ConfigError, match="data.pii_kinds"):
         load_config(["data.pii_kinds=[ssn]"])
+
+
+def test_preference_and_classification_rows_are_cleaned():
+    pref = [
+        {"prompt": "Q:", "chosen": " good", "rejected": " bad", "_source": "p:1"},
+        {"prompt": "Q:", "chosen": " good  ", "rejected": " bad", "_source": "p:2"},  # whitespace variant
+        {"prompt": "Q:", "chosen": " good", "rejected": " worse", "_source": "p:3"},  # another pair
+    ]
+    res = clean(pref, data_cfg())
+    assert [r["_source"] for r in res.rows] == ["p:1", "p:3"] and res.counts["exact_duplicate"] == 1
+    cls = [
+        {"text": "great  movie", "label": "pos", "_source": "c:1"},
+        {"text": "great movie", "label": "pos", "_source": "c:2"},
+        {"text": "great movie", "label": "neg", "_source": "c:3"},  # conflicting label: kept, reported
+    ]
+    res = clean(cls, data_cfg())
+    assert [r["_source"] for r in res.rows] == ["c:1", "c:3"] and res.conflicts == 1
+
+
+def test_alpaca_csv_through_the_pipeline(tmp_path, tok):
+    import datasets
+
+    rows = [{"instruction": f"Reverse {w}", "input": "", "output": w[::-1]} for w in _words(30)]
+    datasets.Dataset.from_list(rows).to_csv(str(tmp_path / "a.csv"), index=False)
+    cfg, _ = load_config([f"data.path=[{tmp_path / 'a.csv'}]"])
+    data = prepare(cfg, METHODS["sft"](cfg, tok), tok)
+    assert data.report["formats"] == {"alpaca": 30} and data.report["kept"] == 30
+    row = data.val_rows[0]
+    assert row["prompt"].startswith("Reverse ") and row["prompt"].endswith("\n")
+    assert row["completion"] == row["prompt"].split()[1][::-1]
+    cfg, _ = load_config([f"data.path=[{tmp_path / 'a.csv'}]", "data.format=messages"])
+    with pytest.raises(DataError, match=r"a.csv#0: data.format=messages needs fields \[messages\]"):
+        prepare(cfg, METHODS["sft"](cfg, tok), tok)
