@@ -71,9 +71,12 @@ def test_best_tracker_patience_min_delta_and_modes():
     decisions = [(t.update(s, {"eval/loss": v}), t.should_stop(s)) for s, v in seq]
     assert decisions == [(True, False), (True, False), (False, False), (False, True)]
     assert (t.best, t.best_step, t.stopped_step) == (2.5, 4, 8)
-    restored = BestTracker("eval/loss", "min", 2)
+    restored = BestTracker("eval/loss", "min", 2, 0.05)
     restored.load(t.state())
     assert restored == t
+    other = BestTracker("eval/exact_match", "max", 2)
+    other.load(t.state())  # another metric: tracking starts afresh
+    assert other.best is None and other.bad_evals == 0
     m = BestTracker("eval/exact_match", "max", patience=1)
     assert m.update(1, {"eval/exact_match": 0.2}) and not m.update(2, {"eval/exact_match": 0.2})
     assert m.should_stop(2)

@@ -65,6 +65,11 @@ class BestTracker:
         return asdict(self)
 
     def load(self, state: dict | None) -> None:
-        for k, v in (state or {}).items():
-            if hasattr(self, k):
-                setattr(self, k, v)
+        """Progress from a checkpoint; the rule itself (patience, min_delta) comes from the config,
+        and a checkpoint that watched another metric or direction starts the tracking afresh."""
+        state = state or {}
+        if state.get("monitor") != self.monitor or state.get("mode") != self.mode:
+            return
+        for k in ("best", "best_step", "bad_evals", "stopped_step"):
+            setattr(self, k, state.get(k))
+        self.bad_evals = self.bad_evals or 0
