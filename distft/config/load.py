@@ -63,7 +63,8 @@ def _explain_hydra_error(msg: str, overrides: list[str]) -> str:
         key = re.search(r"override '([^']+)'", msg) or m
         name = key.group(1) if key else "?"
         parent = name.rsplit(".", 1)[0] if "." in name else ""
-        valid = ", ".join(sorted(_valid_keys(parent))) or "(see conf/)"
+        option = next((o.split("=", 1)[1] for o in overrides if o.startswith(f"{parent}=")), None)
+        valid = ", ".join(sorted(_valid_keys(parent, option))) or "(see conf/)"
         return f"unknown config key '{name}'. Valid keys under '{parent or '<root>'}': {valid}"
     m = re.search(r"Could not find '([^']+)'", msg)
     if m:
@@ -73,7 +74,7 @@ def _explain_hydra_error(msg: str, overrides: list[str]) -> str:
     return f"config error: {first} (overrides: {' '.join(overrides)})"
 
 
-def _valid_keys(parent: str) -> list[str]:
+def _valid_keys(parent: str, option: str | None = None) -> list[str]:
     classes = {
         "model": ModelConfig,
         "data": DataConfig,
@@ -84,6 +85,8 @@ def _valid_keys(parent: str) -> list[str]:
         "": RootConfig,
     }
     cls = classes.get(parent)
+    if parent == "cluster":  # the option's own keys (cluster=slurm adds SLURM resources)
+        cls = CLUSTERS.get(option or "local", cls)
     return [f.name for f in dataclasses.fields(cls)] if cls else []
 
 
