@@ -88,6 +88,40 @@ class DeepSpeedStrategy:
         # DeepSpeed divides by accumulation steps and averages over ranks.
         self.loss_scale = float(info.world_size * cfg.train.grad_accum)
         self.adapter_only = False
+        self.checkpoint_format = "deepspeed"
+        self.load_tag = "deepspeed"  # "deepspeed_universal" after a conversion (prepare_resume)
+
+    def prepare_resume(self, path: Path, state: dict) -> None:
+        """Before deepspeed.initialize: a checkpoint saved with another world size (or ZeRO stage)
+        is converted once to DeepSpeed's universal format, which loads on any world size."""
+        same_world = state.get("world_size") == self.info.world_size
+        same = same_world and state.get("strategy") == self.cfg.strategy.name
+        if same or not (path / "deepspeed").is_dir():
+            return
+        universal = path / "deepspeed_universal"
+        if self.info.is_main and not (universal / "zero").is_dir():
+            import subprocess
+            import sys
+
+            print(
+                f"distft: {path.name} was saved with {state.get('world_size')} ranks "
+                f"(strategy={state.get('strategy')}); converting it to a DeepSpeed universal checkpoint "
+                f"for {self.info.world_size} ranks",
+                flush=True,
+            )
+            cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal"]
+            cmd += ["--input_folder", str(path / "deepspeed"), "--output_folder", str(universal)]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise ConfigError(
+                    f"resume: converting {path} to a universal checkpoint failed "
+                    f"({' '.join(cmd)}):\n{proc.stderr[-2000:]}"
+                )
+        from distft import dist
+
+        dist.barrier()
+        self.load_tag = "deepspeed_universal"
+        self.cfg.strategy.extra = {**self.cfg.strategy.extra, "checkpoint": {"load_universal": True}}
 
     def setup(self, model: torch.nn.Module) -> None:
         import deepspeed
@@ -134,7 +168,10 @@ class DeepSpeedStrategy:
         )
 
     def load(self, path: Path) -> None:
-        self.engine.load_checkpoint(str(path), tag="deepspeed", load_module_strict=not self.adapter_only)
+        # DeepSpeed's loader unpickles its own files (torch.load with weights_only=False): only
+        # load checkpoints you wrote; the manifest check before this refuses modified ones.
+        self.engine.load_checkpoint(str(path), tag=self.load_tag, load_module_strict=not self.adapter_only)
+        self.load_tag = "deepspeed"  # a later load (best checkpoint) is one this run wrote
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """Full weights on rank 0 (gathered under ZeRO-3), empty elsewhere; a collective."""

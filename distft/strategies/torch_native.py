@@ -34,6 +34,8 @@ class TorchNativeStrategy:
         self.use_autocast = autocast and cfg.train.precision != "fp32"
         self.loss_scale = float(info.world_size)  # gradient reduction averages over ranks
         self.scaler = None
+        self.checkpoint_format = "dcp"  # DDP and FSDP2 read each other's checkpoints, at any world size
+        self._ckpt_group = None
 
     def setup(self, model: torch.nn.Module) -> None:
         model.to(self.info.device)
@@ -85,12 +87,23 @@ class TorchNativeStrategy:
     def _options(self) -> StateDictOptions:
         return StateDictOptions(ignore_frozen_params=True)
 
-    def save(self, path: Path) -> None:
+    def _state(self) -> dict:
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer, options=self._options())
         state = {"model": model_sd, "optim": optim_sd}
         if self.scaler:
             state["scaler"] = self.scaler.state_dict()
-        dcp.save(state, checkpoint_id=str(path / "dcp"))
+        return state
+
+    def save(self, path: Path) -> None:
+        dcp.save(self._state(), checkpoint_id=str(path / "dcp"))
+
+    def save_async(self, path: Path):
+        """Stage the state to host memory, write it in a background thread; returns the future.
+        Its collectives run on a dedicated gloo group: on the default group they would interleave
+        with training's collectives (FSDP2 all-gathers) and abort with a collective mismatch."""
+        if self._ckpt_group is None and dist.active():
+            self._ckpt_group = torch.distributed.new_group(backend="gloo")
+        return dcp.async_save(self._state(), checkpoint_id=str(path / "dcp"), process_group=self._ckpt_group)
 
     def load(self, path: Path) -> None:
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer, options=self._options())
