@@ -150,6 +150,14 @@ class TrainConfig:
     """Generation length for generation eval."""
     progress: bool = True
     """Progress bar on rank 0."""
+    max_bad_steps: int = 5
+    """A step with a NaN/Inf loss or gradient norm is skipped (counted as skipped_steps); after
+    this many in a row training stops naming the step, its sample ids and the last good
+    checkpoint (0: never stop)."""
+    async_save: bool = False
+    """DDP/FSDP: write checkpoints in the background (DCP async save on its own gloo group) while
+    training continues; checkpoints/latest moves once the write completed. DeepSpeed saves
+    synchronously."""
 
 
 @dataclass

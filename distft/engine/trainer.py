@@ -20,7 +20,7 @@ from omegaconf import OmegaConf
 from distft import dist, preflight, stop
 from distft.data.pipeline import prepare_cached
 from distft.data.sampler import GlobalBatchSampler
-from distft.engine import checkpoint
+from distft.engine import checkpoint, guard, run_info
 from distft.engine.export import export
 from distft.engine.metrics import MetricsLogger
 from distft.engine.schedule import lr_schedule
@@ -60,6 +60,8 @@ class Trainer:
     last_eval: tuple | None = None  # (logged row, method metrics) of the latest periodic eval
     saved_step: int | None = None  # a best-checkpoint save and a save_every save may coincide
     perf: MfuMeter | None = None
+    resume_path: Path | None = None  # resolved (and manifest-checked) before the strategy is built
+    bad_steps: guard.BadStepGuard | None = None
 
     # ------------------------------------------------------------------ build
     @classmethod
@@ -101,6 +103,12 @@ class Trainer:
             model, seq_len, info.device, LOAD_DTYPES[cfg.train.precision], info.world_size
         )
         strategy = STRATEGIES[cfg.strategy.name].make(cfg, info)
+        resume_path = checkpoint.resolve_resume(cfg.resume, run_dir)
+        if resume_path is not None:
+            saved = checkpoint.read_state(resume_path)
+            checkpoint.check_compatible(strategy, saved, resume_path, cfg.strategy.name)
+            if hasattr(strategy, "prepare_resume"):  # optional: e.g. a format conversion before setup
+                strategy.prepare_resume(resume_path, saved)
         strategy.setup(model)
         if auto_micro:
             from distft.plan.auto import confirm_micro_batch
@@ -133,15 +141,19 @@ class Trainer:
             method.setup(trainer)
         trainer.perf = perf
         trainer.tracker = BestTracker.from_config(cfg)
+        trainer.resume_path = resume_path
+        trainer.bad_steps = guard.BadStepGuard(t.max_bad_steps)
         trainer._maybe_resume()
+        run_info.write(cfg, info, run_dir, resume_path)
         trainer.logger = MetricsLogger(cfg, run_dir, info.is_main, trainer.start_step)
         return trainer
 
     def _maybe_resume(self) -> None:
-        path = checkpoint.resolve_resume(self.cfg.resume, self.run_dir)
+        path = self.resume_path
         if path is None:
             return
         state = checkpoint.load(self.strategy, path, self.info)
+        self.bad_steps.skipped = state.get("skipped_steps", 0)
         if hasattr(self.method, "load_state"):  # optional: state of extra models
             self.method.load_state(path)
         self.start_step = state["step"]
@@ -178,9 +190,15 @@ class Trainer:
         stop_at = self.tracker.stopped_step or self.total_steps  # a resumed early-stopped run
         for step in range(self.start_step, stop_at):
             loss, tokens, grad_norm = method_step(self, step) if method_step else self.train_step(step)
-            last_loss = loss
-            tokens_window += tokens
             done = step + 1
+            # loss is all-reduced and the grad norm global: every rank takes the same decision.
+            ids = self.sampler.global_indices(step)
+            if self.bad_steps.check(done, loss, grad_norm, ids, self._last_good):
+                if info.is_main:
+                    print(f"distft: step {done} skipped: loss={loss}, grad_norm={grad_norm}", flush=True)
+            else:
+                last_loss = loss
+            tokens_window += tokens
             if done % t.log_every == 0 or done == self.total_steps:
                 elapsed = time.perf_counter() - time_window
                 tokens_per_s = tokens_window / max(elapsed, 1e-9)
@@ -193,6 +211,7 @@ class Trainer:
                     "mem_gib": peak_memory_gib(info.device),  # this rank's peak so far
                     "time": time.time(),
                     "epoch": step / self.sampler.steps_per_epoch,
+                    "skipped_steps": self.bad_steps.skipped,
                     **self.step_metrics,
                 }
                 self.logger.log(done, row)
@@ -213,6 +232,7 @@ class Trainer:
                 # A stop signal (e.g. SLURM's pre-timeout warning) reached a rank: all checkpoint, leave.
                 if not (t.save_every and done % t.save_every == 0):
                     self.save(done)
+                checkpoint.wait_pending()
                 self.logger.close()
                 raise stop.StopRequested(done)
         if bar is not None:
@@ -231,6 +251,7 @@ class Trainer:
         summary["after"] = after
         if self.start_step < end or checkpoint.latest(self.run_dir) is None:
             self.save(end)
+        checkpoint.wait_pending()  # an async save must be complete (and latest) before the run ends
         if improved and t.export == "best":
             checkpoint.mark_best(self.run_dir, end, info)
         if self.tracker.best_step is not None:
@@ -270,6 +291,7 @@ class Trainer:
             batch = _to_device(batch, info.device)
             with self.strategy.accumulate(is_last):
                 loss, parts = self.method.loss(self.strategy.model, batch)
+                loss = guard.inject_nan(loss, step, info.rank)  # no-op unless DISTFT_FAULT_NAN_STEPS
                 self.strategy.backward(loss * scale, is_last)
             loss_sum += loss.detach().double()
             _add_parts(extra, parts)
@@ -369,11 +391,17 @@ class Trainer:
             "strategy": self.cfg.strategy.name,
             "tuning": self.cfg.tuning.name,
             "early_stopping": self.tracker.state(),
+            "skipped_steps": self.bad_steps.skipped,
         }
         extra = getattr(self.method, "save_state", None)  # optional: state of extra models
+        t = self.cfg.train
         return checkpoint.save(
-            self.strategy, self.run_dir, step, state, self.info, self.cfg.train.keep_last, extra
+            self.strategy, self.run_dir, step, state, self.info, t.keep_last, extra, async_ok=t.async_save
         )
+
+    def _last_good(self) -> str | None:
+        path = checkpoint.latest(self.run_dir)
+        return str(path) if path is not None else None
 
 
 def _add_parts(acc: dict[str, list[float]], parts: dict) -> None:
