@@ -122,3 +122,14 @@ def test_lora_classifier_learns_and_exports_labels(lora_run):
     with torch.no_grad():
         logits = model(input_ids=probe).logits.flatten()
     assert torch.allclose(logits, torch.tensor(meta["probe_logits"]), atol=1e-4)
+    # distft-export merge: a full classifier with the label names in its config, same predictions.
+    from transformers import AutoModelForSequenceClassification
+
+    from distft.tools.adapters import merge
+
+    merged_dir = merge(export, lora_run / "merged")
+    merged = AutoModelForSequenceClassification.from_pretrained(merged_dir, dtype=torch.float32).eval()
+    assert merged.config.id2label == {0: "ascending", 1: "descending", 2: "mixed"}
+    with torch.no_grad():
+        logits = merged(input_ids=probe).logits.flatten()
+    assert torch.allclose(logits, torch.tensor(meta["probe_logits"]), atol=1e-4)

@@ -131,8 +131,11 @@ def test_invalid_combinations_name_what_works(tmp_path):
         _cfg("tuning=adapter", "method=classify")
     with pytest.raises(ConfigError, match="not a PEFT adapter directory"):
         _cfg("tuning=lora", f"tuning.init_adapter={tmp_path}")
-    for mode in NEW_MODES:  # these work
-        _cfg(f"tuning={mode}", "strategy=zero3")
+    with pytest.raises(ConfigError, match="use strategy=ddp, zero1, zero2"):
+        _cfg("tuning=prefix", "strategy=zero3")
+    for mode in ("ia3", "dora", "adapter"):  # these work under every strategy
+        for strategy in ("fsdp", "zero3"):
+            _cfg(f"tuning={mode}", f"strategy={strategy}")
 
 
 @pytest.mark.slow

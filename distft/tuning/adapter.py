@@ -18,6 +18,7 @@ from distft.errors import ConfigError
 from distft.tuning import peft_common
 
 # The adaption prompts live inside the decoder layers, so FSDP2 shards them with their layer.
+# (Checked with 2 ranks: each strategy's losses match DDP's on the same global batch.)
 STRATEGIES = ("ddp", "fsdp", "zero1", "zero2", "zero3", "zero3_offload")
 
 
@@ -81,5 +82,9 @@ def apply(model: torch.nn.Module, cfg) -> torch.nn.Module:
             f"use at most {layers}"
         )
     model = peft_common.wrap(model, cfg, peft_config(cfg, peft_common.task_type(model)))
+    # PEFT's AdaptionPromptModel binds its `forward` to the inner model's `forward` method, which
+    # skips the inner module's hooks; FSDP2 gathers the root's parameters (embeddings, head) in
+    # such a hook. Calling the module runs the hooks and is otherwise the same.
+    model.base_model.forward = model.base_model.model.__call__
     peft_common.report(model, cfg, f"adaption prompts in the top {cfg.tuning.adapter_layers} layers")
     return model
