@@ -1,0 +1,163 @@
+"""`distft-verify [options] [overrides]`: the user's config, shrunk (fewer layers for the tiny
+model, few steps, little data; same model, strategy, tuning, method and precision), through the
+equivalence checks, each by real runs (torchrun subprocesses) in a work dir:
+
+  grad accum      2 ranks × micro m/2 × accum 2  vs  2 ranks × micro m        (same global batch)
+  world size      1 rank × micro m × accum 2     vs  2 ranks × micro m        (same global batch)
+  resume          stopped at step k, resumed      vs  uninterrupted
+  packing         the same examples packed vs one per row: loss per token
+  EOS trained     greedy generation from export/ on training prompts ends with EOS
+  export          export/ not empty, loadable, reproduces the trained model's logits
+
+Prints a pass/fail table with the measured differences and tolerances (also verify.json in the
+work dir); exit 0 when every applicable check passed, 1 otherwise, 2 on a config error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+
+from distft.errors import DistftError
+from distft.verify import checks, runs
+
+ALL = ("grad_accum", "world_size", "resume", "packing", "eos", "export")
+
+
+def shrink(cfg, steps: int, micro: int) -> list[str]:
+    """Overrides that make the user's config small; the user's own overrides come first."""
+    out = [
+        "train.progress=false",
+        f"train.max_steps={steps}",
+        f"train.micro_batch_size={micro}",
+        "train.grad_accum=1",
+        "train.eval_every=0",
+        "train.eval_generate=false",
+        "train.save_every=0",
+        "train.keep_last=100",
+        "train.log_every=1",
+        "train.export=none",
+        "data.max_eval_generations=0",
+        "eval.test=false",
+        "eval.patience=0",
+        "logger=none",  # no dashboard runs for a self-check
+        "resume=never",
+    ]
+    if not cfg.model.name_or_path:  # the generated tiny model: fewer layers
+        out.append(f"model.num_layers={min(2, cfg.model.num_layers)}")
+    if not cfg.data.path:  # embedded default data: fewer rows
+        out.append("data.num_examples=200")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="distft-verify", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--work-dir", help="where the runs go (default: a temp dir, removed unless --keep)")
+    parser.add_argument("--keep", action="store_true", help="keep the work dir")
+    parser.add_argument("--steps", type=int, default=6, help="optimizer steps of each run (even, >= 4)")
+    parser.add_argument("--micro", type=int, default=4, help="micro-batch of the 2-rank reference run")
+    parser.add_argument("--eos-steps", type=int, default=120, help="steps of the run that learns EOS")
+    parser.add_argument("--only", default=",".join(ALL), help=f"comma-separated subset of {','.join(ALL)}")
+    parser.add_argument("--timeout", type=int, default=1800, help="seconds per run")
+    args, overrides = parser.parse_known_args(argv)
+    wanted = [c.strip() for c in args.only.split(",") if c.strip()]
+    if unknown := set(wanted) - set(ALL):
+        parser.error(f"--only: unknown checks {sorted(unknown)}; valid: {', '.join(ALL)}")
+    try:
+        from distft.config.load import load_config, validate
+
+        cfg, _ = load_config(overrides)
+        validate(cfg)
+        small = [*overrides, *shrink(cfg, args.steps, args.micro)]
+        cfg, _ = load_config(small)
+        validate(cfg)
+    except DistftError as e:
+        print(f"distft-verify: error: {e}", file=sys.stderr)
+        return 2
+    work = Path(args.work_dir or tempfile.mkdtemp(prefix="distft-verify-")).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    print(
+        f"distft-verify: strategy={cfg.strategy.name} tuning={cfg.tuning.name} method={cfg.method.name} "
+        f"precision={cfg.train.precision}; runs in {work}",
+        flush=True,
+    )
+    results = run_checks(cfg, small, wanted, work, args)
+    print_table(results)
+    (work / "verify.json").write_text(json.dumps([asdict(r) for r in results], indent=2))
+    if not args.keep and not args.work_dir:
+        shutil.rmtree(work, ignore_errors=True)
+    ok = all(r.passed is not False for r in results)
+    print(f"distft-verify: {'all checks passed' if ok else 'FAILED'}", flush=True)
+    return 0 if ok else 1
+
+
+def run_checks(cfg, small: list[str], wanted: list[str], work: Path, args) -> list[checks.Check]:
+    k, m, steps = args.steps // 2, args.micro, args.steps
+    tol = checks.LOSS_TOL[cfg.train.precision]
+    out: list[checks.Check] = []
+
+    def train(name: str, nproc: int, *extra: str) -> Path:
+        print(f"distft-verify: run {name} ({nproc} rank{'s' if nproc > 1 else ''})", flush=True)
+        runs.run(work / name, [*small, *extra], nproc, args.timeout)
+        return work / name
+
+    needs_ref = {"grad_accum", "world_size", "resume", "export", "packing"} & set(wanted)
+    ref = None
+    if needs_ref:
+        export = "train.export=last" if "export" in wanted else "train.export=none"
+        ref = train("reference", 2, f"train.save_every={k}", export)
+    if "grad_accum" in wanted:
+        run = train("grad_accum", 2, f"train.micro_batch_size={max(1, m // 2)}", "train.grad_accum=2")
+        what = f"2 ranks × micro {max(1, m // 2)} × accum 2 vs 2 ranks × micro {m}"
+        out.append(checks.compare_losses("grad accum", run, ref, range(1, steps + 1), tol, what))
+    if "world_size" in wanted:
+        run = train("one_rank", 1, f"train.micro_batch_size={m}", "train.grad_accum=2")
+        what = f"1 rank × micro {m} × accum 2 vs 2 ranks × micro {m}"
+        out.append(checks.compare_losses("1 vs 2 ranks", run, ref, range(1, steps + 1), tol, what))
+    if "resume" in wanted:
+        start = ref / "checkpoints" / f"step_{k}"
+        run = train("resumed", 2, f"resume={start}")
+        what = f"resumed from step {k} vs uninterrupted"
+        out.append(checks.compare_losses("resume", run, ref, range(k + 1, steps + 1), tol, what))
+    if "packing" in wanted:
+        out.append(_guarded("packing = no packing", lambda: checks.check_packing(cfg, ref)))
+    if "export" in wanted:
+        out.append(_guarded("export loadable", lambda: checks.check_export(cfg, ref)))
+    if "eos" in wanted:
+        eos_overrides = [f"train.max_steps={args.eos_steps}", "train.export=last", "train.micro_batch_size=8"]
+        if not cfg.data.path:
+            eos_overrides.append("data.num_examples=40")  # few examples, learnt by heart
+        run = train("eos", 1, *eos_overrides)
+        from distft.config.load import load_config
+
+        eos_cfg, _ = load_config([*small, *eos_overrides, f"output_dir={run}"])
+        out.append(_guarded("EOS trained", lambda: checks.check_eos(eos_cfg, run)))
+    return out
+
+
+def _guarded(name: str, fn) -> checks.Check:
+    try:
+        return fn()
+    except Exception as e:  # noqa: BLE001 - a check that crashes is a failed check, reported in the table
+        return checks.Check(name, False, "error", "-", f"{type(e).__name__}: {e}")
+
+
+def print_table(results: list[checks.Check]) -> None:
+    rows = [("check", "result", "measured", "tolerance", "detail")]
+    for r in results:
+        result = "n/a" if r.passed is None else ("PASS" if r.passed else "FAIL")
+        rows.append((r.name, result, r.measured, r.tolerance, r.detail.replace("\n", " ")[-200:]))
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    print()
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row[:4], widths)) + "  " + row[4])
+    print(flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
