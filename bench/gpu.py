@@ -1,0 +1,188 @@
+"""GPU benchmark (needs CUDA; no downloads: random init with the real shapes), one table:
+
+  1. MFU: a Llama-3.2-1B-shaped model (hidden 2048, 16 layers, 32/8 heads, MLP 8192, vocab 128256),
+     bf16, FSDP2, sequence 2048 — target ≥ 40% on an H100 (torchtitan / llm-foundry level).
+  2. QLoRA peak memory: a Llama-3.1-8B-shaped model (hidden 4096, 32 layers, 32/8 heads, MLP 14336,
+     vocab 128256), NF4 + LoRA r=8, bf16, gradient checkpointing, sequence 2048, micro-batch 1 —
+     target ≤ 8 GiB (torchtune: 7.4 GiB on an RTX 4090).
+
+    .venv/bin/python bench/gpu.py                 # both, on all visible GPUs for the MFU run
+    .venv/bin/python bench/gpu.py --only mfu --gpus 8 --micro 2
+
+Both run distft's own training entry (`python -m distft.train`) on a model directory written
+here (random weights, distft's character tokenizer; token ids stay below its 102 symbols, the
+full 128256-row head is still computed) and on synthetic rows of exactly 2048 tokens, so batches
+have no padding. Numbers are read from metrics.jsonl (`mfu`, `tokens_per_s`, `mem_gib` = peak
+torch.cuda.max_memory_allocated; the CUDA context is not included).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import shutil
+import statistics
+from pathlib import Path
+
+from common import REPO, bench_env, launch, metrics
+
+LLAMA_1B = dict(
+    hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+    num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True, rope_theta=500000.0,
+)  # fmt: skip
+LLAMA_8B = dict(
+    hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+    num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False, rope_theta=500000.0,
+)  # fmt: skip
+
+
+def parse() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--only", choices=["mfu", "qlora"], default=None)
+    p.add_argument("--gpus", type=int, default=0, help="GPUs for the MFU run (0: all visible)")
+    p.add_argument("--micro", type=int, default=4, help="micro-batch of the MFU run")
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--seq", type=int, default=2048)
+    p.add_argument("--compile", action="store_true", help="train.compile=true for the MFU run")
+    p.add_argument("--out", default=str(REPO / "outputs/bench/gpu"))
+    return p.parse_args()
+
+
+def write_model(path: Path, shape: dict) -> Path:
+    """Random-init Llama with the given shape in bf16 (initialized on the GPU, saved once)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from distft.models.tiny import build_tokenizer
+
+    if (path / "config.json").is_file():
+        return path
+    tok = build_tokenizer()
+    cfg = LlamaConfig(
+        **shape,
+        max_position_embeddings=8192,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+        bos_token_id=None,
+    )
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = LlamaForCausalLM(cfg).to(torch.bfloat16)
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, max_shard_size="2GB")
+    tok.save_pretrained(tmp)
+    tmp.rename(path)
+    del model
+    torch.cuda.empty_cache()
+    return path
+
+
+def write_rows(path: Path, n: int, seq: int) -> Path:
+    """Rows of exactly `seq` tokens with the character tokenizer (1-char prompt, EOS at the end)."""
+    rng = random.Random(0)
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    with open(path, "w") as f:
+        for _ in range(n):
+            body = "".join(rng.choice(letters) for _ in range(seq - 2))
+            f.write(json.dumps({"prompt": "x", "completion": body}) + "\n")
+    return path
+
+
+def common_overrides(model: Path, rows: Path, seq: int) -> list[str]:
+    return [
+        f"model.name_or_path={model}", f"data.path=[{rows}]", f"data.max_length={seq}", "data.splits=[1,0,0]",
+        "data.dedup=false", "data.near_dedup=false", "train.precision=bf16", "train.eval_generate=false",
+        "train.export=none", "train.progress=false", "train.log_every=1", "resume=never",
+        "train.lr_scheduler=constant", "train.warmup_steps=0",
+    ]  # fmt: skip
+
+
+def steady(rows: list[dict], key: str) -> float:
+    vals = [r[key] for r in rows if isinstance(r.get(key), (int, float))]
+    vals = vals[len(vals) // 3 :] or vals  # skip warm-up steps (allocator, autotuning, compile)
+    return statistics.median(vals) if vals else float("nan")
+
+
+def run_mfu(a, out: Path, gpus: int) -> dict:
+    model = write_model(out / "llama-1b", LLAMA_1B)
+    rows = write_rows(out / "rows-1b.jsonl", max(64, a.micro * gpus * (a.steps + 2)), a.seq)
+    run = out / "mfu"
+    shutil.rmtree(run, ignore_errors=True)
+    args = [
+        *common_overrides(model, rows, a.seq), f"output_dir={run}", "strategy=fsdp", "tuning=full",
+        f"train.micro_batch_size={a.micro}", f"train.max_steps={a.steps}", f"cluster.gpus_per_node={gpus}",
+        f"cluster.nproc_per_node={gpus}", *(["train.compile=true"] if a.compile else []),
+    ]  # fmt: skip
+    res = launch("distft.train", args, gpus, run / "rss", run / "run.log", env=bench_env(OMP_NUM_THREADS="8"))
+    m = [r for r in metrics(run) if "loss" in r]
+    return {
+        "what": f"Llama-1B shape, FSDP2 bf16, seq {a.seq}, micro {a.micro}, {gpus} GPU(s)",
+        "mfu": steady(m, "mfu"),
+        "tokens_per_s": steady(m, "tokens_per_s"),
+        "peak_gib": max(r["mem_gib"] for r in m),
+        "wall_s": res["wall_s"],
+        "target": "MFU >= 40%",
+        "ok": steady(m, "mfu") >= 0.40,
+    }
+
+
+def run_qlora(a, out: Path) -> dict:
+    model = write_model(out / "llama-8b", LLAMA_8B)
+    rows = write_rows(out / "rows-8b.jsonl", 64, a.seq)
+    run = out / "qlora"
+    shutil.rmtree(run, ignore_errors=True)
+    args = [
+        *common_overrides(model, rows, a.seq), f"output_dir={run}", "strategy=ddp", "tuning=qlora",
+        "train.gradient_checkpointing=true", "train.micro_batch_size=1", "train.max_steps=8",
+        "cluster.gpus_per_node=1", "cluster.nproc_per_node=1",
+    ]  # fmt: skip
+    res = launch("distft.train", args, 1, run / "rss", run / "run.log", env=bench_env(OMP_NUM_THREADS="8"))
+    m = [r for r in metrics(run) if "loss" in r]
+    peak = max(r["mem_gib"] for r in m)
+    return {
+        "what": f"Llama-8B shape, QLoRA NF4 r=8, bf16, grad. checkpointing, seq {a.seq}, micro 1, 1 GPU",
+        "mfu": steady(m, "mfu"),
+        "tokens_per_s": steady(m, "tokens_per_s"),
+        "peak_gib": peak,
+        "wall_s": res["wall_s"],
+        "target": "peak <= 8 GiB",
+        "ok": peak <= 8.0,
+    }
+
+
+def main() -> None:
+    import torch
+
+    a = parse()
+    if not torch.cuda.is_available():
+        raise SystemExit("bench/gpu.py needs a CUDA GPU (this machine has none)")
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    gpus = a.gpus or torch.cuda.device_count()
+    results = []
+    if a.only in (None, "mfu"):
+        results.append(run_mfu(a, out, gpus))
+    if a.only in (None, "qlora"):
+        results.append(run_qlora(a, out))
+    device = torch.cuda.get_device_name(0)
+    lines = [
+        f"device: {device}",
+        "",
+        "| run | MFU | tokens/s | peak GiB (allocated) | target | met |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        lines.append(
+            f"| {r['what']} | {r['mfu']:.1%} | {r['tokens_per_s']:.0f} | {r['peak_gib']:.2f} | "
+            f"{r['target']} | {'yes' if r['ok'] else 'no'} |"
+        )
+    text = "\n".join(lines) + "\n"
+    (out / "results.md").write_text(text)
+    (out / "results.json").write_text(json.dumps({"device": device, "results": results}, indent=1))
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
