@@ -7,7 +7,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from distft.errors import ConfigError
 from distft.tuning import lora, peft_common
+
+# Checked with 2 ranks: DDP, FSDP2 and ZeRO-2 give identical losses; ZeRO-3 fails in backward.
+STRATEGIES = ("ddp", "fsdp", "zero1", "zero2")
 
 
 @dataclass
@@ -34,6 +38,12 @@ adapter = True
 
 def validate(cfg) -> None:
     lora.validate(cfg)
+    if getattr(cfg.strategy, "stage", 0) == 3:
+        raise ConfigError(
+            f"tuning=dora does not work with strategy={cfg.strategy.name}: DoRA reads the base weight "
+            "outside the layer's forward, which ZeRO-3 has already released (empty tensors in backward); "
+            f"use strategy={', '.join(STRATEGIES)}"
+        )
     peft_common.check_init_adapter(cfg.tuning.init_adapter)
 
 
@@ -49,9 +59,5 @@ def peft_config(cfg, task_type: str = "CAUSAL_LM"):
 
 def apply(model: torch.nn.Module, cfg) -> torch.nn.Module:
     model = peft_common.wrap(model, cfg, peft_config(cfg, peft_common.task_type(model)))
-    # DoRA reads the base layer's weight (for its norm) outside the base layer's forward.
-    from peft.tuners.lora.layer import LoraLayer
-
-    peft_common.zero3_leaves(model, cfg, LoraLayer)
     peft_common.report(model, cfg, f"r={cfg.tuning.r}, DoRA magnitudes")
     return model

@@ -7,7 +7,12 @@ from dataclasses import dataclass, field
 
 import torch
 
+from distft.errors import ConfigError
 from distft.tuning import peft_common
+
+# Checked with 2 ranks: DDP, FSDP2 and ZeRO-2 give identical losses. Under ZeRO-3 the IA3 scales,
+# read from a ParameterDict rather than through a submodule's forward, are never gathered.
+STRATEGIES = ("ddp", "fsdp", "zero1", "zero2")
 
 
 @dataclass
@@ -34,11 +39,14 @@ def validate(cfg) -> None:
     t = cfg.tuning
     unknown = set(t.feedforward_modules) - set(t.target_modules)
     if t.target_modules and unknown:
-        from distft.errors import ConfigError
-
         raise ConfigError(
             f"tuning.feedforward_modules={sorted(unknown)} are not in tuning.target_modules="
             f"{t.target_modules}; feedforward modules must be a subset of the targets"
+        )
+    if cfg.strategy.name not in STRATEGIES:
+        raise ConfigError(
+            f"tuning=ia3 does not work with strategy={cfg.strategy.name} (ZeRO-3 never gathers the IA3 "
+            f"scales); use strategy={', '.join(STRATEGIES)}"
         )
     peft_common.check_init_adapter(t.init_adapter)
 
@@ -62,9 +70,5 @@ def peft_config(cfg, task_type: str = "CAUSAL_LM"):
 
 def apply(model: torch.nn.Module, cfg) -> torch.nn.Module:
     model = peft_common.wrap(model, cfg, peft_config(cfg, peft_common.task_type(model)))
-    # IA3 layers read their scales from a ParameterDict, not through a submodule's forward.
-    from peft.tuners.ia3.layer import IA3Layer
-
-    peft_common.zero3_leaves(model, cfg, IA3Layer)
     peft_common.report(model, cfg)
     return model

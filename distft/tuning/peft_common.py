@@ -69,17 +69,3 @@ def report(model: torch.nn.Module, cfg, extra: str = "") -> tuple[int, int]:
             flush=True,
         )
     return trainable, total
-
-
-def zero3_leaves(model: torch.nn.Module, cfg, layer_cls: type) -> None:
-    """Under ZeRO-3, make `layer_cls` modules ZeRO-3 leaf modules: all their parameters are gathered
-    when the layer runs. ZeRO-3 otherwise gathers a module's own parameters only when that module's
-    forward runs, so adapter layers that read a parameter of a child directly (IA3's scales, DoRA's
-    base weight norm) would see empty shards."""
-    if getattr(cfg.strategy, "stage", 0) != 3:
-        return
-    from deepspeed.utils import set_z3_leaf_module
-
-    for m in model.modules():
-        if isinstance(m, layer_cls):
-            set_z3_leaf_module(m, True)
