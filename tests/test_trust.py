@@ -311,3 +311,16 @@ def test_same_seed_same_losses_and_run_info(sync_run, tmp_path):
     info = json.loads((run / "run_info.json").read_text())["starts"][0]
     assert info["seed"] == 42 and info["world_size"] == 2 and len(info["hostnames"]) == 2
     assert info["libraries"]["torch"] and info["libraries"]["deepspeed"] and info["git"]["commit"]
+
+
+@pytest.mark.quick
+def test_remote_code_is_opt_in_and_checkpoint_loads_are_safe():
+    from distft.config.schema import ModelConfig
+
+    assert ModelConfig().trust_remote_code is False
+    for path in (REPO / "distft").rglob("*.py"):
+        src = path.read_text()
+        assert "trust_remote_code=True" not in src, path
+        for line in src.splitlines():
+            if "torch.load(" in line:
+                assert "weights_only=True" in line, f"{path}: {line.strip()}"
