@@ -171,7 +171,9 @@ class DeepSpeedStrategy:
         # DeepSpeed's loader unpickles its own files (torch.load with weights_only=False): only
         # load checkpoints you wrote; the manifest check before this refuses modified ones.
         self.engine.load_checkpoint(str(path), tag=self.load_tag, load_module_strict=not self.adapter_only)
-        self.load_tag = "deepspeed"  # a later load (best checkpoint) is one this run wrote
+        if self.load_tag != "deepspeed":  # a later load (best checkpoint) is one this run wrote
+            self.engine._config.load_universal_checkpoint = False
+            self.load_tag = "deepspeed"
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """Full weights on rank 0 (gathered under ZeRO-3), empty elsewhere; a collective."""
