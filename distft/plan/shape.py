@@ -11,7 +11,8 @@ import torch
 @dataclass
 class ModelShape:
     params: int
-    """All parameters (shared ones once), logical sizes (4-bit weights count as their matrix)."""
+    """All parameters (shared ones once, adapters included), logical sizes (4-bit weights count as
+    their matrix)."""
     trainable: int
     """Parameters that get gradients and optimizer states under the chosen tuning."""
     quantizable: int
@@ -114,6 +115,10 @@ def model_shape(cfg) -> ModelShape:
     trainable = _trainable_after_tuning(cfg, model)
     if trainable is None:
         trainable = _lora_count(model, getattr(cfg.tuning, "r", 8), head)
+    from distft.tuning import TUNINGS
+
+    if getattr(TUNINGS[cfg.tuning.name], "adapter", False):
+        total += trainable  # adapters add their own parameters to the frozen base
     heads = int(config.num_attention_heads)
     return ModelShape(
         params=total,
