@@ -174,6 +174,6 @@ def check_packing(cfg, run: Path) -> Check:
             loss, _ = method.loss(model, batch)
             out.append(float(loss) / max(batch["num_targets"], 1))
     d = abs(out[0] - out[1]) / max(abs(out[0]), 1e-12)
-    tol = 1e-4
+    tol = 1e-5  # fp32 forward; attention leaking across examples moved it by 2e-4 on the tiny model
     detail = f"{len(rows)} examples in {len(rows)} rows vs {len(packed)} packed rows"
     return Check("packing = no packing", d <= tol, f"{d:.2e} rel loss/token", f"{tol:g} rel", detail)
