@@ -34,7 +34,7 @@ LAUNCH_ONLY = ("output_dir=", "launch.")
 SUBMITIT_DEFAULTS = {
     "hydra.launcher.nodes": "${cluster.nodes}",
     "hydra.launcher.tasks_per_node": "${cluster.nproc_per_node}",
-    "hydra.launcher.gpus_per_node": "${cluster.gpus_per_node}",
+    "hydra.launcher.gpus_per_node": "${distft_none_if_zero:${cluster.gpus_per_node}}",  # CPU nodes: no GRES
     "hydra.launcher.cpus_per_task": "1",
     "hydra.launcher.timeout_min": "60",
 }
@@ -57,6 +57,8 @@ def main(argv: list[str]) -> int:
         extra.append("hydra.job.name=distft")
     if "hydra/launcher=submitit_slurm" in args:
         extra += [f"{k}={v}" for k, v in SUBMITIT_DEFAULTS.items() if not _has(args, k)]
+    # Trials are named after the keys the sweep varies (read back in each trial, local or SLURM).
+    os.environ["DISTFT_SWEEP_KEYS"] = ",".join(sweep_keys(args))
     saved = sys.argv
     sys.argv = [saved[0], "-m", *args, *extra]
     rc = 0
@@ -72,6 +74,25 @@ def main(argv: list[str]) -> int:
     return rc
 
 
+def sweep_keys(args: list[str]) -> list[str]:
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        parsed = OverridesParser.create().parse_overrides([a for a in args if not a.startswith("-")])
+    except Exception:  # Hydra reports malformed overrides itself
+        return []
+    return [
+        o.key_or_group for o in parsed if o.is_sweep_override() and not o.key_or_group.startswith("hydra")
+    ]
+
+
+def trial_name(task_overrides: list[str], fallback: str) -> str:
+    """The trial's values of the swept keys, e.g. `train.lr=0.0003,tuning.r=16`."""
+    keys = [k for k in os.environ.get("DISTFT_SWEEP_KEYS", "").split(",") if k]
+    picked = [o for o in task_overrides if o.split("=", 1)[0].lstrip("+~") in keys]
+    return ",".join(picked) or fallback
+
+
 def _hydra_main():
     import hydra
 
@@ -79,6 +100,11 @@ def _hydra_main():
 
 
 def _app():
+    from omegaconf import OmegaConf
+
+    OmegaConf.register_new_resolver(
+        "distft_none_if_zero", lambda n: None if int(n) == 0 else int(n), replace=True
+    )
     return _hydra_main()(trial)()
 
 
@@ -95,7 +121,7 @@ def trial_overrides(hc) -> tuple[list[str], Path]:
     if not any(o.startswith("logger.group=") for o in overrides):
         overrides.append(f"logger.group={_quote('sweep-' + '_'.join(sweep.parts[-2:]))}")
     if not any(o.startswith("logger.run_name=") for o in overrides):
-        name = hc.job.override_dirname or f"trial-{hc.job.num}"
+        name = trial_name(list(hc.overrides.task), hc.job.override_dirname or f"trial-{hc.job.num}")
         overrides.append(f"logger.run_name={_quote(name)}")
     return [*overrides, f"output_dir={run_dir}"], run_dir
 
@@ -123,6 +149,7 @@ def trial(_cfg) -> float | None:
     overrides, run_dir = trial_overrides(hc)
     record = {
         "trial": int(hc.job.num),
+        "name": trial_name(list(hc.overrides.task), hc.job.override_dirname),
         "overrides": list(hc.overrides.task),
         "run_dir": str(run_dir),
         "status": "running",
@@ -204,7 +231,8 @@ def write_summary(sweep_dir: Path) -> list[dict]:
     table = ["| trial | overrides | final eval loss | status |", "|---|---|---|---|"]
     for r in rows:
         loss = f"{r['eval_loss']:.4f}" if isinstance(r.get("eval_loss"), float) else "-"
-        table.append(f"| {r['trial']} | {' '.join(r['overrides'])} | {loss} | {r['status']} |")
+        shown = r.get("name") or " ".join(r["overrides"])
+        table.append(f"| {r['trial']} | {shown} | {loss} | {r['status']} |")
     (sweep_dir / "summary.md").write_text("\n".join(table) + "\n")
     (sweep_dir / "summary.json").write_text(json.dumps(rows, indent=2))
     print(f"\ndistft sweep summary ({sweep_dir})\n" + "\n".join(table), flush=True)
