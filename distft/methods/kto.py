@@ -1,0 +1,255 @@
+"""KTO: preference learning from unpaired good/bad completions (Kahneman–Tversky optimization).
+
+Rows: {"prompt", "completion", "label": true|false} (text or chat, as for DPO), or preference pairs
+{"prompt", "chosen", "rejected"}, each of which gives one good and one bad example.
+
+With logratio = log π(y|x) − log π_ref(y|x) summed over completion tokens and z a batch estimate of
+KL(π‖π_ref) (mean logratio of mismatched prompt/completion pairs, all-reduced over ranks, clamped
+at 0, no gradient):
+    good: w_good · (1 − σ(β (logratio − z)))       bad: w_bad · (1 − σ(β (z − logratio)))
+Each example's mismatched partner (the completion of the next example of its split, in a seeded
+order) is fixed at encoding, so reference log-probs can be precomputed for it too.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import torch
+
+from distft import dist
+from distft.data.preference import (
+    BadRow,
+    Skips,
+    as_messages,
+    completion_ids,
+    default_pairs,
+    fit,
+    pad_sequences,
+    prompt_ids,
+    render,
+    split_pair,
+)
+from distft.errors import ConfigError
+from distft.methods.logprobs import model_logps
+from distft.methods.reference import Reference, map_examples
+
+KTO_FIELDS = "'prompt', 'completion' and a boolean 'label', or a preference pair 'prompt'/'chosen'/'rejected'"
+
+
+@dataclass
+class KTOConfig:
+    name: str = "kto"
+    """Method."""
+    beta: float = 0.1
+    """KL coefficient (scale of the implicit reward)."""
+    desirable_weight: float = 1.0
+    """Loss weight of good examples (raise it when they are rarer than bad ones)."""
+    undesirable_weight: float = 1.0
+    """Loss weight of bad examples."""
+    precompute_ref: bool = False
+    """Compute reference log-probs once before training (no reference model is kept)."""
+    disable_dropout: bool = True
+    """Turn dropout off in the policy, so policy and reference log-probs are comparable."""
+    max_skip_fraction: float = 0.05
+    """Largest fraction of a split's rows that may be skipped before the run stops with an error."""
+
+
+def _unpaired(row: dict) -> list[tuple[object, object, bool, int]]:
+    """(prompt, completion, good?, pair index) items of a row (pair index is set by the caller)."""
+    if "chosen" in row or "rejected" in row:
+        prompt, chosen, rejected = split_pair(row)
+        return [(prompt, chosen, True, 0), (prompt, rejected, False, 0)]
+    if row.get("completion") in (None, "", []) or "label" not in row:
+        found = sorted(k for k in row if not k.startswith("_"))
+        raise BadRow(f"missing fields (found {found}; expected {KTO_FIELDS})")
+    label = row["label"]
+    if label not in (True, False, 0, 1):
+        raise BadRow(f"'label' must be true or false, got {label!r}")
+    prompt = row.get("prompt", "")
+    completion = (
+        as_messages(row["completion"], "completion") if isinstance(prompt, list) else row["completion"]
+    )
+    return [(prompt, completion, bool(label), -1)]
+
+
+def encode_unpaired(rows: list[dict], tokenizer, cfg) -> tuple[list[dict], dict]:
+    skips = Skips(cfg.method.max_skip_fraction, what="KTO")
+    examples, truncated = [], 0
+    for i, row in enumerate(rows):
+        try:
+            items = []
+            for prompt, completion, good, paired in _unpaired(row):
+                p_text, c_text, eos = render(prompt, completion, tokenizer)
+                p, (c,), cut = fit(
+                    prompt_ids(p_text, tokenizer),
+                    [completion_ids(c_text, eos, tokenizer)],
+                    cfg.data.max_length,
+                )
+                if not c:
+                    raise BadRow(f"no completion tokens left within data.max_length={cfg.data.max_length}")
+                items.append(
+                    (
+                        {
+                            "prompt_ids": p,
+                            "completion_ids": c,
+                            "label": int(good),
+                            "pair": i if paired == 0 else -1,
+                        },
+                        cut,
+                    )
+                )
+        except BadRow as e:
+            skips.add(row, str(e))
+            continue
+        for ex, cut in items:
+            truncated += cut
+            examples.append(ex)
+    skips.check(len(rows))
+    # Mismatched partners for the KL estimate: a seeded cycle over the split's examples.
+    order = list(range(len(examples)))
+    random.Random(cfg.train.seed).shuffle(order)
+    for a, b in zip(order, order[1:] + order[:1]):
+        room = cfg.data.max_length - len(examples[a]["prompt_ids"])
+        examples[a]["kl_ids"] = examples[b]["completion_ids"][: max(room, 1)]
+    good = sum(e["label"] for e in examples)
+    stats = {"truncated": truncated, "good": good, "bad": len(examples) - good, **skips.report()}
+    return examples, stats
+
+
+class KTO:
+    config = KTOConfig
+    auto_class = None  # AutoModelForCausalLM
+
+    def __init__(self, cfg, tokenizer):
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        self.ref: Reference | None = None
+        self.trainer = None
+
+    @staticmethod
+    def validate(cfg) -> None:
+        m = cfg.method
+        if m.beta <= 0:
+            raise ConfigError(f"method.beta={m.beta} must be > 0")
+        if m.desirable_weight <= 0 or m.undesirable_weight <= 0:
+            raise ConfigError("method.desirable_weight and method.undesirable_weight must be > 0")
+        if not 0 <= m.max_skip_fraction <= 1:
+            raise ConfigError(f"method.max_skip_fraction={m.max_skip_fraction} must be in [0, 1]")
+
+    @staticmethod
+    def default_rows(cfg) -> list[dict]:
+        return default_pairs(cfg.data.num_examples)
+
+    @staticmethod
+    def encode(rows: list[dict], tokenizer, cfg, train: bool) -> tuple[list[dict], dict]:
+        return encode_unpaired(rows, tokenizer, cfg)
+
+    def collate(self, examples: list[dict]) -> dict:
+        """B examples then their B mismatched (KL) rows; `num_targets` counts examples."""
+        prompts = [e["prompt_ids"] for e in examples]
+        batch = pad_sequences(
+            prompts + prompts,
+            [e["completion_ids"] for e in examples] + [e["kl_ids"] for e in examples],
+            self.tokenizer.pad_token_id,
+        )
+        batch["good"] = torch.tensor([bool(e["label"]) for e in examples])
+        batch["num_targets"] = len(examples)
+        batch["num_tokens"] = int(batch["attention_mask"][: len(examples)].sum())
+        if all("ref" in e for e in examples):
+            batch["ref_logps"] = torch.tensor(
+                [e["ref"] for e in examples] + [e["ref_kl"] for e in examples], dtype=torch.float64
+            )
+        return batch
+
+    def setup(self, trainer) -> None:
+        self.trainer = trainer
+        if self.cfg.method.disable_dropout:
+            from trl.trainer.utils import disable_dropout_in_model
+
+            disable_dropout_in_model(trainer.strategy.module)
+        self.ref = Reference(trainer, self.cfg.method.precompute_ref)
+        if self.cfg.method.precompute_ref:
+            self.ref.precompute(
+                trainer.data.train + trainer.data.val + trainer.data.test,
+                self.collate,
+                _assign,
+                self.cfg.train.micro_batch_size,
+            )
+
+    def _logratios(self, model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        ref = self.ref.logps(batch)
+        logps, _ = model_logps(model, batch)
+        n = batch["num_targets"]
+        ratio = logps - ref
+        return ratio[:n], ratio[n:].detach()
+
+    def _kl(self, kl_ratios: torch.Tensor) -> torch.Tensor:
+        total, count = dist.all_reduce_sum([float(kl_ratios.sum()), kl_ratios.numel()], kl_ratios.device)
+        return torch.tensor(max(total / max(count, 1.0), 0.0), device=kl_ratios.device)
+
+    def loss(self, model, batch: dict) -> tuple[torch.Tensor, dict]:
+        m = self.cfg.method
+        ratio, kl_ratios = self._logratios(model, batch)
+        kl = self._kl(kl_ratios)
+        good = batch["good"]
+        loss = torch.where(
+            good,
+            m.desirable_weight * (1 - torch.sigmoid(m.beta * (ratio - kl))),
+            m.undesirable_weight * (1 - torch.sigmoid(m.beta * (kl - ratio))),
+        )
+        rewards = m.beta * ratio.detach()
+        n_good, n_bad = int(good.sum()), int((~good).sum())
+        parts = {
+            "kl": (float(kl), 1),
+            "rewards/chosen": (float(rewards[good].sum()), n_good),
+            "rewards/rejected": (float(rewards[~good].sum()), n_bad),
+            "rewards/accuracy": (float(((rewards > 0) == good).sum()), rewards.numel()),
+        }
+        return loss.sum(), parts
+
+    @torch.no_grad()
+    def evaluate(self, model, rows: list[dict], info, sharded: bool) -> dict:
+        """Held-out accuracy: for examples from pairs, chosen's reward above rejected's; for
+        unpaired examples, the reward's sign matching the label. Margin: mean good minus mean bad
+        reward."""
+        examples = (
+            self.trainer.data.val if self.trainer else self.encode(rows, self.tokenizer, self.cfg, False)[0]
+        )
+        was_training = model.training
+        model.eval()
+
+        def rewards(chunk: list[dict]) -> list:
+            batch = {
+                k: v.to(info.device) if torch.is_tensor(v) else v for k, v in self.collate(chunk).items()
+            }
+            ratio, _ = self._logratios(model, batch)
+            return (self.cfg.method.beta * ratio).tolist()
+
+        values = map_examples(examples, rewards, info, self.cfg.train.micro_batch_size)
+        model.train(was_training)
+        if not values:
+            return {}
+        by_pair: dict[int, dict[int, float]] = {}
+        hits = total = 0
+        for ex, v in zip(examples, values):
+            if ex["pair"] >= 0:
+                by_pair.setdefault(ex["pair"], {})[ex["label"]] = v
+            else:
+                hits += (v > 0) == bool(ex["label"])
+                total += 1
+        for pair in by_pair.values():
+            if len(pair) == 2:
+                hits += pair[1] > pair[0]
+                total += 1
+        good = [v for ex, v in zip(examples, values) if ex["label"]]
+        bad = [v for ex, v in zip(examples, values) if not ex["label"]]
+        out = {"accuracy": hits / max(total, 1)}
+        if good and bad:
+            out["margin"] = sum(good) / len(good) - sum(bad) / len(bad)
+        return out
+
+
+def _assign(example: dict, row_logps: list[float]) -> None:
+    example["ref"], example["ref_kl"] = row_logps

@@ -1,0 +1,127 @@
+"""Reward model: a one-output sequence-classification head on the causal LM backbone, trained on
+prompt/chosen/rejected pairs with the Bradley–Terry loss −log σ(r_chosen − r_rejected − margin).
+
+The score of a sequence is the head's output at its last non-padding token (transformers finds it
+from `config.pad_token_id`, which is always set). Sequences end with EOS, as in training, so a
+user scores `prompt + completion + eos_token`. Under LoRA / QLoRA the score head is trained in
+full and saved with the adapter (PEFT's sequence-classification task, `modules_to_save`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from distft.data.preference import collate_pairs, default_pairs, encode_pairs
+from distft.errors import ConfigError
+from distft.methods.dpo import reward_metrics
+from distft.methods.reference import map_examples
+
+
+@dataclass
+class RewardConfig:
+    name: str = "reward"
+    """Method."""
+    center_rewards_coefficient: float = 0.0
+    """Weight of (r_chosen + r_rejected)² in the loss, which keeps rewards centred on 0."""
+    max_skip_fraction: float = 0.05
+    """Largest fraction of a split's rows that may be skipped (bad or identical pairs) before the
+    run stops with an error."""
+
+
+class ScoreModel:
+    """`AutoModelForSequenceClassification` with one output and a pad token id in its config (needed
+    to find each sequence's last token in a padded batch); used for training and export."""
+
+    @staticmethod
+    def from_pretrained(path, **kwargs):
+        from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+        trust = kwargs.get("trust_remote_code", False)
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust)
+        config.num_labels = 1
+        if config.pad_token_id is None:
+            tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust)
+            config.pad_token_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        return AutoModelForSequenceClassification.from_pretrained(path, config=config, **kwargs)
+
+
+def scores(model, batch: dict) -> torch.Tensor:
+    out = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
+    return out.logits.float().squeeze(-1)
+
+
+class Reward:
+    config = RewardConfig
+    auto_class = ScoreModel
+
+    def __init__(self, cfg, tokenizer):
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        self.trainer = None
+
+    @staticmethod
+    def validate(cfg) -> None:
+        m = cfg.method
+        if m.center_rewards_coefficient < 0:
+            raise ConfigError(
+                f"method.center_rewards_coefficient={m.center_rewards_coefficient} must be >= 0"
+            )
+        if not 0 <= m.max_skip_fraction <= 1:
+            raise ConfigError(f"method.max_skip_fraction={m.max_skip_fraction} must be in [0, 1]")
+
+    @staticmethod
+    def default_rows(cfg) -> list[dict]:
+        return default_pairs(cfg.data.num_examples)
+
+    @staticmethod
+    def encode(rows: list[dict], tokenizer, cfg, train: bool) -> tuple[list[dict], dict]:
+        return encode_pairs(rows, tokenizer, cfg.data.max_length, cfg.method.max_skip_fraction)
+
+    def collate(self, examples: list[dict]) -> dict:
+        return collate_pairs(examples, self.tokenizer.pad_token_id)
+
+    def setup(self, trainer) -> None:
+        self.trainer = trainer
+        config = trainer.strategy.module.config
+        if config.pad_token_id != self.tokenizer.pad_token_id:
+            raise ConfigError(
+                f"the reward model's pad_token_id ({config.pad_token_id}) differs from the tokenizer's "
+                f"({self.tokenizer.pad_token_id}); sequence scores would be read at the wrong token"
+            )
+
+    def loss(self, model, batch: dict) -> tuple[torch.Tensor, dict]:
+        chosen, rejected = scores(model, batch).chunk(2)
+        margin = batch.get("margins", 0.0)
+        loss = -F.logsigmoid(chosen - rejected - margin)
+        coef = self.cfg.method.center_rewards_coefficient
+        if coef:
+            loss = loss + coef * (chosen + rejected) ** 2
+        return loss.sum(), reward_metrics(chosen.detach(), rejected.detach())
+
+    @torch.no_grad()
+    def evaluate(self, model, rows: list[dict], info, sharded: bool) -> dict:
+        """Pairwise accuracy (r_chosen > r_rejected) and mean margin on the held-out pairs."""
+        examples = (
+            self.trainer.data.val if self.trainer else self.encode(rows, self.tokenizer, self.cfg, False)[0]
+        )
+        was_training = model.training
+        model.eval()
+
+        def pair_scores(chunk: list[dict]) -> list:
+            batch = {
+                k: v.to(info.device) if torch.is_tensor(v) else v for k, v in self.collate(chunk).items()
+            }
+            c, r = scores(model, batch).chunk(2)
+            return list(zip(c.tolist(), r.tolist()))
+
+        pairs = map_examples(examples, pair_scores, info, self.cfg.train.micro_batch_size)
+        model.train(was_training)
+        if not pairs:
+            return {}
+        return {
+            "accuracy": sum(c > r for c, r in pairs) / len(pairs),
+            "margin": sum(c - r for c, r in pairs) / len(pairs),
+        }

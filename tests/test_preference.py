@@ -1,0 +1,422 @@
+"""Preference methods: reward model, DPO (sigmoid/hinge/ipo/simpo/orpo), KTO.
+
+Quick tests check data encoding, bad rows, the loss formulas, log-probs and the reference paths
+in-process; slow tests train on 2 real ranks (ZeRO-2/3, FSDP2; full, LoRA, QLoRA) and check the
+learning thresholds, resume equivalence, and that the reward export scores padded batches.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from distft.config.load import load_config
+from distft.data.default_tasks import TASKS
+from distft.data.preference import IGNORE, collate_pairs, default_pairs, encode_pairs
+from distft.errors import ConfigError, DataError
+from tests.util import metrics, train, train_losses
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """The tiny base model directory and its tokenizer."""
+    from distft.models import load_tokenizer
+    from distft.models.tiny import build_tiny
+
+    cfg, _ = load_config(["method=dpo"])
+    path = build_tiny(tmp_path_factory.mktemp("tiny") / "base", cfg.model)
+    return path, load_tokenizer(str(path), cfg)
+
+
+def _cfg(*overrides: str):
+    return load_config(list(overrides))[0]
+
+
+# ---------------------------------------------------------------------------- data
+@pytest.mark.quick
+def test_default_pairs_prefer_the_right_answer():
+    rows = default_pairs(300)
+    assert rows == default_pairs(300)  # deterministic
+    kinds = set()
+    for r in rows:
+        task, word = r["prompt"].rstrip("=").split(" ")
+        assert r["chosen"] == TASKS[task](word) != r["rejected"]
+        other = TASKS["sort" if task == "reverse" else "reverse"](word)
+        kinds.add("other task" if r["rejected"] == other else "word" if r["rejected"] == word else "swap")
+    assert "other task" in kinds and len(kinds) >= 2
+
+
+@pytest.mark.quick
+def test_encode_text_chat_and_implicit_prompt_rows(tiny):
+    _, tok = tiny
+    chat_prompt = [{"role": "user", "content": "sort cab="}]
+    rows = [
+        {"prompt": "sort cab=", "chosen": "abc", "rejected": "cab"},
+        {"prompt": chat_prompt, "chosen": "abc", "rejected": "bca"},
+        {
+            "chosen": chat_prompt + [{"role": "assistant", "content": "abc"}],
+            "rejected": chat_prompt + [{"role": "assistant", "content": "bca"}],
+        },
+    ]
+    ex, stats = encode_pairs(rows, tok, 64, 0.0)
+    assert stats["skipped"] == 0 and len(ex) == 3
+    assert ex[1] == ex[2]  # the implicit prompt is the shared first message
+    assert tok.decode(ex[0]["prompt_ids"]) == "sort cab="
+    assert ex[0]["chosen_ids"] == tok("abc", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    assert tok.decode(ex[1]["chosen_ids"]) == "abc<|end|>"  # the chat template closes the turn
+    batch = collate_pairs(ex, tok.pad_token_id)
+    assert batch["input_ids"].shape[0] == 6 and batch["num_targets"] == 3
+    # Labels: exactly the completion tokens (chosen rows first, then rejected).
+    for row, e in zip(batch["labels"], [*ex, *ex]):
+        assert row[row != IGNORE].tolist() in (e["chosen_ids"], e["rejected_ids"])
+    assert batch["labels"][0][batch["labels"][0] != IGNORE].tolist() == ex[0]["chosen_ids"]
+    assert batch["labels"][3][batch["labels"][3] != IGNORE].tolist() == ex[0]["rejected_ids"]
+
+
+@pytest.mark.quick
+def test_bad_rows_are_counted_skips_with_a_limit(tiny):
+    _, tok = tiny
+    good = [
+        {"prompt": f"sort {w}=", "chosen": "".join(sorted(w)), "rejected": w} for w in ("cab", "zyx", "dca")
+    ]
+    bad = [
+        {"prompt": "sort ba=", "chosen": "ab", "_source": "f.jsonl:7"},
+        {"prompt": "sort ba=", "chosen": "ab", "rejected": "ab", "_source": "f.jsonl:8"},
+    ]
+    ex, stats = encode_pairs(good * 20 + bad, tok, 64, 0.05)
+    assert len(ex) == 60
+    assert stats["skipped"] == 2
+    assert set(stats["skipped_by_reason"]) == {
+        "missing 'rejected'",
+        "'chosen' and 'rejected' are identical",
+    }
+    with pytest.raises(DataError) as e:
+        encode_pairs(good + bad, tok, 64, 0.05)
+    msg = str(e.value)
+    assert "2 of 5 preference rows" in msg and "method.max_skip_fraction=0.05" in msg
+    assert "f.jsonl:7: missing 'rejected'" in msg and "expected 'prompt', 'chosen' and 'rejected'" in msg
+    assert "f.jsonl:8: 'chosen' and 'rejected' are identical" in msg
+
+
+@pytest.mark.quick
+def test_kto_rows_pairs_and_bad_labels(tiny):
+    from distft.methods.kto import KTO
+
+    _, tok = tiny
+    cfg = _cfg("method=kto", "method.max_skip_fraction=0.5")
+    rows = [
+        {"prompt": "sort cab=", "chosen": "abc", "rejected": "cab"},
+        {"prompt": "reverse abc=", "completion": "cba", "label": True},
+        {"prompt": "reverse abc=", "completion": "abc", "label": "maybe", "_source": "k.jsonl:3"},
+    ]
+    ex, stats = KTO.encode(rows, tok, cfg, True)
+    assert (stats["good"], stats["bad"], stats["skipped"]) == (2, 1, 1)
+    assert [e["pair"] for e in ex] == [0, 0, -1]
+    # Each example's KL partner is another example's completion (a fixed, seeded cycle).
+    assert sorted(tuple(e["kl_ids"]) for e in ex) == sorted(tuple(e["completion_ids"]) for e in ex)
+    assert all(e["kl_ids"] != e["completion_ids"] for e in ex)
+    with pytest.raises(DataError, match="k.jsonl:3: 'label' must be true or false"):
+        KTO.encode(rows, tok, _cfg("method=kto"), True)
+
+
+# ---------------------------------------------------------------------------- losses and log-probs
+@pytest.mark.quick
+def test_sequence_logps_match_a_plain_log_softmax():
+    from distft.methods.logprobs import sequence_logps
+
+    torch.manual_seed(0)
+    logits = torch.randn(3, 7, 11)
+    labels = torch.randint(0, 11, (3, 7))
+    labels[:, :3] = IGNORE
+    labels[2, 5:] = IGNORE
+    total, count = sequence_logps(logits, labels)
+    ref = torch.log_softmax(logits[:, :-1], -1).gather(-1, labels[:, 1:].clamp(min=0)[..., None])[..., 0]
+    mask = labels[:, 1:] != IGNORE
+    torch.testing.assert_close(total, (ref * mask).sum(-1))
+    assert count.tolist() == [4.0, 4.0, 2.0]
+    half, _ = sequence_logps(logits.bfloat16(), labels)  # rows normalized in fp32
+    torch.testing.assert_close(half, total, atol=0.1, rtol=0.02)
+
+
+@pytest.mark.quick
+def test_dpo_loss_types_follow_their_formulas():
+    from distft.methods.dpo import pair_rewards
+
+    logps = torch.tensor([-4.0, -9.0, -6.0, -7.0])  # chosen ×2, rejected ×2
+    ref = torch.tensor([-5.0, -8.0, -5.0, -8.0])
+    counts = torch.tensor([2.0, 3.0, 4.0, 1.0])
+    lc, lr = torch.tensor([1.0, -1.0]), torch.tensor([-1.0, 1.0])  # logratios
+
+    def run(loss_type, **kw):
+        method = SimpleNamespace(loss_type=loss_type, beta=0.5, label_smoothing=0.0, simpo_gamma=0.3, **kw)
+        return pair_rewards(logps, ref, counts, SimpleNamespace(method=method))
+
+    loss, c, r = run("sigmoid")
+    torch.testing.assert_close(loss, -F.logsigmoid(0.5 * (lc - lr)))
+    torch.testing.assert_close(c - r, 0.5 * (lc - lr))
+    loss, _, _ = run("hinge")
+    torch.testing.assert_close(loss, torch.relu(1 - 0.5 * (lc - lr)))
+    loss, _, _ = run("ipo")
+    torch.testing.assert_close(loss, (lc / counts[:2] - lr / counts[2:] - 1.0) ** 2)
+    avg_c, avg_r = logps[:2] / counts[:2], logps[2:] / counts[2:]
+    loss, c, r = run("simpo")
+    torch.testing.assert_close(loss, -F.logsigmoid(0.5 * (avg_c - avg_r) - 0.3))
+    torch.testing.assert_close(c, 0.5 * avg_c)
+    loss, _, _ = run("orpo")
+    pc, pr = avg_c.exp(), avg_r.exp()
+    log_odds = torch.log(pc / (1 - pc)) - torch.log(pr / (1 - pr))
+    torch.testing.assert_close(loss, -avg_c - 0.5 * F.logsigmoid(log_odds))
+    assert float(run("sigmoid")[0][0]) < math.log(2) < float(run("sigmoid")[0][1])
+
+
+@pytest.mark.quick
+def test_adapter_disabled_reference_is_the_base_model(tiny):
+    """LoRA: the reference is the policy with adapters off, equal to the base model, while the
+    policy itself (non-zero adapter) differs."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from distft.methods.logprobs import model_logps
+    from distft.methods.reference import Reference
+
+    path, tok = tiny
+    base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    policy = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32),
+        LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False),
+    )
+    ex, _ = encode_pairs(default_pairs(4), tok, 64, 0.0)
+    batch = collate_pairs(ex, tok.pad_token_id)
+    info = SimpleNamespace(rank=0, world_size=1, device=torch.device("cpu"))
+    trainer = SimpleNamespace(
+        info=info,
+        tuning=SimpleNamespace(adapter=True),
+        strategy=SimpleNamespace(module=policy, model=policy),
+        cfg=SimpleNamespace(train=SimpleNamespace(precision="fp32")),
+    )
+    ref = Reference(trainer, precompute=False)
+    with torch.no_grad():
+        expected = model_logps(base, batch)[0]
+        own = model_logps(policy, batch)[0]
+    torch.testing.assert_close(ref.logps(batch), expected)
+    assert (own - expected).abs().max() > 1e-3
+    # Precomputed: the same values, carried by the examples into the batch.
+    Reference(trainer, precompute=True).precompute(
+        ex, lambda e: collate_pairs(e, tok.pad_token_id), _assign, batch_size=3
+    )
+    torch.testing.assert_close(collate_pairs(ex, tok.pad_token_id)["ref_logps"].float(), expected)
+
+
+def _assign(example, values):
+    example["ref_chosen"], example["ref_rejected"] = values
+
+
+@pytest.mark.quick
+def test_config_errors_name_the_key():
+    with pytest.raises(ConfigError, match="method.loss_type='kl'; valid: sigmoid, hinge, ipo, simpo, orpo"):
+        _cfg("method=dpo", "method.loss_type=kl")
+    with pytest.raises(ConfigError, match="precompute_ref=true with method.loss_type=simpo"):
+        _cfg("method=dpo", "method.loss_type=simpo", "method.precompute_ref=true")
+    with pytest.raises(ConfigError, match="label_smoothing"):
+        _cfg("method=dpo", "method.label_smoothing=0.7")
+    with pytest.raises(ConfigError, match="method.beta"):
+        _cfg("method=kto", "method.beta=0")
+    for m in ("reward", "dpo", "kto"):
+        assert _cfg(f"method={m}").method.name == m
+
+
+@pytest.mark.quick
+def test_every_loss_type_trains_one_process(tmp_path):
+    """Each DPO variant and KTO run end to end in one process (2 steps) and log their metrics."""
+    for name, overrides in {
+        "simpo": ["method=dpo", "method.loss_type=simpo"],
+        "orpo": ["method=dpo", "method.loss_type=orpo", "method.beta=0.2"],
+        "hinge": ["method=dpo", "method.loss_type=hinge", "method.precompute_ref=true"],
+    }.items():
+        run = tmp_path / name
+        train(run, *overrides, *SHORT, "train.max_steps=2", "train.export=none", nproc=1)
+        first = metrics(run)[1]
+        assert {"rewards/chosen", "rewards/margins", "rewards/accuracy", "loss"} <= set(first), name
+        if name == "hinge":  # policy == reference before the first update
+            assert first["rewards/margins"] == 0.0 and first["loss"] == pytest.approx(1.0)
+
+
+# ---------------------------------------------------------------------------- multi-rank training
+SHORT = [
+    "data.num_examples=200",
+    "train.eval_generate=false",
+    "train.micro_batch_size=8",
+]
+
+
+def _first(run: Path) -> dict:
+    return next(r for r in metrics(run) if r.get("step") == 1 and "loss" in r)
+
+
+def _summary(run: Path) -> dict:
+    return json.loads((run / "summary.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def reward_zero2(tmp_path_factory):
+    run = tmp_path_factory.mktemp("reward") / "zero2"
+    train(
+        run,
+        "method=reward",
+        "strategy=zero2",
+        "data.num_examples=2000",
+        "train.lr=1e-3",
+        "train.max_steps=40",
+    )
+    return run
+
+
+@pytest.mark.slow
+def test_reward_model_learns_the_default_preferences(reward_zero2):
+    s = _summary(reward_zero2)
+    print(f"reward zero2: held-out accuracy {s['before']['accuracy']:.3f} -> {s['after']['accuracy']:.3f}")
+    assert s["before"]["accuracy"] < 0.65
+    assert s["after"]["accuracy"] >= 0.8
+    assert s["after"]["margin"] > s["before"]["margin"]
+    assert {"rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracy"} <= set(
+        _first(reward_zero2)
+    )
+    assert {"eval/accuracy", "eval/margin", "eval/rewards/accuracy"} <= set(metrics(reward_zero2)[-1])
+
+
+@pytest.mark.slow
+def test_reward_export_scores_a_padded_batch(reward_zero2):
+    """The export loads with AutoModelForSequenceClassification, scores a right- or left-padded
+    batch like each text alone, and ranks held-out chosen above rejected."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    path = reward_zero2 / "export"
+    model = AutoModelForSequenceClassification.from_pretrained(path).eval()
+    tok = AutoTokenizer.from_pretrained(path)
+    assert model.config.num_labels == 1 and model.config.pad_token_id == tok.pad_token_id
+    rows = default_pairs(60, seed=123)  # unseen pairs
+    texts = [r["prompt"] + r[k] + tok.eos_token for r in rows for k in ("chosen", "rejected")]
+    with torch.no_grad():
+        alone = torch.tensor([float(model(**tok(t, return_tensors="pt")).logits) for t in texts[:8]])
+        for side in ("right", "left"):
+            tok.padding_side = side
+            batch = tok(texts, return_tensors="pt", padding=True)
+            scores = model(**batch).logits[:, 0]
+            torch.testing.assert_close(scores[:8], alone, atol=1e-4, rtol=1e-4)
+    chosen, rejected = scores[0::2], scores[1::2]
+    assert float((chosen > rejected).float().mean()) >= 0.75
+
+
+@pytest.mark.slow
+def test_reward_lora_fsdp_exports_adapter_with_score_head(tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    run = tmp_path / "reward_lora"
+    train(run, "method=reward", "strategy=fsdp", "tuning=lora", *SHORT, "train.max_steps=4")
+    assert "rewards/accuracy" in _first(run)
+    meta = json.loads((run / "export" / "distft_export.json").read_text())
+    assert meta["adapter"] and meta["probe_max_abs_diff"] < 1e-4
+    base = AutoModelForSequenceClassification.from_pretrained(meta["base"], num_labels=1)
+    model = PeftModel.from_pretrained(base, run / "export").eval()
+    ids = torch.tensor(meta["probe_input_ids"])
+    with torch.no_grad():
+        got = model(input_ids=ids, position_ids=torch.arange(ids.shape[1]).expand_as(ids)).logits.flatten()
+    torch.testing.assert_close(got, torch.tensor(meta["probe_logits"])[: got.numel()], atol=1e-4, rtol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def dpo_zero2(tmp_path_factory):
+    """DPO from the random-init tiny model (full tuning, frozen reference copy), checkpointed
+    halfway; then resumed from that checkpoint in a copy of the run."""
+    root = tmp_path_factory.mktemp("dpo")
+    run = root / "zero2"
+    args = [
+        "method=dpo",
+        "strategy=zero2",
+        "data.num_examples=2000",
+        "train.max_steps=30",
+        "train.save_every=15",
+    ]
+    train(run, *args, "train.keep_last=3")
+    resumed = root / "resumed"
+    shutil.copytree(run, resumed, ignore=shutil.ignore_patterns("step_30", "export", "summary.json"))
+    (resumed / "checkpoints" / "latest").write_text("step_15\n")
+    train(resumed, *args, "train.keep_last=3")
+    return run, resumed
+
+
+@pytest.mark.slow
+def test_dpo_learns_the_default_preferences(dpo_zero2):
+    run, _ = dpo_zero2
+    s = _summary(run)
+    before, after = s["before"]["accuracy"], s["after"]["accuracy"]
+    print(f"dpo zero2: held-out preference accuracy {before:.3f} -> {after:.3f}")
+    assert s["before"]["accuracy"] == 0.0  # policy == reference: every margin is 0
+    assert s["after"]["accuracy"] >= 0.75
+    first = _first(run)
+    assert first["rewards/margins"] == 0.0 and first["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert (run / "export" / "model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_dpo_resume_continues_like_the_uninterrupted_run(dpo_zero2):
+    run, resumed = dpo_zero2
+    a, b = train_losses(run), train_losses(resumed)  # resumed's metrics.jsonl has both passes
+    later = [r for r in metrics(resumed) if "loss" in r][30:]  # the second pass: steps 16..30
+    assert [r["step"] for r in later] == list(range(16, 31))
+    for r in later:
+        assert r["loss"] == pytest.approx(a[r["step"]], rel=1e-4, abs=1e-6), r["step"]
+    assert b[30] == pytest.approx(a[30], rel=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "name,overrides",
+    [
+        # frozen reference copy sharded with the policy's fully_shard plan
+        ("fsdp_full_hinge", ["strategy=fsdp", "method.loss_type=hinge"]),
+        # reference = adapters disabled on the sharded 4-bit policy
+        ("fsdp_qlora", ["strategy=fsdp", "tuning=qlora"]),
+        # reference log-probs precomputed once under ZeRO-3 partitioned LoRA
+        (
+            "zero3_lora_precompute_ipo",
+            ["strategy=zero3", "tuning=lora", "method.precompute_ref=true", "method.loss_type=ipo"],
+        ),
+        # frozen reference partitioned by an optimizer-free ZeRO-3 engine
+        ("zero3_full", ["strategy=zero3"]),
+    ],
+)
+def test_dpo_reference_paths(tmp_path, name, overrides):
+    """Each reference path equals the policy before the first update (margins exactly 0), and
+    the run trains, evaluates and exports."""
+    run = tmp_path / name
+    train(run, "method=dpo", *SHORT, "train.max_steps=3", *overrides)
+    first = _first(run)
+    assert first["rewards/margins"] == pytest.approx(0.0, abs=1e-5), first
+    assert first["rewards/chosen"] == pytest.approx(0.0, abs=1e-5), first
+    s = _summary(run)
+    assert s["before"]["accuracy"] == 0.0 and 0.0 <= s["after"]["accuracy"] <= 1.0
+    assert (run / "export" / "distft_export.json").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy,tuning", [("zero2", "full"), ("fsdp", "lora")])
+def test_kto_trains(tmp_path, strategy, tuning):
+    run = tmp_path / f"kto_{strategy}"
+    train(run, "method=kto", f"strategy={strategy}", f"tuning={tuning}", *SHORT, "train.max_steps=6")
+    first = _first(run)
+    assert {"kl", "rewards/chosen", "rewards/rejected", "rewards/accuracy"} <= set(first)
+    assert first["kl"] == pytest.approx(0.0, abs=1e-5)  # policy == reference at step 1
+    assert first["loss"] == pytest.approx(0.5, abs=1e-5)  # 1 - σ(0)
+    losses = train_losses(run)
+    assert losses[6] < losses[1]
+    s = _summary(run)
+    assert "accuracy" in s["after"] and "margin" in s["after"]
