@@ -67,6 +67,11 @@ def plan_one(cfg, shape: ModelShape, strategy_cfg, world: int, micro: int, seq: 
     from distft.tuning import TUNINGS
 
     name = strategy_cfg.name
+    bucket = getattr(strategy_cfg, "reduce_bucket_size", 50_000_000)
+    live = 1_000_000_000  # DeepSpeed's default stage3_max_live_parameters
+    if bucket == "auto":  # as distft.strategies.deepspeed_zero.bucket_sizes
+        bucket = max(shape.hidden**2, 2**20)
+        live = min(live, max(2 * shape.largest_layer, shape.hidden**2))
     return estimate(
         shape,
         name,
@@ -78,8 +83,9 @@ def plan_one(cfg, shape: ModelShape, strategy_cfg, world: int, micro: int, seq: 
         adapter=bool(getattr(TUNINGS[cfg.tuning.name], "adapter", False)),
         checkpointing=cfg.train.gradient_checkpointing,
         gpu=cfg.cluster.gpus_per_node > 0,
-        reduce_bucket=getattr(strategy_cfg, "reduce_bucket_size", 50_000_000),
+        reduce_bucket=bucket,
         stage=getattr(strategy_cfg, "stage", None),
+        live=live,
     )
 
 

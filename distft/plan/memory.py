@@ -98,8 +98,10 @@ def estimate(
     gpu: bool = False,
     reduce_bucket: int = 50_000_000,
     stage: int | None = None,
+    live: int = 1_000_000_000,
 ) -> Estimate:
-    """Per-rank bytes of a job; `stage` overrides the ZeRO stage implied by the strategy name."""
+    """Per-rank bytes of a job; `stage` overrides the ZeRO stage implied by the strategy name;
+    `reduce_bucket` and `live` are DeepSpeed's bucket and live-parameter limits in elements."""
     n = max(world, 1)
     psi, psi_t = shape.params, shape.trainable
     half = precision in ("bf16", "fp16")
@@ -150,7 +152,8 @@ def estimate(
         grads = (compute * psi_t + 4.0 * psi_t / n) if stage == 1 else 4.0 * psi_t / n
         buffers += min(reduce_bucket, psi_t) * 4.0  # the contiguous gradient reduction bucket
         if stage == 3:
-            buffers += max(2 * block, min(reduce_bucket, psi) * compute)  # gathered / prefetched weights
+            # gathered and prefetched weights, up to stage3_max_live_parameters
+            buffers += max(2 * block, min(live, psi) * compute)
     else:
         raise ValueError(f"no memory model for strategy {strategy!r}")
 

@@ -30,7 +30,15 @@ def parallelize(model: torch.nn.Module, cfg, info) -> torch.nn.Module:
     from torch.nn.parallel import DistributedDataParallel
 
     ids = [info.device.index] if info.device.type == "cuda" else None
-    return DistributedDataParallel(model, device_ids=ids, bucket_cap_mb=cfg.strategy.bucket_cap_mb)
+    # Gradients live in the all-reduce buckets (no second copy); buffers (rotary tables) are the
+    # same on every rank by construction, so no per-forward broadcast.
+    return DistributedDataParallel(
+        model,
+        device_ids=ids,
+        bucket_cap_mb=cfg.strategy.bucket_cap_mb,
+        gradient_as_bucket_view=True,
+        broadcast_buffers=False,
+    )
 
 
 def make(cfg, info) -> TorchNativeStrategy:

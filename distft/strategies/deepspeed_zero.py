@@ -24,8 +24,10 @@ class ZeroConfig:
     """Keep optimizer states on the host and step there (DeepSpeedCPUAdam)."""
     offload_params: bool = False
     """Stage 3 only: keep parameters on the host between uses."""
-    reduce_bucket_size: int = 50_000_000
-    """Elements per gradient reduction bucket (smaller buckets trade speed for memory)."""
+    reduce_bucket_size: int | str = "auto"
+    """Elements per gradient reduction bucket (smaller buckets trade speed for memory). auto:
+    hidden_size² (at least 2**20); ZeRO-3 then also prefetches 0.9× that, keeps parameters under
+    10×hidden_size resident and at most two blocks' parameters gathered, so small models shard too."""
     overlap_comm: bool = False
     """Overlap gradient reduction with backward (more buffers, more memory)."""
     extra: dict[str, Any] = field(default_factory=dict)
@@ -48,17 +50,36 @@ def validate(cfg, gpu: bool) -> None:
         )
 
 
-def ds_config(cfg, world_size: int) -> dict:
+def bucket_sizes(s, model: torch.nn.Module | None) -> dict[str, int]:
+    """Bucket and live-parameter limits in elements, sized from the model when `auto`: DeepSpeed's
+    defaults (5e7-element buckets, 1e9 live parameters) keep a model of tens of millions of
+    parameters gathered whole, and its peak memory then shows little of what sharding saves."""
+    hidden = getattr(getattr(model, "config", None), "hidden_size", None)
+    if s.reduce_bucket_size != "auto":
+        return {"bucket": int(s.reduce_bucket_size), "persist": 10_000, "live": 1_000_000_000}
+    if not hidden:
+        return {"bucket": 50_000_000, "persist": 10_000, "live": 1_000_000_000}
+    from distft.strategies.fsdp import decoder_layers
+
+    block = max((sum(p.numel() for p in b.parameters()) for b in decoder_layers(model)), default=0)
+    live = min(1_000_000_000, max(2 * block, hidden * hidden)) if block else 1_000_000_000
+    return {"bucket": max(hidden * hidden, 2**20), "persist": 10 * hidden, "live": live}
+
+
+def ds_config(cfg, world_size: int, model: torch.nn.Module | None = None) -> dict:
     s, t = cfg.strategy, cfg.train
+    sizes = bucket_sizes(s, model)
     zero: dict[str, Any] = {
         "stage": s.stage,
-        "reduce_bucket_size": s.reduce_bucket_size,
+        "reduce_bucket_size": sizes["bucket"],
         "overlap_comm": s.overlap_comm,
         "contiguous_gradients": True,
     }
     if s.stage == 3:
-        zero["stage3_prefetch_bucket_size"] = s.reduce_bucket_size
-        zero["stage3_param_persistence_threshold"] = 10_000
+        zero["stage3_prefetch_bucket_size"] = int(0.9 * sizes["bucket"])
+        zero["stage3_param_persistence_threshold"] = sizes["persist"]
+        zero["stage3_max_live_parameters"] = sizes["live"]
+        zero["stage3_max_reuse_distance"] = sizes["live"]
     if s.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     if s.offload_params:
@@ -128,7 +149,7 @@ class DeepSpeedStrategy:
 
         self.adapter_only = any(not p.requires_grad for p in model.parameters())
         optimizer = build_adamw(model, self.cfg, cpu_adam=self.cfg.strategy.offload_optimizer)
-        self.config = ds_config(self.cfg, self.info.world_size)
+        self.config = ds_config(self.cfg, self.info.world_size, model)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, config=self.config
         )
