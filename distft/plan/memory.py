@@ -120,20 +120,16 @@ def estimate(
     block = shape.largest_layer * (NF4_BYTES if tuning == "qlora" else compute)  # one gathered block
     if stage is None:
         stage = {"zero1": 1, "zero2": 2, "zero3": 3, "zero3_offload": 3}.get(strategy)
-    # torch's foreach AdamW makes one temporary the size of its (sharded) states' second moment.
-    adam_temp = 4.0 * psi_t
 
     buffers = 0.0
     if strategy == "ddp":
         params, grads, optimizer = weights, 4.0 * psi_t, 8.0 * psi_t
-        buffers += adam_temp
         if n > 1:
             buffers += 4.0 * psi_t  # DDP's gradient buckets (a copy of the gradients)
         if half and not adapter:
             buffers += 2.0 * (psi - shape.embedding)  # autocast's bf16 weight cache, forward to backward
     elif strategy == "fsdp":
         params, grads, optimizer = weights / n, 4.0 * psi_t / n, 8.0 * psi_t / n
-        buffers += adam_temp / n
         if n > 1 or half:
             # Gathered blocks (the current one and the prefetched next), the root (embedding, head,
             # final norm) gathered for the whole forward, and a block's unsharded gradients.
@@ -146,7 +142,6 @@ def estimate(
         if stage == 3:
             params /= n
         optimizer = 12.0 * psi_t / n
-        buffers += adam_temp / n
         if not half:
             notes.append("fp32: DeepSpeed keeps an fp32 master partition besides the fp32 weights")
         grads = (compute * psi_t + 4.0 * psi_t / n) if stage == 1 else 4.0 * psi_t / n
