@@ -228,8 +228,10 @@ def save(
         if extra is not None:
             extra(tmp)
         torch.save(_rng_state(), tmp / f"rng_rank{info.rank}.pt")
-    except Exception as e:  # noqa: BLE001 - any writer failure (ENOSPC, EFBIG, EACCES) fails the save cleanly
-        error = e
+    except BaseException as e:  # DCP's CheckpointException is a BaseException
+        if isinstance(e, (KeyboardInterrupt, SystemExit)):
+            raise
+        error = e  # any writer failure (ENOSPC, EFBIG, EACCES) fails the save cleanly, below
     if handle is not None and error is None:
         _PENDING = _Pending(handle, root, tmp, final, state, info, keep_last)
         return final
@@ -246,7 +248,9 @@ def wait_pending() -> None:
     error = None
     try:
         getattr(pending.handle, "upload_completion", pending.handle).result()
-    except Exception as e:  # noqa: BLE001
+    except BaseException as e:
+        if isinstance(e, (KeyboardInterrupt, SystemExit)):
+            raise
         error = e
     p = pending
     _finish(p.root, p.tmp, p.final, p.state, p.info, p.keep_last, error)
@@ -271,11 +275,19 @@ def _finish(root: Path, tmp: Path, final: Path, state: dict, info, keep_last: in
     if failed:
         if info.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
-        why = f"{type(error).__name__}: {error}" if error is not None else "another rank failed to write"
+        why = _one_line(error) if error is not None else "another rank failed to write its part"
+        free = shutil.disk_usage(root).free / 2**20
         raise CheckpointError(
             f"checkpoint {final.name} was not saved ({why}); checkpoints/latest still names {previous}. "
-            f"Free space or fix permissions in {root}, then resume=auto continues from {previous}"
+            f"Free space ({free:.0f} MiB free) or fix permissions or limits in {root}, then "
+            f"resume=auto continues from {previous}"
         )
+
+
+def _one_line(error: BaseException) -> str:
+    """The innermost cause's last line (DCP's exception carries every rank's whole traceback)."""
+    lines = [ln.strip() for ln in str(error).splitlines() if ln.strip()]
+    return f"{type(error).__name__}: {lines[-1] if lines else ''}"[:300]
 
 
 def mark_best(run_dir: Path, step: int, info) -> None:
