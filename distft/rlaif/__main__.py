@@ -1,0 +1,5 @@
+import sys
+
+from distft.rlaif.main import main
+
+sys.exit(main())
