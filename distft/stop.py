@@ -6,6 +6,7 @@ through torchrun, which passes handled signals on to its workers)."""
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import threading
@@ -28,7 +29,7 @@ class StopRequested(Exception):
 
 def _handler(signum: int, frame) -> None:
     global _requested
-    if not _requested:
+    if not _requested and os.environ.get("RANK", "0") == "0":  # every rank gets it: say it once
         print(
             f"distft: got {signal.Signals(signum).name}: checkpoint at the next step end, then stop",
             file=sys.stderr,

@@ -34,7 +34,8 @@ LAUNCH_ONLY = ("output_dir=", "launch.")
 SUBMITIT_DEFAULTS = {
     "hydra.launcher.nodes": "${cluster.nodes}",
     "hydra.launcher.tasks_per_node": "${cluster.nproc_per_node}",
-    "hydra.launcher.gpus_per_node": "${distft_none_if_zero:${cluster.gpus_per_node}}",  # CPU nodes: no GRES
+    # Quoted: Hydra's override grammar takes a nested interpolation only as a string.
+    "hydra.launcher.gpus_per_node": "'${distft_none_if_zero:${cluster.gpus_per_node}}'",  # CPU: no GRES
     "hydra.launcher.cpus_per_task": "1",
     "hydra.launcher.timeout_min": "60",
 }
