@@ -27,6 +27,7 @@ from distft.engine.schedule import lr_schedule
 from distft.eval.early_stop import BestTracker
 from distft.methods import METHODS
 from distft.models import load_model, load_tokenizer, resolve_model_path
+from distft.models.sharded_load import meta_model
 from distft.perf.mfu import MfuMeter, mean_length, peak_memory_gib
 from distft.strategies import STRATEGIES
 from distft.tuning import TUNINGS
@@ -90,9 +91,14 @@ class Trainer:
             cfg.train.micro_batch_size = estimate_micro_batch(cfg, data.train, info.world_size)
 
         load_dtype = torch.float32 if not tuning.adapter else LOAD_DTYPES[cfg.train.precision]
-        model = load_model(
-            model_path, cfg, torch.float32, tuning.load_kwargs(cfg, load_dtype), method.auto_class
-        )
+        model = None
+        sharded = getattr(STRATEGIES[cfg.strategy.name], "loads_sharded", False)
+        if sharded and info.world_size > 1 and not tuning.adapter and method.auto_class is None:
+            model = meta_model(model_path, cfg)  # each rank reads only its shards (strategy.setup)
+        if model is None:
+            model = load_model(
+                model_path, cfg, torch.float32, tuning.load_kwargs(cfg, load_dtype), method.auto_class
+            )
         if cfg.train.gradient_checkpointing:
             model.gradient_checkpointing_enable({"use_reentrant": False})
         model.config.use_cache = False

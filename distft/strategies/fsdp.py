@@ -19,6 +19,7 @@ class FsdpConfig:
 
 
 config = FsdpConfig
+loads_sharded = True  # the model may come on the meta device; each rank reads only its shards
 
 
 def validate(cfg, gpu: bool) -> None:

@@ -38,8 +38,14 @@ class TorchNativeStrategy:
         self._ckpt_group = None
 
     def setup(self, model: torch.nn.Module) -> None:
-        model.to(self.info.device)
+        on_meta = any(p.is_meta for p in model.parameters())
+        if not on_meta:
+            model.to(self.info.device)
         self.model = self.parallelize(model, self.cfg, self.info)
+        if on_meta:  # built on the meta device (distft.models.sharded_load): read this rank's shards
+            from distft.models.sharded_load import load_shards
+
+            load_shards(self.model, self.info.device)
         self.module = getattr(self.model, "module", self.model)  # DDP wraps, FSDP2 does not
         self.optimizer = build_adamw(self.module, self.cfg)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
