@@ -236,8 +236,9 @@ def test_kill_9_during_checkpoint_write_keeps_previous_and_resumes(sync_run, tmp
 def test_killed_worker_restarts_group_from_last_checkpoint(tmp_path):
     run = tmp_path / "elastic"
     steps = 40
-    cmd = [sys.executable, "-m", "launch.main", *COMMON, "train.progress=false", f"train.max_steps={steps}"]
-    cmd += ["train.save_every=2", "cluster.max_restarts=1", f"cluster.master_port={free_port()}"]
+    # torchrun's elastic agent with --max-restarts (what cluster.max_restarts sets in distft-launch).
+    cmd = [*_torchrun(), *COMMON, "train.progress=false", f"train.max_steps={steps}", "train.save_every=2"]
+    cmd.insert(3, "--max-restarts=1")
     cmd += [f"output_dir={run}"]
     proc = subprocess.Popen(
         cmd, cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
