@@ -3,13 +3,13 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install train test test-quick lint bench
+.PHONY: install train test test-quick lint bench docs
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[test,docs]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -27,3 +27,8 @@ test-quick: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check distft launch tests bench
 	$(VENV)/bin/ruff format --check distft launch tests bench
+
+# The documentation site (docs/, mkdocs.yml) into site/; warnings are errors.
+docs: $(STAMP)
+	$(PY) -m distft.docs_ref --check
+	$(VENV)/bin/mkdocs build --strict --site-dir site
