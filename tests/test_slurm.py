@@ -210,7 +210,7 @@ def test_submitit_sweep_runs_each_trial_as_its_own_multi_rank_job(submitit_sweep
     assert all(r["status"] == "ok" and isinstance(r["eval_loss"], float) for r in rows), rows
     assert len({r["slurm_job_id"] for r in rows}) == 2  # one SLURM job per trial
     table = (sweep_dir / "summary.md").read_text()
-    assert "train.lr=1e-3" in table and "train.lr=3e-3" in table
+    assert "| 0 | train.lr=0.001 |" in table and "| 1 | train.lr=0.003 |" in table  # named by swept key
     for r in rows:
         run_dir = Path(r["run_dir"])
         assert run_dir.parent == sweep_dir
