@@ -156,10 +156,10 @@ def test_slurm_node_placement_comes_from_slurm_variables():
 @pytest.mark.slow
 def test_elastic_launch_restarts_the_group_after_a_rank_dies_and_resumes(tmp_path):
     run_dir = tmp_path / "run"
-    steps = 40
+    steps = 100  # long enough that the kill after the first checkpoint lands mid-run
     cmd = [
         sys.executable, "-m", "launch.main", *TINY, f"output_dir={run_dir}", f"train.max_steps={steps}",
-        "train.save_every=2", "cluster.max_restarts=1", f"cluster.master_port={free_port()}",
+        "train.save_every=5", "cluster.max_restarts=1", f"cluster.master_port={free_port()}",
     ]  # fmt: skip
     proc = subprocess.Popen(
         cmd, cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True

@@ -23,6 +23,7 @@ pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
 TINY = [*FAST, "data.num_examples=200", "train.eval_generate=false"]
 JOB_TIMEOUT = 900
+PREEMPT_STEPS = 8
 
 
 def _unavailable(reason: str):
@@ -116,7 +117,7 @@ def preempted(slurm, tmp_path_factory):
     """`sbatch slurm/train.sbatch <overrides>` by hand; once training runs, send the pre-timeout
     warning (USR1 to the batch shell); the job checkpoints, requeues itself and is released."""
     run_dir = tmp_path_factory.mktemp("slurm") / "preempt"
-    overrides = [*TINY, "train.max_steps=60", "logger=wandb", f"output_dir={run_dir}"]
+    overrides = [*TINY, f"train.max_steps={PREEMPT_STEPS}", "logger=wandb", f"output_dir={run_dir}"]
     out = subprocess.run(
         [
             "sbatch",
@@ -134,10 +135,9 @@ def preempted(slurm, tmp_path_factory):
     job = out.stdout.strip().split(";")[0]
     log = run_dir.parent / f"preempt-{job}.out"
 
-    def training() -> bool:
-        return (run_dir / "metrics.jsonl").is_file() and any("loss" in r for r in metrics(run_dir))
-
-    wait_until(training, JOB_TIMEOUT, "the first training step")
+    # preflight.json is written once every rank has its stop handler: from then on the warning
+    # stops the run after the next step, however fast the steps are.
+    wait_until((run_dir / "preflight.json").is_file, JOB_TIMEOUT, "the ranks to start")
     subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True)
     wait_until(lambda: job_field(job, "JobState") == "PENDING", 300, "the job to requeue itself")
     stopped_at = (run_dir / "checkpoints" / "latest").read_text().strip()
@@ -158,13 +158,13 @@ def test_preempted_job_checkpoints_requeues_and_resumes(preempted):
     assert restarts == "1"
     assert "got USR1" in text and "requeueing job" in text
     step = int(stopped_at.removeprefix("step_"))
-    assert 0 < step < 60
+    assert 0 < step < PREEMPT_STEPS
     assert f"stopped on request at step {step}" in text
     assert f"resumed from {run_dir}/checkpoints/step_{step} at step {step}" in text
     assert "restart 1 on" in text  # SLURM_RESTART_COUNT in the requeued run
     losses = train_losses(run_dir)
-    assert sorted(losses) == list(range(1, 61))  # no step lost or repeated across the requeue
-    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_60"
+    assert sorted(losses) == list(range(1, PREEMPT_STEPS + 1))  # no step lost or repeated
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"step_{PREEMPT_STEPS}"
     assert (run_dir / "export").is_dir()
 
 
