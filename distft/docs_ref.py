@@ -188,16 +188,23 @@ def render() -> str:
     return "\n".join(out) + "\n"
 
 
-def _recipe_text(path: Path) -> tuple[str, str]:
-    """The recipe's header comment (as prose) and its YAML body."""
+def _recipe_text(path: Path) -> tuple[str, list[str], str]:
+    """The recipe's header comment as prose, the commands in it (indented comment lines), and
+    its YAML body."""
     lines = path.read_text().splitlines()
-    head = []
+    head, commands = [], []
     for line in lines:
         if not line.startswith("#"):
             break
-        if "@package" not in line:
-            head.append(line[1:].strip())
-    return "\n".join(head), "\n".join(lines[len(head) + 1 :]).strip()
+        if "@package" in line:
+            continue
+        text = line[1:]
+        if text.startswith("   "):
+            commands.append(text.strip())
+        else:
+            head.append(text.strip().replace("Planned peak: see docs/recipes.md.", "").strip())
+    body = "\n".join(lines[len(head) + len(commands) + 1 :]).strip()
+    return "\n".join(h for h in head if h), commands, body
 
 
 def model_config_dir(name_or_path: str) -> str:
@@ -228,7 +235,7 @@ def render_recipes() -> str:
     ]
     for path in sorted((conf_dir() / "experiment").glob("*.yaml")):
         name = path.stem
-        prose, body = _recipe_text(path)
+        prose, commands, body = _recipe_text(path)
         raw = OmegaConf.to_container(OmegaConf.load(path), resolve=False) or {}
         hub = (raw.get("model") or {}).get("name_or_path")
         overrides = [f"experiment={name}", f"train.memory_gib={PLAN_BUDGET_GIB}"]
@@ -240,6 +247,8 @@ def render_recipes() -> str:
         from distft.plan.auto import world_size
 
         world = world_size(cfg)
+        needs = "slurm, gpu" if cfg.cluster.name == "slurm" else "gpu"
+        needs += ", network" if hub else ""
         rows, meta = table(cfg, [world])
         ckpt = cfg.train.gradient_checkpointing
         out += ["", f"## `{name}`", "", prose, ""]
@@ -269,6 +278,7 @@ def render_recipes() -> str:
             "```",
             "",
             "```bash",
+            *(f"{c}   # needs: {needs}" for c in commands),
             f"{plan_cmd}   # tested-by: tests/test_docs.py",
             "```",
         ]

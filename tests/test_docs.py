@@ -37,9 +37,12 @@ LAUNCH = "distft-launch cluster.nproc_per_node=2 train.max_steps=2"
 FAST = "train.progress=false data.num_examples=400 data.max_eval_generations=4 train.max_new_tokens=4"
 # The recipes' own batch shapes with packing need a few thousand short rows to fill one step.
 RECIPE_SIZE = "data.num_examples=4000 data.max_eval_generations=4 train.max_new_tokens=4 train.progress=false"
+# Only model and cluster keys change (and max_steps); the tiny model is made tinier still, because
+# the recipes' own batch shapes (16 × 2048 tokens per step) stay.
 SHRINK = (
-    "model=tiny model.name_or_path=null model.max_position_embeddings=4096 cluster=local cluster.nodes=1 "
-    "cluster.nproc_per_node=1 cluster.gpus_per_node=0 train.max_steps=2"
+    "model=tiny model.name_or_path=null model.max_position_embeddings=4096 model.hidden_size=32 "
+    "model.num_heads=2 model.num_kv_heads=2 model.intermediate_size=64 model.num_layers=1 "
+    "cluster=local cluster.nodes=1 cluster.nproc_per_node=1 cluster.gpus_per_node=0 train.max_steps=2"
 )
 # Methods another issue may still be adding: their recipes are skipped (with the reason) while
 # the method is not registered.
@@ -383,50 +386,59 @@ CHROMIUM_FLAGS = [
 ]
 
 
+PROBE = (
+    "<script>window.addEventListener('load', () => { for (const i of document.images) "
+    "i.setAttribute('data-loaded', String(i.complete && i.naturalWidth > 0)); "
+    "console.log('distft-probe images=' + document.images.length); });</script></body>"
+)
+
+
+def chromium_check(chromium: str, page: Path, profile: Path) -> tuple[list[str], list[str], str]:
+    """Open `page` (a copy with a load probe) in headless Chromium: (each <img>'s load state,
+    console errors, stderr). A fresh profile per run; the page comes from disk, no network."""
+    probe = page.parent / f"probe-{page.name}"
+    probe.write_text(page.read_text().replace("</body>", PROBE))
+    cmd = [chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "--virtual-time-budget=5000"]
+    home = dict(os.environ, HOME=str(profile.parent))
+    proc = subprocess.run(
+        [*cmd, "--dump-dom", probe.as_uri()], capture_output=True, text=True, timeout=180, env=home
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    console = [line for line in proc.stderr.splitlines() if ":CONSOLE" in line]
+    assert any("distft-probe images=" in line for line in console), proc.stderr[-3000:]
+    errors = [line for line in console if re.search(r"error|uncaught", line, re.I)]
+    return re.findall(r'data-loaded="(true|false)"', proc.stdout), errors, proc.stderr
+
+
 @pytest.mark.slow
 def test_report_page_in_headless_chromium(executed, tmp_path):
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:
         pytest.skip("Debian's chromium is not installed (.ci/run installs it)")
-    tmp, results = executed
+    tmp, _ = executed
     page = tmp / "quick" / "report" / "index.html"
     assert page.is_file()
     plots = re.findall(r"<img[^>]+src=['\"]([^'\"]+)['\"]", page.read_text())
-    assert plots, "the report has no plots"
-    # A fresh profile per run; the page is opened from disk, no network is touched.
-    base = [chromium, *CHROMIUM_FLAGS]
-
-    def run(*extra):
-        profile = tmp_path / f"profile{len(list(tmp_path.iterdir()))}"
-        cmd = [*base, f"--user-data-dir={profile}", *extra]
-        return subprocess.run(
-            cmd, capture_output=True, text=True, timeout=180, env=dict(os.environ, HOME=str(tmp_path))
-        )
-
-    # The DOM after scripts ran, with each image's load state written into it.
-    probe = page.parent / "probe.html"
-    probe.write_text(
-        page.read_text().replace(
-            "</body>",
-            "<script>window.addEventListener('load', () => { for (const i of document.images) "
-            "i.setAttribute('data-loaded', String(i.complete && i.naturalWidth > 0)); "
-            "console.log('distft-probe images=' + document.images.length); });</script></body>",
-        )
-    )
-    dom = run("--virtual-time-budget=5000", "--dump-dom", probe.as_uri())
-    assert dom.returncode == 0, dom.stderr[-3000:]
-    loaded = re.findall(r'data-loaded="(true|false)"', dom.stdout)
-    assert loaded and len(loaded) == len(plots), (len(loaded), len(plots), dom.stdout[-2000:])
-    assert all(x == "true" for x in loaded), f"plots that did not load: {loaded}"
-    console = [line for line in dom.stderr.splitlines() if "CONSOLE" in line]
-    errors = [
-        line for line in console if re.search(r"error|Uncaught", line, re.I) and "distft-probe" not in line
-    ]
-    assert any("distft-probe images=" in line for line in console), dom.stderr[-3000:]
+    assert len(plots) >= 2, f"the report has too few plots: {plots}"
+    loaded, errors, stderr = chromium_check(chromium, page, tmp_path / "profile1")
+    assert len(loaded) == len(plots) and all(x == "true" for x in loaded), (plots, loaded)
     assert not errors, "\n".join(errors)
+    # The same check on a broken copy (a missing plot and a script error) must flag both.
+    broken = page.parent / "broken.html"
+    broken.write_text(
+        page.read_text()
+        .replace(plots[0], "missing.png", 1)
+        .replace("</body>", "<script>nope()</script></body>")
+    )
+    loaded, errors, _ = chromium_check(chromium, broken, tmp_path / "profile2")
+    assert "false" in loaded and errors
     artifacts = tmp_path / "artifacts"
     artifacts.mkdir()
-    shot = run("--window-size=1280,2000", f"--screenshot={artifacts / 'report.png'}", page.as_uri())
-    assert shot.returncode == 0, shot.stderr[-3000:]
+    shot = [chromium, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile3'}", "--window-size=1280,2000"]
+    shot += [f"--screenshot={artifacts / 'report.png'}", page.as_uri()]
+    proc = subprocess.run(
+        shot, capture_output=True, text=True, timeout=180, env=dict(os.environ, HOME=str(tmp_path))
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
     assert (artifacts / "report.png").stat().st_size > 10_000
     print(f"screenshot: {artifacts / 'report.png'}")
