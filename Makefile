@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install train test test-quick lint bench docs
+.PHONY: install system-deps train test test-quick lint bench docs
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -17,7 +17,13 @@ install: $(STAMP)
 train: $(STAMP)
 	$(VENV)/bin/distft-launch $(ARGS)
 
-test: $(STAMP)
+# What the tests need beyond Python: a real single-node SLURM cluster (slurm-wlm + munge,
+# started here; fails loudly if it cannot start) and headless Chromium for the report-page check.
+system-deps:
+	bash slurm/local_cluster.sh
+	command -v chromium >/dev/null || { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; }
+
+test: $(STAMP) system-deps
 	$(VENV)/bin/ruff check distft launch tests bench
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
