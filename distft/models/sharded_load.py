@@ -59,6 +59,7 @@ def meta_model(model_path: str, cfg, auto_class=None):
             attn_implementation=cfg.model.attn_implementation,
             trust_remote_code=cfg.model.trust_remote_code,
         )
+    model.tie_weights()  # the meta patch re-creates parameters, untying the head from the embedding
     if not all(any(n in files for n in names) for names in _names(model).values()):
         return None  # renamed or missing keys: leave it to from_pretrained
     setattr(model, CHECKPOINT_ATTR, model_path)
@@ -92,3 +93,5 @@ def load_shards(model: torch.nn.Module, device: torch.device) -> None:
                 part = f.get_slice(key)[index] if index else f.get_tensor(key)
             local.copy_(part.to(local.dtype))
             del part
+    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+        print(f"distft: sharded load: each rank read only its shards of {files[key]}", flush=True)

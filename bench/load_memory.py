@@ -1,0 +1,78 @@
+"""Host RAM while loading a model (ANCHORS #6): per-node peak RSS of Trainer.build (config, data,
+model load, strategy setup; no training step) with 1 and 2 ranks.
+
+    .venv/bin/python bench/load_memory.py
+
+The load's share is each rank's peak minus the same build on distft's 0.65M-parameter model (the
+runtime: Python, torch, libraries, data), summed over the node's ranks. Target: 2 ranks at most
+1.3× of 1 rank for a model of tens of millions of parameters, with a sharded strategy (FSDP2 reads
+only each rank's rows of every weight). DDP needs a full replica per rank and is shown for
+reference. Results: outputs/bench/load/results.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+from common import REPO, bench_env, build_model_dir, launch
+from memory_scaling import SHAPE, TINY
+
+
+def parse() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--strategies", default="fsdp,ddp")
+    p.add_argument("--mmap-threshold", default="65536")
+    p.add_argument("--out", default=str(REPO / "outputs/bench/load"))
+    return p.parse_args()
+
+
+def probe(model_dir: Path, strategy: str, nproc: int, out: Path, mmap: str) -> list[float]:
+    shutil.rmtree(out, ignore_errors=True)
+    args = [
+        f"output_dir={out}", "resume=never", f"model.name_or_path={model_dir}", f"strategy={strategy}",
+        "data.num_examples=400", "train.progress=false", "train.eval_generate=false", "train.max_steps=1",
+    ]  # fmt: skip
+    env = bench_env(**({"MALLOC_MMAP_THRESHOLD_": mmap} if mmap else {}))
+    return launch("load_probe", args, nproc, out / "rss", out / "run.log", env=env)["rss_gib"]
+
+
+def main() -> None:
+    a = parse()
+    out = Path(a.out)
+    big = build_model_dir(out / "model-70M", **SHAPE)
+    tiny = build_model_dir(out / "model-tiny", **TINY)
+    rows, results = [], {}
+    for strategy in a.strategies.split(","):
+        for nproc in (1, 2):
+            base = probe(tiny, strategy, nproc, out / f"{strategy}-{nproc}-tiny", a.mmap_threshold)
+            peak = probe(big, strategy, nproc, out / f"{strategy}-{nproc}", a.mmap_threshold)
+            load = sum(p - b for p, b in zip(peak, base))
+            results[f"{strategy}-{nproc}"] = {"peak_gib": peak, "baseline_gib": base, "load_gib": load}
+            print(
+                f"{strategy} {nproc} rank(s): peak {peak} baseline {base} → load {load:.3f} GiB", flush=True
+            )
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "results.json").write_text(json.dumps(results, indent=1))
+    lines = [
+        f"70.9M-parameter Llama shape (fp32 weights, {4 * 70.9e6 / 2**30:.2f} GiB), Trainer.build only",
+        "",
+        "| strategy | ranks | peak RSS per rank (GiB) | load share per node (GiB) | 2 ranks / 1 rank |",
+        "|---|---|---|---|---|",
+    ]
+    for strategy in a.strategies.split(","):
+        one = results[f"{strategy}-1"]["load_gib"]
+        for nproc in (1, 2):
+            r = results[f"{strategy}-{nproc}"]
+            ratio = f"{r['load_gib'] / one:.2f}" if nproc == 2 else "-"
+            peaks = " / ".join(f"{x:.2f}" for x in r["peak_gib"])
+            lines.append(f"| {strategy} | {nproc} | {peaks} | {r['load_gib']:.3f} | {ratio} |")
+    rows = "\n".join(lines) + "\n"
+    (out / "results.md").write_text(rows)
+    print(rows)
+
+
+if __name__ == "__main__":
+    main()
