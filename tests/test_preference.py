@@ -239,13 +239,16 @@ def test_every_loss_type_trains_one_process(tmp_path):
         "simpo": ["method=dpo", "method.loss_type=simpo"],
         "orpo": ["method=dpo", "method.loss_type=orpo", "method.beta=0.2"],
         "hinge": ["method=dpo", "method.loss_type=hinge", "method.precompute_ref=true"],
+        "kto": ["method=kto", "method.precompute_ref=true"],
     }.items():
         run = tmp_path / name
-        train(run, *overrides, *SHORT, "train.max_steps=2", "train.export=none", nproc=1)
-        first = metrics(run)[1]
-        assert {"rewards/chosen", "rewards/margins", "rewards/accuracy", "loss"} <= set(first), name
-        if name == "hinge":  # policy == reference before the first update
+        train(run, *overrides, *SHORT, "train.max_steps=2", "train.export=none", plain=True)
+        first = _first(run)
+        assert {"rewards/chosen", "rewards/rejected", "rewards/accuracy", "loss"} <= set(first), name
+        if name == "hinge":  # policy == (precomputed) reference before the first update
             assert first["rewards/margins"] == 0.0 and first["loss"] == pytest.approx(1.0)
+        if name == "kto":
+            assert first["kl"] == 0.0 and first["loss"] == pytest.approx(0.5)
 
 
 # ---------------------------------------------------------------------------- multi-rank training
@@ -288,7 +291,10 @@ def test_reward_model_learns_the_default_preferences(reward_zero2):
     assert {"rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracy"} <= set(
         _first(reward_zero2)
     )
-    assert {"eval/accuracy", "eval/margin", "eval/rewards/accuracy"} <= set(metrics(reward_zero2)[-1])
+    final = [r for r in metrics(reward_zero2) if "eval/accuracy" in r][-1]
+    assert {"eval/margin", "eval/rewards/accuracy", "eval/rewards/margins"} <= set(final)
+    test = [r for r in metrics(reward_zero2) if "test/accuracy" in r][-1]
+    assert test["test/accuracy"] == pytest.approx(test["test/rewards/accuracy"])  # the test split's own
 
 
 @pytest.mark.slow
@@ -316,20 +322,29 @@ def test_reward_export_scores_a_padded_batch(reward_zero2):
 
 @pytest.mark.slow
 def test_reward_lora_fsdp_exports_adapter_with_score_head(tmp_path):
-    from peft import PeftModel
-    from transformers import AutoModelForSequenceClassification
+    """LoRA reward model on FSDP2: the adapter export holds the trained score head (PEFT
+    modules_to_save) and loads with AutoModelForSequenceClassification (one label)."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     run = tmp_path / "reward_lora"
     train(run, "method=reward", "strategy=fsdp", "tuning=lora", *SHORT, "train.max_steps=4")
     assert "rewards/accuracy" in _first(run)
-    meta = json.loads((run / "export" / "distft_export.json").read_text())
+    path = run / "export"
+    meta = json.loads((path / "distft_export.json").read_text())
     assert meta["adapter"] and meta["probe_max_abs_diff"] < 1e-4
-    base = AutoModelForSequenceClassification.from_pretrained(meta["base"], num_labels=1)
-    model = PeftModel.from_pretrained(base, run / "export").eval()
+    assert "score" in json.loads((path / "adapter_config.json").read_text())["modules_to_save"]
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1).eval()
     ids = torch.tensor(meta["probe_input_ids"])
     with torch.no_grad():
         got = model(input_ids=ids, position_ids=torch.arange(ids.shape[1]).expand_as(ids)).logits.flatten()
-    torch.testing.assert_close(got, torch.tensor(meta["probe_logits"])[: got.numel()], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(
+            got, torch.tensor(meta["probe_logits"])[: got.numel()], atol=1e-4, rtol=1e-4
+        )
+        tok = AutoTokenizer.from_pretrained(path)
+        texts = ["sort cba=abc" + tok.eos_token, "reverse abcd=dcba" + tok.eos_token]
+        alone = [float(model(**tok(t, return_tensors="pt")).logits) for t in texts]
+        padded = model(**tok(texts, return_tensors="pt", padding=True)).logits[:, 0]
+    torch.testing.assert_close(padded, torch.tensor(alone), atol=1e-4, rtol=1e-4)
 
 
 @pytest.fixture(scope="module")
@@ -349,13 +364,13 @@ def dpo_zero2(tmp_path_factory):
     resumed = root / "resumed"
     shutil.copytree(run, resumed, ignore=shutil.ignore_patterns("step_30", "export", "summary.json"))
     (resumed / "checkpoints" / "latest").write_text("step_15\n")
-    train(resumed, *args, "train.keep_last=3")
-    return run, resumed
+    proc = train(resumed, *args, "train.keep_last=3")
+    return run, resumed, proc.stdout
 
 
 @pytest.mark.slow
 def test_dpo_learns_the_default_preferences(dpo_zero2):
-    run, _ = dpo_zero2
+    run, _, _ = dpo_zero2
     s = _summary(run)
     before, after = s["before"]["accuracy"], s["after"]["accuracy"]
     print(f"dpo zero2: held-out preference accuracy {before:.3f} -> {after:.3f}")
@@ -368,13 +383,17 @@ def test_dpo_learns_the_default_preferences(dpo_zero2):
 
 @pytest.mark.slow
 def test_dpo_resume_continues_like_the_uninterrupted_run(dpo_zero2):
-    run, resumed = dpo_zero2
-    a, b = train_losses(run), train_losses(resumed)  # resumed's metrics.jsonl has both passes
-    later = [r for r in metrics(resumed) if "loss" in r][30:]  # the second pass: steps 16..30
-    assert [r["step"] for r in later] == list(range(16, 31))
-    for r in later:
-        assert r["loss"] == pytest.approx(a[r["step"]], rel=1e-4, abs=1e-6), r["step"]
-    assert b[30] == pytest.approx(a[30], rel=1e-4)
+    """Resumed at step 15 (the frozen reference rebuilt from the base), steps 16-30 repeat the
+    uninterrupted run's losses and reward metrics."""
+    run, resumed, stdout = dpo_zero2
+    assert "resumed from" in stdout and "step_15 at step 15" in stdout
+    a = {r["step"]: r for r in metrics(run) if "loss" in r}
+    b = {r["step"]: r for r in metrics(resumed) if "loss" in r}  # rows after step 15 were rewritten
+    assert sorted(b) == list(range(1, 31))
+    for step in range(16, 31):
+        for key in ("loss", "rewards/margins", "rewards/chosen"):
+            assert b[step][key] == pytest.approx(a[step][key], rel=1e-4, abs=1e-6), (step, key)
+    assert _summary(resumed)["after"]["accuracy"] == pytest.approx(_summary(run)["after"]["accuracy"])
 
 
 @pytest.mark.slow

@@ -25,7 +25,7 @@ from distft.data.preference import collate_pairs, default_pairs, encode_pairs
 from distft.engine.generation import exact_match
 from distft.errors import ConfigError
 from distft.methods.logprobs import model_logps
-from distft.methods.reference import Reference, map_examples
+from distft.methods.reference import Reference, held_out, map_examples, to_device
 
 LOSS_TYPES = ("sigmoid", "hinge", "ipo", "simpo", "orpo")
 REFERENCE_FREE = ("simpo", "orpo")
@@ -165,16 +165,12 @@ class DPO:
     def evaluate(self, model, rows: list[dict], info, sharded: bool) -> dict:
         """Preference accuracy (chosen's implicit reward above rejected's) and mean margin on the
         held-out pairs; greedy exact match of the chosen answer where rows are text."""
-        examples = (
-            self.trainer.data.val if self.trainer else self.encode(rows, self.tokenizer, self.cfg, False)[0]
-        )
+        examples = held_out(self, rows)
         was_training = model.training
         model.eval()
 
         def rewards(chunk: list[dict]) -> list:
-            batch = {
-                k: v.to(info.device) if torch.is_tensor(v) else v for k, v in self.collate(chunk).items()
-            }
+            batch = to_device(self.collate(chunk), info.device)
             logps, counts = model_logps(model, batch)
             _, c, r = pair_rewards(logps, self._ref_logps(batch), counts, self.cfg)
             return list(zip(c.tolist(), r.tolist()))

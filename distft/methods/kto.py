@@ -33,7 +33,7 @@ from distft.data.preference import (
 )
 from distft.errors import ConfigError
 from distft.methods.logprobs import model_logps
-from distft.methods.reference import Reference, map_examples
+from distft.methods.reference import Reference, held_out, map_examples, to_device
 
 KTO_FIELDS = "'prompt', 'completion' and a boolean 'label', or a preference pair 'prompt'/'chosen'/'rejected'"
 
@@ -214,16 +214,12 @@ class KTO:
         """Held-out accuracy: for examples from pairs, chosen's reward above rejected's; for
         unpaired examples, the reward's sign matching the label. Margin: mean good minus mean bad
         reward."""
-        examples = (
-            self.trainer.data.val if self.trainer else self.encode(rows, self.tokenizer, self.cfg, False)[0]
-        )
+        examples = held_out(self, rows)
         was_training = model.training
         model.eval()
 
         def rewards(chunk: list[dict]) -> list:
-            batch = {
-                k: v.to(info.device) if torch.is_tensor(v) else v for k, v in self.collate(chunk).items()
-            }
+            batch = to_device(self.collate(chunk), info.device)
             ratio, _ = self._logratios(model, batch)
             return (self.cfg.method.beta * ratio).tolist()
 

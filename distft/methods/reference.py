@@ -73,9 +73,7 @@ class Reference:
         model.eval()
 
         def run(chunk: list[dict]) -> list:
-            batch = {
-                k: v.to(self.info.device) if torch.is_tensor(v) else v for k, v in collate(chunk).items()
-            }
+            batch = to_device(collate(chunk), self.info.device)
             with self._context():
                 logps = model_logps(model, batch)[0].float().cpu()
             n = len(chunk)

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from distft.data.preference import collate_pairs, default_pairs, encode_pairs
 from distft.errors import ConfigError
 from distft.methods.dpo import reward_metrics
-from distft.methods.reference import map_examples
+from distft.methods.reference import held_out, map_examples, to_device
 
 
 @dataclass
@@ -32,8 +32,9 @@ class RewardConfig:
 
 
 class ScoreModel:
-    """`AutoModelForSequenceClassification` with one output and a pad token id in its config (needed
-    to find each sequence's last token in a padded batch); used for training and export."""
+    """`AutoModelForSequenceClassification` with one output and the tokenizer's pad token id in its
+    config (transformers reads each sequence's score at its last non-pad token); used for
+    training and for export, so both agree."""
 
     @staticmethod
     def from_pretrained(path, **kwargs):
@@ -42,9 +43,13 @@ class ScoreModel:
         trust = kwargs.get("trust_remote_code", False)
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust)
         config.num_labels = 1
-        if config.pad_token_id is None:
+        try:  # the pad id distft trains with: the tokenizer's pad token, else its EOS
             tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust)
-            config.pad_token_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+            pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        except (OSError, ValueError):  # weights without a tokenizer: keep the config's
+            pad = None
+        if pad is not None:
+            config.pad_token_id = pad
         return AutoModelForSequenceClassification.from_pretrained(path, config=config, **kwargs)
 
 
@@ -104,16 +109,12 @@ class Reward:
     @torch.no_grad()
     def evaluate(self, model, rows: list[dict], info, sharded: bool) -> dict:
         """Pairwise accuracy (r_chosen > r_rejected) and mean margin on the held-out pairs."""
-        examples = (
-            self.trainer.data.val if self.trainer else self.encode(rows, self.tokenizer, self.cfg, False)[0]
-        )
+        examples = held_out(self, rows)
         was_training = model.training
         model.eval()
 
         def pair_scores(chunk: list[dict]) -> list:
-            batch = {
-                k: v.to(info.device) if torch.is_tensor(v) else v for k, v in self.collate(chunk).items()
-            }
+            batch = to_device(self.collate(chunk), info.device)
             c, r = scores(model, batch).chunk(2)
             return list(zip(c.tolist(), r.tolist()))
 

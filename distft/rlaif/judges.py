@@ -6,6 +6,7 @@ Every judge returns a `Verdict` or raises `JudgeError` (counted as a skipped pro
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import itertools
 import json
@@ -48,22 +49,15 @@ def from_scores(scores: list[float], reason: str = "") -> Verdict:
 
 # ---------------------------------------------------------------------------- python function
 def default_task_judge(prompt: str, completions: list[str], row: dict | None = None) -> dict:
-    """Graded correctness on the embedded default task ("reverse abc=" → "cba", "sort ..."): the
-    fraction of positions that match the right answer, minus a penalty for a wrong length."""
+    """Graded correctness on the embedded default task ("reverse abc=" → "cba", "sort ..."):
+    difflib's similarity ratio to the right answer (1.0 only when exactly right), so partly
+    right answers earn partial credit."""
     task, _, word = prompt.rstrip("=").partition(" ")
     if task not in TASKS:
         raise JudgeError(f"not a default-task prompt: {prompt!r}")
     right = TASKS[task](word)
-
-    def score(text: str) -> float:
-        text = text.strip()
-        hits = sum(a == b for a, b in zip(text, right))
-        return (hits - abs(len(text) - len(right))) / len(right)
-
-    scores = [score(c) for c in completions]
-    reason = (
-        f"the right answer is {right!r}; position matches minus length error: {[round(s, 2) for s in scores]}"
-    )
+    scores = [difflib.SequenceMatcher(None, c.strip(), right).ratio() for c in completions]
+    reason = f"similarity to the right answer {right!r}: {[round(s, 2) for s in scores]}"
     return {"scores": scores, "reason": reason}
 
 

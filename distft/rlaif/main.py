@@ -144,9 +144,8 @@ def run_rank(cfg, info, work: Path) -> dict:
         results = pool.map(judge_one, jobs) if pool else map(judge_one, jobs)
         for (i, row, distinct), verdict, error in results:
             if error is not None:
-                failures.add(
-                    "judge failed" if not error.startswith("tie") else "tie", error, judge_failed=True
-                )
+                tie = error.startswith("tie")  # the judge could not decide: a skip, not a failure
+                failures.add("tie" if tie else "judge failed", error, judge_failed=not tie)
                 continue
             failures.ok()
             out = {
