@@ -33,7 +33,8 @@ from tests.util import REPO, env
 DOCS = REPO / "docs"
 MARKER = re.compile(r"#\s*(needs|tested-by):\s*(.+?)\s*$")
 NEEDS = {"gpu", "network", "slurm", "multi-node"}
-LAUNCH = "distft-launch cluster.nproc_per_node=2 train.max_steps=2"
+# distft-launch starts torchrun: run as its own process (clean environment) on a free port.
+LAUNCH = "shell: distft-launch cluster.nproc_per_node=2 cluster.master_port={port} train.max_steps=2"
 FAST = "train.progress=false data.num_examples=400 data.max_eval_generations=4 train.max_new_tokens=4"
 # The recipes' own batch shapes with packing need a few thousand short rows to fill one step.
 RECIPE_SIZE = "data.num_examples=4000 data.max_eval_generations=4 train.max_new_tokens=4 train.progress=false"
@@ -245,8 +246,9 @@ def executed(tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("docs")
     variants: list[str] = []
+    port = str(free_port())
     for v in EXECUTED.values():
-        v = v.replace("{tmp}", str(tmp))
+        v = v.replace("{tmp}", str(tmp)).replace("{port}", port)
         if v not in variants:
             variants.append(v)
     for name, reason in recipe_runs():
