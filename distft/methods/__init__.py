@@ -3,8 +3,18 @@
 
 from distft.methods.classify import Classify
 from distft.methods.dpo import DPO
+from distft.methods.grpo import GRPO
 from distft.methods.kto import KTO
+from distft.methods.ppo import PPO
 from distft.methods.reward import Reward
 from distft.methods.sft import SFT
 
-METHODS: dict[str, type] = {"sft": SFT, "reward": Reward, "dpo": DPO, "kto": KTO, "classify": Classify}
+METHODS: dict[str, type] = {
+    "sft": SFT,
+    "reward": Reward,
+    "dpo": DPO,
+    "kto": KTO,
+    "ppo": PPO,
+    "grpo": GRPO,
+    "classify": Classify,
+}

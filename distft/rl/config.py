@@ -27,6 +27,9 @@ class RLConfig:
     """Sampling temperature of rollouts (log-probs use the same temperature)."""
     epochs: int = 2
     """Optimizer updates per batch of rollouts (PPO epochs; TRL's num_iterations)."""
+    mini_batches: int = 1
+    """Optimizer steps per epoch: each rank's rollouts are split into this many minibatches (each
+    still train.grad_accum micro-batches)."""
     clip_range: float = 0.2
     """Policy ratio clipping: 1 ± clip_range."""
     lr_scale: float = 1.0
@@ -45,6 +48,13 @@ class RLConfig:
 
 def validate_rl(cfg) -> None:
     m = cfg.method
+    micro = cfg.train.micro_batch_size
+    rollouts = micro * getattr(m, "num_generations", 1) if isinstance(micro, int) else m.mini_batches
+    if m.mini_batches < 1 or rollouts % m.mini_batches:
+        raise ConfigError(
+            f"method.mini_batches={m.mini_batches} must be >= 1 and divide the rollouts of a "
+            f"micro-batch (train.micro_batch_size × completions per prompt = {rollouts})"
+        )
     for key in ("epochs", "max_new_tokens"):
         if getattr(m, key) < 1:
             raise ConfigError(f"method.{key} must be >= 1 (got {getattr(m, key)})")

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import functools
 import importlib
-import math
 import sys
+from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
@@ -23,11 +23,18 @@ ANSWER_KEYS = ("answer", "solution", "completion")
 
 
 def char_match(
-    completions: list[str], stopped: list[bool] | None = None, eos_bonus: float = 0.2, **columns
+    completions: list[str],
+    stopped: list[bool] | None = None,
+    position_weight: float = 0.5,
+    letters_weight: float = 0.3,
+    eos_bonus: float = 0.2,
+    **columns,
 ) -> list[float]:
-    """Graded reward for tasks with one right answer (the default sort/reverse task): the fraction
-    of answer characters right in place (extra characters count against it), plus `eos_bonus` for
-    stopping with EOS. Partial credit keeps the signal dense for a weak policy. In [0, 1]."""
+    """Graded reward for tasks with one right answer (the default sort/reverse task), in [0, 1]:
+    `position_weight` × the fraction of characters right in place, `letters_weight` × the fraction
+    of the answer's characters present at all (as a multiset), `eos_bonus` for stopping with EOS.
+    Extra characters count against both fractions. Partial credit keeps the signal dense for a
+    weak policy; only the exact answer with EOS earns 1."""
     key = next((k for k in ANSWER_KEYS if k in columns), None)
     if key is None:
         raise ValueError(f"char_match needs a reference column ({' or '.join(ANSWER_KEYS)}) in the data")
@@ -35,9 +42,10 @@ def char_match(
     out = []
     for text, answer, stop in zip(completions, columns[key], stopped):
         text, answer = text.strip(), str(answer).strip()
-        right = sum(a == b for a, b in zip(text, answer))
-        chars = right / max(len(text), len(answer), 1)
-        out.append((1.0 - eos_bonus) * chars + eos_bonus * float(stop))
+        longest = max(len(text), len(answer), 1)
+        in_place = sum(a == b for a, b in zip(text, answer)) / longest
+        common = sum((Counter(text) & Counter(answer)).values()) / longest
+        out.append(position_weight * in_place + letters_weight * common + eos_bonus * float(stop))
     return out
 
 
@@ -143,7 +151,9 @@ class RewardScorer:
         for i in range(n):
             row_kwargs = {k: v[i : i + 1] for k, v in kwargs.items()}
             try:
-                out[i] = self._as_tensor(rf, rf.fn(prompts=prompts[i : i + 1], completions=completions[i : i + 1], **row_kwargs), 1)[0]
+                out[i] = self._as_tensor(
+                    rf, rf.fn(prompts=prompts[i : i + 1], completions=completions[i : i + 1], **row_kwargs), 1
+                )[0]
             except Exception:
                 pass
         return out
@@ -157,8 +167,12 @@ class RewardScorer:
     def _warn(self, name: str, e: Exception) -> None:
         if name not in self.warned:
             self.warned.add(name)
-            print(f"distft: reward function {name} failed ({type(e).__name__}: {e}); the "
-                  "affected rollouts are skipped and counted as reward_failures", file=sys.stderr, flush=True)
+            print(
+                f"distft: reward function {name} failed ({type(e).__name__}: {e}); the "
+                "affected rollouts are skipped and counted as reward_failures",
+                file=sys.stderr,
+                flush=True,
+            )
 
     @torch.no_grad()
     def score_with_model(self, prompts: list[str], completions: list[str]) -> torch.Tensor:

@@ -1,0 +1,172 @@
+"""GRPO (and RLOO): several sampled completions per prompt, advantages relative to the group,
+no critic. One engine step = one batch of groups, then `method.epochs` clipped updates:
+
+  loss_t = −min(ρ_t·A, clip(ρ_t, 1±ε)·A) + β·KL_t(π‖π_ref),   ρ_t = π/π_old
+  GRPO:  A = (r − mean_group) / std_group      RLOO:  A = r − mean of the other completions
+
+KL_t is the k3 estimator exp(ref − logp) − (ref − logp) − 1; token sums are normalized by the
+global completion-token count, so world size and grad-accum do not change the update.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from distft import dist
+from distft.errors import ConfigError
+from distft.rl import loop, models, prompts
+from distft.rl.advantages import group_advantages
+from distft.rl.config import RLConfig, validate_rl
+from distft.rl.rewards import RewardScorer
+from distft.rl.rollout import token_logprobs
+
+ADVANTAGES = ("grpo", "rloo")
+
+
+@dataclass
+class GRPOConfig(RLConfig):
+    name: str = "grpo"
+    """Method."""
+    num_generations: int = 4
+    """Completions sampled per prompt (the group)."""
+    advantage: str = "grpo"
+    """grpo (group-normalized) or rloo (leave-one-out baseline)."""
+    scale_rewards: bool = True
+    """grpo: divide by the group's reward std (false: only subtract the group mean)."""
+    beta: float = 0.04
+    """KL-to-reference coefficient in the loss (0: no reference model is loaded)."""
+
+
+class GRPO:
+    config = GRPOConfig
+    auto_class = None  # AutoModelForCausalLM
+
+    def __init__(self, cfg, tokenizer):
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        self.scorer = None
+        self.reference = None
+        self.start_policy = None
+        self.failures = loop.FailureBudget(cfg.method.max_reward_failures)
+
+    @staticmethod
+    def validate(cfg) -> None:
+        validate_rl(cfg)
+        m = cfg.method
+        if m.num_generations < 2:
+            raise ConfigError(
+                f"method.num_generations must be >= 2 for group baselines (got {m.num_generations})"
+            )
+        if m.advantage not in ADVANTAGES:
+            raise ConfigError(f"method.advantage={m.advantage!r}; valid: {', '.join(ADVANTAGES)}")
+        if m.beta < 0:
+            raise ConfigError(f"method.beta must be >= 0 (got {m.beta})")
+
+    @staticmethod
+    def default_rows(cfg) -> list[dict]:
+        return prompts.default_rows(cfg)
+
+    @staticmethod
+    def encode(rows, tokenizer, cfg, train: bool):
+        return prompts.encode(rows, tokenizer, cfg, train)
+
+    def collate(self, examples: list[dict]) -> dict:
+        return prompts.collate(examples, self.tokenizer.pad_token_id)
+
+    def loss(self, model, batch: dict):
+        return prompts.reference_nll(model, batch)
+
+    def evaluate(self, model, rows, info, sharded: bool) -> dict:
+        if not self.cfg.train.eval_generate:
+            return {}
+        return prompts.evaluate(model, self.tokenizer, self.scorer, rows, self.cfg, info, sharded)
+
+    # ------------------------------------------------------------------ hooks
+    def setup(self, trainer) -> None:
+        self.start_policy = models.start_policy(trainer)
+        self.scorer = RewardScorer(self.cfg, self.tokenizer, trainer.info.device)
+        if self.cfg.method.beta > 0:
+            self.reference = models.load_reference(trainer, self.start_policy)
+        self.info = trainer.info
+
+    def save_state(self, path: Path) -> None:
+        state = {"start_policy": self.start_policy, "reward_failures": self.failures.total}
+        models.write_state(path, state, self.info)
+
+    def load_state(self, path: Path) -> None:
+        self.failures.total = int(models.read_state(path).get("reward_failures", 0))
+
+    # ------------------------------------------------------------------ step
+    def train_step(self, trainer, step: int) -> tuple[float, int, float]:
+        cfg, info, st = trainer.cfg, trainer.info, trainer.strategy
+        m, dev = cfg.method, info.device
+        examples, micro = loop.step_examples(trainer, step)
+        batch = loop.rollout_batch(trainer, self.scorer, examples, copies=m.num_generations, micro=micro)
+        roll, scores = batch.rollouts, batch.scores
+        skipped = self.failures.add(self.scorer, scores.failures, dev)
+        mask = roll.mask * scores.valid.float()[:, None]  # a failed reward: no update from it
+        adv = group_advantages(scores.total, scores.valid, m.num_generations, m.advantage, m.scale_rewards)
+
+        # With one update per batch, π_old is the policy of that update: its log-probs are the
+        # detached ones of the update's own forward (no extra pass).
+        single = m.epochs == 1 and m.mini_batches == 1
+        old_lp = (
+            None if single else loop.forward_logprobs(st.model, st, roll, batch.micro, m.temperature, dev)
+        )
+        ref_lp = self._reference_logprobs(st, roll, batch.micro) if m.beta > 0 else None
+
+        updates = loop.minibatches(len(roll), m.mini_batches, cfg.train.grad_accum)
+        update_tokens = loop.minibatch_tokens(mask, updates, dev)
+        sums = loop.Sums()
+        kl_seq = torch.zeros(len(roll), dtype=torch.float64)  # Σ_t log π/π_ref, first epoch
+        grad_norm = float("nan")
+        loss_total = 0.0
+        for epoch in range(m.epochs):
+            for mb, n_tokens in zip(updates, update_tokens):
+                st.set_lr(trainer.lr_at(step) * m.lr_scale)
+                for j, sl in enumerate(mb):
+                    is_last = j == len(mb) - 1
+                    mk, a = mask[sl].to(dev), adv[sl].to(dev).float()[:, None]
+                    with st.accumulate(is_last):
+                        lp = token_logprobs(st.model, roll.input_ids[sl].to(dev), m.temperature)
+                        old = lp.detach() if old_lp is None else old_lp[sl].to(dev)
+                        ratio = torch.exp(lp - old)
+                        clipped = torch.clamp(ratio, 1 - m.clip_range, 1 + m.clip_range)
+                        per_token = torch.maximum(-a * ratio, -a * clipped)
+                        if ref_lp is not None:
+                            d = ref_lp[sl].to(dev) - lp
+                            k3 = torch.exp(d) - d - 1  # unbiased, always >= 0
+                            per_token = per_token + m.beta * k3
+                        loss = (per_token * mk).sum()
+                        st.backward(loss * st.loss_scale / max(n_tokens, 1.0), is_last)
+                    loss_total += float(loss.detach()) / max(n_tokens, 1.0)
+                    with torch.no_grad():
+                        sums.add(
+                            "clipfrac", (((ratio - 1).abs() > m.clip_range).float() * mk).sum(), mk.sum()
+                        )
+                        if ref_lp is not None:
+                            sums.add("kl_k3", (k3 * mk).sum(), mk.sum())
+                            if epoch == 0:
+                                kl_seq[sl] = (-d * mk).sum(1).double().cpu()
+                grad_norm = st.step()
+        loop.rollout_metrics(sums, batch, kl_seq)
+        sums.add("advantage_abs", (adv.abs() * scores.valid).sum(), scores.valid.sum())
+        metrics = sums.reduce(dev)
+        metrics["reward_failures"] = skipped
+        trainer.step_metrics = metrics
+        (loss_sum,) = dist.all_reduce_sum([loss_total], dev)
+        (seq_tokens,) = dist.all_reduce_sum(
+            [float((roll.input_ids != self.tokenizer.pad_token_id).sum())], dev
+        )
+        return loss_sum / (m.epochs * len(updates)), int(seq_tokens) * m.epochs, grad_norm
+
+    @torch.no_grad()
+    def _reference_logprobs(self, st, roll, micro: int) -> torch.Tensor:
+        dev, temp = self.info.device, self.cfg.method.temperature
+        if self.reference is not None:
+            return loop.forward_logprobs(self.reference, st, roll, micro, temp, dev)
+        with st.module.disable_adapter():  # LoRA/QLoRA: the base model is the reference
+            return loop.forward_logprobs(st.model, st, roll, micro, temp, dev)

@@ -1,0 +1,210 @@
+"""PPO (RLHF's classic pipeline): actor, critic, frozen reference, rule-based rewards and/or a
+frozen reward model. One engine step = one batch of rollouts, then `method.epochs` clipped
+updates of policy and critic:
+
+  rollouts (sampling) → rewards → per-token reward −kl_coef·(log π_old − log π_ref), plus the
+  score on the last token → GAE(γ, λ) with the critic's values → whitened advantages (over all
+  ranks) → clipped policy loss and clipped value loss, token sums normalized by the global
+  token count (so world size and grad-accum do not change the update).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from distft import dist
+from distft.errors import ConfigError
+from distft.rl import loop, models, prompts
+from distft.rl.advantages import gae, whiten
+from distft.rl.config import RLConfig, validate_rl
+from distft.rl.rewards import RewardScorer
+from distft.rl.rollout import token_logprobs, token_values
+
+
+@dataclass
+class PPOConfig(RLConfig):
+    name: str = "ppo"
+    """Method."""
+    kl_coef: float = 0.05
+    """Per-token KL penalty in the reward: r_t −= kl_coef · (log π_old − log π_ref)."""
+    gamma: float = 1.0
+    """Discount."""
+    lam: float = 0.95
+    """GAE λ."""
+    whiten_advantages: bool = True
+    """Normalize advantages to mean 0, std 1 over all action tokens of all ranks."""
+    clip_range_value: float = 0.2
+    """Value clipping around the rollout-time values (0 disables)."""
+    critic_lr: float = 3e-3
+    """Critic peak learning rate (it follows the policy's schedule shape)."""
+
+
+class PPO:
+    config = PPOConfig
+    auto_class = None  # AutoModelForCausalLM
+
+    def __init__(self, cfg, tokenizer):
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        self.scorer = None
+        self.critic = None
+        self.reference = None
+        self.start_policy = None
+        self.failures = loop.FailureBudget(cfg.method.max_reward_failures)
+
+    @staticmethod
+    def validate(cfg) -> None:
+        validate_rl(cfg)
+        m = cfg.method
+        if not 0 <= m.lam <= 1 or not 0 <= m.gamma <= 1:
+            raise ConfigError(f"method.gamma and method.lam must be in [0, 1] (got {m.gamma}, {m.lam})")
+        if m.kl_coef < 0 or m.clip_range_value < 0 or m.critic_lr <= 0:
+            raise ConfigError("method.kl_coef and method.clip_range_value must be >= 0, method.critic_lr > 0")
+
+    @staticmethod
+    def default_rows(cfg) -> list[dict]:
+        return prompts.default_rows(cfg)
+
+    @staticmethod
+    def encode(rows, tokenizer, cfg, train: bool):
+        return prompts.encode(rows, tokenizer, cfg, train)
+
+    def collate(self, examples: list[dict]) -> dict:
+        return prompts.collate(examples, self.tokenizer.pad_token_id)
+
+    def loss(self, model, batch: dict):
+        return prompts.reference_nll(model, batch)
+
+    def evaluate(self, model, rows, info, sharded: bool) -> dict:
+        if not self.cfg.train.eval_generate:
+            return {}
+        return prompts.evaluate(model, self.tokenizer, self.scorer, rows, self.cfg, info, sharded)
+
+    # ------------------------------------------------------------------ hooks
+    def setup(self, trainer) -> None:
+        self.start_policy = models.start_policy(trainer)
+        self.scorer = RewardScorer(self.cfg, self.tokenizer, trainer.info.device)
+        if self.cfg.method.kl_coef > 0:
+            self.reference = models.load_reference(trainer, self.start_policy)
+        self.critic = models.build_critic(trainer, self.start_policy)
+
+    def save_state(self, path: Path) -> None:
+        self.critic.save(path / "critic")
+        info = self.critic.info
+        state = {"start_policy": self.start_policy, "reward_failures": self.failures.total}
+        models.write_state(path, state, info)
+
+    def load_state(self, path: Path) -> None:
+        self.critic.load(path / "critic")
+        self.failures.total = int(models.read_state(path).get("reward_failures", 0))
+
+    def export_extra(self, trainer, out: Path) -> None:
+        """The critic in Hugging Face format (AutoModelForTokenClassification, one output)."""
+        models.save_hf(
+            self.critic,
+            self.start_policy,
+            out / "critic",
+            self.tokenizer,
+            self.cfg,
+            trainer.info,
+            causal=False,
+        )
+
+    # ------------------------------------------------------------------ step
+    def train_step(self, trainer, step: int) -> tuple[float, int, float]:
+        cfg, info, st = trainer.cfg, trainer.info, trainer.strategy
+        m, dev = cfg.method, info.device
+        examples, micro = loop.step_examples(trainer, step)
+        batch = loop.rollout_batch(trainer, self.scorer, examples, copies=1, micro=micro)
+        roll, scores = batch.rollouts, batch.scores
+        skipped = self.failures.add(self.scorer, scores.failures, dev)
+        mask = roll.mask * scores.valid.float()[:, None]  # a failed reward: no update from it
+
+        old_lp = loop.forward_logprobs(st.model, st, roll, micro, m.temperature, dev)
+        ref_lp = self._reference_logprobs(st, roll, micro) if m.kl_coef > 0 else old_lp
+        old_values = self._values(roll, loop.micro_slices(len(roll), micro))
+        kl = (old_lp - ref_lp) * mask
+        last = (roll.mask.cumsum(1) == roll.mask.sum(1, keepdim=True)) & (roll.mask > 0)
+        rewards = -m.kl_coef * kl + last.float() * scores.total.float()[:, None]
+        adv, returns = gae(rewards, old_values, mask, m.gamma, m.lam)
+        if m.whiten_advantages:
+            adv = whiten(adv, mask, dev)
+
+        updates = loop.minibatches(len(roll), m.mini_batches, cfg.train.grad_accum)
+        update_tokens = loop.minibatch_tokens(mask, updates, dev)
+        sums = loop.Sums()
+        loop.rollout_metrics(sums, batch, kl.sum(1))
+        grad_norm = critic_norm = float("nan")
+        loss_total = 0.0
+        for _ in range(m.epochs):
+            for mb, n_tokens in zip(updates, update_tokens):
+                st.set_lr(trainer.lr_at(step) * m.lr_scale)
+                for j, sl in enumerate(mb):
+                    is_last = j == len(mb) - 1
+                    a, mk, old = adv[sl].to(dev), mask[sl].to(dev), old_lp[sl].to(dev)
+                    with st.accumulate(is_last):
+                        lp = token_logprobs(st.model, roll.input_ids[sl].to(dev), m.temperature)
+                        ratio = torch.exp(lp - old)
+                        clipped = torch.clamp(ratio, 1 - m.clip_range, 1 + m.clip_range)
+                        loss = (torch.maximum(-a * ratio, -a * clipped) * mk).sum()
+                        st.backward(loss * st.loss_scale / max(n_tokens, 1.0), is_last)
+                    loss_total += float(loss.detach()) / max(n_tokens, 1.0)
+                    with torch.no_grad():
+                        sums.add(
+                            "clipfrac", (((ratio - 1).abs() > m.clip_range).float() * mk).sum(), mk.sum()
+                        )
+                        sums.add("approx_kl", (0.5 * (lp - old) ** 2 * mk).sum(), mk.sum())
+                grad_norm = st.step()
+                critic_norm = self._critic_update(
+                    trainer, step, roll, mb, old_values, returns, mask, n_tokens, sums
+                )
+        metrics = sums.reduce(dev)
+        metrics["reward_failures"] = skipped
+        metrics["critic_grad_norm"] = critic_norm
+        (loss_sum,) = dist.all_reduce_sum([loss_total], dev)
+        (seq_tokens,) = dist.all_reduce_sum(
+            [float((roll.input_ids != self.tokenizer.pad_token_id).sum())], dev
+        )
+        trainer.step_metrics = metrics
+        n_updates = m.epochs * len(updates)
+        return loss_sum / n_updates, int(seq_tokens) * m.epochs, grad_norm
+
+    @torch.no_grad()
+    def _reference_logprobs(self, st, roll, micro: int) -> torch.Tensor:
+        dev, temp = self.critic.info.device, self.cfg.method.temperature
+        if self.reference is not None:
+            return loop.forward_logprobs(self.reference, st, roll, micro, temp, dev)
+        with st.module.disable_adapter():  # LoRA/QLoRA: the base model is the reference
+            return loop.forward_logprobs(st.model, st, roll, micro, temp, dev)
+
+    @torch.no_grad()
+    def _values(self, roll, slices) -> torch.Tensor:
+        critic, dev = self.critic, self.critic.info.device
+        was_training = critic.model.training
+        critic.model.eval()
+        out = []
+        for sl in slices:
+            with critic.accumulate(True):
+                out.append(token_values(critic.model, roll.input_ids[sl].to(dev)).cpu())
+        critic.model.train(was_training)
+        return torch.cat(out)
+
+    def _critic_update(self, trainer, step, roll, slices, old_values, returns, mask, n_tokens, sums) -> float:
+        m, critic, dev = self.cfg.method, self.critic, self.critic.info.device
+        critic.set_lr(trainer.lr_at(step) / max(self.cfg.train.lr, 1e-12) * m.critic_lr)
+        for j, sl in enumerate(slices):
+            is_last = j == len(slices) - 1
+            with critic.accumulate(is_last):
+                v = token_values(critic.model, roll.input_ids[sl].to(dev))
+                ret, old, mk = returns[sl].to(dev), old_values[sl].to(dev), mask[sl].to(dev)
+                loss_v = (v - ret) ** 2
+                if m.clip_range_value > 0:
+                    v_clip = old + torch.clamp(v - old, -m.clip_range_value, m.clip_range_value)
+                    loss_v = torch.maximum(loss_v, (v_clip - ret) ** 2)
+                loss = 0.5 * (loss_v * mk).sum()
+                critic.backward(loss * critic.loss_scale / max(n_tokens, 1.0), is_last)
+            sums.add("value_loss", loss.detach(), mk.sum())
+        return critic.step()

@@ -1,0 +1,137 @@
+"""Pieces of an RL step shared by PPO and GRPO: the step's prompts, rollouts and rewards, no-grad
+forwards in micro-batches, the reward-failure budget, and metric reduction over ranks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from distft import dist
+from distft.errors import ConfigError, DistftError
+from distft.rl.rewards import RewardScorer, Scores
+from distft.rl.rollout import Rollouts, generate_rollouts, token_logprobs
+
+
+@dataclass
+class Batch:
+    rollouts: Rollouts
+    scores: Scores
+    micro: int
+    """Rollouts per micro-batch (the optimizer step runs train.grad_accum of them)."""
+
+
+def step_examples(trainer, step: int) -> tuple[list[dict], int]:
+    """This rank's prompts of the step's global batch, and the prompts per micro-batch."""
+    t, info = trainer.cfg.train, trainer.info
+    shares = trainer.sampler.rank_micro_batches(step, info.rank, info.world_size, t.grad_accum)
+    return [trainer.data.train[i] for ids in shares for i in ids], len(shares[0])
+
+
+def rollout_batch(trainer, scorer: RewardScorer, examples: list[dict], copies: int, micro: int) -> Batch:
+    """`copies` sampled completions per prompt (grouped), scored."""
+    info, st = trainer.info, trainer.strategy
+    prompts = [e["prompt"] for e in examples for _ in range(copies)]
+    prompt_ids = [e["prompt_ids"] for e in examples for _ in range(copies)]
+    columns = [e["columns"] for e in examples for _ in range(copies)]
+    roll = generate_rollouts(
+        st.module, trainer.tokenizer, prompts, prompt_ids, trainer.cfg, info.device, st.sharded_params
+    )
+    scores = scorer(roll.prompts, roll.completions, roll.completion_ids, roll.stopped, columns)
+    return Batch(roll, scores, micro * copies)
+
+
+def micro_slices(n: int, micro: int) -> list[slice]:
+    return [slice(i, i + micro) for i in range(0, n, micro)]
+
+
+def minibatches(n: int, mini_batches: int, accum: int) -> list[list[slice]]:
+    """The optimizer steps of one epoch over `n` rollouts: `mini_batches` contiguous minibatches,
+    each split into `accum` micro-batches (DeepSpeed expects exactly train.grad_accum backward
+    calls per optimizer step)."""
+    if n % (mini_batches * accum):
+        raise ConfigError(
+            f"method.mini_batches={mini_batches} does not divide a rank's {n} rollouts into "
+            f"train.grad_accum={accum} equal micro-batches; pick a divisor of train.micro_batch_size"
+        )
+    size = n // mini_batches
+    micro = size // accum
+    return [
+        [slice(k * size + j * micro, k * size + (j + 1) * micro) for j in range(accum)]
+        for k in range(mini_batches)
+    ]
+
+
+def minibatch_tokens(mask: torch.Tensor, updates: list[list[slice]], device) -> list[float]:
+    """Action tokens of each minibatch over all ranks (each update's loss normalization)."""
+    return dist.all_reduce_sum([float(sum(mask[sl].sum() for sl in mb)) for mb in updates], device)
+
+
+@torch.no_grad()
+def forward_logprobs(model, strategy, roll: Rollouts, micro: int, temperature: float, device) -> torch.Tensor:
+    """Log-probs of the rollout tokens under `model`, in micro-batches (every rank runs the same
+    number of forwards, as sharded weights need)."""
+    was_training = model.training
+    model.eval()
+    out = []
+    try:
+        for sl in micro_slices(len(roll), micro):
+            with strategy.accumulate(True):
+                out.append(token_logprobs(model, roll.input_ids[sl].to(device), temperature).cpu())
+    finally:
+        model.train(was_training)
+    return torch.cat(out)
+
+
+class FailureBudget:
+    """Counts rollouts skipped because a reward failed, over all ranks and the whole run; stops
+    the run with a clear error past `method.max_reward_failures`."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.total = 0
+
+    def add(self, scorer: RewardScorer, local: int, device) -> int:
+        (step_total,) = dist.all_reduce_sum([float(local)], device)
+        self.total += int(step_total)
+        if self.total > self.limit:
+            names = sorted({n for names in dist.all_gather_objects(sorted(scorer.warned)) for n in names})
+            raise DistftError(
+                f"reward failed on {self.total} rollouts so far (limit method.max_reward_failures="
+                f"{self.limit}); failing: {', '.join(names) or 'non-finite values'}. Fix the reward "
+                "function (it must return one finite float or None per completion) or raise the limit"
+            )
+        return int(step_total)
+
+
+class Sums:
+    """Metric (sum, count) pairs accumulated locally, averaged over all ranks in one collective."""
+
+    def __init__(self):
+        self.acc: dict[str, list[float]] = {}
+
+    def add(self, name: str, total, count) -> None:
+        a = self.acc.setdefault(name, [0.0, 0.0])
+        a[0] += float(total)
+        a[1] += float(count)
+
+    def reduce(self, device) -> dict[str, float]:
+        keys = sorted(self.acc)
+        flat = dist.all_reduce_sum([x for k in keys for x in self.acc[k]], device) if keys else []
+        return {k: flat[2 * i] / max(flat[2 * i + 1], 1e-12) for i, k in enumerate(keys)}
+
+
+def rollout_metrics(sums: Sums, batch: Batch, kl_seq: torch.Tensor) -> None:
+    """Reward, KL and length metrics of a batch of rollouts (valid rollouts only)."""
+    s, roll = batch.scores, batch.rollouts
+    v = s.valid.to(torch.float64)
+    n = float(v.sum())
+    sums.add("reward", (s.total * v).sum(), n)
+    for name, values in s.per_func.items():
+        if len(s.per_func) > 1 or name != "reward":
+            ok = torch.isfinite(values)
+            sums.add(f"rewards/{name}", values[ok].sum(), int(ok.sum()))
+    sums.add("kl", (kl_seq.double() * v).sum(), n)
+    lengths = torch.tensor([len(c) for c in roll.completion_ids], dtype=torch.float64)
+    sums.add("completion_length", lengths.sum(), len(lengths))
+    sums.add("stopped", sum(roll.stopped), len(roll.stopped))

@@ -1,0 +1,174 @@
+"""The models around an RL policy: the SFT warm start, the frozen reference, and the critic.
+
+- Warm start: a random-init policy earns no reward, so `method.sft_warmup_steps` of SFT on the
+  default task run on the already-wrapped policy before RL; the result is written to
+  `<run>/sft_warmup/` (Hugging Face format) and is the reference model and the critic's init.
+- Reference: a frozen copy of the RL start policy on every rank; with LoRA/QLoRA (and no
+  warm-up) the policy itself with its adapters disabled, so no second copy of the weights.
+- Critic (PPO): a token-classification model with one output (a value per position) initialized
+  from the start policy, wrapped by its own strategy object (sharded like the policy).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from distft import dist
+from distft.data.collate import as_row, pad_batch
+from distft.data.default_tasks import sft_rows
+from distft.data.sampler import GlobalBatchSampler
+from distft.data.sft_format import tokenize_sft
+from distft.engine import checkpoint
+from distft.rl.prompts import reference_nll
+from distft.strategies import STRATEGIES
+
+WARMUP_DIR = "sft_warmup"
+WARMUP_SEED = 1  # warm-up examples differ from the RL prompts
+STATE_FILE = "rl_state.json"
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def start_policy(trainer) -> str:
+    """Path of the policy RL starts from (the reference): after the warm-up, or as loaded. When
+    resuming, the path recorded in the checkpoint (no second warm-up)."""
+    cfg = trainer.cfg
+    resume = checkpoint.resolve_resume(cfg.resume, trainer.run_dir)
+    if resume is not None:
+        state_file = resume / STATE_FILE
+        if state_file.is_file():
+            return json.loads(state_file.read_text())["start_policy"]
+        return trainer.model_path
+    if cfg.method.sft_warmup_steps <= 0:
+        return trainer.model_path
+    sft_warmup(trainer)
+    out = trainer.run_dir / WARMUP_DIR
+    save_hf(trainer.strategy, trainer.model_path, out, trainer.tokenizer, cfg, trainer.info, causal=True)
+    return str(out)
+
+
+def sft_warmup(trainer) -> None:
+    """`method.sft_warmup_steps` SFT steps on the default task, on the wrapped policy."""
+    cfg, info, strategy, tok = trainer.cfg, trainer.info, trainer.strategy, trainer.tokenizer
+    m, t = cfg.method, cfg.train
+    global_batch = t.micro_batch_size * t.grad_accum * info.world_size
+    rows = sft_rows(m.sft_warmup_steps * global_batch, seed=WARMUP_SEED)
+    examples = [as_row(tokenize_sft(r, tok, cfg.data.max_length, False)) for r in rows]
+    sampler = GlobalBatchSampler(len(examples), global_batch, t.seed)
+    first = last = float("nan")
+    for step in range(m.sft_warmup_steps):
+        shares = sampler.rank_micro_batches(step, info.rank, info.world_size, t.grad_accum)
+        batches = [pad_batch([examples[i] for i in ids], tok.pad_token_id) for ids in shares]
+        (targets,) = dist.all_reduce_sum([sum(b["num_targets"] for b in batches)], info.device)
+        scale = strategy.loss_scale / max(targets, 1.0)
+        # Linear decay to 10%: the warm start should be decent, not converged.
+        strategy.set_lr(m.sft_warmup_lr * (1.0 - 0.9 * step / max(m.sft_warmup_steps, 1)))
+        total = 0.0
+        for i, batch in enumerate(batches):
+            is_last = i == len(batches) - 1
+            batch = {k: v.to(info.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+            with strategy.accumulate(is_last):
+                loss, _ = reference_nll(strategy.model, batch)
+                strategy.backward(loss * scale, is_last)
+            total += float(loss.detach())
+        strategy.step()
+        (total,) = dist.all_reduce_sum([total], info.device)
+        last = total / max(targets, 1.0)
+        first = last if step == 0 else first
+    if info.is_main:
+        print(
+            f"distft: SFT warm-up: {m.sft_warmup_steps} steps, loss {first:.3f} -> {last:.3f}",
+            flush=True,
+        )
+
+
+def save_hf(strategy, base_path: str, out: Path, tokenizer, cfg, info, causal: bool) -> Path:
+    """Write the strategy's model to `out` in Hugging Face format (a collective; rank 0 writes)."""
+    from transformers import AutoModelForCausalLM, AutoModelForTokenClassification
+
+    state = strategy.full_state_dict()
+    if info.is_main:
+        tmp = out.with_name(out.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        if causal:
+            fresh = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
+        else:
+            fresh = _critic_class(base_path, cfg, AutoModelForTokenClassification)
+        fresh.load_state_dict(state, strict=True)
+        fresh.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        shutil.rmtree(out, ignore_errors=True)
+        tmp.rename(out)
+    dist.barrier()
+    return out
+
+
+def load_reference(trainer, path: str):
+    """A frozen copy of the start policy, or None: use the policy with adapters disabled."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = trainer.cfg
+    if trainer.tuning.adapter and path == trainer.model_path:
+        return None
+    dtype = torch.float32 if cfg.train.precision == "fp32" else DTYPES[cfg.train.precision]
+    ref = AutoModelForCausalLM.from_pretrained(
+        path,
+        dtype=dtype,
+        attn_implementation=cfg.model.attn_implementation,
+        trust_remote_code=cfg.model.trust_remote_code,
+    )
+    ref.requires_grad_(False)
+    return ref.eval().to(trainer.info.device)
+
+
+def _critic_class(path: str, cfg, auto):
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code)
+    config.num_labels = 1
+    config.classifier_dropout = 0.0  # values must be deterministic: old and new ones are compared
+    return auto.from_pretrained(
+        path,
+        config=config,
+        dtype=torch.float32,
+        attn_implementation=cfg.model.attn_implementation,
+        trust_remote_code=cfg.model.trust_remote_code,
+    )
+
+
+def build_critic(trainer, path: str):
+    """The critic, initialized from `path` with a zeroed value head, wrapped by its own strategy."""
+    from transformers import AutoModelForTokenClassification
+    from transformers.utils import logging
+
+    cfg, info = trainer.cfg, trainer.info
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity_error()  # "score is newly initialized" is expected here
+    try:
+        critic = _critic_class(path, cfg, AutoModelForTokenClassification)
+    finally:
+        logging.set_verbosity(verbosity)
+    head = critic.score
+    with torch.no_grad():
+        head.weight.zero_()
+        if head.bias is not None:
+            head.bias.zero_()
+    critic.config.use_cache = False
+    if cfg.train.gradient_checkpointing:
+        critic.gradient_checkpointing_enable({"use_reentrant": False})
+    strategy = STRATEGIES[cfg.strategy.name].make(cfg, info)
+    strategy.setup(critic)
+    return strategy
+
+
+def write_state(path: Path, state: dict, info) -> None:
+    if info.is_main:
+        (path / STATE_FILE).write_text(json.dumps(state, indent=2))
+
+
+def read_state(path: Path) -> dict:
+    f = path / STATE_FILE
+    return json.loads(f.read_text()) if f.is_file() else {}
