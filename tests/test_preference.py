@@ -219,7 +219,7 @@ def _assign(example, values):
 
 
 @pytest.mark.quick
-def test_config_errors_name_the_key():
+def test_config_errors_name_the_key(tmp_path):
     with pytest.raises(ConfigError, match="method.loss_type='kl'; valid: sigmoid, hinge, ipo, simpo, orpo"):
         _cfg("method=dpo", "method.loss_type=kl")
     with pytest.raises(ConfigError, match="precompute_ref=true with method.loss_type=simpo"):
@@ -228,6 +228,12 @@ def test_config_errors_name_the_key():
         _cfg("method=dpo", "method.label_smoothing=0.7")
     with pytest.raises(ConfigError, match="method.beta"):
         _cfg("method=kto", "method.beta=0")
+    adapter = tmp_path / "adapter"  # continuing a saved adapter: the bare base is not the reference
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    with pytest.raises(ConfigError, match="tuning.init_adapter with method=kto.*precompute_ref=true"):
+        _cfg("method=kto", "tuning=lora", f"tuning.init_adapter={adapter}")
+    assert _cfg("method=dpo", "tuning=lora", f"tuning.init_adapter={adapter}", "method.precompute_ref=true")
     for m in ("reward", "dpo", "kto"):
         assert _cfg(f"method={m}").method.name == m
 

@@ -25,7 +25,7 @@ from distft.data.preference import collate_pairs, default_pairs, encode_pairs
 from distft.engine.generation import exact_match
 from distft.errors import ConfigError
 from distft.methods.logprobs import model_logps
-from distft.methods.reference import Reference, held_out, map_examples, to_device
+from distft.methods.reference import Reference, check_reference, held_out, map_examples, to_device
 
 LOSS_TYPES = ("sigmoid", "hinge", "ipo", "simpo", "orpo")
 REFERENCE_FREE = ("simpo", "orpo")
@@ -118,6 +118,7 @@ class DPO:
             )
         if not 0 <= m.max_skip_fraction <= 1:
             raise ConfigError(f"method.max_skip_fraction={m.max_skip_fraction} must be in [0, 1]")
+        check_reference(cfg, m.loss_type not in REFERENCE_FREE)
 
     @staticmethod
     def default_rows(cfg) -> list[dict]:

@@ -33,7 +33,7 @@ from distft.data.preference import (
 )
 from distft.errors import ConfigError
 from distft.methods.logprobs import model_logps
-from distft.methods.reference import Reference, held_out, map_examples, to_device
+from distft.methods.reference import Reference, check_reference, held_out, map_examples, to_device
 
 KTO_FIELDS = "'prompt', 'completion' and a boolean 'label', or a preference pair 'prompt'/'chosen'/'rejected'"
 
@@ -137,6 +137,7 @@ class KTO:
             raise ConfigError("method.desirable_weight and method.undesirable_weight must be > 0")
         if not 0 <= m.max_skip_fraction <= 1:
             raise ConfigError(f"method.max_skip_fraction={m.max_skip_fraction} must be in [0, 1]")
+        check_reference(cfg, True)
 
     @staticmethod
     def default_rows(cfg) -> list[dict]:

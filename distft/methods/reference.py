@@ -1,8 +1,9 @@
 """Reference log-probs for DPO / KTO: where they come from, prepared for the run's strategy.
 
-- LoRA / QLoRA: the policy itself with its adapters disabled (peft `disable_adapter()`): the base
-  weights are the reference, so no second copy exists (and under FSDP2 / ZeRO-3 it is sharded
-  exactly like the policy).
+- LoRA / QLoRA (a fresh adapter): the policy itself with its adapters disabled (peft
+  `disable_adapter()`): the base weights are the reference, so no second copy exists (and
+  under FSDP2 / ZeRO-3 it is sharded exactly like the policy). A continued adapter
+  (tuning.init_adapter) is its own reference and needs precompute_ref.
 - full tuning: a frozen copy of the initial model, loaded from the same path and prepared like
   the policy: FSDP2 shards it with the same `fully_shard` plan, ZeRO-3 partitions it with an
   optimizer-free DeepSpeed engine (what TRL's `prepare_deepspeed` does), other strategies keep a
@@ -35,7 +36,10 @@ class Reference:
         self.info = trainer.info
         self.precomputed = precompute
         self.autocast_dtype = None
-        if trainer.tuning.adapter:
+        # A run that continues a saved adapter (tuning.init_adapter) starts from that adapter, so
+        # the bare base is not its reference: it needs precompute_ref (checked by the methods).
+        continued = bool(getattr(trainer.cfg.tuning, "init_adapter", None))
+        if trainer.tuning.adapter and not continued:
             self.kind = "adapter"
             self.model = trainer.strategy.module  # the PeftModel
         elif precompute:
@@ -148,3 +152,14 @@ def held_out(method, rows: list[dict]) -> list[dict]:
     if data is not None and rows is data.test_rows:
         return data.test
     return method.encode(rows, method.tokenizer, method.cfg, False)[0]
+
+
+def check_reference(cfg, needs_reference: bool) -> None:
+    """A continued adapter (tuning.init_adapter) is its own reference: only precomputing works."""
+    from distft.errors import ConfigError
+
+    if needs_reference and getattr(cfg.tuning, "init_adapter", None) and not cfg.method.precompute_ref:
+        raise ConfigError(
+            f"tuning.init_adapter with method={cfg.method.name}: the reference is the starting adapter, "
+            "not the bare base model; set method.precompute_ref=true"
+        )
