@@ -32,16 +32,13 @@ def bench_env(**extra: str) -> dict[str, str]:
 def launch(
     module: str, args: list[str], nproc: int, rss_dir: Path, log: Path, env: dict | None = None
 ) -> dict:
-    """Run `module` on `nproc` ranks (torchrun; one plain process when nproc is 1) through
+    """Run `module` on `nproc` ranks (torchrun, as distft-launch does, also for one rank) through
     bench/rss.py; returns the start time, wall time, exit code and per-rank peak RSS."""
     wrapper = [str(BENCH / "rss.py"), module, *args]
-    if nproc == 1:
-        cmd = [sys.executable, *wrapper]
-    else:
-        cmd = [
-            sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-            f"--master_port={free_port()}", *wrapper,
-        ]  # fmt: skip
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+        f"--master_port={free_port()}", *wrapper,
+    ]  # fmt: skip
     env = dict(env or bench_env())
     env["BENCH_RSS_DIR"] = str(rss_dir)
     log.parent.mkdir(parents=True, exist_ok=True)
