@@ -133,6 +133,9 @@ class TrainConfig:
     """fp32, bf16 (mixed, fp32 master weights) or fp16 (mixed with loss scaling)."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward to save memory."""
+    compile: bool = False
+    """torch.compile each decoder block (the whole model if it has none) before sharding: faster
+    steps after a one-off compile at the start (CPU: inductor's C++ backend; GPU: Triton)."""
     save_every: int = 0
     """Checkpoint every N steps (0: only at the end)."""
     keep_last: int = 2

@@ -103,6 +103,8 @@ class Trainer:
             model.gradient_checkpointing_enable({"use_reentrant": False})
         model.config.use_cache = False
         model = tuning.apply(model, cfg)
+        if cfg.train.compile:
+            _compile_blocks(model)
         # FLOPs per token from the unwrapped model (sharding hides shapes); mean example length as T.
         seq_len = mean_length(data.train, cfg.data.max_length)
         perf = MfuMeter.for_model(
@@ -441,6 +443,16 @@ def _write_config(cfg, composed, run_dir: Path) -> None:
         OmegaConf.save(OmegaConf.create(plain), run_dir / "config.yaml")
     else:
         OmegaConf.save(OmegaConf.structured(dataclasses.asdict(cfg)), run_dir / "config.yaml")
+
+
+def _compile_blocks(model: torch.nn.Module) -> None:
+    """torch.compile every repeated block (they share one compiled graph) before the strategy
+    wraps them, as torchtitan does; models without blocks are compiled whole."""
+    from distft.strategies.fsdp import decoder_layers
+
+    blocks = decoder_layers(model)
+    for block in blocks or [model]:
+        block.compile()
 
 
 def _write_report(run_dir: Path) -> None:
