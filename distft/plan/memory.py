@@ -18,7 +18,7 @@ from distft.plan.shape import ModelShape
 GIB = 2**30
 # Peak RSS of distft's default job on a 0.65M-parameter model (Python, torch, transformers,
 # DeepSpeed/gloo, data): measured on CPU ranks here; on GPU the CUDA context and kernels' workspace.
-RUNTIME_CPU = 0.55 * GIB
+RUNTIME_CPU = 0.50 * GIB
 RUNTIME_GPU = 1.0 * GIB
 NF4_BYTES = 0.5 + 0.5 / 64 + 4 / (64 * 256)  # 4-bit weights + 8-bit absmax per 64 + fp32 per 256 blocks
 # Saved activations of one Llama block per token, in units of the hidden size (attention inputs,
@@ -124,8 +124,6 @@ def estimate(
     buffers = 0.0
     if strategy == "ddp":
         params, grads, optimizer = weights, 4.0 * psi_t, 8.0 * psi_t
-        if n > 1:
-            buffers += 4.0 * psi_t  # DDP's gradient buckets (a copy of the gradients)
         if half and not adapter:
             buffers += 2.0 * (psi - shape.embedding)  # autocast's bf16 weight cache, forward to backward
     elif strategy == "fsdp":
@@ -144,7 +142,9 @@ def estimate(
         optimizer = 12.0 * psi_t / n
         if not half:
             notes.append("fp32: DeepSpeed keeps an fp32 master partition besides the fp32 weights")
-        grads = (compute * psi_t + 4.0 * psi_t / n) if stage == 1 else 4.0 * psi_t / n
+        # Stage 1 reduces through the same buckets into the owned partition as stage 2 does (the
+        # full gradients are released bucket by bucket): measured equal here.
+        grads = 4.0 * psi_t / n
         buffers += min(reduce_bucket, psi_t) * 4.0  # the contiguous gradient reduction bucket
         if stage == 3:
             # gathered and prefetched weights, up to stage3_max_live_parameters
