@@ -2,7 +2,7 @@
 
 Model states follow what distft's strategies actually allocate (not only the ZeRO paper's 16 B per
 parameter): fp32 weights for full fine-tuning (autocast or FSDP2's policy makes the bf16 copies),
-DDP's gradient buckets, DeepSpeed's fp32 master partition (a second copy when training in fp32)
+DeepSpeed's fp32 master partition (a second copy when training in fp32)
 and its reduction bucket, FSDP2 / ZeRO-3 gathering a block (and prefetching the next). Activations
 are counted per micro-batch for a Llama-style block, with and without gradient checkpointing;
 the logits and the loss's fp32 copies are counted apart because a large vocabulary makes them the
