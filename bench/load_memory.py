@@ -25,8 +25,29 @@ def parse() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--strategies", default="fsdp,ddp")
     p.add_argument("--mmap-threshold", default="65536")
+    p.add_argument("--checkpoint-dtype", default="bf16", choices=["bf16", "fp32"])
     p.add_argument("--out", default=str(REPO / "outputs/bench/load"))
     return p.parse_args()
+
+
+def as_dtype(path: Path, dtype: str) -> Path:
+    """The model re-saved in `dtype` (hub checkpoints are usually bf16; full fine-tuning loads fp32)."""
+    if dtype == "fp32":
+        return path
+    import shutil as sh
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dest = path.with_name(f"{path.name}-{dtype}")
+    if not (dest / "config.json").is_file():
+        model = AutoModelForCausalLM.from_pretrained(path, dtype={"bf16": torch.bfloat16}[dtype])
+        model.save_pretrained(dest)
+        AutoTokenizer.from_pretrained(path).save_pretrained(dest)
+        sh.copy(path / "generation_config.json", dest) if (
+            path / "generation_config.json"
+        ).is_file() else None
+    return dest
 
 
 def probe(model_dir: Path, strategy: str, nproc: int, out: Path, mmap: str) -> list[float]:
@@ -42,8 +63,8 @@ def probe(model_dir: Path, strategy: str, nproc: int, out: Path, mmap: str) -> l
 def main() -> None:
     a = parse()
     out = Path(a.out)
-    big = build_model_dir(out / "model-70M", **SHAPE)
-    tiny = build_model_dir(out / "model-tiny", **TINY)
+    big = as_dtype(build_model_dir(out / "model-70M", **SHAPE), a.checkpoint_dtype)
+    tiny = as_dtype(build_model_dir(out / "model-tiny", **TINY), a.checkpoint_dtype)
     rows, results = [], {}
     for strategy in a.strategies.split(","):
         for nproc in (1, 2):
@@ -57,7 +78,8 @@ def main() -> None:
             out.mkdir(parents=True, exist_ok=True)
             (out / "results.json").write_text(json.dumps(results, indent=1))
     lines = [
-        f"70.9M-parameter Llama shape (fp32 weights, {4 * 70.9e6 / 2**30:.2f} GiB), Trainer.build only",
+        f"70.9M-parameter Llama shape, {a.checkpoint_dtype} checkpoint loaded as fp32 weights "
+        f"({4 * 70.9e6 / 2**30:.2f} GiB), Trainer.build + one read of every held parameter",
         "",
         "| strategy | ranks | peak RSS per rank (GiB) | load share per node (GiB) | 2 ranks / 1 rank |",
         "|---|---|---|---|---|",
