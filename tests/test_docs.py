@@ -281,7 +281,9 @@ def executed(tmp_path_factory):
         with open(tmp / "driver.log", "a") as log:
             log.write(proc.stdout + proc.stderr)
         out = Path(str(plan) + ".out")
-        assert out.is_file(), f"driver died ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+        assert out.is_file(), (
+            f"driver died ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+        )  # noqa: E501
         results.update(json.loads(out.read_text()))
     return tmp, results
 
