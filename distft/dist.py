@@ -49,10 +49,12 @@ def init(timeout_s: int = 600) -> DistInfo:
         os.environ.setdefault("LOCAL_RANK", str(local_rank))
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", "29500")
+        timeout = datetime.timedelta(seconds=timeout_s)
         dist.init_process_group(
             backend=backend,
-            timeout=datetime.timedelta(seconds=timeout_s),
+            timeout=timeout,
             device_id=device if gpu else None,
+            **_restart_store(rank, world, timeout),
         )
     if not gpu:
         # Ranks share the host's cores: one thread each unless the user says otherwise.
@@ -60,6 +62,19 @@ def init(timeout_s: int = 600) -> DistInfo:
         per_rank = max(1, (os.cpu_count() or 1) // max(1, local_world))
         torch.set_num_threads(int(threads) if threads else per_rank)
     return DistInfo(rank, world, local_rank, local_world, device, backend)
+
+
+def _restart_store(rank: int, world: int, timeout: datetime.timedelta) -> dict:
+    """Under torchrun the workers share the agent's store, which outlives an elastic restart: the
+    process group's keys of the failed attempt (a dead rank's gloo address) would still be there
+    and the restarted ranks could connect to it and fail. One key prefix per attempt avoids that."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return {}
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False, timeout=timeout
+    )
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return {"store": dist.PrefixStore(f"distft/attempt_{attempt}", store), "rank": rank, "world_size": world}
 
 
 def active() -> bool:
