@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install system-deps train test test-quick lint bench docs
+.PHONY: install system-deps train test test-all test-quick lint bench docs
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -25,6 +25,10 @@ system-deps:
 
 test: $(STAMP) system-deps
 	$(VENV)/bin/ruff check distft launch tests bench
+	$(PY) -m pytest -q -m "not extended" $(PYTEST_ARGS)
+
+# Everything, including the extended tier (distft-verify end to end on three strategies).
+test-all: $(STAMP) system-deps
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 test-quick: $(STAMP)

@@ -36,6 +36,7 @@ def _table(out: str) -> dict[str, str]:
 
 
 @pytest.mark.slow
+@pytest.mark.extended
 def test_verify_fsdp_lora_all_checks(tmp_path):
     proc = _verify(tmp_path, "strategy=fsdp", "tuning=lora")
     out = proc.stdout
@@ -58,6 +59,7 @@ def test_verify_fsdp_lora_all_checks(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.extended
 @pytest.mark.parametrize("strategy", ["zero2", "zero3"])
 def test_verify_deepspeed_equivalences(tmp_path, strategy):
     only = "grad_accum,world_size,resume" if strategy == "zero2" else "grad_accum"
