@@ -17,7 +17,7 @@ import torch
 from distft.data.preference import default_prompts, encode_pairs
 from distft.rlaif.judges import default_task_judge, parse_reply
 from distft.rlaif.main import main
-from tests.util import REPO, env, free_port
+from tests.util import REPO, env, free_port, metrics, train
 
 SMALL = ["num_prompts=12", "num_samples=3", "max_new_tokens=5", "batch_size=6"]
 
@@ -57,6 +57,13 @@ def test_python_judge_writes_pairs_ready_for_dpo(tmp_path):
         assert max(r["scores"]) == longest_judge("", [r["chosen"]], {})["scores"][0]
     examples, stats = encode_pairs(rows, _tokenizer(tmp_path), 64, 0.0)
     assert len(examples) == len(rows) and stats["skipped"] == 0
+    # The file is training data for method=dpo as it is.
+    run = tmp_path / "dpo"
+    data = [f"data.path={tmp_path / 'pairs.jsonl'}", "train.micro_batch_size=4"]
+    train(run, "method=dpo", *data, "train.max_steps=2", "train.eval_generate=false", plain=True)
+    report = json.loads((run / "data_report.json").read_text())
+    assert report["formats"] == {"preference": len(rows)}
+    assert any("rewards/margins" in r for r in metrics(run))
 
 
 @pytest.mark.quick
