@@ -238,6 +238,35 @@ def test_hf_judge_picks_by_verdict_logprobs_in_both_orders(tmp_path):
         assert any(abs(x - win) < 2e-3 for x in reported), (win, r["reason"])
 
 
+@pytest.mark.quick
+def test_hf_judge_with_a_reward_model_scores_each_completion(tmp_path):
+    """judge=hf with a reward model (a one-output classifier, like a method=reward export): the
+    chosen completion is the one it scores highest on prompt + completion + EOS."""
+    from transformers import AutoModelForSequenceClassification
+
+    from distft.config.load import load_config
+    from distft.methods.reward import ScoreModel
+    from distft.models.tiny import build_tiny
+
+    base = build_tiny(tmp_path / "base", load_config([])[0].model)
+    torch.manual_seed(0)
+    rm_dir = tmp_path / "rm"
+    ScoreModel.from_pretrained(str(base)).save_pretrained(rm_dir)
+    for f in base.glob("*token*"):
+        (rm_dir / f.name).write_bytes(f.read_bytes())
+    (rm_dir / "chat_template.jinja").write_bytes((base / "chat_template.jinja").read_bytes())
+    rc, rows, _ = _run(tmp_path, "judge=hf", f"judge.model={rm_dir}", "num_prompts=4")
+    assert rc == 0 and rows
+    tok = _tokenizer(tmp_path)
+    rm = AutoModelForSequenceClassification.from_pretrained(rm_dir).eval()
+    for r in rows:
+        assert r["judge"] == f"reward-model:{rm_dir}"
+        with torch.no_grad():
+            c, rej = (float(rm(**tok(r["prompt"] + x + tok.eos_token, return_tensors="pt")).logits)
+                      for x in (r["chosen"], r["rejected"]))  # fmt: skip
+        assert c > rej and max(r["scores"]) == pytest.approx(c, abs=1e-4)
+
+
 # ---------------------------------------------------------------------------- two ranks
 @pytest.mark.slow
 def test_two_ranks_shard_prompts_and_merge_in_order(tmp_path):

@@ -25,8 +25,9 @@ class JudgeConfig:
     """python: 'package.module:callable' called as fn(prompt, completions, row); returns a list of
     scores, or a dict with 'scores' or 'best'/'worst' (0-based) and optionally 'reason'."""
     model: str | None = None
-    """hf: local directory or hub id of the judge causal LM (null: the sampling model);
-    openai: the model name sent to the endpoint."""
+    """hf: local directory or hub id of the judge: a causal LM asked to choose (verdict
+    log-probs), or a reward model (a method=reward export) that scores each completion; null:
+    the sampling model. openai: the model name sent to the endpoint."""
     template: str = (
         "Question: {prompt}\nAnswer A: {a}\nAnswer B: {b}\nWhich answer is correct and better, A or B?\n"
         "Verdict:"

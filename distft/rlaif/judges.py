@@ -16,6 +16,7 @@ import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -117,7 +118,61 @@ def parse_result(out, n: int) -> Verdict:
     return Verdict(best, worst, reason)
 
 
-# ---------------------------------------------------------------------------- local HF causal LM
+# ---------------------------------------------------------------------------- local HF models
+def is_reward_model(path: str) -> bool:
+    """A `method=reward` export (full or adapter) or any one-output sequence classifier."""
+    meta = Path(path) / "distft_export.json"
+    if meta.is_file():
+        return json.loads(meta.read_text()).get("method") == "reward"
+    try:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError):
+        return False
+    heads = [a for a in config.architectures or [] if a.endswith("ForSequenceClassification")]
+    return bool(heads) and config.num_labels == 1
+
+
+class RewardModelJudge:
+    """Scores each completion with a reward model (e.g. a `method=reward` export), reading the
+    sequence the way it was trained: prompt + completion + EOS (or the chat template's turn)."""
+
+    def __init__(self, cfg, info, path: str):
+        from transformers import AutoModelForSequenceClassification
+
+        from distft.models import load_tokenizer
+
+        self.name = f"reward-model:{path}"
+        self.tokenizer = load_tokenizer(path, cfg)
+        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=torch.float32)
+        if model.config.pad_token_id is None:
+            model.config.pad_token_id = self.tokenizer.pad_token_id
+        self.model = model.to(info.device).eval()
+        self.device = info.device
+
+    @torch.no_grad()
+    def __call__(self, prompt: str, completions: list[str], row: dict) -> Verdict:
+        from distft.data.preference import BadRow, completion_ids, pad_sequences, prompt_ids, render
+
+        tok, heads, tails = self.tokenizer, [], []
+        raw = row.get("prompt", prompt)
+        for c in completions:
+            reply = [{"role": "assistant", "content": c}] if isinstance(raw, list) else c
+            try:
+                p_text, c_text, eos = render(raw, reply, tok)
+            except BadRow as e:
+                raise JudgeError(f"{self.name}: {e}") from None
+            heads.append(prompt_ids(p_text, tok))
+            tails.append(completion_ids(c_text, eos, tok))
+        batch = pad_sequences(heads, tails, self.model.config.pad_token_id)
+        out = self.model(
+            input_ids=batch["input_ids"].to(self.device), position_ids=batch["position_ids"].to(self.device)
+        )
+        scores = out.logits[:, 0].float().tolist()
+        return from_scores(scores, f"{self.name}: scores {[round(x, 3) for x in scores]}")
+
+
 class HFJudge:
     """Pairwise verdicts from a causal LM: for completions a and b, the log-probs of the two verdict
     strings after the judge prompt, in both orders (cancelling position bias), give
@@ -266,5 +321,8 @@ def make_judge(cfg, info, sampler_path: str):
     if kind == "python":
         return PythonJudge(cfg)
     if kind == "hf":
+        path = cfg.judge.model or sampler_path
+        if is_reward_model(path):
+            return RewardModelJudge(cfg, info, path)
         return HFJudge(cfg, info, sampler_path)
     return OpenAIJudge(cfg)
