@@ -38,6 +38,11 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check distft launch tests bench
 	$(VENV)/bin/ruff format --check distft launch tests bench
 
+# distft vs TRL's SFTTrainer on the same work (full, LoRA, QLoRA; alternating, repeated); the other
+# benchmarks and their results: bench/RESULTS.md. ARGS are passed on, e.g. ARGS="--repeats 5".
+bench: $(STAMP)
+	$(PY) bench/trl_compare.py $(ARGS)
+
 # The documentation site (docs/, mkdocs.yml) into site/; warnings are errors.
 docs: $(STAMP)
 	$(PY) -m distft.docs_ref --check
