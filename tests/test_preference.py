@@ -106,6 +106,28 @@ def test_bad_rows_are_counted_skips_with_a_limit(tiny):
 
 
 @pytest.mark.quick
+def test_bad_rows_through_the_data_pipeline(tiny, tmp_path):
+    """A half pair and an identical pair in a JSONL file reach the encoder and are counted in the
+    data report (the pipeline's schema detection does not trip over the half pair)."""
+    from distft.data.pipeline import prepare
+    from distft.methods.dpo import DPO
+
+    _, tok = tiny
+    rows = [{k: v for k, v in r.items() if k != "_source"} for r in default_pairs(60)]
+    rows += [{"prompt": "sort ba=", "chosen": "ab"}, {"prompt": "sort ba=", "chosen": "ab", "rejected": "ab"}]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = _cfg("method=dpo", f"data.path={path}", "method.max_skip_fraction=0.2")
+    data = prepare(cfg, DPO(cfg, tok), tok)
+    reasons: dict[str, int] = {}
+    for split in data.report["splits"].values():
+        for k, v in split["skipped_by_reason"].items():
+            reasons[k] = reasons.get(k, 0) + v
+    assert reasons == {"missing 'rejected'": 1, "'chosen' and 'rejected' are identical": 1}
+    assert len(data.train) + len(data.val) + len(data.test) == 60
+
+
+@pytest.mark.quick
 def test_kto_rows_pairs_and_bad_labels(tiny):
     from distft.methods.kto import KTO
 

@@ -199,7 +199,7 @@ def prompt_and_answer(row: dict) -> tuple[str, str]:
         prompt = "\n".join(f"{m['role']}: {m['content']}" for m in msgs if m["role"] != "assistant")
         answer = "\n".join(m["content"] for m in msgs if m["role"] == "assistant")
         return prompt, answer
-    if "chosen" in row:
+    if "chosen" in row and "rejected" in row:  # a pair (a half pair is the method's to reject)
         return _flat(row["prompt"]), _flat(row["chosen"]) + "\n\x00\n" + _flat(row["rejected"])
     if "text" in row and "label" in row:
         return str(row["text"]), str(row["label"])
@@ -231,7 +231,7 @@ def length_text(row: dict, tokenizer) -> str:
         if getattr(tokenizer, "chat_template", None):
             return tokenizer.apply_chat_template(row["messages"], tokenize=False)
         return "\n".join(m["content"] for m in row["messages"])
-    if "chosen" in row:
+    if "chosen" in row and "rejected" in row:  # a pair (a half pair is the method's to reject)
         prompt = _flat(row["prompt"])
         return prompt + max(_flat(row["chosen"]), _flat(row["rejected"]), key=len)
     if "text" in row and "label" in row:
@@ -247,7 +247,7 @@ def required_texts(row: dict) -> list[str]:
         # targets; RL prompt rows may have no assistant turn: then any content will do
         answers = [m["content"] for m in row["messages"] if m["role"] == "assistant"]
         return answers or ["".join(m["content"] for m in row["messages"])]
-    if "chosen" in row:
+    if "chosen" in row and "rejected" in row:  # a pair (a half pair is the method's to reject)
         return [_flat(row["prompt"]), _flat(row["chosen"]), _flat(row["rejected"])]
     if "text" in row and "label" in row:
         return [str(row["text"]), "" if row["label"] is None else str(row["label"])]
