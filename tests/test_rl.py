@@ -40,6 +40,15 @@ def length_reward(completions, **kw):
     return [float(len(c)) for c in completions]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread, and the machine's cores are shared."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -271,7 +280,8 @@ def test_layout_marks_completion_tokens_only(tiny):
 # ---------------------------------------------------------------------- real runs (2 ranks)
 # Each learning run: a short SFT warm start, then RL on the default task. The threshold (issue 4):
 # mean reward of the last tenth of the steps at least 20% above the first tenth.
-LEARN_STEPS = 40
+LEARN_STEPS = 60
+WARMUP_STEPS = 100  # a partial warm start (greedy char-match reward about 0.45): room to improve
 RL_FAST = [
     "train.progress=false",
     "train.lr_scheduler=constant",
@@ -280,24 +290,9 @@ RL_FAST = [
     "method.max_new_tokens=6",
     "method.num_prompts=1200",
 ]
-PPO_LEARN = [
-    "method=ppo",
-    "train.micro_batch_size=32",
-    "train.lr=3e-4",
-    "method.epochs=4",
-    "method.mini_batches=4",
-    "method.kl_coef=0.01",
-]
-GRPO_LEARN = [
-    "method=grpo",
-    "train.micro_batch_size=8",
-    "method.num_generations=4",
-    "train.lr=3e-4",
-    "method.epochs=2",
-    "method.mini_batches=4",
-    "method.beta=0.01",
-]
-WARMUP_STEPS = 150
+# 64 rollouts per step over the 2 ranks; policy lr = train.lr (3e-3) × lr_scale.
+PPO_LEARN = ["method=ppo", "train.micro_batch_size=32", "method.lr_scale=0.1", "method.kl_coef=0.01"]
+GRPO_LEARN = ["method=grpo", "train.micro_batch_size=8", "method.num_generations=4", "method.lr_scale=0.15"]
 
 
 def _rewards(run_dir) -> list[float]:
@@ -510,9 +505,9 @@ def test_reward_failures_over_the_limit_stop_with_a_clear_error(tmp_path):
         "train.max_steps=2",
         "method.reward_funcs=[{_target_: tests.test_rl.always_raises}]",
         "train.eval_generate=false",
-        nproc=1,
+        plain=True,
         check=False,
     )
     assert proc.returncode == 2, proc.stderr[-3000:]
-    assert "reward failed on" in proc.stderr and "max_reward_failures=3" in proc.stderr
-    assert "always_raises" in proc.stderr and "Traceback" not in proc.stderr
+    assert "distft: error: reward failed on" in proc.stderr and "max_reward_failures=3" in proc.stderr
+    assert "failing: always_raises" in proc.stderr and "Traceback" not in proc.stderr

@@ -36,7 +36,7 @@ class GRPOConfig(RLConfig):
     """grpo (group-normalized) or rloo (leave-one-out baseline)."""
     scale_rewards: bool = True
     """grpo: divide by the group's reward std (false: only subtract the group mean)."""
-    beta: float = 0.04
+    beta: float = 0.01
     """KL-to-reference coefficient in the loss (0: no reference model is loaded)."""
 
 

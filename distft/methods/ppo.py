@@ -28,7 +28,9 @@ from distft.rl.rollout import token_logprobs, token_values
 class PPOConfig(RLConfig):
     name: str = "ppo"
     """Method."""
-    kl_coef: float = 0.05
+    epochs: int = 4
+    """Passes over each batch of rollouts (PPO epochs)."""
+    kl_coef: float = 0.02
     """Per-token KL penalty in the reward: r_t −= kl_coef · (log π_old − log π_ref)."""
     gamma: float = 1.0
     """Discount."""

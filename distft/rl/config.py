@@ -16,24 +16,27 @@ class RLConfig:
     """Method."""
     num_prompts: int = 640
     """Embedded default task: prompts generated (split by data.splits like any data)."""
-    sft_warmup_steps: int = 50
+    sft_warmup_steps: int = 100
     """Steps of SFT on the default task run before RL, so a random-init policy earns reward
     (0: start from model.name_or_path as given). Skipped when resuming."""
     sft_warmup_lr: float = 3e-3
-    """Learning rate of the SFT warm-up."""
+    """Learning rate of the SFT warm-up (constant)."""
+    sft_warmup_batch: int = 32
+    """Examples per SFT warm-up step over all ranks (rounded to a multiple of world size × grad_accum)."""
     max_new_tokens: int = 8
     """Completion length of rollouts and of the greedy reward eval."""
     temperature: float = 1.0
     """Sampling temperature of rollouts (log-probs use the same temperature)."""
     epochs: int = 2
-    """Optimizer updates per batch of rollouts (PPO epochs; TRL's num_iterations)."""
-    mini_batches: int = 1
+    """Passes over each batch of rollouts (PPO epochs; TRL's num_iterations)."""
+    mini_batches: int = 4
     """Optimizer steps per epoch: each rank's rollouts are split into this many minibatches (each
     still train.grad_accum micro-batches)."""
     clip_range: float = 0.2
     """Policy ratio clipping: 1 ± clip_range."""
-    lr_scale: float = 1.0
-    """Policy learning rate = train.lr × lr_scale (RL usually wants a smaller step than SFT)."""
+    lr_scale: float = 0.1
+    """Policy learning rate = train.lr × lr_scale: RL wants a smaller step than SFT (the default
+    train.lr of 3e-3 suits the tiny model's SFT, 3e-4 its RL)."""
     reward_funcs: list[dict[str, Any]] = field(default_factory=lambda: [dict(r) for r in DEFAULT_REWARD])
     """Rule-based rewards: {_target_: dotted.path.to.callable, weight: w, **kwargs}. Called as
     fn(prompts=, completions=, completion_ids=, stopped=, **row_columns) -> list[float | None]."""

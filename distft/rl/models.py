@@ -54,7 +54,9 @@ def sft_warmup(trainer) -> None:
     """`method.sft_warmup_steps` SFT steps on the default task, on the wrapped policy."""
     cfg, info, strategy, tok = trainer.cfg, trainer.info, trainer.strategy, trainer.tokenizer
     m, t = cfg.method, cfg.train
-    global_batch = t.micro_batch_size * t.grad_accum * info.world_size
+    # Its own batch size (not train.micro_batch_size): the warm start is the same on any world size.
+    unit = info.world_size * t.grad_accum
+    global_batch = max(unit, m.sft_warmup_batch - m.sft_warmup_batch % unit)
     rows = sft_rows(m.sft_warmup_steps * global_batch, seed=WARMUP_SEED)
     examples = [as_row(tokenize_sft(r, tok, cfg.data.max_length, False)) for r in rows]
     sampler = GlobalBatchSampler(len(examples), global_batch, t.seed)
@@ -64,8 +66,7 @@ def sft_warmup(trainer) -> None:
         batches = [pad_batch([examples[i] for i in ids], tok.pad_token_id) for ids in shares]
         (targets,) = dist.all_reduce_sum([sum(b["num_targets"] for b in batches)], info.device)
         scale = strategy.loss_scale / max(targets, 1.0)
-        # Linear decay to 10%: the warm start should be decent, not converged.
-        strategy.set_lr(m.sft_warmup_lr * (1.0 - 0.9 * step / max(m.sft_warmup_steps, 1)))
+        strategy.set_lr(m.sft_warmup_lr)
         total = 0.0
         for i, batch in enumerate(batches):
             is_last = i == len(batches) - 1
