@@ -287,7 +287,7 @@ RL_FAST = [
     "train.progress=false",
     "train.lr_scheduler=constant",
     "train.warmup_steps=0",
-    "data.max_eval_generations=32",
+    "data.max_eval_generations=64",
     "method.max_new_tokens=6",
     "method.num_prompts=1200",
 ]
@@ -349,7 +349,10 @@ def test_ppo_learns_on_zero2_and_logs_rl_metrics(ppo_zero2):
         "lr",
     ):
         assert key in row and math.isfinite(row[key]), key
-    assert rows_with(ppo_zero2, "eval/reward")  # greedy reward on held-out prompts, before and after
+    assert rows_with(ppo_zero2, "reward")[0]["kl"] == pytest.approx(0.0, abs=1e-6)  # π = π_ref at first
+    evals = rows_with(ppo_zero2, "eval/reward")  # held-out prompts, before and after
+    assert evals[0]["step"] == 0 and evals[-1]["step"] == LEARN_STEPS and "eval/reward_greedy" in evals[-1]
+    assert evals[-1]["eval/reward"] > evals[0]["eval/reward"]  # sampled as in training, fixed seed
 
 
 def rows_with(run_dir, key: str) -> list[dict]:
@@ -400,8 +403,11 @@ def test_grpo_learns_on_fsdp_and_exports(grpo_fsdp):
     first, last = _tenths(rewards)
     print(f"GRPO fsdp reward: first tenth {first:.3f} -> last tenth {last:.3f}")
     assert last >= 1.2 * first, (first, last)
-    row = rows_with(grpo_fsdp, "kl_k3")[-1]
-    assert row["kl"] > 0 and row["kl_k3"] > 0  # the policy moved away from the reference
+    rows = rows_with(grpo_fsdp, "kl_k3")
+    assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-6)  # the first rollouts: π = π_ref
+    assert rows[-1]["kl"] > 0 and rows[-1]["kl_k3"] > 0  # then the policy moved away from it
+    evals = rows_with(grpo_fsdp, "eval/reward")
+    assert evals[-1]["eval/reward"] > evals[0]["eval/reward"]
     assert AutoModelForCausalLM.from_pretrained(grpo_fsdp / "export").config.model_type == "llama"
 
 

@@ -121,10 +121,13 @@ class GRPO:
         updates = loop.minibatches(len(roll), m.mini_batches, cfg.train.grad_accum)
         update_tokens = loop.minibatch_tokens(mask, updates, dev)
         sums = loop.Sums()
-        kl_seq = torch.zeros(len(roll), dtype=torch.float64)  # Σ_t log π/π_ref, first epoch
+        # Σ_t log π_old/π_ref per rollout: the policy that sampled it against the reference.
+        kl_seq = torch.zeros(len(roll), dtype=torch.float64)
+        if old_lp is not None and ref_lp is not None:
+            kl_seq = ((old_lp - ref_lp) * mask).sum(1).double()
         grad_norm = float("nan")
         loss_total = 0.0
-        for epoch in range(m.epochs):
+        for _ in range(m.epochs):
             for mb, n_tokens in zip(updates, update_tokens):
                 st.set_lr(trainer.lr_at(step) * m.lr_scale)
                 for j, sl in enumerate(mb):
@@ -149,7 +152,7 @@ class GRPO:
                         )
                         if ref_lp is not None:
                             sums.add("kl_k3", (k3 * mk).sum(), mk.sum())
-                            if epoch == 0:
+                            if old_lp is None:  # the single update's policy is the sampler
                                 kl_seq[sl] = (-d * mk).sum(1).double().cpu()
                 grad_norm = st.step()
         loop.rollout_metrics(sums, batch, kl_seq)

@@ -105,33 +105,33 @@ def reference_nll(model, batch: dict) -> tuple[torch.Tensor, dict]:
 
 
 def evaluate(model, tokenizer, scorer, rows: list[dict], cfg, info, sharded: bool) -> dict:
-    """Mean reward (and exact match where rows have a reference) of greedy completions on held-out
-    prompts, sharded over ranks."""
+    """On held-out prompts, sharded over ranks: `reward`, the mean reward of completions sampled as
+    in training (what RL maximizes; a fixed seed, so evals compare, and the training RNG stream is
+    left as it was), and `reward_greedy` / `exact_match` of greedy completions."""
     from distft.rl.rollout import generate_rollouts
 
     rows = rows[: cfg.data.max_eval_generations]
     if not rows:
         return {}
     mine = rows[info.rank :: info.world_size] or rows[:1]
+    weight = 1.0 if rows[info.rank :: info.world_size] else 0.0  # a rank with no rows ran a dummy
     prompts = [prompt_of(r, tokenizer) for r in mine]
     ids = [tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts]
-    roll = generate_rollouts(model, tokenizer, prompts, ids, cfg, info.device, sharded, greedy=True)
-    scores = scorer(
-        roll.prompts, roll.completions, roll.completion_ids, roll.stopped, [columns_of(r) for r in mine]
-    )
-    weight = 1.0 if rows[info.rank :: info.world_size] else 0.0  # a rank with no rows ran a dummy
+    columns = [columns_of(r) for r in mine]
+    sums = []
+    for greedy in (False, True):
+        devices = [info.device] if info.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(cfg.train.seed + info.rank)
+            roll = generate_rollouts(model, tokenizer, prompts, ids, cfg, info.device, sharded, greedy=greedy)
+        scores = scorer(roll.prompts, roll.completions, roll.completion_ids, roll.stopped, columns)
+        sums += [weight * float(scores.valid.sum()), weight * float(scores.total.sum())]
     refs = [(i, reference_answer(r)) for i, r in enumerate(mine) if has_reference(r)]
-    hits = sum(roll.completions[i].strip() == str(a).strip() for i, a in refs)
-    n_valid, total, hits, n_refs = dist.all_reduce_sum(
-        [
-            weight * float(scores.valid.sum()),
-            weight * float(scores.total.sum()),
-            weight * hits,
-            weight * len(refs),
-        ],
-        info.device,
+    hits = sum(roll.completions[i].strip() == str(a).strip() for i, a in refs)  # greedy
+    n_sampled, sampled, n_greedy, greedy_total, hits, n_refs = dist.all_reduce_sum(
+        [*sums, weight * hits, weight * len(refs)], info.device
     )
-    out = {"reward": total / max(n_valid, 1.0)}
+    out = {"reward": sampled / max(n_sampled, 1.0), "reward_greedy": greedy_total / max(n_greedy, 1.0)}
     if n_refs:
         out["exact_match"] = hits / n_refs
     return out
