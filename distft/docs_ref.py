@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import difflib
 import inspect
 import json
+import os
 import sys
 import typing
 from pathlib import Path
@@ -287,11 +289,20 @@ def render_recipes() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    pages = {OUT: render(), RECIPES_OUT: render_recipes()}
+    # The planner prefers a launcher's WORLD_SIZE over the recipe's cluster: inside a rank (or a
+    # test driver) the page would change, so the recipes are planned from their config alone.
+    saved = {v: os.environ.pop(v) for v in ("WORLD_SIZE", "LOCAL_WORLD_SIZE") if v in os.environ}
+    try:
+        pages = {OUT: render(), RECIPES_OUT: render_recipes()}
+    finally:
+        os.environ.update(saved)
     if "--check" in argv:
         stale = [p for p, text in pages.items() if not p.is_file() or p.read_text() != text]
         for p in stale:
             print(f"{p} is out of date: run `python -m distft.docs_ref`", file=sys.stderr)
+            old = p.read_text().splitlines() if p.is_file() else []
+            diff = difflib.unified_diff(old, pages[p].splitlines(), "committed", "generated", lineterm="")
+            print("\n".join(list(diff)[:40]), file=sys.stderr)
         if not stale:
             print("docs/reference/config.md and docs/recipes.md are up to date")
         return 1 if stale else 0

@@ -16,7 +16,12 @@ def resolve_model_path(cfg, output_dir: Path, info) -> str:
     if cfg.model.name_or_path:
         return cfg.model.name_or_path
     path = output_dir / "base_model"
-    if info.local_rank == 0:
+    # Rank 0 first, then each other node's local rank 0 only where the run dir is not shared:
+    # never two writers on one filesystem (a shared run dir raced under load in CI).
+    if info.rank == 0:
+        build_tiny(path, cfg.model)
+    dist.barrier()
+    if info.local_rank == 0 and info.rank != 0:
         build_tiny(path, cfg.model)
     dist.barrier()
     return str(path)
