@@ -115,9 +115,8 @@ def test_lora_classifier_learns_and_exports_labels(lora_run):
     # The adapter (with its trained head as modules_to_save) loads with PEFT and predicts as trained.
     from peft import AutoPeftModelForSequenceClassification
 
-    model = AutoPeftModelForSequenceClassification.from_pretrained(
-        str(export), num_labels=3, pad_token_id=0, dtype=torch.float32
-    ).eval()
+    model = AutoPeftModelForSequenceClassification.from_pretrained(str(export), dtype=torch.float32).eval()
+    assert model.config.num_labels == 3 and model.config.id2label[2] == "mixed"  # from the base copy
     probe = torch.tensor(meta["probe_input_ids"])
     with torch.no_grad():
         logits = model(input_ids=probe).logits.flatten()

@@ -54,6 +54,34 @@ def test_default_pairs_prefer_the_right_answer():
 
 
 @pytest.mark.quick
+def test_rows_without_a_prompt_are_implicit_pairs(tiny):
+    """chosen/rejected that both hold the prompt (TRL's implicit form), as chat or text, are
+    recognized by the schema detection and split at their shared start."""
+    from distft.data.schemas import to_canonical
+
+    _, tok = tiny
+    user = {"role": "user", "content": "sort cab="}
+    rows = [
+        {
+            "chosen": [user, {"role": "assistant", "content": "abc"}],
+            "rejected": [user, {"role": "assistant", "content": "bca"}],
+            "_source": "p.jsonl:1",
+        },
+        {"chosen": "sort cab= abc", "rejected": "sort cab= cba", "_source": "p.jsonl:2"},
+        {"chosen": "yes", "rejected": "no", "_source": "p.jsonl:3"},
+    ]
+    out, _, formats = to_canonical(rows, "auto", {}, "preference", "dpo")
+    assert formats == {"preference_implicit": 3}
+    assert out[0]["prompt"] == [user] and out[0]["chosen"] == [{"role": "assistant", "content": "abc"}]
+    assert (out[1]["prompt"], out[1]["chosen"], out[1]["rejected"]) == ("sort cab= ", "abc", "cba")
+    assert (out[2]["prompt"], out[2]["chosen"]) == ("", "yes")
+    ex, stats = encode_pairs(out, tok, 64, 0.0)
+    assert stats["skipped"] == 0 and len(ex) == 3
+    with pytest.raises(DataError, match="p.jsonl:4.*both be texts or both be message lists"):
+        to_canonical([{"chosen": "a", "rejected": [user], "_source": "p.jsonl:4"}], "auto", {}, None, "dpo")
+
+
+@pytest.mark.quick
 def test_encode_text_chat_and_implicit_prompt_rows(tiny):
     _, tok = tiny
     chat_prompt = [{"role": "user", "content": "sort cab="}]
@@ -366,7 +394,8 @@ def test_reward_lora_fsdp_exports_adapter_with_score_head(tmp_path):
     meta = json.loads((path / "distft_export.json").read_text())
     assert meta["adapter"] and meta["probe_max_abs_diff"] < 1e-4
     assert "score" in json.loads((path / "adapter_config.json").read_text())["modules_to_save"]
-    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1).eval()
+    model = AutoModelForSequenceClassification.from_pretrained(path).eval()  # the base copy says 1 label
+    assert model.config.num_labels == 1
     ids = torch.tensor(meta["probe_input_ids"])
     with torch.no_grad():
         got = model(input_ids=ids, position_ids=torch.arange(ids.shape[1]).expand_as(ids)).logits.flatten()

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from distft.data.default_tasks import TASKS
+from distft.data.schemas import implicit_prompt
 from distft.errors import DataError
 
 IGNORE = -100
@@ -101,15 +102,12 @@ def split_pair(row: dict) -> tuple[object, object, object]:
         raise BadRow(
             f"missing {' and '.join(repr(k) for k in missing)} (found {found}; expected {PAIR_FIELDS})"
         )
-    chosen, rejected = row["chosen"], row["rejected"]
-    prompt = row.get("prompt")
-    if prompt is None and _is_messages(chosen) and _is_messages(rejected):
-        n = 0  # implicit prompt: the messages both conversations share
-        while n < min(len(chosen), len(rejected)) - 1 and chosen[n] == rejected[n]:
-            n += 1
-        prompt, chosen, rejected = chosen[:n], chosen[n:], rejected[n:]
-    if prompt is None:
-        prompt = ""
+    if row.get("prompt") is None:  # rows that did not pass through the schema mapping
+        try:
+            row = implicit_prompt(row, "row")
+        except DataError as e:
+            raise BadRow(str(e)) from None
+    prompt, chosen, rejected = row["prompt"], row["chosen"], row["rejected"]
     if isinstance(prompt, list):
         if not _is_messages(prompt):
             raise BadRow("'prompt' must be text or a list of {role, content} messages")

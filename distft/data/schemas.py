@@ -8,7 +8,8 @@ Canonical forms (what methods receive):
 
 Accepted input formats: prompt/completion, Alpaca (instruction/input/output), OpenAI-style chat
 `messages`, ShareGPT `conversations` (from/value), preference prompt/chosen/rejected and
-classification text/label. `data.columns` renames columns first (canonical name → column name),
+classification text/label, and implicit-prompt pairs (chosen/rejected holding the prompt).
+`data.columns` renames columns first (canonical name → column name),
 `data.format` forces one format instead of detecting it per row.
 """
 
@@ -21,6 +22,7 @@ from distft.errors import DataError
 # format name → (required fields, kind). Detection tries them in this order.
 FORMATS: dict[str, tuple[tuple[str, ...], str]] = {
     "preference": (("prompt", "chosen", "rejected"), "preference"),
+    "preference_implicit": (("chosen", "rejected"), "preference"),  # the prompt is their shared start
     "messages": (("messages",), "sft"),
     "sharegpt": (("conversations",), "sft"),
     "alpaca": (("instruction", "output"), "sft"),
@@ -30,7 +32,8 @@ FORMATS: dict[str, tuple[tuple[str, ...], str]] = {
 }
 EXPECTED = (
     "prompt+completion, instruction+output (Alpaca, optional input), messages (OpenAI chat), "
-    "conversations (ShareGPT), prompt+chosen+rejected (preference) or text+label (classification)"
+    "conversations (ShareGPT), prompt+chosen+rejected or chosen+rejected (preference) or text+label "
+    "(classification)"
 )
 KIND_FIELDS = {
     "sft": "prompt/completion, Alpaca instruction/input/output, chat messages or ShareGPT conversations",
@@ -131,6 +134,31 @@ def _map_preference(row: dict, where: str) -> dict:
     return out
 
 
+def implicit_prompt(row: dict, where: str) -> dict:
+    """chosen/rejected that both hold the prompt (TRL's implicit-prompt form): the prompt is their
+    common start — the shared leading turns of two conversations, or the shared leading words of
+    two texts — and each side keeps the rest (at least one turn or word of its own)."""
+    chosen, rejected = row["chosen"], row["rejected"]
+    if isinstance(chosen, list) and isinstance(rejected, list):
+        chosen = _messages(chosen, where, "role", "content", None)
+        rejected = _messages(rejected, where, "role", "content", None)
+        n = 0
+        while n < min(len(chosen), len(rejected)) - 1 and chosen[n] == rejected[n]:
+            n += 1
+        return {"prompt": chosen[:n], "chosen": chosen[n:], "rejected": rejected[n:]}
+    if isinstance(chosen, list) or isinstance(rejected, list):
+        raise DataError(
+            f"{where}: 'chosen' and 'rejected' must both be texts or both be message lists "
+            "when the row has no 'prompt'"
+        )
+    chosen, rejected = _text(chosen), _text(rejected)
+    n = 0
+    while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
+        n += 1
+    cut = max(chosen.rfind(" ", 0, n + 1), chosen.rfind("\n", 0, n + 1)) + 1  # back to a word start
+    return {"prompt": chosen[:cut], "chosen": chosen[cut:], "rejected": rejected[cut:]}
+
+
 def _map_alpaca(row: dict, where: str) -> dict:
     instruction, extra = _text(row["instruction"]), _text(row.get("input"))
     prompt = f"{instruction}\n{extra}\n" if extra.strip() else f"{instruction}\n"
@@ -139,6 +167,7 @@ def _map_alpaca(row: dict, where: str) -> dict:
 
 MAPPERS: dict[str, Callable[[dict, str], dict]] = {
     "preference": _map_preference,
+    "preference_implicit": implicit_prompt,
     "messages": lambda r, w: {"messages": _messages(r["messages"], w, "role", "content", None)},
     "sharegpt": lambda r, w: {"messages": _messages(r["conversations"], w, "from", "value", SHAREGPT_ROLES)},
     "alpaca": _map_alpaca,
@@ -148,6 +177,7 @@ MAPPERS: dict[str, Callable[[dict, str], dict]] = {
 }
 CONSUMED = {
     "preference": {"prompt", "chosen", "rejected"},
+    "preference_implicit": {"chosen", "rejected"},
     "messages": {"messages"},
     "sharegpt": {"conversations"},
     "alpaca": {"instruction", "input", "output"},
@@ -200,7 +230,7 @@ def prompt_and_answer(row: dict) -> tuple[str, str]:
         answer = "\n".join(m["content"] for m in msgs if m["role"] == "assistant")
         return prompt, answer
     if "chosen" in row and "rejected" in row:  # a pair (a half pair is the method's to reject)
-        return _flat(row["prompt"]), _flat(row["chosen"]) + "\n\x00\n" + _flat(row["rejected"])
+        return _flat(row.get("prompt")), _flat(row["chosen"]) + "\n\x00\n" + _flat(row["rejected"])
     if "text" in row and "label" in row:
         return str(row["text"]), str(row["label"])
     if "completion" in row:
@@ -232,7 +262,7 @@ def length_text(row: dict, tokenizer) -> str:
             return tokenizer.apply_chat_template(row["messages"], tokenize=False)
         return "\n".join(m["content"] for m in row["messages"])
     if "chosen" in row and "rejected" in row:  # a pair (a half pair is the method's to reject)
-        prompt = _flat(row["prompt"])
+        prompt = _flat(row.get("prompt"))
         return prompt + max(_flat(row["chosen"]), _flat(row["rejected"]), key=len)
     if "text" in row and "label" in row:
         return str(row["text"])
@@ -248,7 +278,7 @@ def required_texts(row: dict) -> list[str]:
         answers = [m["content"] for m in row["messages"] if m["role"] == "assistant"]
         return answers or ["".join(m["content"] for m in row["messages"])]
     if "chosen" in row and "rejected" in row:  # a pair (a half pair is the method's to reject)
-        return [_flat(row["prompt"]), _flat(row["chosen"]), _flat(row["rejected"])]
+        return [_flat(row["chosen"]), _flat(row["rejected"])]  # an empty prompt is allowed
     if "text" in row and "label" in row:
         return [str(row["text"]), "" if row["label"] is None else str(row["label"])]
     if "completion" in row:

@@ -40,6 +40,10 @@ def export(trainer) -> Path:
         if tuning.adapter:
             fresh = _load_adapter(fresh, state, cfg, tuning)
             fresh.peft_config["default"].base_model_name_or_path = base_path
+            if method.auto_class is not None and (tmp / "base").is_dir():
+                # A head's shape (num_labels, label names) and pad id live in the base's config:
+                # the copied base carries them, so the adapter loads with no extra arguments.
+                fresh.get_base_model().config.save_pretrained(tmp / "base")
         else:
             fresh.load_state_dict(state, strict=True)
         diff = _verify(fresh, method, probe_batch, trained_logits, cfg)
