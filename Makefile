@@ -27,7 +27,7 @@ test: $(STAMP) system-deps
 	$(VENV)/bin/ruff check distft launch tests bench
 	$(PY) -m pytest -q -m "not extended" $(PYTEST_ARGS)
 
-# Everything, including the extended tier (distft-verify end to end on three strategies).
+# Everything, including the extended tier (tests marked `extended`: long runs kept out of CI).
 test-all: $(STAMP) system-deps
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 

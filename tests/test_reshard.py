@@ -1,6 +1,7 @@
 """Resume on a different number of ranks: 2 ranks → 1 → 2 continues with the same losses as an
 uninterrupted 2-rank run. FSDP2 reshards through DCP (and the last leg switches to DDP: the same
-DCP format); ZeRO-2 through DeepSpeed's universal checkpoint, converted automatically. A
+DCP format); ZeRO through DeepSpeed's universal checkpoint, converted automatically, changing
+stage on the way (ZeRO-2 on 2 ranks → ZeRO-1 on 1 → ZeRO-3 on 2). A
 checkpoint of the other format is refused with a message that says what to do."""
 
 from __future__ import annotations
@@ -34,10 +35,18 @@ def chain(request, tmp_path_factory):
     root = tmp_path_factory.mktemp(f"reshard_{strategy}")
     common = [f"strategy={strategy}", *COMMON]
     train(root / "two", *common, *TWO, "train.max_steps=6", "train.save_every=2")
+    # ZeRO also changes stage on the way (2 → 1 → 3): the universal checkpoint is stage-free.
+    middle = "strategy=zero1" if strategy == "zero2" else f"strategy={strategy}"
     one = train(
-        root / "one", *common, *ONE, "train.max_steps=4", f"resume={root / 'two/checkpoints/step_2'}", nproc=1
+        root / "one",
+        *common,
+        middle,
+        *ONE,
+        "train.max_steps=4",
+        f"resume={root / 'two/checkpoints/step_2'}",
+        nproc=1,
     )
-    last = "strategy=ddp" if strategy == "fsdp" else f"strategy={strategy}"  # DCP: DDP reads FSDP's
+    last = "strategy=ddp" if strategy == "fsdp" else "strategy=zero3"  # DCP: DDP reads FSDP's
     back = train(
         root / "back", *common, last, *TWO, "train.max_steps=6", f"resume={root / 'one/checkpoints/step_4'}"
     )
@@ -57,8 +66,8 @@ def test_two_to_one_to_two_ranks_same_losses(chain):
     assert _rel(back, ref, (5, 6)) <= TOL, (back, ref)
     assert ref[6] < ref[1]
     if strategy.startswith("zero"):  # the conversion happened, automatically, both ways
-        assert "converting it to a DeepSpeed universal checkpoint for 1 ranks" in one_log
-        assert "converting it to a DeepSpeed universal checkpoint for 2 ranks" in back_log
+        assert "(strategy=zero2); converting it to a DeepSpeed universal checkpoint for 1 ranks" in one_log
+        assert "(strategy=zero1); converting it to a DeepSpeed universal checkpoint for 2 ranks" in back_log
         assert (root / "two/checkpoints/step_2/deepspeed_universal/zero").is_dir()
 
 

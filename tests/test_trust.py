@@ -77,7 +77,16 @@ def sync_run(tmp_path_factory):
 @pytest.fixture(scope="module")
 def async_run(tmp_path_factory, sync_run):
     root = tmp_path_factory.mktemp("async")
-    train(root / "async", *COMMON, "train.max_steps=6", "train.save_every=2", "train.async_save=true")
+    # Every background write takes 3 s longer (a slow filesystem): training must go on meanwhile.
+    slow = {"DISTFT_FAULT_SLOW_SAVE_S": "3"}
+    train(
+        root / "async",
+        *COMMON,
+        "train.max_steps=6",
+        "train.save_every=2",
+        "train.async_save=true",
+        extra_env=slow,
+    )
     # Resumed from an async checkpoint (step 2) into a new run dir.
     start = root / "async" / "checkpoints" / "step_2"
     train(root / "resumed", *COMMON, "train.max_steps=6", f"resume={start}")
@@ -97,6 +106,12 @@ def test_async_checkpoints_equal_sync(sync_run, async_run):
     for step in (2, 4, 6):
         assert verify(ckpts / f"step_{step}") is None
         assert (ckpts / f"step_{step}" / "manifest.json").is_file()
+    # Overlap: steps 3 and 4 were trained while step_2 was still being written; the save at step 4
+    # waited for it (step_2 sealed before step_4 was).
+    time_of = {r["step"]: r["time"] for r in metrics(async_run / "async") if "loss" in r}
+    state = {s: json.loads((ckpts / f"step_{s}" / "trainer_state.json").read_text()) for s in (2, 4)}
+    sealed = {s: state[s]["sealed_at"] for s in state}
+    assert time_of[3] < sealed[2] and time_of[4] < sealed[2] < sealed[4], (time_of, sealed)
 
 
 def test_manifest_refuses_damaged_checkpoint_and_auto_falls_back(sync_run, tmp_path):
@@ -274,12 +289,17 @@ def test_killed_worker_restarts_group_from_last_checkpoint(tmp_path):
     assert not list((run / "checkpoints").glob("*.tmp"))
 
 
-def test_non_finite_guard_skips_then_stops(tmp_path):
+@pytest.mark.parametrize("strategy", ["fsdp", "zero3_bf16"])
+def test_non_finite_guard_skips_then_stops(tmp_path, strategy):
+    """FSDP2 (our optimizer step) and ZeRO-3 in bf16 (DeepSpeed's step): a finite loss right after a
+    NaN step shows the NaN update was not applied."""
     run = tmp_path / "nan"
+    extra = ["strategy=zero3", "train.precision=bf16"] if strategy == "zero3_bf16" else []
     # NaN loss on rank 1 only at steps 3, 5 and 6: every rank skips them; 2 in a row stop the run.
     proc = train(
         run,
         *COMMON,
+        *extra,
         "train.max_steps=10",
         "train.save_every=2",
         "train.max_bad_steps=2",

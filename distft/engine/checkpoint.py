@@ -8,6 +8,11 @@ fails its manifest and is refused (resume=auto falls back to the newest one that
 
 With train.async_save the strategy's writer runs in the background: the rename, the manifest
 and the move of `latest` happen in `wait_pending()`, which the next save and the end call.
+trainer_state.json records when the checkpoint was sealed (`sealed_at`, seconds since the epoch).
+
+Fault injection (tests, and users checking their storage): DISTFT_FAULT_SLOW_SAVE_S=<seconds>
+makes every background (async) write take that much longer, as on a slow filesystem. It is
+read only here and does nothing when unset.
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ import json
 import os
 import random
 import shutil
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +33,7 @@ from distft import dist
 from distft.errors import ConfigError, DistftError
 
 STATE_FILE = "trainer_state.json"
+SLOW_SAVE_ENV = "DISTFT_FAULT_SLOW_SAVE_S"
 MANIFEST = "manifest.json"
 
 
@@ -233,10 +241,22 @@ def save(
             raise
         error = e  # any writer failure (ENOSPC, EFBIG, EACCES) fails the save cleanly, below
     if handle is not None and error is None:
+        if os.environ.get(SLOW_SAVE_ENV):
+            handle = _slowed(handle, float(os.environ[SLOW_SAVE_ENV]))
         _PENDING = _Pending(handle, root, tmp, final, state, info, keep_last)
         return final
     _finish(root, tmp, final, state, info, keep_last, error)
     return final
+
+
+def _slowed(handle, seconds: float) -> Future:
+    """`handle`'s write, completing `seconds` later, in the background (fault injection)."""
+
+    def write() -> None:
+        time.sleep(seconds)
+        getattr(handle, "upload_completion", handle).result()
+
+    return ThreadPoolExecutor(1, thread_name_prefix="distft-slow-save").submit(write)
 
 
 def wait_pending() -> None:
@@ -262,7 +282,7 @@ def _finish(root: Path, tmp: Path, final: Path, state: dict, info, keep_last: in
     (failed,) = dist.all_reduce_sum([1.0 if error is not None else 0.0], info.device)
     if not failed and info.is_main:
         try:
-            (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))
+            (tmp / STATE_FILE).write_text(json.dumps({**state, "sealed_at": time.time()}, indent=2))
             write_manifest(tmp)
             if final.exists():
                 shutil.rmtree(final)

@@ -4,13 +4,14 @@ written to the run dir; there is no second hand-kept JSON."""
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from distft.errors import ConfigError
+from distft.errors import ConfigError, DistftError
 from distft.strategies.optim import build_adamw
 
 
@@ -171,9 +172,21 @@ class DeepSpeedStrategy:
             self.engine.step()  # a micro step: DeepSpeed only accumulates
 
     def step(self) -> float:
+        # DeepSpeed skips a step whose global gradient norm is not finite (ZeRO-1/2 in fp32 and in
+        # bf16 with its default check_grad_overflow, ZeRO-3 always) and reports the norm as inf;
+        # the trainer's guard then counts the skip. Should a DeepSpeed version apply such a step,
+        # the weights are already lost: stop rather than train on.
         self.engine.step()
         norm = self.engine.get_global_grad_norm()
-        return float(norm) if norm is not None else float("nan")
+        if norm is None:
+            return float("nan")
+        norm = float(norm)
+        if not math.isfinite(norm) and self.engine.was_step_applied():
+            raise DistftError(
+                f"DeepSpeed applied an optimizer step with gradient norm {norm}: the weights are no "
+                "longer finite. Keep strategy.extra.bf16.check_grad_overflow=true (DeepSpeed's default)"
+            )
+        return norm
 
     def set_lr(self, lr: float) -> None:
         for g in self.base_optimizer.param_groups:
