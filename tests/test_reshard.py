@@ -1,8 +1,9 @@
 """Resume on a different number of ranks: 2 ranks → 1 → 2 continues with the same losses as an
 uninterrupted 2-rank run. FSDP2 reshards through DCP (and the last leg switches to DDP: the same
 DCP format); ZeRO through DeepSpeed's universal checkpoint, converted automatically, changing
-stage on the way (ZeRO-2 on 2 ranks → ZeRO-1 on 1 → ZeRO-3 on 2). A
-checkpoint of the other format is refused with a message that says what to do."""
+stage on the way (ZeRO-2 on 2 ranks → ZeRO-1 on 1 → ZeRO-2 on 2). A
+checkpoint of the other format (DCP vs DeepSpeed, or ZeRO-1/2 vs ZeRO-3, which DeepSpeed cannot
+load into each other) is refused with a message that says what to do."""
 
 from __future__ import annotations
 
@@ -35,7 +36,8 @@ def chain(request, tmp_path_factory):
     root = tmp_path_factory.mktemp(f"reshard_{strategy}")
     common = [f"strategy={strategy}", *COMMON]
     train(root / "two", *common, *TWO, "train.max_steps=6", "train.save_every=2")
-    # ZeRO also changes stage on the way (2 → 1 → 3): the universal checkpoint is stage-free.
+    # ZeRO also changes stage on the way (2 → 1 → 2): DeepSpeed's universal checkpoint loads into
+    # either of ZeRO-1/2 (not into ZeRO-3: refused below).
     middle = "strategy=zero1" if strategy == "zero2" else f"strategy={strategy}"
     one = train(
         root / "one",
@@ -46,7 +48,7 @@ def chain(request, tmp_path_factory):
         f"resume={root / 'two/checkpoints/step_2'}",
         nproc=1,
     )
-    last = "strategy=ddp" if strategy == "fsdp" else "strategy=zero3"  # DCP: DDP reads FSDP's
+    last = "strategy=ddp" if strategy == "fsdp" else "strategy=zero2"  # DCP: DDP reads FSDP's
     back = train(
         root / "back", *common, last, *TWO, "train.max_steps=6", f"resume={root / 'one/checkpoints/step_4'}"
     )
@@ -73,7 +75,7 @@ def test_two_to_one_to_two_ranks_same_losses(chain):
 
 def test_other_format_is_refused_with_a_clear_message(chain, tmp_path):
     strategy, root, _, _ = chain
-    other = "zero2" if strategy == "fsdp" else "fsdp"
+    other = "zero2" if strategy == "fsdp" else "zero3"
     proc = train(
         tmp_path / "cross",
         f"strategy={other}",
@@ -85,6 +87,9 @@ def test_other_format_is_refused_with_a_clear_message(chain, tmp_path):
         check=False,
     )
     assert proc.returncode == 2, proc.stderr[-3000:]
-    fmt = "dcp" if strategy == "fsdp" else "deepspeed"
-    assert f"was written by strategy={strategy} ({fmt} format)" in proc.stderr
+    if strategy == "fsdp":
+        assert "was written by strategy=fsdp (dcp format)" in proc.stderr
+    else:
+        assert "cannot load a ZeRO-1/2 checkpoint into strategy=zero3" in proc.stderr
+        assert "Resume with zero1, zero2 (any number of ranks)" in proc.stderr
     assert "resume=never model.name_or_path=" in proc.stderr

@@ -17,10 +17,10 @@ import torch
 
 from distft import dist
 from distft.errors import ConfigError
-from distft.rl import loop, models, prompts
+from distft.rl import loop, models
 from distft.rl.advantages import group_advantages
 from distft.rl.config import RLConfig, validate_rl
-from distft.rl.rewards import RewardScorer
+from distft.rl.method import PromptMethod
 from distft.rl.rollout import token_logprobs
 
 ADVANTAGES = ("grpo", "rloo")
@@ -40,17 +40,8 @@ class GRPOConfig(RLConfig):
     """KL-to-reference coefficient in the loss (0: no reference model is loaded)."""
 
 
-class GRPO:
+class GRPO(PromptMethod):
     config = GRPOConfig
-    auto_class = None  # AutoModelForCausalLM
-
-    def __init__(self, cfg, tokenizer):
-        self.cfg = cfg
-        self.tokenizer = tokenizer
-        self.scorer = None
-        self.reference = None
-        self.start_policy = None
-        self.failures = loop.FailureBudget(cfg.method.max_reward_failures)
 
     @staticmethod
     def validate(cfg) -> None:
@@ -65,39 +56,12 @@ class GRPO:
         if m.beta < 0:
             raise ConfigError(f"method.beta must be >= 0 (got {m.beta})")
 
-    @staticmethod
-    def default_rows(cfg) -> list[dict]:
-        return prompts.default_rows(cfg)
-
-    @staticmethod
-    def encode(rows, tokenizer, cfg, train: bool):
-        return prompts.encode(rows, tokenizer, cfg, train)
-
-    def collate(self, examples: list[dict]) -> dict:
-        return prompts.collate(examples, self.tokenizer.pad_token_id)
-
-    def loss(self, model, batch: dict):
-        return prompts.reference_nll(model, batch)
-
-    def evaluate(self, model, rows, info, sharded: bool) -> dict:
-        if not self.cfg.train.eval_generate:
-            return {}
-        return prompts.evaluate(model, self.tokenizer, self.scorer, rows, self.cfg, info, sharded)
-
     # ------------------------------------------------------------------ hooks
     def setup(self, trainer) -> None:
-        self.start_policy = models.start_policy(trainer)
-        self.scorer = RewardScorer(self.cfg, self.tokenizer, trainer.info.device)
-        if self.cfg.method.beta > 0:
-            self.reference = models.load_reference(trainer, self.start_policy)
-        self.info = trainer.info
+        super().setup(trainer, with_reference=self.cfg.method.beta > 0)
 
     def save_state(self, path: Path) -> None:
-        state = {"start_policy": self.start_policy, "reward_failures": self.failures.total}
-        models.write_state(path, state, self.info)
-
-    def load_state(self, path: Path) -> None:
-        self.failures.total = int(models.read_state(path).get("reward_failures", 0))
+        models.write_state(path, self.state(), self.info)
 
     # ------------------------------------------------------------------ step
     def train_step(self, trainer, step: int) -> tuple[float, int, float]:
@@ -116,7 +80,7 @@ class GRPO:
         old_lp = (
             None if single else loop.forward_logprobs(st.model, st, roll, batch.micro, m.temperature, dev)
         )
-        ref_lp = self._reference_logprobs(st, roll, batch.micro) if m.beta > 0 else None
+        ref_lp = self.reference_logprobs(st, roll, batch.micro) if m.beta > 0 else None
 
         updates = loop.minibatches(len(roll), m.mini_batches, cfg.train.grad_accum)
         update_tokens = loop.minibatch_tokens(mask, updates, dev)
@@ -165,11 +129,3 @@ class GRPO:
             [float((roll.input_ids != self.tokenizer.pad_token_id).sum())], dev
         )
         return loss_sum / (m.epochs * len(updates)), int(seq_tokens) * m.epochs, grad_norm
-
-    @torch.no_grad()
-    def _reference_logprobs(self, st, roll, micro: int) -> torch.Tensor:
-        dev, temp = self.info.device, self.cfg.method.temperature
-        if self.reference is not None:
-            return loop.forward_logprobs(self.reference, st, roll, micro, temp, dev)
-        with st.module.disable_adapter():  # LoRA/QLoRA: the base model is the reference
-            return loop.forward_logprobs(st.model, st, roll, micro, temp, dev)

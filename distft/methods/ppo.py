@@ -17,10 +17,10 @@ import torch
 
 from distft import dist
 from distft.errors import ConfigError
-from distft.rl import loop, models, prompts
+from distft.rl import loop, models
 from distft.rl.advantages import gae, whiten
 from distft.rl.config import RLConfig, validate_rl
-from distft.rl.rewards import RewardScorer
+from distft.rl.method import PromptMethod
 from distft.rl.rollout import token_logprobs, token_values
 
 
@@ -44,18 +44,12 @@ class PPOConfig(RLConfig):
     """Critic peak learning rate (it follows the policy's schedule shape)."""
 
 
-class PPO:
+class PPO(PromptMethod):
     config = PPOConfig
-    auto_class = None  # AutoModelForCausalLM
 
     def __init__(self, cfg, tokenizer):
-        self.cfg = cfg
-        self.tokenizer = tokenizer
-        self.scorer = None
+        super().__init__(cfg, tokenizer)
         self.critic = None
-        self.reference = None
-        self.start_policy = None
-        self.failures = loop.FailureBudget(cfg.method.max_reward_failures)
 
     @staticmethod
     def validate(cfg) -> None:
@@ -66,42 +60,18 @@ class PPO:
         if m.kl_coef < 0 or m.clip_range_value < 0 or m.critic_lr <= 0:
             raise ConfigError("method.kl_coef and method.clip_range_value must be >= 0, method.critic_lr > 0")
 
-    @staticmethod
-    def default_rows(cfg) -> list[dict]:
-        return prompts.default_rows(cfg)
-
-    @staticmethod
-    def encode(rows, tokenizer, cfg, train: bool):
-        return prompts.encode(rows, tokenizer, cfg, train)
-
-    def collate(self, examples: list[dict]) -> dict:
-        return prompts.collate(examples, self.tokenizer.pad_token_id)
-
-    def loss(self, model, batch: dict):
-        return prompts.reference_nll(model, batch)
-
-    def evaluate(self, model, rows, info, sharded: bool) -> dict:
-        if not self.cfg.train.eval_generate:
-            return {}
-        return prompts.evaluate(model, self.tokenizer, self.scorer, rows, self.cfg, info, sharded)
-
     # ------------------------------------------------------------------ hooks
     def setup(self, trainer) -> None:
-        self.start_policy = models.start_policy(trainer)
-        self.scorer = RewardScorer(self.cfg, self.tokenizer, trainer.info.device)
-        if self.cfg.method.kl_coef > 0:
-            self.reference = models.load_reference(trainer, self.start_policy)
+        super().setup(trainer, with_reference=self.cfg.method.kl_coef > 0)
         self.critic = models.build_critic(trainer, self.start_policy)
 
     def save_state(self, path: Path) -> None:
         self.critic.save(path / "critic")
-        info = self.critic.info
-        state = {"start_policy": self.start_policy, "reward_failures": self.failures.total}
-        models.write_state(path, state, info)
+        models.write_state(path, self.state(), self.critic.info)
 
     def load_state(self, path: Path) -> None:
         self.critic.load(path / "critic")
-        self.failures.total = int(models.read_state(path).get("reward_failures", 0))
+        super().load_state(path)
 
     def export_extra(self, trainer, out: Path) -> None:
         """The critic in Hugging Face format (AutoModelForTokenClassification, one output)."""
@@ -126,7 +96,7 @@ class PPO:
         mask = roll.mask * scores.valid.float()[:, None]  # a failed reward: no update from it
 
         old_lp = loop.forward_logprobs(st.model, st, roll, micro, m.temperature, dev)
-        ref_lp = self._reference_logprobs(st, roll, micro) if m.kl_coef > 0 else old_lp
+        ref_lp = self.reference_logprobs(st, roll, micro) if m.kl_coef > 0 else old_lp
         old_values = self._values(roll, loop.micro_slices(len(roll), micro))
         kl = (old_lp - ref_lp) * mask
         last = (roll.mask.cumsum(1) == roll.mask.sum(1, keepdim=True)) & (roll.mask > 0)
@@ -173,14 +143,6 @@ class PPO:
         trainer.step_metrics = metrics
         n_updates = m.epochs * len(updates)
         return loss_sum / n_updates, int(seq_tokens) * m.epochs, grad_norm
-
-    @torch.no_grad()
-    def _reference_logprobs(self, st, roll, micro: int) -> torch.Tensor:
-        dev, temp = self.critic.info.device, self.cfg.method.temperature
-        if self.reference is not None:
-            return loop.forward_logprobs(self.reference, st, roll, micro, temp, dev)
-        with st.module.disable_adapter():  # LoRA/QLoRA: the base model is the reference
-            return loop.forward_logprobs(st.model, st, roll, micro, temp, dev)
 
     @torch.no_grad()
     def _values(self, roll, slices) -> torch.Tensor:

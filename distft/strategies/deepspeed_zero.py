@@ -114,12 +114,24 @@ class DeepSpeedStrategy:
         self.load_tag = "deepspeed"  # "deepspeed_universal" after a conversion (prepare_resume)
 
     def prepare_resume(self, path: Path, state: dict) -> None:
-        """Before deepspeed.initialize: a checkpoint saved with another world size (or ZeRO stage)
-        is converted once to DeepSpeed's universal format, which loads on any world size."""
+        """Before deepspeed.initialize: a checkpoint saved with another world size (or ZeRO stage
+        1 ↔ 2, or 3 ↔ 3 with offload) is converted once to DeepSpeed's universal format, which
+        loads on any world size; ZeRO-1/2 ↔ 3 is refused with the way out."""
         same_world = state.get("world_size") == self.info.world_size
         same = same_world and state.get("strategy") == self.cfg.strategy.name
         if same or not (path / "deepspeed").is_dir():
             return
+        # DeepSpeed stores ZeRO-3 model states per rank (zero_pp_rank_*), ZeRO-1/2 once; its
+        # loader (also of universal checkpoints) cannot cross between the two layouts.
+        saved_3 = any((path / "deepspeed").glob("zero_pp_rank_*_model_states.pt"))
+        if saved_3 != self.sharded_params:
+            can = "zero3, zero3_offload" if saved_3 else "zero1, zero2"
+            raise ConfigError(
+                f"resume: {path} was written by strategy={state.get('strategy')}; DeepSpeed cannot load a "
+                f"ZeRO-{'3' if saved_3 else '1/2'} checkpoint into strategy={self.cfg.strategy.name}. "
+                f"Resume with {can} (any number of ranks), or start over from its weights: "
+                "resume=never model.name_or_path=<the run's export/ directory>"
+            )
         universal = path / "deepspeed_universal"
         if self.info.is_main and not (universal / "zero").is_dir():
             import subprocess

@@ -1,0 +1,68 @@
+"""What the prompt-based RL methods (`method=ppo`, `method=grpo`) share: prompt data, the
+SFT-style loss used for eval, the reward scorer, the frozen reference and the failure budget.
+Each method adds its own update (`train_step`) and state."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from distft.rl import loop, models, prompts
+from distft.rl.rewards import RewardScorer
+
+
+class PromptMethod:
+    auto_class = None  # AutoModelForCausalLM
+
+    def __init__(self, cfg, tokenizer):
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        self.scorer = None
+        self.reference = None
+        self.start_policy = None
+        self.info = None
+        self.failures = loop.FailureBudget(cfg.method.max_reward_failures)
+
+    @staticmethod
+    def default_rows(cfg) -> list[dict]:
+        return prompts.default_rows(cfg)
+
+    @staticmethod
+    def encode(rows, tokenizer, cfg, train: bool):
+        return prompts.encode(rows, tokenizer, cfg, train)
+
+    def collate(self, examples: list[dict]) -> dict:
+        return prompts.collate(examples, self.tokenizer.pad_token_id)
+
+    def loss(self, model, batch: dict):
+        return prompts.reference_nll(model, batch)
+
+    def evaluate(self, model, rows, info, sharded: bool) -> dict:
+        if not self.cfg.train.eval_generate:
+            return {}
+        return prompts.evaluate(model, self.tokenizer, self.scorer, rows, self.cfg, info, sharded)
+
+    def setup(self, trainer, with_reference: bool) -> None:
+        """Start policy (after the SFT warm-up), scorer, and the reference when the KL needs one."""
+        self.info = trainer.info
+        self.start_policy = models.start_policy(trainer)
+        self.scorer = RewardScorer(self.cfg, self.tokenizer, trainer.info.device)
+        if with_reference:
+            self.reference = models.load_reference(trainer, self.start_policy)
+
+    def state(self) -> dict:
+        return {"start_policy": self.start_policy, "reward_failures": self.failures.total}
+
+    def load_state(self, path: Path) -> None:
+        self.failures.total = int(models.read_state(path).get("reward_failures", 0))
+
+    @torch.no_grad()
+    def reference_logprobs(self, st, roll, micro: int) -> torch.Tensor:
+        """Per-token log-probs of the reference: the frozen copy, or under LoRA/QLoRA the policy
+        with its adapters disabled (no second copy of the weights)."""
+        dev, temp = self.info.device, self.cfg.method.temperature
+        if self.reference is not None:
+            return loop.forward_logprobs(self.reference, st, roll, micro, temp, dev)
+        with st.module.disable_adapter():
+            return loop.forward_logprobs(st.model, st, roll, micro, temp, dev)
