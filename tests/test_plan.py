@@ -60,10 +60,12 @@ def test_meta_shape_counts_what_the_real_model_has(tuning):
 @pytest.mark.quick
 @pytest.mark.parametrize("n", [2, 4, 8])
 def test_sharded_states_match_the_zero_formula(n):
-    """fp32 FSDP2 shards weights, gradients and Adam: exactly 16Ψ/N of model states per rank."""
+    """fp32 FSDP2 and ZeRO-3 shard weights, gradients and Adam: exactly 16Ψ/N of model states per
+    rank (ZeRO-3's fp32 master is the model's own partition, shared by distft)."""
     shape = model_shape(cfg_for(*BIG))
-    e = estimate(shape, "fsdp", n, micro=1, seq=64)
-    assert e.states == pytest.approx(16 * shape.params / n)
+    for strategy in ("fsdp", "zero3"):
+        e = estimate(shape, strategy, n, micro=1, seq=64)
+        assert e.states == pytest.approx(16 * shape.params / n), strategy
     ddp = estimate(shape, "ddp", n, micro=1, seq=64)
     assert ddp.states == pytest.approx(16 * shape.params)
 

@@ -475,17 +475,27 @@ def test_grpo_zero2_runs_with_failing_rewards_and_warns_once(grpo_zero2):
 
 
 @pytest.mark.slow
-def test_zero3_generation_matches_fsdp(tmp_path, ppo_fsdp, grpo_fsdp, warm):
+def test_zero3_and_ddp_generation_match_fsdp(tmp_path, ppo_fsdp, grpo_fsdp, warm):
     """Under ZeRO-3 every rank gathers the sharded weights for each generation step (synced
-    ranks): the first step's rollouts, from the same start policy and seed, match FSDP2's."""
-    ppo = tmp_path / "ppo_zero3"
-    train(
-        ppo, *SHORT, "method=ppo", "strategy=zero3", f"model.name_or_path={warm}", FLAKY, "train.max_steps=2"
-    )
+    ranks): the first steps' rollouts, from the same start policy and seed, match FSDP2's; so do
+    DDP's (PPO on its plain replicas)."""
     ref = rows_with(ppo_fsdp / "full", "reward")
-    for mine, theirs in zip(rows_with(ppo, "reward"), ref[:2]):
-        assert mine["reward"] == pytest.approx(theirs["reward"], abs=1e-6)
-        assert mine["completion_length"] == pytest.approx(theirs["completion_length"], abs=1e-6)
+    for strategy, steps in (("zero3", 2), ("ddp", 1)):
+        ppo = tmp_path / f"ppo_{strategy}"
+        train(
+            ppo,
+            *SHORT,
+            "method=ppo",
+            f"strategy={strategy}",
+            f"model.name_or_path={warm}",
+            FLAKY,
+            f"train.max_steps={steps}",
+        )
+        mine_rows = rows_with(ppo, "reward")
+        assert len(mine_rows) == steps and all("value_loss" in r for r in mine_rows)
+        for mine, theirs in zip(mine_rows, ref[:steps]):
+            assert mine["reward"] == pytest.approx(theirs["reward"], abs=1e-6), strategy
+            assert mine["completion_length"] == pytest.approx(theirs["completion_length"], abs=1e-6)
     grpo = tmp_path / "grpo_zero3"
     train(
         grpo,

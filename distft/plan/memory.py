@@ -2,7 +2,7 @@
 
 Model states follow what distft's strategies actually allocate (not only the ZeRO paper's 16 B per
 parameter): fp32 weights for full fine-tuning (autocast or FSDP2's policy makes the bf16 copies),
-DeepSpeed's fp32 master partition (a second copy when training in fp32)
+DeepSpeed's fp32 master partition (in fp32 the model's own partition: distft shares it)
 and its reduction bucket, FSDP2 / ZeRO-3 gathering a block (and prefetching the next). Activations
 are counted per micro-batch for a Llama-style block, with and without gradient checkpointing;
 the logits and the loss's fp32 copies are counted apart because a large vocabulary makes them the
@@ -135,13 +135,16 @@ def estimate(
             buffers += 2 * block + root + 4.0 * shape.largest_layer * psi_t / max(psi, 1)
     elif stage in (1, 2, 3):
         # DeepSpeed casts the model to the compute dtype and keeps an fp32 master partition plus
-        # Adam's two moments: 12 B per trainable parameter / N (a second copy of fp32 weights).
+        # Adam's two moments: 12 B per trainable parameter / N.
         params = (frozen + psi_t * compute) if adapter else psi * compute
         if stage == 3:
             params /= n
-        optimizer = 12.0 * psi_t / n
-        if not half:
-            notes.append("fp32: DeepSpeed keeps an fp32 master partition besides the fp32 weights")
+        # In fp32 distft points DeepSpeed's master partition at the model's own (share_fp32_master),
+        # except with the optimizer offloaded (the master lives in host RAM).
+        shared_master = not half and strategy != "zero3_offload"
+        optimizer = (8.0 if shared_master else 12.0) * psi_t / n
+        if shared_master:
+            notes.append("fp32: DeepSpeed's fp32 master partition is the model's own (shared, not copied)")
         # Stage 1 reduces through the same buckets into the owned partition as stage 2 does (the
         # full gradients are released bucket by bucket): measured equal here.
         grads = 4.0 * psi_t / n

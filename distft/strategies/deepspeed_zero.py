@@ -102,6 +102,35 @@ def ds_config(cfg, world_size: int, model: torch.nn.Module | None = None) -> dic
     return out
 
 
+def share_fp32_master(zero_optimizer) -> int:
+    """In fp32 the model's partition already is the master copy: point DeepSpeed's fp32 master
+    partitions at it instead of keeping a clone (4 bytes per parameter / N ranks). ZeRO-3 means
+    to share them but compares a torch.device with a string and clones; ZeRO-1/2 always clone.
+    The optimizer then updates the partition in place and DeepSpeed's copy back is a self-copy.
+    Returns the number of partitions shared."""
+    import torch.distributed as tdist
+
+    if hasattr(zero_optimizer, "fp32_partitioned_groups_flat"):  # ZeRO-3
+        pairs = list(
+            zip(zero_optimizer.fp32_partitioned_groups_flat, zero_optimizer.fp16_partitioned_groups_flat)
+        )
+    elif hasattr(zero_optimizer, "single_partition_of_fp32_groups"):  # ZeRO-1/2
+        rank = tdist.get_rank(group=zero_optimizer.dp_process_group)
+        bit16 = [groups[rank] for groups in zero_optimizer.parallel_partitioned_bit16_groups]
+        pairs = list(zip(zero_optimizer.single_partition_of_fp32_groups, bit16))
+    else:
+        return 0
+    shared = 0
+    for master, part in pairs:
+        same = master.dtype == part.dtype and master.device == part.device and master.shape == part.shape
+        if same and master.data_ptr() != part.data_ptr():
+            master.data = part.data
+            shared += 1
+    if shared:  # each parameter's view of its master fragment (used by checkpoint loading) moves too
+        zero_optimizer._link_all_hp_params()
+    return shared
+
+
 class DeepSpeedStrategy:
     def __init__(self, cfg, info):
         self.cfg = cfg
@@ -169,6 +198,8 @@ class DeepSpeedStrategy:
         self.base_optimizer = optimizer
         self.model = self.engine
         self.module = self.engine.module
+        if self.cfg.train.precision == "fp32" and not self.cfg.strategy.offload_optimizer:
+            share_fp32_master(self.engine.optimizer)
 
     def write_config(self, run_dir: Path) -> None:
         (run_dir / "ds_config.json").write_text(json.dumps(self.config, indent=2))
