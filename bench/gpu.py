@@ -8,6 +8,7 @@
 
     .venv/bin/python bench/gpu.py                 # both, on all visible GPUs for the MFU run
     .venv/bin/python bench/gpu.py --only mfu --gpus 8 --micro 2
+    .venv/bin/python bench/gpu.py --smoke         # CPU, shrunken shapes: checks the script itself
 
 Both run distft's own training entry (`python -m distft.train`) on a model directory written
 here (random weights, distft's character tokenizer; token ids stay below its 102 symbols, the
@@ -46,7 +47,21 @@ def parse() -> argparse.Namespace:
     p.add_argument("--seq", type=int, default=2048)
     p.add_argument("--compile", action="store_true", help="train.compile=true for the MFU run")
     p.add_argument("--out", default=str(REPO / "outputs/bench/gpu"))
-    return p.parse_args()
+    p.add_argument(
+        "--smoke", action="store_true", help="CPU, 2 layers of width 64, seq 128, 3 steps: the script runs"
+    )
+    a = p.parse_args()
+    if a.smoke:
+        a.seq, a.steps, a.micro, a.gpus = 128, 3, 2, 1
+    return a
+
+
+SMOKE = " [smoke: CPU, 2 layers of width 64]"
+
+
+def shrink(shape: dict) -> dict:
+    """--smoke: the real vocabulary and head layout, 2 layers of width 64."""
+    return {**shape, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2}
 
 
 def write_model(path: Path, shape: dict) -> Path:
@@ -67,7 +82,7 @@ def write_model(path: Path, shape: dict) -> Path:
         bos_token_id=None,
     )
     torch.manual_seed(0)
-    with torch.device("cuda"):
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
         model = LlamaForCausalLM(cfg).to(torch.bfloat16)
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -75,7 +90,8 @@ def write_model(path: Path, shape: dict) -> Path:
     tok.save_pretrained(tmp)
     tmp.rename(path)
     del model
-    torch.cuda.empty_cache()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
     return path
 
 
@@ -106,7 +122,7 @@ def steady(rows: list[dict], key: str) -> float:
 
 
 def run_mfu(a, out: Path, gpus: int) -> dict:
-    model = write_model(out / "llama-1b", LLAMA_1B)
+    model = write_model(out / "llama-1b", shrink(LLAMA_1B) if a.smoke else LLAMA_1B)
     rows = write_rows(out / "rows-1b.jsonl", max(64, a.micro * gpus * (a.steps + 2)), a.seq)
     run = out / "mfu"
     shutil.rmtree(run, ignore_errors=True)
@@ -114,11 +130,12 @@ def run_mfu(a, out: Path, gpus: int) -> dict:
         *common_overrides(model, rows, a.seq), f"output_dir={run}", "strategy=fsdp", "tuning=full",
         f"train.micro_batch_size={a.micro}", f"train.max_steps={a.steps}", f"cluster.gpus_per_node={gpus}",
         f"cluster.nproc_per_node={gpus}", *(["train.compile=true"] if a.compile else []),
+        *(["cluster.gpus_per_node=0"] if a.smoke else []),
     ]  # fmt: skip
     res = launch("distft.train", args, gpus, run / "rss", run / "run.log", env=bench_env(OMP_NUM_THREADS="8"))
     m = [r for r in metrics(run) if "loss" in r]
     return {
-        "what": f"Llama-1B shape, FSDP2 bf16, seq {a.seq}, micro {a.micro}, {gpus} GPU(s)",
+        "what": f"Llama-1B shape, FSDP2 bf16, seq {a.seq}, micro {a.micro}, {gpus} GPU(s)" + SMOKE * a.smoke,
         "mfu": steady(m, "mfu"),
         "tokens_per_s": steady(m, "tokens_per_s"),
         "peak_gib": max(r["mem_gib"] for r in m),
@@ -129,20 +146,22 @@ def run_mfu(a, out: Path, gpus: int) -> dict:
 
 
 def run_qlora(a, out: Path) -> dict:
-    model = write_model(out / "llama-8b", LLAMA_8B)
+    model = write_model(out / "llama-8b", shrink(LLAMA_8B) if a.smoke else LLAMA_8B)
     rows = write_rows(out / "rows-8b.jsonl", 64, a.seq)
     run = out / "qlora"
     shutil.rmtree(run, ignore_errors=True)
     args = [
         *common_overrides(model, rows, a.seq), f"output_dir={run}", "strategy=ddp", "tuning=qlora",
-        "train.gradient_checkpointing=true", "train.micro_batch_size=1", "train.max_steps=8",
-        "cluster.gpus_per_node=1", "cluster.nproc_per_node=1",
+        "train.gradient_checkpointing=true", "train.micro_batch_size=1",
+        f"train.max_steps={a.steps if a.smoke else 8}", f"cluster.gpus_per_node={0 if a.smoke else 1}",
+        "cluster.nproc_per_node=1",
     ]  # fmt: skip
     res = launch("distft.train", args, 1, run / "rss", run / "run.log", env=bench_env(OMP_NUM_THREADS="8"))
     m = [r for r in metrics(run) if "loss" in r]
     peak = max(r["mem_gib"] for r in m)
     return {
-        "what": f"Llama-8B shape, QLoRA NF4 r=8, bf16, grad. checkpointing, seq {a.seq}, micro 1, 1 GPU",
+        "what": f"Llama-8B shape, QLoRA NF4 r=8, bf16, grad. checkpointing, seq {a.seq}, micro 1, 1 GPU"
+        + SMOKE * a.smoke,
         "mfu": steady(m, "mfu"),
         "tokens_per_s": steady(m, "tokens_per_s"),
         "peak_gib": peak,
@@ -156,9 +175,11 @@ def main() -> None:
     import torch
 
     a = parse()
-    if not torch.cuda.is_available():
-        raise SystemExit("bench/gpu.py needs a CUDA GPU (this machine has none)")
-    out = Path(a.out)
+    if not torch.cuda.is_available() and not a.smoke:
+        raise SystemExit(
+            "bench/gpu.py needs a CUDA GPU (this machine has none; --smoke checks the script on CPU)"
+        )
+    out = Path(a.out + ("-smoke" if a.smoke else ""))
     out.mkdir(parents=True, exist_ok=True)
     gpus = a.gpus or torch.cuda.device_count()
     results = []
@@ -166,7 +187,7 @@ def main() -> None:
         results.append(run_mfu(a, out, gpus))
     if a.only in (None, "qlora"):
         results.append(run_qlora(a, out))
-    device = torch.cuda.get_device_name(0)
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu (--smoke: shapes shrunk)"
     lines = [
         f"device: {device}",
         "",
