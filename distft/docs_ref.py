@@ -181,8 +181,8 @@ def render() -> str:
             if entry is None:
                 continue
             cls = entry.config
-            summary = inspect.getdoc(entry)
-            summary = (summary or "").split("\n\n")[0]
+            own = vars(entry).get("__doc__")  # the option's own, not a shared base class's
+            summary = inspect.cleandoc(own or "").split("\n\n")[0]
             out += ["", f"### `{group}={option}`", ""]
             if summary:
                 out += [_cell(summary), ""]

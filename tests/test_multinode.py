@@ -16,7 +16,7 @@ STEPS = 4
 COMMON = [*FAST, "data.num_examples=200", "train.eval_generate=false", f"train.max_steps={STEPS}"]
 
 
-def launch_two_nodes(run_dir, *overrides: str, nproc: int, timeout: int = 600) -> list:
+def launch_two_nodes(run_dir, *overrides: str, nproc: int, timeout: int = 600, extra_env=None) -> list:
     """Start node 1 first (it must wait for the rendezvous), then node 0; wait for both."""
     port = free_port()
     procs = []
@@ -31,11 +31,14 @@ def launch_two_nodes(run_dir, *overrides: str, nproc: int, timeout: int = 600) -
             f"cluster.node_rank={node}",
             f"cluster.nproc_per_node={nproc}",
             f"cluster.master_port={port}",
-            "cluster.hang_dump_s=1",  # evaluation and start-up take longer: every rank dumps stacks
+            "cluster.hang_dump_s=1",  # a step that takes longer (see ddp_two_nodes): every rank dumps
             *overrides,
         ]
         log = open(run_dir.parent / f"{run_dir.name}-node{node}.log", "w")
-        procs.append((node, subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=log, stderr=subprocess.STDOUT)))
+        proc = subprocess.Popen(
+            cmd, cwd=REPO, env=env(**(extra_env or {})), stdout=log, stderr=subprocess.STDOUT
+        )
+        procs.append((node, proc))
         time.sleep(1.0)
     deadline = time.monotonic() + timeout
     out = []
@@ -50,7 +53,10 @@ def launch_two_nodes(run_dir, *overrides: str, nproc: int, timeout: int = 600) -
 @pytest.fixture(scope="module")
 def ddp_two_nodes(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("mn") / "ddp"
-    logs = launch_two_nodes(run_dir, "strategy=ddp", "train.micro_batch_size=8", nproc=1)
+    # Rank 1 stalls 3 s before step 3 (rank 0 waits for it in the step's collective): with
+    # cluster.hang_dump_s=1 both ranks' watchdogs fire mid-training, whatever the machine's speed.
+    stall = {"DISTFT_FAULT_SLEEP": "3:3@1"}
+    logs = launch_two_nodes(run_dir, "strategy=ddp", "train.micro_batch_size=8", nproc=1, extra_env=stall)
     return run_dir, logs
 
 
@@ -78,9 +84,10 @@ def test_two_nodes_form_one_job_and_train(ddp_two_nodes):
 @pytest.mark.slow
 def test_every_rank_dumps_stacks_when_no_step_finishes_in_time(ddp_two_nodes):
     run_dir, _ = ddp_two_nodes
-    for rank in (0, 1):
-        text = (run_dir / "stacks" / f"rank{rank}.txt").read_text()
+    texts = [(run_dir / "stacks" / f"rank{rank}.txt").read_text() for rank in (0, 1)]
+    for text in texts:
         assert "Timeout" in text and "File " in text, text[:2000]
+    assert "inject_sleep" in texts[1] and "train_step" in texts[0]  # the stalled rank, the waiting one
 
 
 @pytest.mark.slow

@@ -264,3 +264,19 @@ def collate_pairs(examples: list[dict], pad_id: int) -> dict:
             [e["ref_chosen"] for e in examples] + [e["ref_rejected"] for e in examples], dtype=torch.float64
         )
     return batch
+
+
+class PairRows:
+    """What methods trained on prompt/chosen/rejected pairs share (`method=dpo`, `method=reward`):
+    the embedded default pairs, encoding, collation. Needs `self.tokenizer`."""
+
+    @staticmethod
+    def default_rows(cfg) -> list[dict]:
+        return default_pairs(cfg.data.num_examples)
+
+    @staticmethod
+    def encode(rows: list[dict], tokenizer, cfg, train: bool) -> tuple[list[dict], dict]:
+        return encode_pairs(rows, tokenizer, cfg.data.max_length, cfg.method.max_skip_fraction)
+
+    def collate(self, examples: list[dict]) -> dict:
+        return collate_pairs(examples, self.tokenizer.pad_token_id)

@@ -6,18 +6,24 @@ Fault injection (tests, and users checking their own setup): the environment var
 DISTFT_FAULT_NAN_STEPS="3,5,6" (optionally "@<rank>", e.g. "3,5@1") turns the loss of those
 steps into NaN on that rank (all ranks without "@") before backward, so the NaN travels through
 the real backward and gradient reduction. It is read only here and does nothing when unset.
+
+DISTFT_FAULT_SLEEP="<step>:<seconds>[@<rank>]" stalls that rank (all without "@") for that long
+before the 1-based step: a slow or stuck rank, for checking the hang stack dumps
+(cluster.hang_dump_s) on a real job.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import time
 
 import torch
 
 from distft.errors import DistftError
 
 FAULT_ENV = "DISTFT_FAULT_NAN_STEPS"
+SLEEP_ENV = "DISTFT_FAULT_SLEEP"
 
 
 class NonFiniteError(DistftError):
@@ -38,6 +44,17 @@ def inject_nan(loss: torch.Tensor, step: int, rank: int) -> torch.Tensor:
     if step + 1 in steps and only in (None, rank):
         return loss * float("nan")
     return loss
+
+
+def inject_sleep(step: int, rank: int) -> None:
+    """Fault-injection hook (see module doc): stall before the listed 1-based step."""
+    spec = os.environ.get(SLEEP_ENV, "").strip()
+    if not spec:
+        return
+    at, _, rest = spec.partition(":")
+    seconds, _, only = rest.partition("@")
+    if step + 1 == int(at) and (not only or int(only) == rank):
+        time.sleep(float(seconds))
 
 
 class BadStepGuard:

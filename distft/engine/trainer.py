@@ -197,6 +197,7 @@ class Trainer:
         method_step = getattr(self.method, "train_step", None)
         stop_at = self.tracker.stopped_step or self.total_steps  # a resumed early-stopped run
         for step in range(self.start_step, stop_at):
+            guard.inject_sleep(step, info.rank)  # no-op unless DISTFT_FAULT_SLEEP
             loss, tokens, grad_norm = method_step(self, step) if method_step else self.train_step(step)
             done = step + 1
             # loss is all-reduced and the grad norm global: every rank takes the same decision.

@@ -21,11 +21,18 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from distft.data.preference import collate_pairs, default_pairs, encode_pairs
+from distft.data.preference import PairRows
 from distft.engine.generation import exact_match
 from distft.errors import ConfigError
 from distft.methods.logprobs import model_logps
-from distft.methods.reference import Reference, check_reference, held_out, map_examples, to_device
+from distft.methods.reference import (
+    Reference,
+    check_reference,
+    held_out,
+    map_examples,
+    setup_reference,
+    to_device,
+)
 
 LOSS_TYPES = ("sigmoid", "hinge", "ipo", "simpo", "orpo")
 REFERENCE_FREE = ("simpo", "orpo")
@@ -90,7 +97,7 @@ def reward_metrics(chosen: torch.Tensor, rejected: torch.Tensor) -> dict:
     }
 
 
-class DPO:
+class DPO(PairRows):
     config = DPOConfig
     auto_class = None  # AutoModelForCausalLM
 
@@ -120,34 +127,11 @@ class DPO:
             raise ConfigError(f"method.max_skip_fraction={m.max_skip_fraction} must be in [0, 1]")
         check_reference(cfg, m.loss_type not in REFERENCE_FREE)
 
-    @staticmethod
-    def default_rows(cfg) -> list[dict]:
-        return default_pairs(cfg.data.num_examples)
-
-    @staticmethod
-    def encode(rows: list[dict], tokenizer, cfg, train: bool) -> tuple[list[dict], dict]:
-        return encode_pairs(rows, tokenizer, cfg.data.max_length, cfg.method.max_skip_fraction)
-
-    def collate(self, examples: list[dict]) -> dict:
-        return collate_pairs(examples, self.tokenizer.pad_token_id)
-
     def setup(self, trainer) -> None:
         """After the strategy wrapped the policy: build the reference (or precompute its log-probs)."""
         self.trainer = trainer
-        if self.cfg.method.disable_dropout:
-            from trl.trainer.utils import disable_dropout_in_model
-
-            disable_dropout_in_model(trainer.strategy.module)
-        if self.cfg.method.loss_type in REFERENCE_FREE:
-            return
-        self.ref = Reference(trainer, self.cfg.method.precompute_ref)
-        if self.cfg.method.precompute_ref:
-            self.ref.precompute(
-                trainer.data.train + trainer.data.val + trainer.data.test,
-                self.collate,
-                _assign_pair,
-                self.cfg.train.micro_batch_size,
-            )
+        needed = self.cfg.method.loss_type not in REFERENCE_FREE
+        self.ref = setup_reference(trainer, self, _assign_pair, needed)
 
     def _ref_logps(self, batch: dict) -> torch.Tensor | None:
         return None if self.ref is None else self.ref.logps(batch)

@@ -33,7 +33,14 @@ from distft.data.preference import (
 )
 from distft.errors import ConfigError
 from distft.methods.logprobs import model_logps
-from distft.methods.reference import Reference, check_reference, held_out, map_examples, to_device
+from distft.methods.reference import (
+    Reference,
+    check_reference,
+    held_out,
+    map_examples,
+    setup_reference,
+    to_device,
+)
 
 KTO_FIELDS = "'prompt', 'completion' and a boolean 'label', or a preference pair 'prompt'/'chosen'/'rejected'"
 
@@ -166,18 +173,7 @@ class KTO:
 
     def setup(self, trainer) -> None:
         self.trainer = trainer
-        if self.cfg.method.disable_dropout:
-            from trl.trainer.utils import disable_dropout_in_model
-
-            disable_dropout_in_model(trainer.strategy.module)
-        self.ref = Reference(trainer, self.cfg.method.precompute_ref)
-        if self.cfg.method.precompute_ref:
-            self.ref.precompute(
-                trainer.data.train + trainer.data.val + trainer.data.test,
-                self.collate,
-                _assign,
-                self.cfg.train.micro_batch_size,
-            )
+        self.ref = setup_reference(trainer, self, _assign)
 
     def _logratios(self, model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         ref = self.ref.logps(batch)

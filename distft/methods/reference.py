@@ -89,6 +89,24 @@ class Reference:
             assign(ex, v)
 
 
+def setup_reference(trainer, method, assign: Callable, needed: bool = True) -> Reference | None:
+    """A preference method's setup: dropout off in the policy (method.disable_dropout), then the
+    reference — frozen copy or adapters disabled — with its log-probs precomputed once over every
+    split when method.precompute_ref (`assign` stores one example's values)."""
+    m, t = trainer.cfg.method, trainer.cfg.train
+    if m.disable_dropout:
+        from trl.trainer.utils import disable_dropout_in_model
+
+        disable_dropout_in_model(trainer.strategy.module)
+    if not needed:
+        return None
+    ref = Reference(trainer, m.precompute_ref)
+    if m.precompute_ref:
+        data = trainer.data
+        ref.precompute(data.train + data.val + data.test, method.collate, assign, t.micro_batch_size)
+    return ref
+
+
 def frozen_copy(trainer) -> torch.nn.Module:
     """The initial model, frozen, prepared for the run's strategy (see the module docstring)."""
     from distft.models import load_model

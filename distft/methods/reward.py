@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from distft.data.preference import collate_pairs, default_pairs, encode_pairs
+from distft.data.preference import PairRows
 from distft.errors import ConfigError
 from distft.methods.dpo import reward_metrics
 from distft.methods.reference import held_out, map_examples, to_device
@@ -58,7 +58,7 @@ def scores(model, batch: dict) -> torch.Tensor:
     return out.logits.float().squeeze(-1)
 
 
-class Reward:
+class Reward(PairRows):
     config = RewardConfig
     auto_class = ScoreModel
 
@@ -76,17 +76,6 @@ class Reward:
             )
         if not 0 <= m.max_skip_fraction <= 1:
             raise ConfigError(f"method.max_skip_fraction={m.max_skip_fraction} must be in [0, 1]")
-
-    @staticmethod
-    def default_rows(cfg) -> list[dict]:
-        return default_pairs(cfg.data.num_examples)
-
-    @staticmethod
-    def encode(rows: list[dict], tokenizer, cfg, train: bool) -> tuple[list[dict], dict]:
-        return encode_pairs(rows, tokenizer, cfg.data.max_length, cfg.method.max_skip_fraction)
-
-    def collate(self, examples: list[dict]) -> dict:
-        return collate_pairs(examples, self.tokenizer.pad_token_id)
 
     def setup(self, trainer) -> None:
         self.trainer = trainer

@@ -3,7 +3,7 @@ and a direction that LoRA updates; mergeable like LoRA, a little slower per step
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -15,21 +15,9 @@ STRATEGIES = ("ddp", "fsdp", "zero1", "zero2")
 
 
 @dataclass
-class DoraConfig:
+class DoraConfig(lora.LoraConfig):
     name: str = "dora"
     """Tuning mode."""
-    r: int = 8
-    """Adapter rank."""
-    alpha: int = 16
-    """Scaling numerator (scale = alpha / r)."""
-    dropout: float = 0.0
-    """Dropout on the adapter input."""
-    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
-    """Module names to adapt, or ['all-linear'] for every linear layer but the output head."""
-    init_adapter: str | None = None
-    """Continue from a saved DoRA adapter (a PEFT adapter directory) instead of a fresh one."""
-    merge_on_export: bool = False
-    """Also write merged full weights to export/merged."""
 
 
 config = DoraConfig

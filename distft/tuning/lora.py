@@ -23,7 +23,7 @@ class LoraConfig:
     target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
     """Module names to adapt, or ['all-linear'] for every linear layer but the output head."""
     init_adapter: str | None = None
-    """Continue from a saved LoRA adapter (a PEFT adapter directory) instead of a fresh one."""
+    """Continue from a saved adapter of this kind (a PEFT adapter directory) instead of a fresh one."""
     merge_on_export: bool = False
     """Also write merged full weights to export/merged."""
 

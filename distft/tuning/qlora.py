@@ -7,7 +7,7 @@ loss-0/NaN trap users hit with FSDP (accelerate#3983), and it cannot be configur
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -16,25 +16,15 @@ from distft.tuning import lora, peft_common
 
 
 @dataclass
-class QLoraConfig:
+class QLoraConfig(lora.LoraConfig):
     name: str = "qlora"
     """Tuning mode."""
-    r: int = 8
-    """Adapter rank."""
-    alpha: int = 16
-    """Scaling numerator (scale = alpha / r)."""
-    dropout: float = 0.0
-    """Dropout on the adapter input."""
-    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
-    """Module names to adapt, or ['all-linear']."""
-    init_adapter: str | None = None
-    """Continue from a saved LoRA adapter (a PEFT adapter directory) instead of a fresh one."""
+    merge_on_export: bool = False
+    """Also write merged weights (adapter merged into a dequantized base) to export/merged."""
     quant_type: str = "nf4"
     """4-bit data type: nf4 or fp4."""
     double_quant: bool = True
     """Quantize the quantization constants too (saves ~0.4 bit/param)."""
-    merge_on_export: bool = False
-    """Also write merged weights (adapter merged into a dequantized base) to export/merged."""
 
 
 config = QLoraConfig
