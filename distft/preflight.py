@@ -5,8 +5,9 @@ dumps of every rank when it hangs or crashes.
   `preflight.json`: world size, backend, each rank's host/device/pid, all-reduce latency
   (1 float) and bandwidth (4 MiB).
 - Stacks: each rank appends to `<run dir>/stacks/rank<N>.txt` when no step finishes within
-  `cluster.hang_dump_s` (a watchdog timer re-armed by `kick()` once per step), on a fatal
-  signal (segfault, abort), and on demand with `kill -USR2 <rank pid>` (pids are in the report).
+  `cluster.hang_dump_s` (a watchdog thread; `kick()` once per step), on a fatal signal
+  (segfault, abort, by faulthandler), and on demand with `kill -USR2 <rank pid>` (pids are in
+  the report).
 """
 
 from __future__ import annotations
@@ -17,7 +18,10 @@ import os
 import signal
 import socket
 import statistics
+import sys
+import threading
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -26,7 +30,8 @@ from distft import dist, stop
 
 DUMP_SIGNAL = signal.SIGUSR2
 _dump_file = None
-_hang_s = 0
+_hang_s = 0.0
+_last_kick = 0.0
 
 
 def run(cfg, info: dist.DistInfo, run_dir: Path) -> dict:
@@ -126,9 +131,9 @@ def format_report(r: dict) -> str:
     return "\n".join(lines)
 
 
-def arm_stack_dumps(run_dir: Path, rank: int, hang_s: int) -> Path:
-    """Route this rank's stack dumps (hang timer, fatal signal, SIGUSR2) to stacks/rank<N>.txt."""
-    global _dump_file, _hang_s
+def arm_stack_dumps(run_dir: Path, rank: int, hang_s: float) -> Path:
+    """Route this rank's stack dumps (hang watchdog, fatal signal, SIGUSR2) to stacks/rank<N>.txt."""
+    global _dump_file, _hang_s, _last_kick
     path = run_dir / "stacks" / f"rank{rank}.txt"
     path.parent.mkdir(parents=True, exist_ok=True)
     if _dump_file is None or _dump_file.name != str(path):
@@ -139,18 +144,50 @@ def arm_stack_dumps(run_dir: Path, rank: int, hang_s: int) -> Path:
     except (ValueError, RuntimeError):
         pass
     _hang_s = hang_s
-    kick()
+    _last_kick = time.monotonic()
+    if hang_s > 0 and not any(t.name == "distft-hang-watchdog" for t in threading.enumerate()):
+        threading.Thread(target=_watch, name="distft-hang-watchdog", daemon=True).start()
     return path
 
 
 def kick() -> None:
-    """Once per step: restart the hang timer (a dump only when no step ends within hang_dump_s)."""
-    if _dump_file is None or _hang_s <= 0:
-        return
-    faulthandler.cancel_dump_traceback_later()
-    faulthandler.dump_traceback_later(_hang_s, repeat=False, file=_dump_file, exit=False)
+    """Once per step: the step finished (a dump only when no step ends within hang_dump_s)."""
+    global _last_kick
+    _last_kick = time.monotonic()
+
+
+def _watch() -> None:
+    """Dump every thread's stack once per stall of hang_dump_s without a finished step.
+
+    A Python thread, not faulthandler's timer: faulthandler reads other threads' frames without
+    the GIL and can crash a rank that is busy (seen: SIGSEGV while plotting the report). A rank
+    stuck in a collective waits with the GIL released, so this thread still runs and reads stable
+    frames."""
+    dumped_for = None
+    while _hang_s > 0:
+        time.sleep(min(1.0, _hang_s / 4))
+        since, stalled = _last_kick, time.monotonic() - _last_kick
+        if _hang_s > 0 and stalled >= _hang_s and dumped_for != since:
+            dumped_for = since
+            _dump_stacks(f"Timeout: no step finished for {stalled:.0f} s (cluster.hang_dump_s={_hang_s})")
+
+
+def _dump_stacks(title: str) -> None:
+    me = threading.get_ident()
+    names = {t.ident: t.name for t in threading.enumerate()}
+    out = [f"{title} at {time.strftime('%Y-%m-%d %H:%M:%S')}"]
+    for ident, frame in sys._current_frames().items():
+        if ident == me:
+            continue
+        out.append(f"Thread 0x{ident:016x} {names.get(ident, '')} (most recent call first):")
+        out += [line.rstrip("\n") for line in reversed(traceback.format_stack(frame))]
+        out.append("")
+    try:
+        _dump_file.write("\n".join(out) + "\n")
+    except (OSError, ValueError):  # the run dir went away or the file closed at exit
+        pass
 
 
 def disarm() -> None:
-    if _dump_file is not None:
-        faulthandler.cancel_dump_traceback_later()
+    global _hang_s
+    _hang_s = 0
