@@ -69,14 +69,20 @@ def test_rows_without_a_prompt_are_implicit_pairs(tiny):
         },
         {"chosen": "sort cab= abc", "rejected": "sort cab= cba", "_source": "p.jsonl:2"},
         {"chosen": "yes", "rejected": "no", "_source": "p.jsonl:3"},
+        {"chosen": "a b", "rejected": "a-c", "_source": "p.jsonl:4"},  # differ right after "a"
+        {"chosen": "x abc ", "rejected": "x abc def", "_source": "p.jsonl:5"},  # chosen is a prefix
     ]
     out, _, formats = to_canonical(rows, "auto", {}, "preference", "dpo")
-    assert formats == {"preference_implicit": 3}
+    assert formats == {"preference_implicit": 5}
+    for r in out[1:]:  # the prompt is a shared start, and each side keeps something of its own
+        assert r["chosen"] and r["rejected"]
+    assert (out[3]["prompt"], out[3]["chosen"], out[3]["rejected"]) == ("", "a b", "a-c")
+    assert (out[4]["prompt"], out[4]["chosen"], out[4]["rejected"]) == ("x ", "abc ", "abc def")
     assert out[0]["prompt"] == [user] and out[0]["chosen"] == [{"role": "assistant", "content": "abc"}]
     assert (out[1]["prompt"], out[1]["chosen"], out[1]["rejected"]) == ("sort cab= ", "abc", "cba")
     assert (out[2]["prompt"], out[2]["chosen"]) == ("", "yes")
     ex, stats = encode_pairs(out, tok, 64, 0.0)
-    assert stats["skipped"] == 0 and len(ex) == 3
+    assert stats["skipped"] == 0 and len(ex) == 5
     with pytest.raises(DataError, match="p.jsonl:4.*both be texts or both be message lists"):
         to_canonical([{"chosen": "a", "rejected": [user], "_source": "p.jsonl:4"}], "auto", {}, None, "dpo")
 

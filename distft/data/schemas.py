@@ -155,7 +155,9 @@ def implicit_prompt(row: dict, where: str) -> dict:
     n = 0
     while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
         n += 1
-    cut = max(chosen.rfind(" ", 0, n + 1), chosen.rfind("\n", 0, n + 1)) + 1  # back to a word start
+    # Cut after the last whitespace inside the shared part, leaving each side a character of its own.
+    end = max(0, min(n, len(chosen) - 1, len(rejected) - 1))
+    cut = max(chosen.rfind(" ", 0, end), chosen.rfind("\n", 0, end)) + 1
     return {"prompt": chosen[:cut], "chosen": chosen[cut:], "rejected": rejected[cut:]}
 
 
