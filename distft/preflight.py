@@ -187,7 +187,3 @@ def _dump_stacks(title: str) -> None:
     except (OSError, ValueError):  # the run dir went away or the file closed at exit
         pass
 
-
-def disarm() -> None:
-    global _hang_s
-    _hang_s = 0

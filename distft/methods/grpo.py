@@ -11,13 +11,12 @@ global completion-token count, so world size and grad-accum do not change the up
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from distft import dist
 from distft.errors import ConfigError
-from distft.rl import loop, models
+from distft.rl import loop
 from distft.rl.advantages import group_advantages
 from distft.rl.config import RLConfig, validate_rl
 from distft.rl.method import PromptMethod
@@ -59,9 +58,6 @@ class GRPO(PromptMethod):
     # ------------------------------------------------------------------ hooks
     def setup(self, trainer) -> None:
         super().setup(trainer, with_reference=self.cfg.method.beta > 0)
-
-    def save_state(self, path: Path) -> None:
-        models.write_state(path, self.state(), self.info)
 
     # ------------------------------------------------------------------ step
     def train_step(self, trainer, step: int) -> tuple[float, int, float]:

@@ -67,7 +67,7 @@ class PPO(PromptMethod):
 
     def save_state(self, path: Path) -> None:
         self.critic.save(path / "critic")
-        models.write_state(path, self.state(), self.critic.info)
+        super().save_state(path)
 
     def load_state(self, path: Path) -> None:
         self.critic.load(path / "critic")

@@ -51,8 +51,9 @@ class PromptMethod:
         if with_reference:
             self.reference = models.load_reference(trainer, self.start_policy)
 
-    def state(self) -> dict:
-        return {"start_policy": self.start_policy, "reward_failures": self.failures.total}
+    def save_state(self, path: Path) -> None:
+        state = {"start_policy": self.start_policy, "reward_failures": self.failures.total}
+        models.write_state(path, state, self.info)
 
     def load_state(self, path: Path) -> None:
         self.failures.total = int(models.read_state(path).get("reward_failures", 0))

@@ -119,8 +119,8 @@ def evaluate(model, tokenizer, scorer, rows: list[dict], cfg, info, sharded: boo
     ids = [tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts]
     columns = [columns_of(r) for r in mine]
     sums = []
+    devices = [info.device] if info.device.type == "cuda" else []  # RNG states fork_rng restores
     for greedy in (False, True):
-        devices = [info.device] if info.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(cfg.train.seed + info.rank)
             roll = generate_rollouts(model, tokenizer, prompts, ids, cfg, info.device, sharded, greedy=greedy)
