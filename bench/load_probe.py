@@ -7,9 +7,9 @@ import sys
 
 import torch
 
-from distft import dist
 from distft.config.load import load_config
 from distft.engine.trainer import Trainer
+from distft.runtime import dist
 
 if __name__ == "__main__":
     cfg, composed = load_config(sys.argv[1:])

@@ -19,11 +19,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         import torch
 
-        from distft import dist
         from distft.config.load import load_config
         from distft.data.pipeline import prepare_cached
         from distft.methods import METHODS
         from distft.models import load_tokenizer, resolve_model_path
+        from distft.runtime import dist
 
         cfg, _ = load_config(argv)
         default = Path("outputs") / datetime.now().strftime("%Y-%m-%d/%H-%M-%S")

@@ -6,8 +6,8 @@ import os
 import sys
 
 from distft.errors import DistftError
-from distft.stop import EXIT_CODE as STOP_EXIT_CODE
-from distft.stop import StopRequested
+from distft.runtime.stop import EXIT_CODE as STOP_EXIT_CODE
+from distft.runtime.stop import StopRequested
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"distft: {e}; resume=auto continues from it", file=sys.stderr, flush=True)
         return STOP_EXIT_CODE
     finally:
-        from distft import dist
+        from distft.runtime import dist
 
         dist.shutdown()
     return 0

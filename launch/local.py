@@ -20,7 +20,7 @@ from dataclasses import replace
 from pathlib import Path
 
 # torchrun passes the signals it handles on to its workers: SIGUSR1 asks them to checkpoint
-# and stop (distft.stop) instead of killing the launcher.
+# and stop (distft.runtime.stop) instead of killing the launcher.
 STOP_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
 
 

@@ -26,7 +26,7 @@ from datetime import datetime
 from pathlib import Path
 
 from distft.paths import conf_dir
-from distft.stop import EXIT_CODE as STOP_EXIT_CODE
+from distft.runtime.stop import EXIT_CODE as STOP_EXIT_CODE
 
 # Launcher-side keys a trial does not pass to its ranks (it sets output_dir itself).
 LAUNCH_ONLY = ("output_dir=", "launch.")

@@ -29,8 +29,8 @@ from pathlib import Path
 
 import torch
 
-from distft import dist
 from distft.errors import ConfigError, DistftError
+from distft.runtime import dist
 
 STATE_FILE = "trainer_state.json"
 SLOW_SAVE_ENV = "DISTFT_FAULT_SLOW_SAVE_S"

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
-from distft import dist
 from distft.errors import DistftError
+from distft.runtime import dist
 
 # Largest |trained - exported| logit difference accepted, relative to the logits' scale.
 TOLERANCE = {"fp32": 1e-4, "bf16": 5e-2, "fp16": 5e-2}

@@ -13,7 +13,7 @@ import time
 from importlib import metadata
 from pathlib import Path
 
-from distft import dist
+from distft.runtime import dist
 
 LIBRARIES = ("torch", "transformers", "deepspeed", "peft", "accelerate", "datasets", "trl", "bitsandbytes")
 

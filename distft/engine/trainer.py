@@ -17,7 +17,6 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from distft import dist, preflight, stop
 from distft.data.pipeline import prepare_cached
 from distft.data.sampler import GlobalBatchSampler
 from distft.engine import checkpoint, guard, run_info
@@ -29,6 +28,7 @@ from distft.methods import METHODS
 from distft.models import load_model, load_tokenizer, resolve_model_path
 from distft.models.sharded_load import meta_model
 from distft.perf.mfu import MfuMeter, mean_length, peak_memory_gib
+from distft.runtime import dist, preflight, stop
 from distft.strategies import STRATEGIES
 from distft.tuning import TUNINGS
 
@@ -449,7 +449,7 @@ def _write_config(cfg, composed, run_dir: Path) -> None:
 def _compile_blocks(model: torch.nn.Module) -> None:
     """torch.compile every repeated block (they share one compiled graph) before the strategy
     wraps them, as torchtitan does; models without blocks are compiled whole."""
-    from distft.strategies.fsdp import decoder_layers
+    from distft.models.layers import decoder_layers
 
     blocks = decoder_layers(model)
     for block in blocks or [model]:

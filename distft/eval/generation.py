@@ -3,10 +3,10 @@ once (corpus BLEU/chrF need every pair), the same result on every rank."""
 
 from __future__ import annotations
 
-from distft import dist
 from distft.data.sft_format import prompt_text, reference_answer
-from distft.engine.generation import generate
 from distft.eval.text_metrics import score_texts
+from distft.models.generation import generate
+from distft.runtime import dist
 
 DEFAULT = ("exact_match",)
 

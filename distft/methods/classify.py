@@ -21,10 +21,10 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from distft import dist
 from distft.errors import ConfigError, DataError
 from distft.eval import CLASSIFICATION_METRICS
 from distft.eval.classification import check_known_labels, classification_metrics
+from distft.runtime import dist
 
 DEFAULT_LABELS = ("ascending", "descending", "mixed")
 

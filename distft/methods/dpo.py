@@ -22,7 +22,6 @@ import torch
 import torch.nn.functional as F
 
 from distft.data.preference import PairRows
-from distft.engine.generation import exact_match
 from distft.errors import ConfigError
 from distft.methods.logprobs import model_logps
 from distft.methods.reference import (
@@ -33,6 +32,7 @@ from distft.methods.reference import (
     setup_reference,
     to_device,
 )
+from distft.models.generation import exact_match
 
 LOSS_TYPES = ("sigmoid", "hinge", "ipo", "simpo", "orpo")
 REFERENCE_FREE = ("simpo", "orpo")

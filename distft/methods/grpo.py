@@ -14,13 +14,13 @@ from dataclasses import dataclass
 
 import torch
 
-from distft import dist
 from distft.errors import ConfigError
 from distft.rl import loop
 from distft.rl.advantages import group_advantages
 from distft.rl.config import RLConfig, validate_rl
 from distft.rl.method import PromptMethod
 from distft.rl.rollout import token_logprobs
+from distft.runtime import dist
 
 ADVANTAGES = ("grpo", "rloo")
 

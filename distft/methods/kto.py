@@ -18,7 +18,6 @@ from dataclasses import dataclass
 
 import torch
 
-from distft import dist
 from distft.data.preference import (
     BadRow,
     Skips,
@@ -41,6 +40,7 @@ from distft.methods.reference import (
     setup_reference,
     to_device,
 )
+from distft.runtime import dist
 
 KTO_FIELDS = "'prompt', 'completion' and a boolean 'label', or a preference pair 'prompt'/'chosen'/'rejected'"
 

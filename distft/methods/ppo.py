@@ -15,13 +15,13 @@ from pathlib import Path
 
 import torch
 
-from distft import dist
 from distft.errors import ConfigError
 from distft.rl import loop, models
 from distft.rl.advantages import gae, whiten
 from distft.rl.config import RLConfig, validate_rl
 from distft.rl.method import PromptMethod
 from distft.rl.rollout import token_logprobs, token_values
+from distft.runtime import dist
 
 
 @dataclass

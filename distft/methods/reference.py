@@ -25,8 +25,8 @@ from collections.abc import Callable
 
 import torch
 
-from distft import dist
 from distft.methods.logprobs import model_logps
+from distft.runtime import dist
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import torch
 
-from distft import dist
 from distft.errors import ConfigError
 from distft.models.tiny import build_tiny
+from distft.runtime import dist
 
 
 def resolve_model_path(cfg, output_dir: Path, info) -> str:

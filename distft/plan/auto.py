@@ -175,9 +175,9 @@ def confirm_micro_batch(cfg, info, method, strategy, examples: list[dict], run_d
     """Run forward/backward on the worst-case micro-batch with the real strategy; halve the
     micro-batch until every rank's peak memory fits the budget (GPU: or it stops running out of
     memory). The loss is scaled by zero, so the gradients it leaves are exact zeros."""
-    from distft import dist
     from distft.engine.trainer import _to_device
     from distft.perf.mfu import peak_memory_gib
+    from distft.runtime import dist
 
     limit, _ = budget(cfg)
     micro = int(cfg.train.micro_batch_size)

@@ -98,7 +98,7 @@ def _lora_count(model, r: int, head) -> int:
 
 
 def model_shape(cfg) -> ModelShape:
-    from distft.strategies.fsdp import decoder_layers
+    from distft.models.layers import decoder_layers
 
     config = model_config(cfg)
     model = _meta_model(cfg, config)

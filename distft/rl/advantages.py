@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from distft import dist
+from distft.runtime import dist
 
 
 def gae(

@@ -7,10 +7,10 @@ from dataclasses import dataclass
 
 import torch
 
-from distft import dist
 from distft.errors import ConfigError, DistftError
 from distft.rl.rewards import RewardScorer, Scores
 from distft.rl.rollout import Rollouts, generate_rollouts, token_logprobs
+from distft.runtime import dist
 
 
 @dataclass

@@ -11,11 +11,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from distft import dist
 from distft.data.collate import pad_batch
 from distft.data.default_tasks import sft_rows
 from distft.data.sft_format import IGNORE, _chat, reference_answer, tokenize_sft
 from distft.errors import DataError
+from distft.runtime import dist
 
 PROMPT_FIELDS = "'prompt' (text) or 'messages' (a list of {role, content})"
 PROMPT_SEED = 7  # the default prompts differ from the default SFT job's examples (seed 0)

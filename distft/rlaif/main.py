@@ -19,9 +19,9 @@ from pathlib import Path
 
 import torch
 
-from distft import dist
 from distft.errors import DataError, DistftError
 from distft.rlaif.judges import JudgeError, make_judge
+from distft.runtime import dist
 
 
 def load_prompts(cfg) -> list[dict]:

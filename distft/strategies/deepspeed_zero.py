@@ -60,7 +60,7 @@ def bucket_sizes(s, model: torch.nn.Module | None) -> dict[str, int]:
         return {"bucket": int(s.reduce_bucket_size), "persist": 10_000, "live": 1_000_000_000}
     if not hidden:
         return {"bucket": 50_000_000, "persist": 10_000, "live": 1_000_000_000}
-    from distft.strategies.fsdp import decoder_layers
+    from distft.models.layers import decoder_layers
 
     block = max((sum(p.numel() for p in b.parameters()) for b in decoder_layers(model)), default=0)
     live = min(1_000_000_000, max(2 * block, hidden * hidden)) if block else 1_000_000_000
@@ -180,7 +180,7 @@ class DeepSpeedStrategy:
                     f"resume: converting {path} to a universal checkpoint failed "
                     f"({' '.join(cmd)}):\n{proc.stderr[-2000:]}"
                 )
-        from distft import dist
+        from distft.runtime import dist
 
         dist.barrier()
         self.load_tag = "deepspeed_universal"

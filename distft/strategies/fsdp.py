@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from distft.errors import ConfigError
+from distft.models.layers import decoder_layers
 from distft.strategies.torch_native import DTYPES, TorchNativeStrategy
 
 
@@ -29,14 +30,6 @@ def validate(cfg, gpu: bool) -> None:
             "sharded loss scaler); use train.precision=bf16, or fp16 with strategy=ddp or "
             "zero1/zero2/zero3 on GPU"
         )
-
-
-def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The repeated transformer blocks, found by the model's `_no_split_modules` class names."""
-    names: set[str] = set()
-    for m in model.modules():
-        names.update(getattr(m, "_no_split_modules", None) or [])
-    return [m for m in model.modules() if type(m).__name__ in names]
 
 
 def parallelize(model: torch.nn.Module, cfg, info, mesh=None) -> torch.nn.Module:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from distft import dist
 from distft.data.sft_format import prompt_text, reference_answer
+from distft.runtime import dist
 
 
 @torch.no_grad()

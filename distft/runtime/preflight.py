@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from distft import dist, stop
+from distft.runtime import dist, stop
 
 DUMP_SIGNAL = signal.SIGUSR2
 _dump_file = None
@@ -186,4 +186,3 @@ def _dump_stacks(title: str) -> None:
         _dump_file.write("\n".join(out) + "\n")
     except (OSError, ValueError):  # the run dir went away or the file closed at exit
         pass
-

@@ -11,7 +11,7 @@ import signal
 import sys
 import threading
 
-from distft import dist
+from distft.runtime import dist
 
 SIGNALS = (signal.SIGUSR1,)
 EXIT_CODE = 75  # EX_TEMPFAIL: stopped on request after a checkpoint; run again to continue
