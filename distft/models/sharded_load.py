@@ -21,6 +21,8 @@ CHECKPOINT_ATTR = "_distft_checkpoint"
 def _weight_files(model_path: str) -> dict[str, str] | None:
     """{tensor name: file} from model.safetensors(.index.json) in a local directory, else None."""
     root = Path(model_path)
+    if (root / "adapter_config.json").is_file():  # an adapter export with its base embedded: the
+        return None  # base weights alone would drop the adapter; from_pretrained applies it
     index = root / "model.safetensors.index.json"
     if index.is_file():
         return {k: str(root / f) for k, f in json.loads(index.read_text())["weight_map"].items()}

@@ -7,9 +7,10 @@
 - `combine`: several LoRA adapters of the same base → one adapter, through PEFT's
   `add_weighted_adapter` (linear, cat, svd, ties, dare_ties, dare_linear, magnitude_prune, ...).
 
-The base is the adapter's `base_model_name_or_path` (a distft export names its own copy of the
-base) unless given. A sequence-classification adapter (method=classify, reward) gets its head's
-size and label names from distft_export.json or from the saved head.
+The base is the adapter's `base_model_name_or_path` unless given; a distft export of the generated
+tiny base carries a copy in `base/`, used when the export has been moved. A sequence-classification
+adapter (method=classify, reward) gets its head's size and label names from distft_export.json or
+from the saved head.
 """
 
 from __future__ import annotations
@@ -72,9 +73,14 @@ def _run_config(adapter_dir: Path) -> dict:
 
 
 def _base_path(adapter_dir: Path, conf: dict, base: str | None) -> str:
+    """The base to load: --base, else the adapter's base_model_name_or_path, else (a distft export
+    moved away from where it was written) the copy of the base it carries in `base/`."""
     path = base or conf.get("base_model_name_or_path")
     if not path:
         raise ConfigError(f"{adapter_dir}: the adapter names no base model; pass --base")
+    carried = adapter_dir / "base"
+    if not base and path.startswith(("/", ".")) and not Path(path).is_dir() and carried.is_dir():
+        return str(carried.resolve())
     if path.startswith(("/", ".")) and not Path(path).is_dir():
         raise ConfigError(f"{adapter_dir}: its base {path} does not exist (moved?); pass --base")
     return path

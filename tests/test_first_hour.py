@@ -1,0 +1,92 @@
+"""A user's first hour (issue 13): exports that survive a move, plain logs when stdout is a file,
+quiet runs, the random-init warning for adapters. One real LoRA run on the tiny default checks them
+all (a plain process, stdout/stderr captured, so not a terminal)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from distft.engine.export import base_reference
+from tests.util import REPO, env
+
+LOAD_MOVED = """
+import json, torch
+from transformers import AutoModelForCausalLM
+exp = {exp!r}
+meta = json.load(open(exp + "/distft_export.json"))
+ids = torch.tensor(meta["probe_input_ids"])
+pos = torch.arange(ids.shape[1]).expand_as(ids)
+def logits(path):
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return model(input_ids=ids, position_ids=pos, use_cache=False).logits.flatten()[:512]
+want = torch.tensor(meta["probe_logits"])
+got, base = logits(exp), logits(exp + "/base")
+print(json.dumps({{"max_diff": float((got - want).abs().max()), "scale": float(want.abs().max()),
+                  "diff_from_base": float((base - want).abs().max())}}))
+"""
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory):
+    """tuning=lora on the tiny default, progress on, stdout/stderr not a terminal."""
+    run_dir = tmp_path_factory.mktemp("first_hour") / "run"
+    cmd = [
+        sys.executable,
+        "-m",
+        "distft.train",
+        f"output_dir={run_dir}",
+        "tuning=lora",
+        "data.num_examples=400",
+        "data.max_eval_generations=8",
+        "train.max_new_tokens=6",
+        "train.max_steps=12",
+    ]
+    proc = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    return run_dir, proc
+
+
+@pytest.mark.slow
+def test_adapter_export_survives_a_move(lora_run, tmp_path):
+    run_dir, _ = lora_run
+    assert (run_dir / "export" / "base" / "model.safetensors").is_file()
+    assert (run_dir / "export" / "model.safetensors").is_file()  # the base embedded at the root
+    moved = tmp_path / "elsewhere" / "my_adapter"
+    shutil.copytree(run_dir / "export", moved)
+    shutil.rmtree(run_dir / "export")  # the original location is gone
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-c", textwrap.dedent(LOAD_MOVED.format(exp=str(moved)))],
+            cwd=tmp_path,  # neither the repo nor the export
+            env=env(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1"),
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        out = json.loads(proc.stdout.strip().splitlines()[-1])
+        assert out["max_diff"] <= 1e-4 * out["scale"], out  # the trained model's logits
+        assert out["diff_from_base"] > 1e-3, out  # ... which are not the base's: the adapter is applied
+        from distft.tools import adapters
+
+        merged = adapters.merge(moved, tmp_path / "merged")  # distft-export finds the moved base too
+        assert (merged / "model.safetensors").is_file()
+    finally:
+        shutil.copytree(moved, run_dir / "export")
+
+
+@pytest.mark.quick
+def test_adapter_base_reference(tmp_path, monkeypatch):
+    """A hub id stays a hub id; a local base outside the export is named by its absolute path."""
+    assert base_reference("meta-llama/Llama-3.1-8B") == "meta-llama/Llama-3.1-8B"
+    (tmp_path / "mine").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert base_reference("mine") == str(tmp_path / "mine")
+    assert base_reference("./mine") == str(tmp_path / "mine")
