@@ -9,11 +9,13 @@ import shutil
 import subprocess
 import sys
 import textwrap
+from types import SimpleNamespace
 
 import pytest
+import torch
 
 from distft.engine.export import base_reference
-from tests.util import REPO, env
+from tests.util import REPO, env, train
 
 LOAD_MOVED = """
 import json, torch
@@ -90,3 +92,47 @@ def test_adapter_base_reference(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert base_reference("mine") == str(tmp_path / "mine")
     assert base_reference("./mine") == str(tmp_path / "mine")
+
+
+class _DeviceBound(torch.nn.Module):
+    """A model whose weights sit on a device other than the probe batch's (a 4-bit base loads on
+    the GPU; here: the meta device): it refuses inputs that are not on its own device."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.empty(2, device="meta"))
+
+    def forward(self, input_ids, position_ids, use_cache):
+        assert input_ids.device == self.w.device and position_ids.device == self.w.device
+        return SimpleNamespace(logits=torch.ones(*input_ids.shape, 3))
+
+
+@pytest.mark.quick
+def test_export_check_runs_the_probe_on_the_model_device():
+    from distft.config.load import load_config
+    from distft.engine import export
+
+    batch = {
+        "input_ids": torch.zeros(2, 4, dtype=torch.long),
+        "position_ids": torch.zeros(2, 4, dtype=torch.long),
+    }
+    cfg = load_config([])[0]
+    diff = export._verify(_DeviceBound(), None, batch, torch.ones(24), cfg)
+    assert diff == 0.0
+
+
+@pytest.mark.slow
+def test_slow_export_on_rank0_does_not_trip_the_collective_timeout(tmp_path):
+    """Rank 0 checks the export for longer than cluster.timeout_s while rank 1 waits: it waits on
+    a store key, not in a collective (a barrier would time out after 10 s)."""
+    run_dir = tmp_path / "run"
+    train(
+        run_dir,
+        "cluster.timeout_s=10",
+        "train.max_steps=2",
+        "train.eval_every=0",
+        "train.eval_generate=false",
+        "eval.test=false",
+        extra_env={"DISTFT_FAULT_EXPORT_SLEEP": "16"},
+    )
+    assert (run_dir / "export" / "model.safetensors").is_file()
