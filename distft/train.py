@@ -12,6 +12,9 @@ from distft.runtime.stop import StopRequested
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    from distft.runtime import quiet
+
+    quiet.install()  # known third-party noise off (DISTFT_VERBOSE=1 shows it), before the imports
     if argv and argv[0] in ("--version", "-V"):
         from distft import __version__
 

@@ -4,7 +4,9 @@ all (a plain process, stdout/stderr captured, so not a terminal)."""
 
 from __future__ import annotations
 
+import io
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -136,3 +138,80 @@ def test_slow_export_on_rank0_does_not_trip_the_collective_timeout(tmp_path):
         extra_env={"DISTFT_FAULT_EXPORT_SLEEP": "16"},
     )
     assert (run_dir / "export" / "model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_progress_is_plain_lines_without_a_terminal(lora_run):
+    _, proc = lora_run
+    assert "\r" not in proc.stderr  # no carriage-return bar in a log file
+    lines = [x for x in proc.stderr.splitlines() if x.startswith("distft: step ")]
+    assert lines[0].startswith("distft: step 1/12 (8%) loss=") and lines[-1].startswith("distft: step 12/12")
+    assert 3 <= len(lines) <= 12, lines
+    for line in lines:
+        assert re.fullmatch(
+            r"distft: step \d+/12 \(\d+%\) loss=\d+\.\d{4} lr=\S+ tok_s=\d+ elapsed=\S+ eta=\S+", line
+        ), line
+
+
+@pytest.mark.quick
+def test_plain_progress_lines_every_tenth_or_interval():
+    from distft.engine.progress import PlainProgress, progress_bar
+
+    out = io.StringIO()
+    bar = progress_bar(100, 0, out)
+    assert isinstance(bar, PlainProgress)
+    for i in range(100):
+        bar.set_postfix(loss=f"{1 / (i + 1):.4f}", tok_s="100")
+        bar.update(1)
+    steps = [int(x.split()[2].split("/")[0]) for x in out.getvalue().splitlines()]
+    assert steps == [1, 10, 20, 30, 40, 50, 60, 70, 80, 90, 100]
+    timed = PlainProgress(100, 50, io.StringIO(), interval_s=0.0)  # resumed at 50; a line per step
+    for _ in range(50):
+        timed.update(1)
+    assert len(timed.stream.getvalue().splitlines()) == 50
+    assert "eta=0:00:00" in timed.stream.getvalue().splitlines()[-1]
+
+
+NOISE = [
+    "pip install kernels",  # bitsandbytes, at import on every rank
+    "FutureWarning",  # transformers' own deprecations
+    "DeprecationWarning",
+    "torch.distributed is disabled, unavailable or uninitialized",
+    "Loading weights:",  # transformers' per-load bars
+]
+NOISY = """
+import warnings
+from distft.runtime import quiet
+quiet.install()
+import bitsandbytes, torch
+from transformers import LlamaConfig, LlamaForCausalLM
+cfg = LlamaConfig(vocab_size=16, hidden_size=8, intermediate_size=8, num_hidden_layers=1,
+                  num_attention_heads=1, num_key_value_heads=1)
+LlamaForCausalLM(cfg).is_gradient_checkpointing  # a transformers FutureWarning
+import tempfile, torch.distributed.checkpoint as dcp
+dcp.save({"x": torch.zeros(1)}, checkpoint_id=tempfile.mkdtemp())  # torch: "... a single process"
+warnings.warn("distft: your data has 3 rows")  # about the run: always shown
+"""
+
+
+def test_known_noise_is_filtered_and_the_switch_shows_it():
+    def stderr(**extra):
+        proc = subprocess.run(
+            [sys.executable, "-c", NOISY], cwd=REPO, env=env(**extra), capture_output=True, text=True
+        )
+        assert proc.returncode == 0, proc.stderr
+        return proc.stderr
+
+    quiet, loud = stderr(), stderr(DISTFT_VERBOSE="1")
+    assert "distft: your data has 3 rows" in quiet and "distft: your data has 3 rows" in loud
+    for noise in ["FutureWarning", "torch.distributed is disabled"]:
+        assert noise in loud and noise not in quiet, noise
+    if "pip install kernels" in loud:  # printed only on CPUs with AVX512-bf16
+        assert "pip install kernels" not in quiet
+
+
+@pytest.mark.slow
+def test_a_run_prints_none_of_the_known_noise(lora_run):
+    _, proc = lora_run
+    for noise in NOISE:
+        assert noise not in proc.stderr and noise not in proc.stdout, noise

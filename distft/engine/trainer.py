@@ -467,11 +467,9 @@ def _write_report(run_dir: Path) -> None:
 
 
 def _progress(total: int, start: int, enabled: bool):
-    if not enabled:
-        return None
-    from tqdm import tqdm
+    from distft.engine.progress import progress_bar  # plain lines when stderr is not a terminal
 
-    return tqdm(total=total, initial=start, desc="train", dynamic_ncols=True)
+    return progress_bar(total, start) if enabled else None
 
 
 def _print_summary(summary: dict, notes: list) -> None:
