@@ -79,3 +79,28 @@ def test_a_failing_report_does_not_fail_training(tmp_path, capsys):
     (tmp_path / "report").write_text("a file where the report directory should go")
     _write_report(tmp_path)  # must not raise
     assert "run report not written" in capsys.readouterr().out
+
+
+@pytest.mark.quick
+def test_eval_plot_has_legend_and_y_label_and_summary_keys_are_not_doubled(tmp_path):
+    from distft.report import write_report
+    from distft.report.plots import figures
+
+    rows = [
+        {"step": 0, "eval/exact_match": 0.0},
+        {"step": 1, "loss": 2.0},
+        {"step": 2, "eval/exact_match": 0.5},
+    ]
+    (eval_fig,) = [fig for stem, fig in figures(rows) if stem == "eval"]
+    ax = eval_fig.axes[0]
+    assert ax.get_ylabel() == "exact_match"
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["exact_match"]
+    rows.append({"step": 2, "eval/accuracy": 0.25})
+    ax = [fig for stem, fig in figures(rows) if stem == "eval"][0].axes[0]
+    assert ax.get_ylabel() == "score" and len(ax.get_legend().get_texts()) == 2
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    summary = {"test": {"test/loss": 1.5, "test/exact_match": 0.5}, "after": {"exact_match": 0.5}}
+    (tmp_path / "summary.json").write_text(json.dumps(summary))
+    page = write_report(tmp_path).read_text()
+    assert "<th>test/loss</th>" in page and "<th>after/exact_match</th>" in page
+    assert "test/test/" not in page

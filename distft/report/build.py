@@ -98,7 +98,8 @@ def write_report(run_dir: str | Path) -> Path:
         flat = {k: v for k, v in summary.items() if not isinstance(v, dict)}
         for k, v in summary.items():
             if isinstance(v, dict):
-                flat.update({f"{k}/{kk}": vv for kk, vv in v.items()})
+                # A section's keys may carry its name already ("test": {"test/loss": ...}).
+                flat.update({kk if kk.startswith(f"{k}/") else f"{k}/{kk}": vv for kk, vv in v.items()})
         parts += ["<h2>Summary (summary.json)</h2>", _table(flat)]
     parts.append("<h2>Plots</h2>")
     parts += [f"<img src='{p.name}' alt='{p.stem}'>" for p in images] or ["<p>(no metrics logged)</p>"]

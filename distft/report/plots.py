@@ -28,24 +28,34 @@ def series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
 
 
 def eval_figure(rows: list[dict]) -> tuple | None:
+    """Eval metrics beside the loss (exact_match, accuracy, ...): the y axis names the metric when
+    there is one, and the legend names each series."""
     keys = sorted({k for r in rows for k in r if k.startswith("eval/") and k not in SKIP_EVAL})
     if not keys:
         return None
-    return ("eval", "Evaluation metrics", "value", [(k, k.removeprefix("eval/")) for k in keys])
+    ylabel = keys[0].removeprefix("eval/") if len(keys) == 1 else "score"
+    return (
+        "eval",
+        "Evaluation metrics (validation split)",
+        ylabel,
+        [(k, k.removeprefix("eval/")) for k in keys],
+    )
 
 
-def plot_all(rows: list[dict], out: Path) -> list[Path]:
+def figures(rows: list[dict]) -> list[tuple]:
+    """(file stem, matplotlib figure) for every topic the rows have a series of."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
-    figures = list(FIGURES)
+    topics = list(FIGURES)
     ev = eval_figure(rows)
     if ev:
-        figures.insert(1, ev)
-    written = []
-    for stem, title, ylabel, keys in figures:
+        topics.insert(1, ev)
+    out = []
+    for stem, title, ylabel, keys in topics:
         lines = [(label, *series(rows, key)) for key, label in keys]
         lines = [(label, xs, ys) for label, xs, ys in lines if xs]
         if not lines:
@@ -53,15 +63,28 @@ def plot_all(rows: list[dict], out: Path) -> list[Path]:
         fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=100)
         for label, xs, ys in lines:
             ax.plot(xs, ys, marker="o" if len(xs) < 20 else None, markersize=3, label=label)
-        if stem == "loss" and all(y > 0 for _, _, ys in lines for y in ys):
+        values = [y for _, _, ys in lines for y in ys]
+        if stem == "loss" and all(y > 0 for y in values):
             ax.set_yscale("log")
+        if stem == "eval" and all(0 <= y <= 1 for y in values):
+            ax.set_ylim(-0.02, 1.02)  # rates and scores in [0, 1]: the whole range, not a flat line's noise
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers
         ax.set_title(title)
         ax.set_xlabel("step")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
-        if len(lines) > 1:
+        if len(lines) > 1 or stem == "eval":
             ax.legend()
         fig.tight_layout()
+        out.append((stem, fig))
+    return out
+
+
+def plot_all(rows: list[dict], out: Path) -> list[Path]:
+    import matplotlib.pyplot as plt
+
+    written = []
+    for stem, fig in figures(rows):
         path = out / f"{stem}.png"
         fig.savefig(path)
         plt.close(fig)
