@@ -92,7 +92,7 @@ class FakeJudgeServer:
     retries), checks the bearer key, picks the longest candidate as best and the shortest as
     worst, and answers garbage for prompts listed in `garbage`."""
 
-    def __init__(self, key: str, garbage: tuple[str, ...] = ()):
+    def __init__(self, key: str, garbage: tuple[str, ...] = (), reason: str = "server: longest"):
         self.requests: list[dict] = []
         self.lock = threading.Lock()
         server = self
@@ -110,8 +110,9 @@ class FakeJudgeServer:
                     first = len(server.requests) == 1
                 if first:
                     return self._send(503, {"error": "warming up"})
-                if self.headers.get("Authorization") != f"Bearer {key}":
-                    return self._send(401, {"error": "bad key"})
+                given = self.headers.get("Authorization", "")
+                if given != f"Bearer {key}":  # as some real endpoints do: the wrong key echoed back
+                    return self._send(401, {"error": f"Incorrect API key provided: {given.split()[-1]}"})
                 user = body["messages"][-1]["content"]
                 cands = re.findall(r"\[(\d+)\]\n(.*?)(?=\n\n\[\d+\]\n|\n\nWhich of the)", user, re.S)
                 if any(g in user for g in garbage):
@@ -119,7 +120,8 @@ class FakeJudgeServer:
                 else:
                     best = max(cands, key=lambda c: (len(c[1]), c[1]))[0]
                     worst = min(cands, key=lambda c: (len(c[1]), c[1]))[0]
-                    content = f'Sure. {{"best": {best}, "worst": {worst}, "reason": "server: longest"}}'
+                    verdict = {"best": int(best), "worst": int(worst), "reason": reason.format(key=given)}
+                    content = f"Sure. {json.dumps(verdict)}"
                 self._send(200, {"choices": [{"message": {"role": "assistant", "content": content}}]})
 
             def _send(self, code, obj):
@@ -285,3 +287,34 @@ def test_two_ranks_shard_prompts_and_merge_in_order(tmp_path):
     order = [p["prompt"] for p in default_prompts(10)]
     assert [order.index(r["prompt"]) for r in rows] == sorted(order.index(r["prompt"]) for r in rows)
     assert "wrote" in proc.stdout and not list(out.parent.glob("*.work/rlaif_part*"))
+
+
+@pytest.mark.quick
+def test_the_key_never_shows(tmp_path, monkeypatch, capsys):
+    """A 401 body echoing the key, a judge reason quoting it, and the key pasted into
+    judge.api_key_env: none of them prints or writes the key."""
+    key = "sk-test-9f8e7d6c5b4a39281706"
+    monkeypatch.setenv("DISTFT_TEST_KEY", key)
+    server = FakeJudgeServer("another-key")
+    try:
+        rc, _, _ = _run(tmp_path / "wrong", *_openai(server.url))
+    finally:
+        server.close()
+    err = capsys.readouterr().err
+    assert rc == 2 and "rejected the request (401" in err and "Incorrect API key provided: [redacted]" in err
+    assert key not in err
+
+    server = FakeJudgeServer(key, reason="judged with {key}")
+    try:
+        rc, rows, _ = _run(tmp_path / "echo", *_openai(server.url), "max_failed_fraction=1")
+    finally:
+        server.close()
+    out = capsys.readouterr()
+    assert rc == 0 and rows and all(r["reason"] == "judged with Bearer [redacted]" for r in rows)
+    assert key not in (tmp_path / "echo" / "pairs.jsonl").read_text() + out.out + out.err
+
+    monkeypatch.delenv("DISTFT_TEST_KEY")
+    args = [f"output={tmp_path / 'x.jsonl'}", *_openai(server.url)[:-3], f"judge.api_key_env={key}"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "give the NAME of the environment variable" in err and key not in err

@@ -11,6 +11,7 @@ from distft.config.load import build, strip_launcher_args
 from distft.config.schema import ModelConfig
 from distft.errors import ConfigError
 from distft.paths import conf_dir
+from distft.rlaif import secrets
 
 JUDGE_TYPES = ("python", "hf", "openai")
 
@@ -139,6 +140,15 @@ def validate(cfg: RlaifConfig) -> None:
             )
         if not j.model:
             raise ConfigError("judge.model: name the model the endpoint should use (e.g. gpt-4o-mini)")
+        if j.api_key_env and secrets.looks_like_a_key(j.api_key_env):
+            secrets.register(j.api_key_env)
+            raise ConfigError(
+                f"judge.api_key_env={secrets.MASK}: give the NAME of the environment variable that holds the "
+                "key, not the key itself (it is not shown here); e.g. export OPENAI_API_KEY=... and set "
+                "judge.api_key_env=OPENAI_API_KEY"
+            )
+        if j.api_key_env:
+            secrets.register(os.environ.get(j.api_key_env))
         if j.api_key_env and not os.environ.get(j.api_key_env):
             raise ConfigError(
                 f"judge.api_key_env={j.api_key_env}: that environment variable is not set; export it, "

@@ -22,6 +22,7 @@ import torch
 
 from distft.data.default_tasks import TASKS
 from distft.errors import ConfigError, DistftError
+from distft.rlaif import secrets
 
 
 class JudgeError(Exception):
@@ -261,7 +262,7 @@ class OpenAIJudge:
                 with urllib.request.urlopen(req, timeout=self.cfg.timeout_s) as resp:
                     return json.loads(resp.read().decode())
             except urllib.error.HTTPError as e:
-                detail = e.read().decode(errors="replace")[:200]
+                detail = secrets.redact(e.read().decode(errors="replace"))[:200]  # bodies may echo the key
                 if e.code in (400, 401, 403, 404):
                     raise JudgeFatal(
                         f"judge endpoint {self.url} rejected the request ({e.code} {e.reason}: {detail}); "

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from distft.errors import DataError, DistftError
+from distft.rlaif import secrets
 from distft.rlaif.judges import JudgeError, make_judge
 from distft.runtime import dist
 
@@ -152,7 +153,7 @@ def run_rank(cfg, info, work: Path) -> dict:
                 "prompt": row["prompt"],
                 "chosen": as_completion(row["prompt"], distinct[verdict.best]),
                 "rejected": as_completion(row["prompt"], distinct[verdict.worst]),
-                "reason": verdict.reason,
+                "reason": secrets.redact(verdict.reason),
                 "judge": judge.name,
                 "num_completions": len(distinct),
                 "_index": i,
@@ -239,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
         dist.barrier()
     except DistftError as e:
         if os.environ.get("RANK", "0") == "0":
-            print(f"distft-rlaif: error: {e}", file=sys.stderr, flush=True)
+            print(f"distft-rlaif: error: {secrets.redact(str(e))}", file=sys.stderr, flush=True)
         return 2
     finally:
         dist.shutdown()
