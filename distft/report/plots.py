@@ -48,7 +48,7 @@ def figures(rows: list[dict]) -> list[tuple]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
+    from matplotlib.ticker import FormatStrFormatter, MaxNLocator
 
     topics = list(FIGURES)
     ev = eval_figure(rows)
@@ -66,6 +66,10 @@ def figures(rows: list[dict]) -> list[tuple]:
         values = [y for _, _, ys in lines for y in ys]
         if stem == "loss" and all(y > 0 for y in values):
             ax.set_yscale("log")
+            # Plain numbers (4.5, not 4.5 x 10^0) on a short log range's minor ticks.
+            ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
+            if max(values) < 10 * min(values):  # less than a decade: label the minor ticks too
+                ax.yaxis.set_minor_formatter(FormatStrFormatter("%g"))
         if stem == "eval" and all(0 <= y <= 1 for y in values):
             ax.set_ylim(-0.02, 1.02)  # rates and scores in [0, 1]: the whole range, not a flat line's noise
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers
