@@ -215,3 +215,21 @@ def test_a_run_prints_none_of_the_known_noise(lora_run):
     _, proc = lora_run
     for noise in NOISE:
         assert noise not in proc.stderr and noise not in proc.stdout, noise
+
+
+@pytest.mark.slow
+def test_adapter_on_the_random_init_default_says_so(lora_run):
+    _, proc = lora_run
+    (line,) = [x for x in proc.stderr.splitlines() if "random-init" in x]
+    assert line.startswith("distft: warning: tuning=lora trains an adapter on the tiny default model")
+
+
+@pytest.mark.quick
+def test_random_base_warning_only_for_adapters_on_the_tiny_default():
+    from distft.config.load import load_config
+    from distft.models.tiny import random_base_warning
+
+    assert random_base_warning(load_config(["tuning=lora"])[0], adapter=True)
+    assert random_base_warning(load_config([])[0], adapter=False) is None  # full tuning: the default job
+    hub = load_config(["tuning=lora", "model=hf", "model.name_or_path=org/pretrained"])[0]
+    assert random_base_warning(hub, adapter=True) is None

@@ -10,6 +10,7 @@ import dataclasses
 import json
 import math
 import random
+import sys
 import time
 from datetime import datetime
 from pathlib import Path
@@ -27,6 +28,7 @@ from distft.eval.early_stop import BestTracker
 from distft.methods import METHODS
 from distft.models import load_model, load_tokenizer, resolve_model_path
 from distft.models.sharded_load import meta_model
+from distft.models.tiny import random_base_warning
 from distft.perf.mfu import MfuMeter, mean_length, peak_memory_gib
 from distft.runtime import dist, preflight, stop
 from distft.strategies import STRATEGIES
@@ -81,6 +83,8 @@ class Trainer:
         tokenizer = load_tokenizer(model_path, cfg)
         method = METHODS[cfg.method.name](cfg, tokenizer)
         tuning = TUNINGS[cfg.tuning.name]
+        if info.is_main and (warning := random_base_warning(cfg, tuning.adapter)):
+            print(warning, file=sys.stderr, flush=True)
         data = prepare_cached(cfg, method, tokenizer, run_dir, info.is_main)
         if hasattr(method, "on_data"):  # optional: what the model depends on in the data (labels)
             method.on_data(data)

@@ -75,3 +75,16 @@ def build_tiny(path: Path, model_cfg) -> Path:
     except OSError:  # another rank or node finished first
         shutil.rmtree(tmp, ignore_errors=True)
     return path
+
+
+def random_base_warning(cfg, adapter: bool) -> str | None:
+    """One line when an adapter is trained on the random-init tiny default: the base knows nothing,
+    so an adapter on it has nothing to adapt and learns little (exact match stays near 0)."""
+    if not adapter or cfg.model.name_or_path:
+        return None
+    return (
+        f"distft: warning: tuning={cfg.tuning.name} trains an adapter on the tiny default model, which is "
+        "random-init (not pre-trained): expect it to learn little. For a real adapter run give a "
+        "pre-trained base (model=hf model.name_or_path=<hub id or directory>); on the tiny model use "
+        "tuning=full"
+    )
