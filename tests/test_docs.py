@@ -101,6 +101,14 @@ EXECUTED: dict[str, str] = {
     "python -m distft.train train.max_steps=6 train.save_every=2 output_dir=outputs/resume": (
         f"distft-train train.max_steps=6 train.save_every=2 {FAST} output_dir={{tmp}}/resume"
     ),
+    "distft-plan experiment=llama31_70b_lora_fsdp_2x8 model.name_or_path=docs/model_configs/llama-3.1-70b": (
+        "distft-plan experiment=llama31_70b_lora_fsdp_2x8 model.name_or_path=docs/model_configs/llama-3.1-70b"
+    ),
+    "distft-launch experiment=llama31_70b_lora_fsdp_2x8 cluster.partition=gpu cluster.time=12:00:00 "
+    "launch.dry_run=true": (
+        "distft-launch experiment=llama31_70b_lora_fsdp_2x8 cluster.partition=gpu cluster.time=12:00:00 "
+        "launch.dry_run=true output_dir={tmp}/gpu-cluster-dry-run"
+    ),
     "distft-verify --help": "distft-verify --help",
     "distft-export --help": "distft-export --help",
     "python -m distft.docs_ref": "distft-docs-ref --check",
