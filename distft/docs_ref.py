@@ -24,6 +24,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from distft.config.ranges import range_of
 from distft.paths import conf_dir
 
 REPO = Path(__file__).resolve().parents[1]
@@ -108,9 +109,12 @@ def block(prefix: str, cls: type, yaml_values: dict) -> list[str]:
         allowed = ALLOWED.get(key)
         if allowed is None and hint is bool:
             allowed = ["true", "false"]
+        cell = ", ".join(f"`{a}`" for a in allowed) if allowed else ""
+        if (r := range_of(f)) is not None:  # declared next to the field (distft/config/ranges.py)
+            cell = _cell(r.text())
         lines.append(
             f"| `{key}` | `{_cell(_type_name(hint))}` | `{_value(default)}` | "
-            f"{', '.join(f'`{a}`' for a in allowed) if allowed else ''} | {_cell(docs.get(f.name, ''))} |"
+            f"{cell} | {_cell(docs.get(f.name, ''))} |"
         )
     return lines
 

@@ -8,8 +8,11 @@ import typing
 from pathlib import Path
 from typing import Any
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 
+from distft.config import checks
+from distft.config.ranges import check_ranges
 from distft.config.schema import (
     CLUSTERS,
     ClusterConfig,
@@ -54,6 +57,17 @@ def compose(overrides: list[str]) -> DictConfig:
             return hydra_compose("train", overrides=overrides)
     except (HydraException, OmegaConfBaseException) as e:
         raise ConfigError(_explain_hydra_error(str(e), overrides)) from None
+    except yaml.YAMLError as e:  # a YAML file of conf/ (an experiment, most likely) does not parse
+        raise ConfigError(yaml_error_line(e)) from None
+
+
+def yaml_error_line(e: Exception) -> str:
+    """'<file>, line L, column C: <problem>' from a PyYAML error (line numbers 1-based)."""
+    mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+    context = getattr(e, "context", None)
+    where = f"{mark.name}, line {mark.line + 1}, column {mark.column + 1}" if mark else "a conf/ YAML file"
+    return f"{where}: YAML syntax error: {problem}" + (f" ({context})" if context else "") + "; fix that line"
 
 
 def _explain_hydra_error(msg: str, overrides: list[str]) -> str:
@@ -198,16 +212,18 @@ def validate(cfg: RootConfig) -> None:
     from distft.tuning import TUNINGS
 
     t = cfg.train
-    if t.max_steps <= 0 and t.epochs <= 0:
+    for key in ("model", "data", "train", "cluster", "eval"):
+        check_ranges(getattr(cfg, key), key)  # each field's declared range (distft/config/ranges.py)
+    checks.check_model(cfg.model)
+    checks.check_cluster(cfg.cluster)
+    checks.check_output_dir(cfg.output_dir)
+    checks.check_packing(cfg)
+    if t.max_steps == 0 and t.epochs == 0:
         raise ConfigError("set train.max_steps > 0 or train.epochs > 0 (both are 0)")
+    if t.micro_batch_size != "auto" and not isinstance(t.micro_batch_size, int):
+        raise ConfigError(f"train.micro_batch_size must be >= 1 or auto (got {t.micro_batch_size!r})")
     if t.precision not in ("fp32", "bf16", "fp16"):
         raise ConfigError(f"train.precision={t.precision!r}; valid: fp32, bf16, fp16")
-    for key in ("micro_batch_size", "grad_accum", "log_every"):
-        value = getattr(t, key)
-        if key == "micro_batch_size" and value == "auto":
-            continue  # estimated and confirmed by a trial step in Trainer.build
-        if not isinstance(value, int) or value < 1:
-            raise ConfigError(f"train.{key} must be >= 1 (got {value!r})")
     if t.lr_scheduler not in ("constant", "constant_with_warmup", "linear", "cosine"):
         raise ConfigError(
             f"train.lr_scheduler={t.lr_scheduler!r}; valid: constant, constant_with_warmup, linear, cosine"
@@ -235,6 +251,8 @@ def validate(cfg: RootConfig) -> None:
     TUNINGS[cfg.tuning.name].validate(cfg)
     METHODS[cfg.method.name].validate(cfg)
     STRATEGIES[cfg.strategy.name].validate(cfg, gpu)
+    for key in ("tuning", "method", "strategy"):  # after the options' own checks, whose words are kept
+        check_ranges(getattr(cfg, key), key)
 
 
 def _validate_data_eval(cfg: RootConfig, method_cls) -> None:
