@@ -43,22 +43,42 @@ def strip_launcher_args(argv: list[str]) -> list[str]:
     return out
 
 
-def compose(overrides: list[str]) -> DictConfig:
-    """Compose conf/train.yaml with overrides; Hydra's own errors become one clear message."""
+def compose(overrides: list[str], config_name: str = "train") -> DictConfig:
+    """Compose conf/<config_name>.yaml with overrides; Hydra's own errors become one clear message."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
-    from hydra.errors import HydraException
+    from hydra.errors import HydraException, OverrideParseException
     from omegaconf.errors import OmegaConfBaseException
 
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-            return hydra_compose("train", overrides=overrides)
+            return hydra_compose(config_name, overrides=overrides)
+    except OverrideParseException:
+        raise ConfigError(_unparsable(overrides)) from None
     except (HydraException, OmegaConfBaseException) as e:
         raise ConfigError(_explain_hydra_error(str(e), overrides)) from None
     except yaml.YAMLError as e:  # a YAML file of conf/ (an experiment, most likely) does not parse
         raise ConfigError(yaml_error_line(e)) from None
+
+
+def _unparsable(overrides: list[str]) -> str:
+    """Name the first override Hydra's grammar rejects (a stray flag, an unquoted space...)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    parser = OverridesParser.create()
+    for o in overrides:
+        try:
+            parser.parse_override(o)
+        except HydraException:  # OverrideParseException, or the lexer's own HydraException
+            hint = " (flags: -h/--help, --cfg job)" if o.startswith("-") else ""
+            return (
+                f"cannot read {o!r} as an override{hint}: write key=value or group=option; quote a value "
+                "with spaces or special characters as key='a b'"
+            )
+    return f"cannot read the overrides {' '.join(overrides)!r}; write key=value or group=option"
 
 
 def yaml_error_line(e: Exception) -> str:
