@@ -117,3 +117,19 @@ def test_column_mapping_must_name_strings():
     with pytest.raises(ConfigError) as e:
         load_config(["data.columns={prompt: [a, b]}"])
     assert "data.columns" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_the_command_the_data_error_suggests_works():
+    """The mapping the data error message suggests, pasted as an override, maps the columns."""
+    import re
+
+    from distft.data.schemas import to_canonical
+    from distft.errors import DataError
+
+    rows = [{"question": "abc", "answer": "cba", "_source": "mine.jsonl:1"}]
+    with pytest.raises(DataError) as e:
+        to_canonical(rows, "auto", {}, None, "sft")
+    suggested = re.search(r"data\.columns=\{[^}]*\}", str(e.value)).group(0)
+    cfg, _ = load_config([suggested])
+    mapped, _, _ = to_canonical(rows, "auto", cfg.data.columns, None, "sft")
+    assert mapped[0]["prompt"] == "abc" and mapped[0]["completion"] == "cba"

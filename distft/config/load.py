@@ -54,13 +54,44 @@ def compose(overrides: list[str], config_name: str = "train") -> DictConfig:
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-            return hydra_compose(config_name, overrides=overrides)
+            return hydra_compose(config_name, overrides=open_map_overrides(overrides))
     except OverrideParseException:
         raise ConfigError(_unparsable(overrides)) from None
     except (HydraException, OmegaConfBaseException) as e:
         raise ConfigError(_explain_hydra_error(str(e), overrides)) from None
     except yaml.YAMLError as e:  # a YAML file of conf/ (an experiment, most likely) does not parse
         raise ConfigError(yaml_error_line(e)) from None
+
+
+def _open_maps() -> tuple[str, ...]:
+    """Keys whose value is the user's own map (schema fields typed dict: data.columns, ...)."""
+    blocks = {"data": DataConfig, "cluster": ClusterConfig, "train": TrainConfig, "model": ModelConfig}
+    blocks |= {"eval": EvalConfig, "logger": LoggerConfig, "": RootConfig}
+    hints = {prefix: typing.get_type_hints(cls) for prefix, cls in blocks.items()}
+    return tuple(
+        f"{prefix}.{name}".lstrip(".")
+        for prefix, cls in blocks.items()
+        for name, hint in hints[prefix].items()
+        if typing.get_origin(hint) is dict
+    )
+
+
+def open_map_overrides(overrides: list[str]) -> list[str]:
+    """`data.columns={prompt: question}` and `data.columns.prompt=question` as documented: keys
+    inside a user map are the user's, so they are added (Hydra's `++`) rather than refused by the
+    struct flag that guards every other key."""
+    maps = _open_maps()
+    out = []
+    for o in overrides:
+        key = o.split("=", 1)[0]
+        if (
+            "=" in o
+            and not o.startswith(("+", "~"))
+            and any(key == m or key.startswith(m + ".") for m in maps)
+        ):
+            o = "++" + o
+        out.append(o)
+    return out
 
 
 def _unparsable(overrides: list[str]) -> str:
@@ -159,7 +190,9 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
             value = [value]  # a single value is accepted where a list is expected
         return [_coerce(v, args[0], where) if args else v for v in value]
     if origin is dict:
-        return dict(value)
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{where}' got {value!r}; expected a map like {{a: b}}")
+        return {k: _coerce(v, args[1], f"{where}.{k}") if args else v for k, v in value.items()}
     if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
     if hint is int and isinstance(value, float) and value.is_integer():
