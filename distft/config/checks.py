@@ -100,14 +100,6 @@ def check_output_dir(output_dir: str | None) -> None:
         )
 
 
-def check_model(m) -> None:
-    if m.name_or_path in ("???", ""):
-        raise ConfigError(
-            f"model={m.name} needs model.name_or_path=<hub id or local Hugging Face directory>, e.g. "
-            "model.name_or_path=Qwen/Qwen2.5-0.5B"
-        )
-
-
 def check_packing(cfg) -> None:
     """transformers' flash-attention path splits a packed row by its position ids only when a batch
     holds one row; with more rows examples would attend across their boundaries."""

@@ -23,6 +23,7 @@ from distft.config.schema import (
     RootConfig,
     TrainConfig,
 )
+from distft.config.typed import build
 from distft.errors import ConfigError
 from distft.paths import conf_dir
 
@@ -51,6 +52,16 @@ def compose(overrides: list[str], config_name: str = "train") -> DictConfig:
     from hydra.errors import HydraException, OverrideParseException
     from omegaconf.errors import OmegaConfBaseException
 
+    for o in overrides:  # `optional experiment` in the defaults list: Hydra skips a missing one silently
+        if (
+            o.startswith("experiment=")
+            and not (conf_dir() / "experiment" / f"{o.split('=', 1)[1]}.yaml").is_file()
+        ):
+            opts = sorted(p.stem for p in (conf_dir() / "experiment").glob("*.yaml"))
+            raise ConfigError(
+                f"unknown option 'experiment/{o.split('=', 1)[1]}'. Valid options for 'experiment': "
+                f"{', '.join(opts)}"
+            )
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
@@ -58,7 +69,7 @@ def compose(overrides: list[str], config_name: str = "train") -> DictConfig:
     except OverrideParseException:
         raise ConfigError(_unparsable(overrides)) from None
     except (HydraException, OmegaConfBaseException) as e:
-        raise ConfigError(_explain_hydra_error(str(e), overrides)) from None
+        raise ConfigError(_explain_hydra_error(e, overrides)) from None
     except yaml.YAMLError as e:  # a YAML file of conf/ (an experiment, most likely) does not parse
         raise ConfigError(yaml_error_line(e)) from None
 
@@ -121,21 +132,21 @@ def yaml_error_line(e: Exception) -> str:
     return f"{where}: YAML syntax error: {problem}" + (f" ({context})" if context else "") + "; fix that line"
 
 
-def _explain_hydra_error(msg: str, overrides: list[str]) -> str:
-    first = msg.strip().splitlines()[0]
-    m = re.search(r"Key '([^']+)' is not in struct", msg)
-    if m or "Could not override" in msg or "Could not append" in msg:
-        key = re.search(r"override '([^']+)'", msg) or m
-        name = key.group(1) if key else "?"
+def _explain_hydra_error(e: Exception, overrides: list[str]) -> str:
+    """One line from Hydra's exception objects (the option lists and keys they carry, no text parsing)."""
+    from hydra.errors import MissingConfigException
+
+    if isinstance(e, MissingConfigException) and e.missing_cfg_file:  # group=<no such option>
+        group = e.missing_cfg_file.split("/")[0]
+        options = ", ".join(e.options or [])
+        return f"unknown option '{e.missing_cfg_file}'. Valid options for '{group}': {options}"
+    name = getattr(e.__cause__, "full_key", None) or getattr(e, "full_key", None)
+    if name:  # an override of a key the config lacks (Hydra's cause is OmegaConf's key error)
         parent = name.rsplit(".", 1)[0] if "." in name else ""
         option = next((o.split("=", 1)[1] for o in overrides if o.startswith(f"{parent}=")), None)
         valid = ", ".join(sorted(_valid_keys(parent, option))) or "(see conf/)"
         return f"unknown config key '{name}'. Valid keys under '{parent or '<root>'}': {valid}"
-    m = re.search(r"Could not find '([^']+)'", msg)
-    if m:
-        group = m.group(1).split("/")[0]
-        opts = sorted(p.stem for p in (conf_dir() / group).glob("*.yaml"))
-        return f"unknown option '{m.group(1)}'. Valid options for '{group}': {', '.join(opts)}"
+    first = str(e).strip().splitlines()[0]
     return f"config error: {first} (overrides: {' '.join(overrides)})"
 
 
@@ -153,55 +164,6 @@ def _valid_keys(parent: str, option: str | None = None) -> list[str]:
     if parent == "cluster":  # the option's own keys (cluster=slurm adds SLURM resources)
         cls = CLUSTERS.get(option or "local", cls)
     return [f.name for f in dataclasses.fields(cls)] if cls else []
-
-
-def build(cls: type, data: dict[str, Any], where: str) -> Any:
-    """Instantiate dataclass `cls` from a dict, naming unknown keys and wrong types by path."""
-    names = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(names))
-    if unknown:
-        raise ConfigError(
-            f"unknown config key '{where}.{unknown[0]}'. Valid keys under '{where}': "
-            f"{', '.join(sorted(names))}"
-        )
-    hints = typing.get_type_hints(cls)
-    kwargs = {}
-    for key, value in data.items():
-        kwargs[key] = _coerce(value, hints[key], f"{where}.{key}")
-    return cls(**kwargs)
-
-
-def _coerce(value: Any, hint: Any, where: str) -> Any:
-    origin = typing.get_origin(hint)
-    args = typing.get_args(hint)
-    if hint is Any or value is None:
-        return value
-    if origin is typing.Union or str(origin) == "<class 'types.UnionType'>":
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(value, arg, where)
-            except ConfigError:
-                continue
-        raise ConfigError(f"config key '{where}' got {value!r}; expected {hint}")
-    if origin is list:
-        if isinstance(value, (str, int, float)):
-            value = [value]  # a single value is accepted where a list is expected
-        return [_coerce(v, args[0], where) if args else v for v in value]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"config key '{where}' got {value!r}; expected a map like {{a: b}}")
-        return {k: _coerce(v, args[1], f"{where}.{k}") if args else v for k, v in value.items()}
-    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if hint is int and isinstance(value, float) and value.is_integer():
-        return int(value)
-    if hint is str and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return str(value)
-    if isinstance(hint, type) and not isinstance(value, hint):
-        raise ConfigError(f"config key '{where}' got {value!r}; expected {hint.__name__}")
-    return value
 
 
 def to_typed(cfg: DictConfig) -> RootConfig:
@@ -267,7 +229,6 @@ def validate(cfg: RootConfig) -> None:
     t = cfg.train
     for key in ("model", "data", "train", "cluster", "eval"):
         check_ranges(getattr(cfg, key), key)  # each field's declared range (distft/config/ranges.py)
-    checks.check_model(cfg.model)
     checks.check_cluster(cfg.cluster)
     checks.check_output_dir(cfg.output_dir)
     checks.check_packing(cfg)
@@ -275,14 +236,6 @@ def validate(cfg: RootConfig) -> None:
         raise ConfigError("set train.max_steps > 0 or train.epochs > 0 (both are 0)")
     if t.micro_batch_size != "auto" and not isinstance(t.micro_batch_size, int):
         raise ConfigError(f"train.micro_batch_size must be >= 1 or auto (got {t.micro_batch_size!r})")
-    if t.precision not in ("fp32", "bf16", "fp16"):
-        raise ConfigError(f"train.precision={t.precision!r}; valid: fp32, bf16, fp16")
-    if t.lr_scheduler not in ("constant", "constant_with_warmup", "linear", "cosine"):
-        raise ConfigError(
-            f"train.lr_scheduler={t.lr_scheduler!r}; valid: constant, constant_with_warmup, linear, cosine"
-        )
-    if t.export not in ("last", "best", "none"):
-        raise ConfigError(f"train.export={t.export!r}; valid: last, best, none")
     if len(cfg.data.splits) != 3 or cfg.data.splits[0] <= 0 or min(cfg.data.splits) < 0:
         raise ConfigError(
             f"data.splits={cfg.data.splits}: give three non-negative train/val/test ratios "
@@ -324,10 +277,6 @@ def _validate_data_eval(cfg: RootConfig, method_cls) -> None:
             f"({len(d.path)}), not all zero"
         )
     check_metrics(cfg, method_cls)
-    if e.mode not in ("auto", "min", "max"):
-        raise ConfigError(f"eval.mode={e.mode!r}; valid: auto, min, max")
-    if e.patience < 0 or e.min_delta < 0:
-        raise ConfigError("eval.patience and eval.min_delta must be >= 0")
     wanted = (("eval.patience>0", e.patience > 0), ("train.export=best", t.export == "best"))
     needs = [k for k, on in wanted if on]
     if needs and (t.eval_every <= 0 or d.splits[1] <= 0):

@@ -7,7 +7,7 @@ their registry; `name` picks it. Unknown keys are rejected by `distft.config.loa
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, Protocol
 
 from distft.config.ranges import num
 
@@ -57,13 +57,13 @@ class DataConfig:
     classification or prompt."""
     columns: dict[str, str] = field(default_factory=dict)
     """Rename columns before schema detection: {canonical: column}, e.g. {prompt: question}."""
-    bad_lines: str = "skip"
+    bad_lines: Literal["skip", "error"] = "skip"
     """Malformed JSONL lines: skip (listed with file:line in the data report) or error."""
     splits: list[float] = num(factory=lambda: [8.0, 1.0, 1.0], ge=0)
     """train/val/test ratios (normalized); deterministic by train.seed."""
     max_length: int = num(64, ge=2)
     """Tokens per example; longer examples are truncated (or dropped, see overlong) and counted."""
-    overlong: str = "truncate"
+    overlong: Literal["truncate", "drop"] = "truncate"
     """Rows longer than max_length: truncate (counted as truncated) or drop (counted as too_long)."""
     normalize_unicode: bool = True
     """Unicode NFKC normalization of all text fields."""
@@ -117,7 +117,7 @@ class TrainConfig:
     """Micro-batches per optimizer step; the global batch is micro × accum × world size."""
     lr: float = num(3e-3, gt=0)
     """Peak learning rate."""
-    lr_scheduler: str = "cosine"
+    lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"] = "cosine"
     """transformers scheduler name: constant, constant_with_warmup, linear or cosine."""
     warmup_steps: int = num(0, ge=0)
     """Linear warmup steps (overrides warmup_ratio when > 0)."""
@@ -131,7 +131,7 @@ class TrainConfig:
     """Gradient clipping by global norm (0 disables)."""
     seed: int = num(42, ge=0)
     """Seeds data order, dropout and sampling."""
-    precision: str = "fp32"
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     """fp32, bf16 (mixed, fp32 master weights) or fp16 (mixed with loss scaling)."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward to save memory."""
@@ -146,7 +146,7 @@ class TrainConfig:
     """Validation loss every N steps (0: only at the end)."""
     log_every: int = num(1, ge=1)
     """Metrics row every N steps."""
-    export: str = "last"
+    export: Literal["last", "best", "none"] = "last"
     """What export/ (Hugging Face format) holds at the end: last (final weights), best (the
     checkpoint with the best eval.monitor value; needs train.eval_every) or none."""
     eval_generate: bool = True
@@ -229,7 +229,7 @@ class SlurmClusterConfig(ClusterConfig):
     """Shell lines run before srun (module load ..., source venv/bin/activate, exports)."""
     container_image: str | None = None
     """Run ranks in a container: pyxis image (--container-image) or an apptainer .sif."""
-    container_runtime: str = "pyxis"
+    container_runtime: Literal["pyxis", "apptainer"] = "pyxis"
     """pyxis (srun --container-image) or apptainer (apptainer exec)."""
     container_mounts: list[str] = field(default_factory=list)
     """src:dst mounts for the container (the repo and run dir must be visible inside)."""
@@ -267,12 +267,19 @@ class EvalConfig:
     """Final evaluation on the test split, written to eval.json and logged as test/*."""
     monitor: str = "eval/loss"
     """Metric for early stopping and the best checkpoint (eval/loss, eval/ppl or eval/<metric>)."""
-    mode: str = "auto"
+    mode: Literal["auto", "min", "max"] = "auto"
     """min, max, or auto (min for loss/ppl, max otherwise)."""
     patience: int = num(0, ge=0)
     """Stop after this many evaluations without improvement (0: no early stopping)."""
     min_delta: float = num(0.0, ge=0)
     """Smallest change of the monitored metric that counts as an improvement."""
+
+
+class OptionConfig(Protocol):
+    """What every tuning/method/strategy option's own dataclass has (each registry entry's `config`,
+    built and type-checked by distft.config.typed.build from the option's YAML)."""
+
+    name: str
 
 
 @dataclass
@@ -282,11 +289,11 @@ class RootConfig:
     train: TrainConfig
     cluster: ClusterConfig
     logger: LoggerConfig
-    tuning: Any
+    tuning: OptionConfig
     """The tuning option's own dataclass (see distft.tuning)."""
-    method: Any
+    method: OptionConfig
     """The method option's own dataclass (see distft.methods)."""
-    strategy: Any
+    strategy: OptionConfig
     """The strategy option's own dataclass (see distft.strategies)."""
     eval: EvalConfig = field(default_factory=EvalConfig)
     """Evaluation metrics, test eval and early stopping."""
