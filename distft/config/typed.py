@@ -81,7 +81,7 @@ def _lists_and_ints(cls: type, data: dict[str, Any]) -> dict[str, Any]:
         plain = [a for a in typing.get_args(hint) if a is not NoneType] if _is_union(hint) else [hint]
         if typing.get_origin(plain[0]) is list and isinstance(value, (str, int, float)):
             out[key] = [value]  # a single value is accepted where a list is expected
-        elif plain == [int] and isinstance(value, float) and value.is_integer():
+        elif int in plain and float not in plain and isinstance(value, float) and value.is_integer():
             out[key] = int(value)  # OmegaConf refuses 2.0 for an int; Hydra reads 2e3 as a float
     return out
 
