@@ -12,7 +12,6 @@ dataclass default).
 
 from __future__ import annotations
 
-import ast
 import dataclasses
 import difflib
 import inspect
@@ -24,6 +23,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from distft.config.docstrings import attr_docs as _attr_docs
 from distft.config.ranges import range_of
 from distft.config.typed import choices_of
 from distft.paths import conf_dir
@@ -40,27 +40,6 @@ PLAN_BUDGET_GIB = 80  # fixed, so the page does not depend on the GPU of the mac
 ALLOWED: dict[str, list[str]] = {
     "resume": ["auto", "never", "<checkpoint path>"],
 }
-
-
-def _attr_docs(cls: type) -> dict[str, str]:
-    """Attribute docstrings (`x: int = 1` followed by a string) of `cls` and its dataclass bases."""
-    docs: dict[str, str] = {}
-    for klass in reversed(cls.__mro__):
-        if not dataclasses.is_dataclass(klass):
-            continue
-        tree = ast.parse(inspect.getsource(inspect.getmodule(klass)))
-        node = next(n for n in ast.walk(tree) if isinstance(n, ast.ClassDef) and n.name == klass.__name__)
-        body = node.body
-        for stmt, nxt in zip(body, body[1:]):
-            if (
-                isinstance(stmt, ast.AnnAssign)
-                and isinstance(stmt.target, ast.Name)
-                and isinstance(nxt, ast.Expr)
-                and isinstance(nxt.value, ast.Constant)
-                and isinstance(nxt.value.value, str)
-            ):
-                docs[stmt.target.id] = inspect.cleandoc(nxt.value.value)
-    return docs
 
 
 def _type_name(hint) -> str:

@@ -42,24 +42,11 @@ def _options(group: str) -> list[str]:
     return sorted(p.stem for p in (conf_dir() / group).glob("*.yaml"))
 
 
-def _defaults(config_name: str = "train") -> dict[str, str]:
-    """group → its default option, from the primary config's defaults list."""
-    from omegaconf import OmegaConf
-
-    out = {}
-    primary = OmegaConf.to_container(OmegaConf.load(conf_dir() / f"{config_name}.yaml"))
-    for entry in primary.get("defaults", []):
-        if isinstance(entry, dict):
-            (group, option), *_ = entry.items()
-            out[group.removeprefix("optional ")] = str(option)
-    return out
-
-
 def _key_docs(keys: tuple[str, ...], blocks: dict[str, type]) -> dict[str, tuple[str, str]]:
     """key → (default, first sentence of its docstring), read from the schema dataclasses."""
     import dataclasses
 
-    from distft.docs_ref import _attr_docs
+    from distft.config.docstrings import attr_docs as _attr_docs
 
     out = {}
     for key in keys:
@@ -92,7 +79,9 @@ def help_text(
 ) -> str:
     """The --help page of a script that takes Hydra overrides."""
     summary = inspect.cleandoc(doc or "").strip()
-    defaults = _defaults(config_name)
+    from distft.config.load import default_options
+
+    defaults = default_options(config_name)
     lines = [
         f"usage: {prog} [-h] [--cfg job]{' ' + flags if flags else ''} [group=option ...] [key=value ...]",
         "",

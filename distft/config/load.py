@@ -150,6 +150,17 @@ def _explain_hydra_error(e: Exception, overrides: list[str]) -> str:
     return f"config error: {first} (overrides: {' '.join(overrides)})"
 
 
+def default_options(config_name: str = "train") -> dict[str, str]:
+    """group → its default option, from the primary config's defaults list."""
+    out = {}
+    primary = OmegaConf.to_container(OmegaConf.load(conf_dir() / f"{config_name}.yaml"))
+    for entry in primary.get("defaults", []):
+        if isinstance(entry, dict):
+            (group, option), *_ = entry.items()
+            out[group.removeprefix("optional ")] = str(option)
+    return out
+
+
 def _valid_keys(parent: str, option: str | None = None) -> list[str]:
     classes = {
         "model": ModelConfig,
@@ -163,6 +174,14 @@ def _valid_keys(parent: str, option: str | None = None) -> list[str]:
     cls = classes.get(parent)
     if parent == "cluster":  # the option's own keys (cluster=slurm adds SLURM resources)
         cls = CLUSTERS.get(option or "local", cls)
+    if parent in ("tuning", "method", "strategy"):  # the chosen (or default) option's own dataclass
+        from distft.methods import METHODS
+        from distft.strategies import STRATEGIES
+        from distft.tuning import TUNINGS
+
+        registry = {"tuning": TUNINGS, "method": METHODS, "strategy": STRATEGIES}[parent]
+        entry = registry.get(option or default_options().get(parent, ""))
+        cls = entry.config if entry is not None else None
     return [f.name for f in dataclasses.fields(cls)] if cls else []
 
 

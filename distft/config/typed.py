@@ -93,7 +93,7 @@ def build(cls: type, data: dict[str, Any], where: str) -> Any:
     names = sorted(f.name for f in dataclasses.fields(cls))
     for key, value in data.items():  # `???` (mandatory): merging it would silently keep the default
         if value == "???":
-            from distft.docs_ref import _attr_docs
+            from distft.config.docstrings import attr_docs as _attr_docs
 
             doc = _attr_docs(cls).get(key, "").split(". ")[0]
             option = f"{where}={data['name']}" if "name" in data else where
