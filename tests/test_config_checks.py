@@ -234,3 +234,14 @@ def test_rank_entry_refuses_before_anything_starts(tmp_path):
         "distft: error: train.max_grad_norm must be > 0, or 0 to turn clipping off (got -1.0)"
     ], proc.stderr
     assert "Traceback" not in proc.stderr and not run.exists()
+
+
+def test_unquoted_newline_as_typed_in_bash_is_one_line(capsys, tmp_path):
+    # distft-launch cluster=slurm cluster.job_name=$'x\n#SBATCH --wrap=...' launch.dry_run=true
+    args = ["cluster=slurm", f"cluster.job_name={INJECTED}", "launch.dry_run=true", f"output_dir={tmp_path}"]
+    assert launch_main(args) == 2
+    out, err = capsys.readouterr()
+    assert "#SBATCH" not in out
+    assert err.count("\n") == 1 and err.startswith(
+        "distft-launch: error: cannot read 'cluster.job_name=x\\n#SBATCH"
+    )
