@@ -16,6 +16,10 @@ from distft.errors import DistftError
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    from distft.config.cli import early_exit
+
+    if (rc := early_exit("distft-data", __doc__, argv)) is not None:  # --help, --cfg job
+        return rc
     try:
         import torch
 

@@ -12,7 +12,6 @@ dataclass default).
 
 from __future__ import annotations
 
-import ast
 import dataclasses
 import difflib
 import inspect
@@ -24,6 +23,9 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from distft.config.docstrings import attr_docs as _attr_docs
+from distft.config.ranges import range_of
+from distft.config.typed import choices_of
 from distft.paths import conf_dir
 
 REPO = Path(__file__).resolve().parents[1]
@@ -32,41 +34,17 @@ RECIPES_OUT = REPO / "docs" / "recipes.md"
 MODEL_CONFIGS = "docs/model_configs"
 PLAN_BUDGET_GIB = 80  # fixed, so the page does not depend on the GPU of the machine generating it
 
-# Keys whose valid values are checked by code rather than by the type; kept next to the generator
-# so the page shows them (tests/test_docs.py checks each value here is accepted by load_config).
+# Keys whose valid values are not in their type (choices are Literal[...] fields, ranges are field
+# metadata: both are read from the dataclasses). tests/test_docs.py checks each value here is
+# accepted by load_config.
 ALLOWED: dict[str, list[str]] = {
-    "train.precision": ["fp32", "bf16", "fp16"],
-    "train.lr_scheduler": ["constant", "constant_with_warmup", "linear", "cosine"],
-    "train.export": ["last", "best", "none"],
-    "data.bad_lines": ["skip", "error"],
-    "data.overlong": ["truncate", "drop"],
-    "eval.mode": ["auto", "min", "max"],
     "resume": ["auto", "never", "<checkpoint path>"],
 }
 
 
-def _attr_docs(cls: type) -> dict[str, str]:
-    """Attribute docstrings (`x: int = 1` followed by a string) of `cls` and its dataclass bases."""
-    docs: dict[str, str] = {}
-    for klass in reversed(cls.__mro__):
-        if not dataclasses.is_dataclass(klass):
-            continue
-        tree = ast.parse(inspect.getsource(inspect.getmodule(klass)))
-        node = next(n for n in ast.walk(tree) if isinstance(n, ast.ClassDef) and n.name == klass.__name__)
-        body = node.body
-        for stmt, nxt in zip(body, body[1:]):
-            if (
-                isinstance(stmt, ast.AnnAssign)
-                and isinstance(stmt.target, ast.Name)
-                and isinstance(nxt, ast.Expr)
-                and isinstance(nxt.value, ast.Constant)
-                and isinstance(nxt.value.value, str)
-            ):
-                docs[stmt.target.id] = inspect.cleandoc(nxt.value.value)
-    return docs
-
-
 def _type_name(hint) -> str:
+    if choices_of(hint):  # Literal[...]: the choices go to the "allowed" column
+        return "str | None" if type(None) in typing.get_args(hint) else "str"
     text = getattr(hint, "__name__", None) if not typing.get_args(hint) else None
     text = text or str(hint).replace("typing.", "")
     return text.replace("NoneType", "None")
@@ -105,12 +83,15 @@ def block(prefix: str, cls: type, yaml_values: dict) -> list[str]:
         key = f"{prefix}.{f.name}" if prefix else f.name
         default = yaml_values[f.name] if f.name in yaml_values else _field_default(f)
         hint = hints[f.name]
-        allowed = ALLOWED.get(key)
+        allowed = ALLOWED.get(key) or list(choices_of(hint)) or None
         if allowed is None and hint is bool:
             allowed = ["true", "false"]
+        cell = ", ".join(f"`{a}`" for a in allowed) if allowed else ""
+        if (r := range_of(f)) is not None:  # declared next to the field (distft/config/ranges.py)
+            cell = _cell(r.text())
         lines.append(
             f"| `{key}` | `{_cell(_type_name(hint))}` | `{_value(default)}` | "
-            f"{', '.join(f'`{a}`' for a in allowed) if allowed else ''} | {_cell(docs.get(f.name, ''))} |"
+            f"{cell} | {_cell(docs.get(f.name, ''))} |"
         )
     return lines
 

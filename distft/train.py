@@ -20,6 +20,10 @@ def main(argv: list[str] | None = None) -> int:
 
         print(f"distft {__version__}")
         return 0
+    from distft.config.cli import early_exit
+
+    if (rc := early_exit("distft-train", __doc__, argv)) is not None:  # --help, --cfg job
+        return rc
     try:
         from distft.config.load import load_config
 

@@ -35,6 +35,10 @@ def write_config(composed, run_dir: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    from distft.config.cli import early_exit
+
+    if (rc := early_exit("distft-launch", __doc__, argv, flags="[-m]")) is not None:  # --help, --cfg job
+        return rc
     if "-m" in argv or "--multirun" in argv:
         from launch import sweep
 

@@ -8,8 +8,11 @@ import typing
 from pathlib import Path
 from typing import Any
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 
+from distft.config import checks
+from distft.config.ranges import check_ranges
 from distft.config.schema import (
     CLUSTERS,
     ClusterConfig,
@@ -20,6 +23,7 @@ from distft.config.schema import (
     RootConfig,
     TrainConfig,
 )
+from distft.config.typed import build
 from distft.errors import ConfigError
 from distft.paths import conf_dir
 
@@ -40,38 +44,121 @@ def strip_launcher_args(argv: list[str]) -> list[str]:
     return out
 
 
-def compose(overrides: list[str]) -> DictConfig:
-    """Compose conf/train.yaml with overrides; Hydra's own errors become one clear message."""
+def compose(overrides: list[str], config_name: str = "train") -> DictConfig:
+    """Compose conf/<config_name>.yaml with overrides; Hydra's own errors become one clear message."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
-    from hydra.errors import HydraException
+    from hydra.errors import HydraException, OverrideParseException
     from omegaconf.errors import OmegaConfBaseException
 
+    for o in overrides:  # `optional experiment` in the defaults list: Hydra skips a missing one silently
+        if (
+            o.startswith("experiment=")
+            and not (conf_dir() / "experiment" / f"{o.split('=', 1)[1]}.yaml").is_file()
+        ):
+            opts = sorted(p.stem for p in (conf_dir() / "experiment").glob("*.yaml"))
+            raise ConfigError(
+                f"unknown option 'experiment/{o.split('=', 1)[1]}'. Valid options for 'experiment': "
+                f"{', '.join(opts)}"
+            )
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-            return hydra_compose("train", overrides=overrides)
+            return hydra_compose(config_name, overrides=open_map_overrides(overrides))
+    except OverrideParseException:
+        raise ConfigError(_unparsable(overrides)) from None
     except (HydraException, OmegaConfBaseException) as e:
-        raise ConfigError(_explain_hydra_error(str(e), overrides)) from None
+        raise ConfigError(_explain_hydra_error(e, overrides)) from None
+    except yaml.YAMLError as e:  # a YAML file of conf/ (an experiment, most likely) does not parse
+        raise ConfigError(yaml_error_line(e)) from None
 
 
-def _explain_hydra_error(msg: str, overrides: list[str]) -> str:
-    first = msg.strip().splitlines()[0]
-    m = re.search(r"Key '([^']+)' is not in struct", msg)
-    if m or "Could not override" in msg or "Could not append" in msg:
-        key = re.search(r"override '([^']+)'", msg) or m
-        name = key.group(1) if key else "?"
+def _open_maps() -> tuple[str, ...]:
+    """Keys whose value is the user's own map (schema fields typed dict: data.columns, ...)."""
+    blocks = {"data": DataConfig, "cluster": ClusterConfig, "train": TrainConfig, "model": ModelConfig}
+    blocks |= {"eval": EvalConfig, "logger": LoggerConfig, "": RootConfig}
+    hints = {prefix: typing.get_type_hints(cls) for prefix, cls in blocks.items()}
+    return tuple(
+        f"{prefix}.{name}".lstrip(".")
+        for prefix, cls in blocks.items()
+        for name, hint in hints[prefix].items()
+        if typing.get_origin(hint) is dict
+    )
+
+
+def open_map_overrides(overrides: list[str]) -> list[str]:
+    """`data.columns={prompt: question}` and `data.columns.prompt=question` as documented: keys
+    inside a user map are the user's, so they are added (Hydra's `++`) rather than refused by the
+    struct flag that guards every other key."""
+    maps = _open_maps()
+    out = []
+    for o in overrides:
+        key = o.split("=", 1)[0]
+        if (
+            "=" in o
+            and not o.startswith(("+", "~"))
+            and any(key == m or key.startswith(m + ".") for m in maps)
+        ):
+            o = "++" + o
+        out.append(o)
+    return out
+
+
+def _unparsable(overrides: list[str]) -> str:
+    """Name the first override Hydra's grammar rejects (a stray flag, an unquoted space...)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    parser = OverridesParser.create()
+    for o in overrides:
+        try:
+            parser.parse_override(o)
+        except HydraException:  # OverrideParseException, or the lexer's own HydraException
+            hint = " (flags: -h/--help, --cfg job)" if o.startswith("-") else ""
+            return (
+                f"cannot read {o!r} as an override{hint}: write key=value or group=option; quote a value "
+                "with spaces or special characters as key='a b'"
+            )
+    return f"cannot read the overrides {' '.join(overrides)!r}; write key=value or group=option"
+
+
+def yaml_error_line(e: Exception) -> str:
+    """'<file>, line L, column C: <problem>' from a PyYAML error (line numbers 1-based)."""
+    mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+    context = getattr(e, "context", None)
+    where = f"{mark.name}, line {mark.line + 1}, column {mark.column + 1}" if mark else "a conf/ YAML file"
+    return f"{where}: YAML syntax error: {problem}" + (f" ({context})" if context else "") + "; fix that line"
+
+
+def _explain_hydra_error(e: Exception, overrides: list[str]) -> str:
+    """One line from Hydra's exception objects (the option lists and keys they carry, no text parsing)."""
+    from hydra.errors import MissingConfigException
+
+    if isinstance(e, MissingConfigException) and e.missing_cfg_file:  # group=<no such option>
+        group = e.missing_cfg_file.split("/")[0]
+        options = ", ".join(e.options or [])
+        return f"unknown option '{e.missing_cfg_file}'. Valid options for '{group}': {options}"
+    name = getattr(e.__cause__, "full_key", None) or getattr(e, "full_key", None)
+    if name:  # an override of a key the config lacks (Hydra's cause is OmegaConf's key error)
         parent = name.rsplit(".", 1)[0] if "." in name else ""
         option = next((o.split("=", 1)[1] for o in overrides if o.startswith(f"{parent}=")), None)
         valid = ", ".join(sorted(_valid_keys(parent, option))) or "(see conf/)"
         return f"unknown config key '{name}'. Valid keys under '{parent or '<root>'}': {valid}"
-    m = re.search(r"Could not find '([^']+)'", msg)
-    if m:
-        group = m.group(1).split("/")[0]
-        opts = sorted(p.stem for p in (conf_dir() / group).glob("*.yaml"))
-        return f"unknown option '{m.group(1)}'. Valid options for '{group}': {', '.join(opts)}"
+    first = str(e).strip().splitlines()[0]
     return f"config error: {first} (overrides: {' '.join(overrides)})"
+
+
+def default_options(config_name: str = "train") -> dict[str, str]:
+    """group → its default option, from the primary config's defaults list."""
+    out = {}
+    primary = OmegaConf.to_container(OmegaConf.load(conf_dir() / f"{config_name}.yaml"))
+    for entry in primary.get("defaults", []):
+        if isinstance(entry, dict):
+            (group, option), *_ = entry.items()
+            out[group.removeprefix("optional ")] = str(option)
+    return out
 
 
 def _valid_keys(parent: str, option: str | None = None) -> list[str]:
@@ -87,54 +174,15 @@ def _valid_keys(parent: str, option: str | None = None) -> list[str]:
     cls = classes.get(parent)
     if parent == "cluster":  # the option's own keys (cluster=slurm adds SLURM resources)
         cls = CLUSTERS.get(option or "local", cls)
+    if parent in ("tuning", "method", "strategy"):  # the chosen (or default) option's own dataclass
+        from distft.methods import METHODS
+        from distft.strategies import STRATEGIES
+        from distft.tuning import TUNINGS
+
+        registry = {"tuning": TUNINGS, "method": METHODS, "strategy": STRATEGIES}[parent]
+        entry = registry.get(option or default_options().get(parent, ""))
+        cls = entry.config if entry is not None else None
     return [f.name for f in dataclasses.fields(cls)] if cls else []
-
-
-def build(cls: type, data: dict[str, Any], where: str) -> Any:
-    """Instantiate dataclass `cls` from a dict, naming unknown keys and wrong types by path."""
-    names = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(names))
-    if unknown:
-        raise ConfigError(
-            f"unknown config key '{where}.{unknown[0]}'. Valid keys under '{where}': "
-            f"{', '.join(sorted(names))}"
-        )
-    hints = typing.get_type_hints(cls)
-    kwargs = {}
-    for key, value in data.items():
-        kwargs[key] = _coerce(value, hints[key], f"{where}.{key}")
-    return cls(**kwargs)
-
-
-def _coerce(value: Any, hint: Any, where: str) -> Any:
-    origin = typing.get_origin(hint)
-    args = typing.get_args(hint)
-    if hint is Any or value is None:
-        return value
-    if origin is typing.Union or str(origin) == "<class 'types.UnionType'>":
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(value, arg, where)
-            except ConfigError:
-                continue
-        raise ConfigError(f"config key '{where}' got {value!r}; expected {hint}")
-    if origin is list:
-        if isinstance(value, (str, int, float)):
-            value = [value]  # a single value is accepted where a list is expected
-        return [_coerce(v, args[0], where) if args else v for v in value]
-    if origin is dict:
-        return dict(value)
-    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if hint is int and isinstance(value, float) and value.is_integer():
-        return int(value)
-    if hint is str and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return str(value)
-    if isinstance(hint, type) and not isinstance(value, hint):
-        raise ConfigError(f"config key '{where}' got {value!r}; expected {hint.__name__}")
-    return value
 
 
 def to_typed(cfg: DictConfig) -> RootConfig:
@@ -198,22 +246,15 @@ def validate(cfg: RootConfig) -> None:
     from distft.tuning import TUNINGS
 
     t = cfg.train
-    if t.max_steps <= 0 and t.epochs <= 0:
+    for key in ("model", "data", "train", "cluster", "eval"):
+        check_ranges(getattr(cfg, key), key)  # each field's declared range (distft/config/ranges.py)
+    checks.check_cluster(cfg.cluster)
+    checks.check_output_dir(cfg.output_dir)
+    checks.check_packing(cfg)
+    if t.max_steps == 0 and t.epochs == 0:
         raise ConfigError("set train.max_steps > 0 or train.epochs > 0 (both are 0)")
-    if t.precision not in ("fp32", "bf16", "fp16"):
-        raise ConfigError(f"train.precision={t.precision!r}; valid: fp32, bf16, fp16")
-    for key in ("micro_batch_size", "grad_accum", "log_every"):
-        value = getattr(t, key)
-        if key == "micro_batch_size" and value == "auto":
-            continue  # estimated and confirmed by a trial step in Trainer.build
-        if not isinstance(value, int) or value < 1:
-            raise ConfigError(f"train.{key} must be >= 1 (got {value!r})")
-    if t.lr_scheduler not in ("constant", "constant_with_warmup", "linear", "cosine"):
-        raise ConfigError(
-            f"train.lr_scheduler={t.lr_scheduler!r}; valid: constant, constant_with_warmup, linear, cosine"
-        )
-    if t.export not in ("last", "best", "none"):
-        raise ConfigError(f"train.export={t.export!r}; valid: last, best, none")
+    if t.micro_batch_size != "auto" and not isinstance(t.micro_batch_size, int):
+        raise ConfigError(f"train.micro_batch_size must be >= 1 or auto (got {t.micro_batch_size!r})")
     if len(cfg.data.splits) != 3 or cfg.data.splits[0] <= 0 or min(cfg.data.splits) < 0:
         raise ConfigError(
             f"data.splits={cfg.data.splits}: give three non-negative train/val/test ratios "
@@ -235,6 +276,8 @@ def validate(cfg: RootConfig) -> None:
     TUNINGS[cfg.tuning.name].validate(cfg)
     METHODS[cfg.method.name].validate(cfg)
     STRATEGIES[cfg.strategy.name].validate(cfg, gpu)
+    for key in ("tuning", "method", "strategy"):  # after the options' own checks, whose words are kept
+        check_ranges(getattr(cfg, key), key)
 
 
 def _validate_data_eval(cfg: RootConfig, method_cls) -> None:
@@ -253,10 +296,6 @@ def _validate_data_eval(cfg: RootConfig, method_cls) -> None:
             f"({len(d.path)}), not all zero"
         )
     check_metrics(cfg, method_cls)
-    if e.mode not in ("auto", "min", "max"):
-        raise ConfigError(f"eval.mode={e.mode!r}; valid: auto, min, max")
-    if e.patience < 0 or e.min_delta < 0:
-        raise ConfigError("eval.patience and eval.min_delta must be >= 0")
     wanted = (("eval.patience>0", e.patience > 0), ("train.export=best", t.export == "best"))
     needs = [k for k, on in wanted if on]
     if needs and (t.eval_every <= 0 or d.splits[1] <= 0):

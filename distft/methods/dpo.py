@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from distft.config.ranges import num
 from distft.data.preference import PairRows
 from distft.errors import ConfigError
 from distft.methods.logprobs import model_logps
@@ -44,18 +45,18 @@ class DPOConfig:
     """Method."""
     loss_type: str = "sigmoid"
     """sigmoid (DPO), hinge, ipo, simpo or orpo."""
-    beta: float = 0.1
+    beta: float = num(0.1, gt=0)
     """Strength of the preference term (DPO: the KL coefficient; ORPO: the odds-ratio weight)."""
-    label_smoothing: float = 0.0
+    label_smoothing: float = num(0.0, ge=0, lt=0.5)
     """sigmoid only: assumed probability that a pair's label is flipped (conservative DPO), < 0.5."""
-    simpo_gamma: float = 0.5
+    simpo_gamma: float = num(0.5, ge=0)
     """simpo only: target reward margin γ."""
     precompute_ref: bool = False
     """Compute reference log-probs once before training instead of in every step (no reference
     model is kept; with full tuning this saves the frozen copy)."""
     disable_dropout: bool = True
     """Turn dropout off in the policy, so policy and reference log-probs are comparable."""
-    max_skip_fraction: float = 0.05
+    max_skip_fraction: float = num(0.05, ge=0, le=1)
     """Largest fraction of a split's rows that may be skipped (bad or identical pairs) before the
     run stops with an error."""
 

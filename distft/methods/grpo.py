@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from distft.config.ranges import num
 from distft.errors import ConfigError
 from distft.rl import loop
 from distft.rl.advantages import group_advantages
@@ -29,13 +30,13 @@ ADVANTAGES = ("grpo", "rloo")
 class GRPOConfig(RLConfig):
     name: str = "grpo"
     """Method."""
-    num_generations: int = 4
+    num_generations: int = num(4, ge=2)
     """Completions sampled per prompt (the group)."""
     advantage: str = "grpo"
     """grpo (group-normalized) or rloo (leave-one-out baseline)."""
     scale_rewards: bool = True
     """grpo: divide by the group's reward std (false: only subtract the group mean)."""
-    beta: float = 0.01
+    beta: float = num(0.01, ge=0)
     """KL-to-reference coefficient in the loss (0: no reference model is loaded)."""
 
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from distft.config.ranges import num
 from distft.data.preference import (
     BadRow,
     Skips,
@@ -49,17 +50,17 @@ KTO_FIELDS = "'prompt', 'completion' and a boolean 'label', or a preference pair
 class KTOConfig:
     name: str = "kto"
     """Method."""
-    beta: float = 0.1
+    beta: float = num(0.1, gt=0)
     """KL coefficient (scale of the implicit reward)."""
-    desirable_weight: float = 1.0
+    desirable_weight: float = num(1.0, gt=0)
     """Loss weight of good examples (raise it when they are rarer than bad ones)."""
-    undesirable_weight: float = 1.0
+    undesirable_weight: float = num(1.0, gt=0)
     """Loss weight of bad examples."""
     precompute_ref: bool = False
     """Compute reference log-probs once before training (no reference model is kept)."""
     disable_dropout: bool = True
     """Turn dropout off in the policy, so policy and reference log-probs are comparable."""
-    max_skip_fraction: float = 0.05
+    max_skip_fraction: float = num(0.05, ge=0, le=1)
     """Largest fraction of a split's rows that may be skipped before the run stops with an error."""
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from distft.config.ranges import num
 from distft.errors import ConfigError
 from distft.rl import loop, models
 from distft.rl.advantages import gae, whiten
@@ -28,19 +29,19 @@ from distft.runtime import dist
 class PPOConfig(RLConfig):
     name: str = "ppo"
     """Method."""
-    epochs: int = 4
+    epochs: int = num(4, ge=1)
     """Passes over each batch of rollouts (PPO epochs)."""
-    kl_coef: float = 0.02
+    kl_coef: float = num(0.02, ge=0)
     """Per-token KL penalty in the reward: r_t −= kl_coef · (log π_old − log π_ref)."""
-    gamma: float = 1.0
+    gamma: float = num(1.0, ge=0, le=1)
     """Discount."""
-    lam: float = 0.95
+    lam: float = num(0.95, ge=0, le=1)
     """GAE λ."""
     whiten_advantages: bool = True
     """Normalize advantages to mean 0, std 1 over all action tokens of all ranks."""
-    clip_range_value: float = 0.2
+    clip_range_value: float = num(0.2, ge=0)
     """Value clipping around the rollout-time values (0 disables)."""
-    critic_lr: float = 3e-3
+    critic_lr: float = num(3e-3, gt=0)
     """Critic peak learning rate (it follows the policy's schedule shape)."""
 
 

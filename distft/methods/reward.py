@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from distft.config.ranges import num
 from distft.data.preference import PairRows
 from distft.errors import ConfigError
 from distft.methods.dpo import reward_metrics
@@ -24,9 +25,9 @@ from distft.methods.reference import held_out, map_examples, to_device
 class RewardConfig:
     name: str = "reward"
     """Method."""
-    center_rewards_coefficient: float = 0.0
+    center_rewards_coefficient: float = num(0.0, ge=0)
     """Weight of (r_chosen + r_rejected)² in the loss, which keeps rewards centred on 0."""
-    max_skip_fraction: float = 0.05
+    max_skip_fraction: float = num(0.05, ge=0, le=1)
     """Largest fraction of a split's rows that may be skipped (bad or identical pairs) before the
     run stops with an error."""
 

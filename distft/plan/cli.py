@@ -80,6 +80,10 @@ def render(rows: list[dict], meta: dict, cfg, chosen: str | None, micro_auto: in
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    from distft.config.cli import early_exit
+
+    if (rc := early_exit("distft-plan", __doc__, argv, flags="[--json]")) is not None:  # --help, --cfg job
+        return rc
     as_json = "--json" in argv
     argv = [a for a in argv if a != "--json"]
     try:

@@ -9,7 +9,10 @@ from pathlib import Path
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 1 or argv[0] in ("-h", "--help"):
+    if any(a in ("-h", "--help") for a in argv):
+        print(f"usage: distft-report <run dir>\n\n{__doc__}")
+        return 0
+    if len(argv) != 1:
         print("usage: distft-report <run dir>", file=sys.stderr)
         return 2
     run_dir = Path(argv[0])

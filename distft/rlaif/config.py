@@ -96,6 +96,15 @@ class RlaifConfig:
     """Where the tiny default model is built and per-rank parts are written (default: beside output)."""
 
 
+# distft-rlaif --help: its groups and most used keys (distft.config.cli.help_text).
+HELP = {
+    "config_name": "rlaif",
+    "groups": ("model", "judge"),
+    "keys": ("output", "prompts", "num_prompts", "num_samples", "judge.type", "judge.model"),
+    "blocks": {"": RlaifConfig, "judge": JudgeConfig},
+}
+
+
 def load_rlaif_config(overrides: list[str]) -> RlaifConfig:
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra

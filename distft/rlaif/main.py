@@ -214,6 +214,11 @@ def main(argv: list[str] | None = None) -> int:
     from distft.rlaif.config import load_rlaif_config
 
     argv = sys.argv[1:] if argv is None else argv
+    from distft.config.cli import early_exit
+    from distft.rlaif.config import HELP
+
+    if (rc := early_exit("distft-rlaif", __doc__, argv, **HELP)) is not None:  # --help, --cfg job
+        return rc
     try:
         cfg = load_rlaif_config(argv)
         info = dist.init()

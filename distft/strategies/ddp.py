@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from distft.config.ranges import num
 from distft.strategies.torch_native import TorchNativeStrategy
 
 
@@ -13,7 +14,7 @@ from distft.strategies.torch_native import TorchNativeStrategy
 class DdpConfig:
     name: str = "ddp"
     """Strategy."""
-    bucket_cap_mb: int = 25
+    bucket_cap_mb: int = num(25, ge=1)
     """Gradient all-reduce bucket size."""
 
 

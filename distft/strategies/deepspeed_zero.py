@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from distft.config.ranges import num
 from distft.errors import ConfigError, DistftError
 from distft.strategies.optim import build_adamw
 
@@ -19,13 +20,13 @@ from distft.strategies.optim import build_adamw
 class ZeroConfig:
     name: str = "zero2"
     """Strategy option (zero1, zero2, zero3, zero3_offload)."""
-    stage: int = 2
+    stage: int = num(2, ge=1, le=3)
     """ZeRO stage: 1 shards optimizer states, 2 also gradients, 3 also parameters."""
     offload_optimizer: bool = False
     """Keep optimizer states on the host and step there (DeepSpeedCPUAdam)."""
     offload_params: bool = False
     """Stage 3 only: keep parameters on the host between uses."""
-    reduce_bucket_size: int | str = "auto"
+    reduce_bucket_size: int | str = num("auto", ge=1, also=("auto",))
     """Elements per gradient reduction bucket (smaller buckets trade speed for memory). auto:
     hidden_size² (at least 2**20); ZeRO-3 then also prefetches 0.9× that, keeps parameters under
     10×hidden_size resident and at most two blocks' parameters gathered, so small models shard too."""

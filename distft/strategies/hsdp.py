@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from distft.config.ranges import num
 from distft.errors import ConfigError
 from distft.strategies import fsdp
 from distft.strategies.torch_native import TorchNativeStrategy
@@ -15,7 +16,7 @@ from distft.strategies.torch_native import TorchNativeStrategy
 class HsdpConfig:
     name: str = "hsdp"
     """Strategy."""
-    shard_size: int = 0
+    shard_size: int = num(0, ge=0)
     """Ranks per shard group (0: the ranks of one node). world size / shard_size replicas."""
     reshard_after_forward: bool = True
     """Free gathered layer weights after forward (ZeRO-3-like); false keeps them (ZeRO-2-like)."""

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from distft.config.ranges import num
 from distft.errors import ConfigError
 from distft.tuning import peft_common
 
@@ -26,9 +27,9 @@ STRATEGIES = ("ddp", "fsdp", "zero1", "zero2", "zero3", "zero3_offload")
 class AdapterConfig:
     name: str = "adapter"
     """Tuning mode (PEFT LLaMA-Adapter: adaption prompts with zero-init gates)."""
-    adapter_len: int = 10
+    adapter_len: int = num(10, ge=1)
     """Adaption prompt length (tokens) per adapted layer."""
-    adapter_layers: int = 2
+    adapter_layers: int = num(2, ge=1)
     """How many of the top decoder layers get an adaption prompt."""
     init_adapter: str | None = None
     """Continue from a saved adaption-prompt adapter (a PEFT adapter directory)."""

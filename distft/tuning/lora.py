@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from distft.config.ranges import num
 from distft.errors import ConfigError
 from distft.tuning import peft_common
 
@@ -14,11 +15,11 @@ from distft.tuning import peft_common
 class LoraConfig:
     name: str = "lora"
     """Tuning mode."""
-    r: int = 8
+    r: int = num(8, ge=1)
     """Adapter rank."""
-    alpha: int = 16
+    alpha: int = num(16, gt=0)
     """Scaling numerator (scale = alpha / r)."""
-    dropout: float = 0.0
+    dropout: float = num(0.0, ge=0, lt=1)
     """Dropout on the adapter input."""
     target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
     """Module names to adapt, or ['all-linear'] for every linear layer but the output head."""

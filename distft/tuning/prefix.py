@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from distft.config.ranges import num
 from distft.errors import ConfigError
 from distft.tuning import peft_common
 
@@ -21,11 +22,11 @@ STRATEGIES = ("ddp", "zero1", "zero2")
 class PrefixConfig:
     name: str = "prefix"
     """Tuning mode."""
-    num_virtual_tokens: int = 16
+    num_virtual_tokens: int = num(16, ge=1)
     """Prefix length: trainable key/value positions prepended in every layer."""
     projection: bool = False
     """Reparametrize the prefixes through a 2-layer MLP (as in the prefix-tuning paper)."""
-    encoder_hidden_size: int = 0
+    encoder_hidden_size: int = num(0, ge=0)
     """Hidden size of that MLP (0: the model's hidden size)."""
     init_adapter: str | None = None
     """Continue from a saved prefix adapter (a PEFT adapter directory) instead of a fresh one."""

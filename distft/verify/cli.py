@@ -56,7 +56,18 @@ def shrink(cfg, steps: int, micro: int) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="distft-verify", description=__doc__.split("\n\n")[0])
+    from distft.config.cli import early_exit, epilog
+
+    if (
+        rc := early_exit("distft-verify", __doc__, sys.argv[1:] if argv is None else argv, help=False)
+    ) is not None:  # --cfg job
+        return rc
+    parser = argparse.ArgumentParser(
+        prog="distft-verify",
+        description=__doc__.split("\n\n")[0],
+        epilog=epilog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--work-dir", help="where the runs go (default: a temp dir, removed unless --keep)")
     parser.add_argument("--keep", action="store_true", help="keep the work dir")
     parser.add_argument("--steps", type=int, default=6, help="optimizer steps of each run (even, >= 4)")
