@@ -131,6 +131,9 @@ class TrainConfig:
     """Seeds data order, dropout and sampling."""
     precision: str = "fp32"
     """fp32, bf16 (mixed, fp32 master weights) or fp16 (mixed with loss scaling)."""
+    tf32: bool = True
+    """CUDA: fp32 matmuls and convolutions run on TF32 tensor cores (fp32 storage and accumulation,
+    10-bit mantissa inputs; ~7x the fp32 rate on H100). false: full IEEE fp32. No effect on CPU."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward to save memory."""
     compile: bool = False

@@ -27,6 +27,7 @@ from distft.eval.early_stop import BestTracker
 from distft.methods import METHODS
 from distft.models import load_model, load_tokenizer, resolve_model_path
 from distft.models.sharded_load import meta_model
+from distft.perf import precision as matmul_precision
 from distft.perf.mfu import MfuMeter, mean_length, peak_memory_gib
 from distft.runtime import dist, preflight, stop
 from distft.strategies import STRATEGIES
@@ -76,6 +77,7 @@ class Trainer:
         dist.barrier()
         preflight.run(cfg, info, run_dir)  # report, stop-signal handler, hang stack dumps
         _seed(cfg.train.seed)
+        matmul_precision.configure(cfg.train.tf32, info.device)  # TF32 for fp32 on CUDA
 
         model_path = resolve_model_path(cfg, run_dir, info)
         tokenizer = load_tokenizer(model_path, cfg)
