@@ -159,7 +159,8 @@ class TrainConfig:
     max_bad_steps: int = 5
     """A step with a NaN/Inf loss or gradient norm is skipped (counted as skipped_steps); after
     this many in a row training stops naming the step, its sample ids and the last good
-    checkpoint (0: never stop)."""
+    checkpoint (0: never stop). fp16 overflows the loss scaler handles (skipped while its scale
+    settles) are counted as skipped but not towards this limit."""
     async_save: bool = False
     """DDP/FSDP: write checkpoints in the background (DCP async save on its own gloo group) while
     training continues; checkpoints/latest moves once the write completed. DeepSpeed saves

@@ -152,7 +152,7 @@ class Trainer:
         trainer.perf = perf
         trainer.tracker = BestTracker.from_config(cfg)
         trainer.resume_path = resume_path
-        trainer.bad_steps = guard.BadStepGuard(t.max_bad_steps)
+        trainer.bad_steps = guard.BadStepGuard(t.max_bad_steps, scaler=guard.LossScaleWatch.of(strategy))
         trainer._maybe_resume()
         run_info.write(cfg, info, run_dir, resume_path)
         trainer.logger = MetricsLogger(cfg, run_dir, info.is_main, trainer.start_step)

@@ -1,0 +1,149 @@
+"""Paths a first GPU run takes, exercised on CPU with the same objects: the fp16 loss scaler's
+overflows and the bad-step guard (issue 19.10), QLoRA's non-reentrant checkpointing (19.12),
+micro_batch_size=auto's headroom (19.9). GPU-only checks carry the `gpu` marker."""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from distft.config.load import load_config
+from distft.engine import guard
+from distft.runtime.dist import DistInfo
+from tests.util import metrics, train
+
+requires_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+CPU1 = DistInfo(
+    rank=0, world_size=1, local_rank=0, local_world_size=1, device=torch.device("cpu"), backend="gloo"
+)
+
+
+# ------------------------------------------------------------------ fp16 overflows (19.10)
+def ddp_strategy(precision: str):
+    """distft's real DDP strategy on one CPU rank (no wrapper at world size 1): its GradScaler,
+    clipping and skipped step are the ones a GPU run uses."""
+    from distft.strategies import ddp
+
+    cfg, _ = load_config(["strategy=ddp", f"train.precision={precision}"])
+    strategy = ddp.make(cfg, CPU1)
+    torch.manual_seed(0)
+    strategy.setup(torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 1)))
+    return strategy
+
+
+def run_step(strategy, step: int) -> tuple[float, float]:
+    """One step as Trainer.train_step runs it: autocast, fault hook, scaled backward, step."""
+    x = torch.randn(4, 8)
+    with strategy.accumulate(True):
+        loss = strategy.model(x).float().pow(2).mean()
+        loss = guard.inject_nan(loss, step, 0)
+        strategy.backward(loss, True)
+    return float(loss), strategy.step()
+
+
+def weights(strategy) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in strategy.model.parameters()]
+
+
+@pytest.mark.quick
+def test_overflows_the_grad_scaler_handles_are_skipped_but_not_bad(monkeypatch):
+    """Six overflowing first steps (the scale settling from 2^16) used to stop the run at the
+    fifth (train.max_bad_steps=5)."""
+    monkeypatch.setenv(guard.INF_GRAD_ENV, "1,2,3,4,5,6")
+    strategy = ddp_strategy("fp16")
+    assert isinstance(strategy.scaler, torch.amp.GradScaler)
+    bad = guard.BadStepGuard(5, scaler=guard.LossScaleWatch.of(strategy))
+    start = weights(strategy)
+    for step in range(6):
+        loss, norm = run_step(strategy, step)
+        assert torch.isfinite(torch.tensor(loss)) and not torch.isfinite(torch.tensor(norm))  # inf or nan
+        assert bad.check(step + 1, loss, norm, [step], lambda: None) is True  # skipped, not fatal
+    assert bad.skipped == 6 and bad.in_a_row == 0
+    assert strategy.scaler.get_scale() == 2.0**16 / 2**6
+    assert all(torch.equal(a, b) for a, b in zip(start, weights(strategy)))  # no update applied
+    loss, norm = run_step(strategy, 6)
+    assert bad.check(7, loss, norm, [6], lambda: None) is False
+    assert not all(torch.equal(a, b) for a, b in zip(start, weights(strategy)))
+
+
+@pytest.mark.quick
+def test_non_finite_steps_no_scaler_handles_still_stop_the_run(monkeypatch):
+    assert guard.LossScaleWatch.of(ddp_strategy("fp32")) is None  # fp32: every non-finite step counts
+
+    # fp16 with a NaN loss: the scaler backs off, but no loss scale fixes the forward
+    monkeypatch.setenv(guard.FAULT_ENV, "1,2")
+    strategy = ddp_strategy("fp16")
+    bad = guard.BadStepGuard(2, scaler=guard.LossScaleWatch.of(strategy))
+    bad.check(1, *run_step(strategy, 0), [0], lambda: None)
+    assert bad.in_a_row == 1
+    with pytest.raises(guard.NonFiniteError):
+        bad.check(2, *run_step(strategy, 1), [1], lambda: None)
+
+    # fp16 with the scale driven to the floor: the gradients are non-finite at any scale
+    monkeypatch.delenv(guard.FAULT_ENV)
+    monkeypatch.setenv(guard.INF_GRAD_ENV, "1,2,3")
+    strategy = ddp_strategy("fp16")
+    bad = guard.BadStepGuard(2, scaler=guard.LossScaleWatch.of(strategy))
+    run_step(strategy, 99)  # a good step creates the scale, as a run's first step does
+    strategy.scaler.update(new_scale=2.0)
+    bad.scaler.last_scale = 2.0
+    assert bad.check(1, *run_step(strategy, 0), [0], lambda: None) is True  # 2 → 1: at the floor
+    assert bad.in_a_row == 1
+    with pytest.raises(guard.NonFiniteError):
+        bad.check(2, *run_step(strategy, 1), [1], lambda: None)
+
+
+@pytest.mark.quick
+def test_deepspeed_fp16_overflow_flag_counts_as_handled_through_hysteresis():
+    """DeepSpeed's fp16 optimizers set `overflow` on a skipped step and keep the scale for
+    `hysteresis` (default 2) overflows before halving it: the flag, not the scale, says the step
+    was skipped. DeepSpeed has no fp16 on CPU, so the engine is stood in for by the two attributes
+    the watch reads, set as DynamicLossScaler.update_scale sets them."""
+    optimizer = SimpleNamespace(overflow=False, loss_scale=2.0**16)
+    engine = SimpleNamespace(fp16_enabled=lambda: True, optimizer=optimizer)
+    bad = guard.BadStepGuard(2, scaler=guard.LossScaleWatch.of(SimpleNamespace(engine=engine)))
+    for step, scale in enumerate([2.0**16, 2.0**15, 2.0**14], start=1):  # hysteresis, then halving
+        optimizer.overflow, optimizer.loss_scale = True, scale
+        assert bad.check(step, 1.0, float("inf"), [], lambda: None) is True
+    assert bad.in_a_row == 0 and bad.skipped == 3
+    optimizer.overflow = False
+    assert bad.check(4, 1.0, 0.5, [], lambda: None) is False
+    optimizer.overflow, optimizer.loss_scale = True, 1.0  # at the floor (raise_error_at_min_scale=false)
+    bad.check(5, 1.0, float("inf"), [], lambda: None)
+    assert bad.in_a_row == 1
+    bf16 = SimpleNamespace(engine=SimpleNamespace(fp16_enabled=lambda: False))
+    assert guard.LossScaleWatch.of(bf16) is None  # bf16 overflow checks are real bad steps
+
+
+@pytest.mark.slow
+def test_fp16_run_survives_early_overflows(tmp_path):
+    """A real fp16 DDP run whose first six steps overflow completes (it stopped at step 5)."""
+    run = tmp_path / "run"
+    overrides = [
+        "strategy=ddp", "train.precision=fp16", "train.max_steps=8", "train.eval_generate=false",
+        "train.export=none", "train.max_bad_steps=5",
+    ]  # fmt: skip
+    env = {guard.INF_GRAD_ENV: "1,2,3,4,5,6"}
+    train(run, *overrides, nproc=1, plain=True, extra_env=env)
+    rows = [r for r in metrics(run) if "loss" in r]
+    assert [r["step"] for r in rows] == list(range(1, 9))
+    assert rows[-1]["skipped_steps"] == 6
+    assert all(r["grad_norm"] is None or not math.isfinite(r["grad_norm"]) for r in rows[:6])  # null: NaN
+    assert all(0 < r["grad_norm"] < float("inf") for r in rows[6:])
+
+
+@pytest.mark.gpu
+@requires_gpu
+@pytest.mark.parametrize("strategy", ["ddp", "zero2"])
+def test_fp16_overflows_on_gpu(tmp_path, strategy):
+    run = tmp_path / strategy
+    overrides = [
+        f"strategy={strategy}", "train.precision=fp16", "train.max_steps=8", "train.eval_generate=false",
+        "train.export=none", "cluster.gpus_per_node=1", "cluster.nproc_per_node=1",
+    ]  # fmt: skip
+    train(run, *overrides, nproc=1, plain=True, extra_env={guard.INF_GRAD_ENV: "1,2,3,4,5,6"})
+    rows = [r for r in metrics(run) if "loss" in r]
+    assert rows[-1]["step"] == 8 and rows[-1]["skipped_steps"] >= 6
