@@ -147,3 +147,33 @@ def test_fp16_overflows_on_gpu(tmp_path, strategy):
     train(run, *overrides, nproc=1, plain=True, extra_env={guard.INF_GRAD_ENV: "1,2,3,4,5,6"})
     rows = [r for r in metrics(run) if "loss" in r]
     assert rows[-1]["step"] == 8 and rows[-1]["skipped_steps"] >= 6
+
+
+# ------------------------------------------------------------------ QLoRA checkpointing (19.12)
+@pytest.mark.quick
+def test_qlora_keeps_non_reentrant_gradient_checkpointing(tmp_path):
+    """Trainer.build enables non-reentrant checkpointing; QLoRA's prepare_model_for_kbit_training
+    re-enabled it with PEFT's default kwargs, i.e. torch's reentrant checkpoint."""
+    import warnings
+
+    from distft.models import load_model
+    from distft.models.tiny import build_tiny
+    from distft.tuning import qlora
+
+    cfg, _ = load_config(["tuning=qlora", "train.gradient_checkpointing=true"])
+    path = str(build_tiny(tmp_path / "base", cfg.model))
+    model = load_model(path, cfg, torch.float32, qlora.load_kwargs(cfg, torch.float32))
+    model.gradient_checkpointing_enable({"use_reentrant": False})  # as Trainer.build does
+    model = qlora.apply(model, cfg)
+    layers = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False)]
+    assert layers, "no checkpointed module after qlora setup"
+    for m in layers:
+        assert m._gradient_checkpointing_func.keywords.get("use_reentrant") is False, type(m).__name__
+    model.train()
+    ids = torch.randint(3, 50, (2, 12))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*use_reentrant.*")  # torch warns on the implicit default
+        model(input_ids=ids, labels=ids).loss.backward()
+    lora = [p for n, p in model.named_parameters() if "lora_" in n]
+    assert lora and all(p.grad is not None and torch.isfinite(p.grad).all() for p in lora)
+    assert any(p.grad.abs().sum() > 0 for p in lora)

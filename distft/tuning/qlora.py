@@ -66,8 +66,12 @@ def apply(model: torch.nn.Module, cfg) -> torch.nn.Module:
             # cannot be saved with a float quant storage, and sharded copies must stay identical.
             m.support_avx512bf16_for_cpu = False
 
+    # PEFT re-enables checkpointing with its own kwargs ({} unless given), which torch reads as
+    # use_reentrant=True: the non-reentrant form Trainer.build chose must be passed through.
     model = prepare_model_for_kbit_training(
-        model, use_gradient_checkpointing=cfg.train.gradient_checkpointing
+        model,
+        use_gradient_checkpointing=cfg.train.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
     )
     model = peft_common.wrap(model, cfg, lora.peft_config(cfg, peft_common.task_type(model)))
     peft_common.report(model, cfg, f"r={cfg.tuning.r}, {cfg.tuning.quant_type} base")
