@@ -177,3 +177,49 @@ def test_qlora_keeps_non_reentrant_gradient_checkpointing(tmp_path):
     lora = [p for n, p in model.named_parameters() if "lora_" in n]
     assert lora and all(p.grad is not None and torch.isfinite(p.grad).all() for p in lora)
     assert any(p.grad.abs().sum() > 0 for p in lora)
+
+
+# ------------------------------------------------------------------ micro_batch_size=auto (19.9)
+@pytest.mark.quick
+def test_auto_micro_batch_counts_optimizer_state_and_headroom():
+    """The trial runs before AdamW has state: a budget that holds the trial's peak but not the
+    Adam moments the first step adds (nor the 10% headroom) must not pass the trial's micro-batch.
+    Real DDP strategy and SFT loss on one CPU rank; the budget is passed in (a card's size)."""
+    import resource
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from distft.methods import METHODS
+    from distft.models.tiny import build_tokenizer
+    from distft.plan import auto
+    from distft.plan.memory import GIB
+    from distft.strategies import ddp
+
+    cfg, _ = load_config(["strategy=ddp", "train.micro_batch_size=4"])
+    tok = build_tokenizer()
+    shape = dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=6, num_attention_heads=8)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), **shape))
+    strategy = ddp.make(cfg, CPU1)
+    strategy.setup(model)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    adam = auto.pending_optimizer_bytes(strategy, CPU1.device)
+    assert adam == 2 * 4 * trainable  # exp_avg + exp_avg_sq in fp32, none allocated yet
+
+    method = METHODS["sft"](cfg, tok)
+    rows = [
+        {"input_ids": list(range(3, 19)), "labels": list(range(3, 19)), "position_ids": list(range(16))}
+    ] * 8
+    # Peak RSS so far, plus room for the trial's gradients (half the Adam state): the trial's peak
+    # fits this budget, the trial's peak plus Adam's moments does not.
+    limit = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 + 0.75 * adam
+    record = auto.confirm_micro_batch(cfg, CPU1, method, strategy, rows, limit=limit)
+    first = record["trials"][0]
+    assert first["micro"] == 4 and first["peak_gib"] * GIB <= limit  # what the old check accepted
+    assert first["optimizer_gib"] * GIB == adam and not first["fits"]
+    assert record["micro_batch_size"] == 1 and record["usable_gib"] == pytest.approx(0.9 * limit / GIB)
+
+    loss, _ = method.loss(strategy.model, method.collate(rows[:1]))
+    strategy.backward(loss, True)
+    strategy.step()
+    assert auto.pending_optimizer_bytes(strategy, CPU1.device) == 0  # the real step allocated it
