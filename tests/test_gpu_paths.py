@@ -223,3 +223,29 @@ def test_auto_micro_batch_counts_optimizer_state_and_headroom():
     strategy.backward(loss, True)
     strategy.step()
     assert auto.pending_optimizer_bytes(strategy, CPU1.device) == 0  # the real step allocated it
+
+
+# ------------------------------------------------------------------ bench/gpu.py (19.14)
+@pytest.mark.slow
+def test_gpu_bench_smoke_runs_the_end_of_a_job(tmp_path):
+    """bench/gpu.py --smoke (CPU, shrunk shapes): QLoRA trains, checkpoints, exports (the path
+    whose probe crashed on a GPU), resumes and exports again; the table names what holds memory."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.util import REPO
+
+    out = tmp_path / "gpu"
+    cmd = [sys.executable, "bench/gpu.py", "--smoke", "--only", "qlora", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "qlora: trained 3, exported" in proc.stdout and "resumed to 5, exported again" in proc.stdout
+    run = out.with_name("gpu-smoke") / "qlora"
+    assert (run / "export" / "adapter_model.safetensors").is_file()
+    assert (run / "export_first" / "adapter_model.safetensors").is_file()
+    (result,) = json.loads((out.with_name("gpu-smoke") / "results.json").read_text())["results"]
+    terms = result["planner_gib"]
+    assert set(terms) == {"params", "grads", "optimizer", "activations", "logits", "buffers", "total"}
+    assert terms["logits"] > 0 and 0 < result["peak_gib"] < 8
+    assert "What holds the memory" in proc.stdout
