@@ -249,3 +249,53 @@ def test_gpu_bench_smoke_runs_the_end_of_a_job(tmp_path):
     assert set(terms) == {"params", "grads", "optimizer", "activations", "logits", "buffers", "total"}
     assert terms["logits"] > 0 and 0 < result["peak_gib"] < 8
     assert "What holds the memory" in proc.stdout
+
+
+# ------------------------------------------------------------------ adapter bases (19.1 / 14.1)
+@pytest.mark.quick
+@pytest.mark.parametrize(
+    "tuning, method, precision",
+    [
+        ("lora", "sft", "bf16"),
+        ("lora", "classify", "bf16"),
+        ("qlora", "sft", "bf16"),
+        ("lora", "sft", "fp32"),
+    ],
+)
+def test_adapter_base_loads_in_the_compute_precision(tmp_path, tuning, method, precision):
+    """The frozen base of an adapter tuning is loaded in the compute precision (it was fp32 whatever
+    train.precision said; QLoRA's embeddings and head were upcast to fp32 again); the weights that
+    train are fp32 (a classification head too, which PEFT copies in the base's dtype)."""
+    from transformers import AutoModelForSequenceClassification
+
+    from distft.models import base_dtype, load_model
+    from distft.models.tiny import build_tiny
+    from distft.tuning import TUNINGS
+
+    cfg, _ = load_config([f"tuning={tuning}", f"method={method}", f"train.precision={precision}"])
+    path = str(build_tiny(tmp_path / "base", cfg.model))
+    dtype = base_dtype(cfg, TUNINGS[tuning].adapter)
+    assert dtype == {"bf16": torch.bfloat16, "fp32": torch.float32}[precision]
+    assert base_dtype(cfg, adapter=False) == torch.float32  # full tuning: fp32 master weights
+    auto = AutoModelForSequenceClassification if method == "classify" else None
+    extra = {"num_labels": 2} if method == "classify" else {}
+    model = load_model(path, cfg, dtype, {**TUNINGS[tuning].load_kwargs(cfg, dtype), **extra}, auto)
+    model = TUNINGS[tuning].apply(model, cfg)
+    frozen = {p.dtype for p in model.parameters() if not p.requires_grad and p.is_floating_point()}
+    trainable = {p.dtype for p in model.parameters() if p.requires_grad}
+    assert frozen == {dtype} and trainable == {torch.float32}
+    assert model.get_input_embeddings().weight.dtype == dtype
+
+
+@pytest.mark.slow
+def test_lora_bf16_on_fsdp_trains_with_a_bf16_base(tmp_path):
+    """FSDP2 needs one dtype among a unit's trainable weights: a bf16 base with fp32 LoRA and an
+    fp32 classification head trains (one plain process)."""
+    run = tmp_path / "run"
+    overrides = [
+        "strategy=fsdp", "tuning=lora", "method=classify", "train.precision=bf16", "train.max_steps=2",
+        "train.eval_generate=false", "train.export=none",
+    ]  # fmt: skip
+    train(run, *overrides, nproc=1, plain=True)
+    rows = [r for r in metrics(run) if "loss" in r]
+    assert [r["step"] for r in rows] == [1, 2] and all(math.isfinite(r["loss"]) for r in rows)

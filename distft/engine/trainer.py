@@ -25,7 +25,7 @@ from distft.engine.metrics import MetricsLogger
 from distft.engine.schedule import lr_schedule
 from distft.eval.early_stop import BestTracker
 from distft.methods import METHODS
-from distft.models import load_model, load_tokenizer, resolve_model_path
+from distft.models import base_dtype, load_model, load_tokenizer, resolve_model_path
 from distft.models.sharded_load import meta_model
 from distft.perf import precision as matmul_precision
 from distft.perf.mfu import MfuMeter, mean_length, peak_memory_gib
@@ -98,8 +98,12 @@ class Trainer:
         if sharded and info.world_size > 1 and not tuning.adapter and method.auto_class is None:
             model = meta_model(model_path, cfg)  # each rank reads only its shards (strategy.setup)
         if model is None:
-            model = load_model(
-                model_path, cfg, torch.float32, tuning.load_kwargs(cfg, load_dtype), method.auto_class
+            model = load_model(  # adapters: the frozen base in the compute precision
+                model_path,
+                cfg,
+                base_dtype(cfg, tuning.adapter),
+                tuning.load_kwargs(cfg, load_dtype),
+                method.auto_class,
             )
         if cfg.train.gradient_checkpointing:
             model.gradient_checkpointing_enable({"use_reentrant": False})
