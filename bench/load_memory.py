@@ -26,6 +26,8 @@ def parse() -> argparse.Namespace:
     p.add_argument("--strategies", default="fsdp,ddp")
     p.add_argument("--mmap-threshold", default="65536")
     p.add_argument("--checkpoint-dtype", default="bf16", choices=["bf16", "fp32"])
+    p.add_argument("--tuning", default="full", help="tuning= of the probe (full, lora, qlora, ...)")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="train.precision=")
     p.add_argument("--out", default=str(REPO / "outputs/bench/load"))
     return p.parse_args()
 
@@ -50,10 +52,11 @@ def as_dtype(path: Path, dtype: str) -> Path:
     return dest
 
 
-def probe(model_dir: Path, strategy: str, nproc: int, out: Path, mmap: str) -> list[float]:
+def probe(model_dir: Path, strategy: str, nproc: int, out: Path, mmap: str, extra=()) -> list[float]:
     shutil.rmtree(out, ignore_errors=True)
     args = [
-        f"output_dir={out}", "resume=never", f"model.name_or_path={model_dir}", f"strategy={strategy}",
+        *extra, f"output_dir={out}", "resume=never", f"model.name_or_path={model_dir}",
+        f"strategy={strategy}",
         "data.num_examples=400", "train.progress=false", "train.eval_generate=false", "train.max_steps=1",
     ]  # fmt: skip
     env = bench_env(**({"MALLOC_MMAP_THRESHOLD_": mmap} if mmap else {}))
@@ -66,10 +69,11 @@ def main() -> None:
     big = as_dtype(build_model_dir(out / "model-70M", **SHAPE), a.checkpoint_dtype)
     tiny = as_dtype(build_model_dir(out / "model-tiny", **TINY), a.checkpoint_dtype)
     rows, results = [], {}
+    extra = [f"tuning={a.tuning}", f"train.precision={a.precision}"]
     for strategy in a.strategies.split(","):
         for nproc in (1, 2):
-            base = probe(tiny, strategy, nproc, out / f"{strategy}-{nproc}-tiny", a.mmap_threshold)
-            peak = probe(big, strategy, nproc, out / f"{strategy}-{nproc}", a.mmap_threshold)
+            base = probe(tiny, strategy, nproc, out / f"{strategy}-{nproc}-tiny", a.mmap_threshold, extra)
+            peak = probe(big, strategy, nproc, out / f"{strategy}-{nproc}", a.mmap_threshold, extra)
             load = sum(p - b for p, b in zip(peak, base))
             results[f"{strategy}-{nproc}"] = {"peak_gib": peak, "baseline_gib": base, "load_gib": load}
             print(
@@ -78,8 +82,9 @@ def main() -> None:
             out.mkdir(parents=True, exist_ok=True)
             (out / "results.json").write_text(json.dumps(results, indent=1))
     lines = [
-        f"70.9M-parameter Llama shape, {a.checkpoint_dtype} checkpoint loaded as fp32 weights "
-        f"({4 * 70.9e6 / 2**30:.2f} GiB), Trainer.build + one read of every held parameter",
+        f"70.9M-parameter Llama shape ({4 * 70.9e6 / 2**30:.2f} GiB in fp32), {a.checkpoint_dtype} "
+        f"checkpoint, tuning={a.tuning}, train.precision={a.precision}; Trainer.build + one read of "
+        "every held parameter",
         "",
         "| strategy | ranks | peak RSS per rank (GiB) | load share per node (GiB) | 2 ranks / 1 rank |",
         "|---|---|---|---|---|",

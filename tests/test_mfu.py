@@ -129,3 +129,91 @@ def test_a_run_logs_mfu_and_memory(tmp_path):
         assert r["mfu"] / r["tokens_per_s"] == pytest.approx(expected, rel=0.02)
         assert 0.1 < r["mem_gib"] < 64
         assert r["time"] > 1.7e9
+
+
+H100 = "NVIDIA H100 80GB HBM3"
+
+
+@pytest.mark.quick
+@pytest.mark.parametrize(
+    "name, kind, peak",
+    [
+        (H100, "fp32", 67e12),
+        (H100, "tf32", 494.7e12),
+        (H100, "fp16", 989e12),
+        ("NVIDIA H800", "bf16", 989e12),
+        ("NVIDIA H800 PCIe", "tf32", 378e12),
+        ("NVIDIA B200", "bf16", 2250e12),
+        ("NVIDIA B200", "fp32", 75e12),
+        ("NVIDIA A100-SXM4-80GB", "tf32", 156e12),
+    ],
+)
+def test_gpu_peak_table_per_matmul_kind(name, kind, peak):
+    assert mfu.gpu_peak_flops(name, kind) == peak
+
+
+@pytest.mark.quick
+def test_matmul_kind_follows_dtype_and_tf32():
+    assert mfu.matmul_kind(torch.bfloat16, tf32=True) == "bf16"
+    assert mfu.matmul_kind(torch.float16, tf32=False) == "fp16"
+    assert mfu.matmul_kind(torch.float32, tf32=True) == "tf32"
+    assert mfu.matmul_kind(torch.float32, tf32=False) == "fp32"
+
+
+@pytest.fixture
+def cuda_precision_restored():
+    from distft.perf import precision
+
+    before = torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision
+    yield precision
+    torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision = before
+
+
+@pytest.mark.quick
+def test_an_fp32_run_on_a_gpu_is_measured_against_its_own_peak(monkeypatch, cuda_precision_restored):
+    """The device name is the one query with no real CUDA here; the TF32 switch is torch's real one.
+    An fp32 run was divided by the bf16 peak (MFU ~15x low on an H100 without TF32)."""
+    precision = cuda_precision_restored
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: H100)
+    cuda = torch.device("cuda", 0)
+    assert precision.configure(True, cuda) is True
+    assert torch.backends.cuda.matmul.fp32_precision == "tf32"
+    assert mfu.device_peak_flops(cuda, torch.float32) == 494.7e12
+    assert mfu.device_peak_flops(cuda, torch.bfloat16) == 989e12
+    assert precision.configure(False, cuda) is False
+    assert torch.backends.cuda.matmul.fp32_precision == "ieee"
+    assert torch.backends.cudnn.conv.fp32_precision == "ieee"
+    assert mfu.device_peak_flops(cuda, torch.float32) == 67e12
+
+
+@pytest.mark.quick
+def test_tf32_is_on_by_default_and_only_touches_cuda(cuda_precision_restored):
+    from distft.config.schema import TrainConfig
+
+    precision = cuda_precision_restored
+    assert TrainConfig().tf32 is True
+    torch.backends.cuda.matmul.fp32_precision = "ieee"
+    assert precision.configure(True, torch.device("cpu")) is False
+    assert torch.backends.cuda.matmul.fp32_precision == "ieee"  # CPU runs leave CUDA's flag alone
+    assert torch.backends.mkldnn.matmul.fp32_precision in ("none", "ieee")  # CPU matmuls stay IEEE
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_tf32_on_a_real_gpu_run(tmp_path):
+    """GPU: an fp32 run turns TF32 on (train.tf32's default) and its mfu is measured against the
+    card's TF32 peak (tokens/s × FLOPs per token / peak)."""
+    from transformers import AutoModelForCausalLM
+
+    run = tmp_path / "run"
+    overrides = ["train.max_steps=3", "train.eval_generate=false", "train.export=none"]
+    train(run, *overrides, "cluster.gpus_per_node=1", "cluster.nproc_per_node=1", nproc=1, plain=True)
+    peak = mfu.gpu_peak_flops(torch.cuda.get_device_name(0), "tf32")
+    model = AutoModelForCausalLM.from_pretrained(run / "base_model")
+    seq = json.loads((run / "data_report.json").read_text())["splits"]["train"]["tokens_p50"]
+    fpt = mfu.MfuMeter.for_model(model, seq, torch.device("cpu"), torch.float32, 1).flops_per_token
+    for r in (r for r in metrics(run) if "loss" in r):
+        if peak is None:
+            assert r["mfu"] is None
+        else:
+            assert r["mfu"] / r["tokens_per_s"] == pytest.approx(fpt / peak, rel=0.02)

@@ -26,9 +26,10 @@ from distft.engine.metrics import MetricsLogger
 from distft.engine.schedule import lr_schedule
 from distft.eval.early_stop import BestTracker
 from distft.methods import METHODS
-from distft.models import load_model, load_tokenizer, resolve_model_path
+from distft.models import base_dtype, load_model, load_tokenizer, resolve_model_path
 from distft.models.sharded_load import meta_model
 from distft.models.tiny import random_base_warning
+from distft.perf import precision as matmul_precision
 from distft.perf.mfu import MfuMeter, mean_length, peak_memory_gib
 from distft.runtime import dist, preflight, stop
 from distft.strategies import STRATEGIES
@@ -78,6 +79,7 @@ class Trainer:
         dist.barrier()
         preflight.run(cfg, info, run_dir)  # report, stop-signal handler, hang stack dumps
         _seed(cfg.train.seed)
+        matmul_precision.configure(cfg.train.tf32, info.device)  # TF32 for fp32 on CUDA
 
         model_path = resolve_model_path(cfg, run_dir, info)
         tokenizer = load_tokenizer(model_path, cfg)
@@ -100,8 +102,12 @@ class Trainer:
         if sharded and info.world_size > 1 and not tuning.adapter and method.auto_class is None:
             model = meta_model(model_path, cfg)  # each rank reads only its shards (strategy.setup)
         if model is None:
-            model = load_model(
-                model_path, cfg, torch.float32, tuning.load_kwargs(cfg, load_dtype), method.auto_class
+            model = load_model(  # adapters: the frozen base in the compute precision
+                model_path,
+                cfg,
+                base_dtype(cfg, tuning.adapter),
+                tuning.load_kwargs(cfg, load_dtype),
+                method.auto_class,
             )
         if cfg.train.gradient_checkpointing:
             model.gradient_checkpointing_enable({"use_reentrant": False})
@@ -154,7 +160,7 @@ class Trainer:
         trainer.perf = perf
         trainer.tracker = BestTracker.from_config(cfg)
         trainer.resume_path = resume_path
-        trainer.bad_steps = guard.BadStepGuard(t.max_bad_steps)
+        trainer.bad_steps = guard.BadStepGuard(t.max_bad_steps, scaler=guard.LossScaleWatch.of(strategy))
         trainer._maybe_resume()
         run_info.write(cfg, info, run_dir, resume_path)
         trainer.logger = MetricsLogger(cfg, run_dir, info.is_main, trainer.start_step)

@@ -4,7 +4,8 @@ For strategies that shard parameters from the start (a strategy module with `loa
 True`, i.e. FSDP2), every rank builds the model on the meta device, the strategy shards it, and
 each rank then allocates and reads only its own rows of every weight from the safetensors files.
 A file is opened per tensor, so its memory-mapped pages are released right after the copy. Used
-for full fine-tuning of a Hugging Face safetensors checkpoint on more than one rank; otherwise
+for full fine-tuning of a Hugging Face safetensors checkpoint (a local directory, or a hub id
+whose snapshot is in the local Hugging Face cache) on more than one rank; otherwise
 (adapters, quantized loads, DDP/ZeRO, `.bin` checkpoints) every rank loads normally.
 """
 
@@ -18,9 +19,26 @@ import torch
 CHECKPOINT_ATTR = "_distft_checkpoint"
 
 
-def _weight_files(model_path: str) -> dict[str, str] | None:
-    """{tensor name: file} from model.safetensors(.index.json) in a local directory, else None."""
+def local_dir(model_path: str) -> Path | None:
+    """The local directory of a checkpoint: the path itself, or a hub id's snapshot already in the
+    local Hugging Face cache (HF_HUB_CACHE; nothing is downloaded), else None."""
     root = Path(model_path)
+    if root.is_dir():
+        return root
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(model_path, local_files_only=True))
+    except (OSError, ValueError):  # not cached, or not a hub id
+        return None
+
+
+def _weight_files(model_path: str) -> dict[str, str] | None:
+    """{tensor name: file} from model.safetensors(.index.json) in a local directory or a cached
+    hub snapshot, else None."""
+    root = local_dir(model_path)
+    if root is None:
+        return None
     if (root / "adapter_config.json").is_file():  # an adapter export with its base embedded: the
         return None  # base weights alone would drop the adapter; from_pretrained applies it
     index = root / "model.safetensors.index.json"
@@ -52,6 +70,7 @@ def meta_model(model_path: str, cfg, auto_class=None):
     files = _weight_files(model_path)
     if files is None:
         return None
+    model_path = str(local_dir(model_path))  # a hub id: its cached snapshot, read with no network
     config = AutoConfig.from_pretrained(model_path, trust_remote_code=cfg.model.trust_remote_code)
     auto_class = auto_class or AutoModelForCausalLM
     with init_empty_weights(include_buffers=False):

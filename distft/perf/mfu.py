@@ -3,7 +3,8 @@
 N counts the weights that do matmuls: every parameter except embedding lookups (an output head
 tied to the embedding is a real matmul and counted once). With a frozen base (LoRA, QLoRA) the
 backward skips the frozen weights' gradients, so a token costs 4N + 2·N_trainable instead of 6N.
-GPU peaks are the vendors' dense bf16/fp16 figures; a CPU's peak is measured once by a short
+GPU peaks are the vendors' dense figures for the matmul kind the run uses (fp32, tf32, bf16,
+fp16: an fp32 run is not measured against the bf16 peak); a CPU's peak is measured once by a short
 matmul calibration and cached on disk (per CPU model, thread count and dtype).
 """
 
@@ -18,26 +19,46 @@ from pathlib import Path
 
 import torch
 
-# Dense (no sparsity) tensor-core peaks in FLOP/s for bf16/fp16 with fp32 accumulation. Longer names
-# first: "H100 PCIe" must not match "H100".
-GPU_PEAKS: list[tuple[str, float]] = [
-    ("H100 NVL", 835e12),
-    ("H100 PCIe", 756e12),
-    ("H100", 989e12),  # SXM
-    ("H200", 989e12),
-    ("A100", 312e12),
-    ("L40S", 362e12),
-    ("4090", 165.2e12),
+from distft.perf import precision
+
+# Dense (no sparsity) peaks in FLOP/s per matmul kind, from the vendors' datasheets (sparse figures
+# halved): fp32 = CUDA cores, tf32 = tensor cores on fp32 tensors (train.tf32), bf16/fp16 = tensor
+# cores with fp32 accumulation. Longer names first: "H100 PCIe" must not match "H100".
+GPU_PEAKS: list[tuple[str, dict[str, float]]] = [
+    ("H100 NVL", dict(fp32=60e12, tf32=417.5e12, bf16=835e12, fp16=835e12)),
+    ("H100 PCIe", dict(fp32=51e12, tf32=378e12, bf16=756e12, fp16=756e12)),
+    ("H100", dict(fp32=67e12, tf32=494.7e12, bf16=989e12, fp16=989e12)),  # SXM
+    ("H800 PCIe", dict(fp32=51e12, tf32=378e12, bf16=756e12, fp16=756e12)),
+    ("H800", dict(fp32=67e12, tf32=494.7e12, bf16=989e12, fp16=989e12)),  # SXM: H100's compute
+    ("H200 NVL", dict(fp32=60e12, tf32=417.5e12, bf16=835e12, fp16=835e12)),
+    ("H200", dict(fp32=67e12, tf32=494.7e12, bf16=989e12, fp16=989e12)),
+    ("B200", dict(fp32=75e12, tf32=1100e12, bf16=2250e12, fp16=2250e12)),  # HGX B200, per GPU
+    ("A100", dict(fp32=19.5e12, tf32=156e12, bf16=312e12, fp16=312e12)),
+    ("L40S", dict(fp32=91.6e12, tf32=183e12, bf16=362e12, fp16=362e12)),
+    ("4090", dict(fp32=82.6e12, tf32=82.6e12, bf16=165.2e12, fp16=165.2e12)),
 ]
+MATMUL_KINDS = ("fp32", "tf32", "bf16", "fp16")
 
 
-def gpu_peak_flops(device_name: str) -> float | None:
-    """The table's bf16 peak for a CUDA device name (e.g. 'NVIDIA H100 80GB HBM3'), None if unknown."""
+def gpu_peak_flops(device_name: str, kind: str = "bf16") -> float | None:
+    """The table's peak for a CUDA device name (e.g. 'NVIDIA H100 80GB HBM3') and a matmul kind
+    (fp32, tf32, bf16, fp16), None if the device is unknown."""
+    if kind not in MATMUL_KINDS:
+        raise ValueError(f"matmul kind {kind!r}: one of {MATMUL_KINDS}")
     name = device_name.upper()
-    for key, peak in GPU_PEAKS:
+    for key, peaks in GPU_PEAKS:
         if key.upper() in name:
-            return peak
+            return peaks[kind]
     return None
+
+
+def matmul_kind(dtype: torch.dtype, tf32: bool) -> str:
+    """What the tensor cores run for a compute dtype: fp32 matmuls run as TF32 when allowed."""
+    if dtype == torch.bfloat16:
+        return "bf16"
+    if dtype == torch.float16:
+        return "fp16"
+    return "tf32" if tf32 else "fp32"
 
 
 def matmul_params(model: torch.nn.Module) -> tuple[int, int]:
@@ -165,8 +186,13 @@ def cpu_peak_flops(dtype: torch.dtype, threads: int | None = None) -> float:
 
 
 def device_peak_flops(device: torch.device, dtype: torch.dtype) -> float | None:
+    """Peak FLOP/s of one device for the matmuls a run in `dtype` does: on a GPU the table's figure
+    for that kind (fp32 runs: the TF32 peak when TF32 is on, else the CUDA-core fp32 peak, never the
+    bf16 one); on a CPU the measured rate."""
     if device.type == "cuda":
-        return gpu_peak_flops(torch.cuda.get_device_name(device))
+        return gpu_peak_flops(
+            torch.cuda.get_device_name(device), matmul_kind(dtype, precision.tf32_enabled())
+        )
     return cpu_peak_flops(dtype)
 
 

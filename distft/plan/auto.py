@@ -171,22 +171,29 @@ def trial_batch(method, examples: list[dict], micro: int) -> dict:
     return method.collate(rows)
 
 
-def confirm_micro_batch(cfg, info, method, strategy, examples: list[dict], run_dir=None) -> dict:
+def confirm_micro_batch(
+    cfg, info, method, strategy, examples: list[dict], run_dir=None, limit: float | None = None
+) -> dict:
     """Run forward/backward on the worst-case micro-batch with the real strategy; halve the
-    micro-batch until every rank's peak memory fits the budget (GPU: or it stops running out of
-    memory). The loss is scaled by zero, so the gradients it leaves are exact zeros."""
+    micro-batch until every rank's peak memory, plus the optimizer state the first step has yet to
+    allocate, fits HEADROOM (90%) of the budget (GPU: or it stops running out of memory). The 10%
+    left covers what the trial cannot see: the allocator's fragmentation and cache beyond the
+    allocated peak, the CUDA context, NCCL buffers. The loss is scaled by zero, so the gradients it
+    leaves are exact zeros. `limit`: the budget in bytes (default: budget(cfg))."""
     from distft.engine.trainer import _to_device
     from distft.perf.mfu import peak_memory_gib
     from distft.runtime import dist
 
-    limit, _ = budget(cfg)
+    limit = budget(cfg)[0] if limit is None else limit
+    usable = HEADROOM * limit
+    optim = pending_optimizer_bytes(strategy, info.device)
     micro = int(cfg.train.micro_batch_size)
     tried = []
     while True:
         ok, peak = _trial(cfg, info, method, strategy, examples, micro, peak_memory_gib, _to_device)
-        fits = ok and peak * GIB <= limit
+        fits = ok and peak * GIB + optim <= usable
         all_fit = min(dist.all_gather_objects(bool(fits)))
-        tried.append({"micro": micro, "peak_gib": peak, "fits": bool(all_fit)})
+        tried.append({"micro": micro, "peak_gib": peak, "optimizer_gib": optim / GIB, "fits": bool(all_fit)})
         if all_fit or micro == 1:
             break
         micro //= 2
@@ -196,7 +203,12 @@ def confirm_micro_batch(cfg, info, method, strategy, examples: list[dict], run_d
     if isinstance(ds, dict) and "train_micro_batch_size_per_gpu" in ds:  # keep ds_config.json true
         ds["train_micro_batch_size_per_gpu"] = micro
         ds["train_batch_size"] = micro * cfg.train.grad_accum * info.world_size
-    record = {"micro_batch_size": micro, "trials": tried, "budget_gib": limit / GIB}
+    record = {
+        "micro_batch_size": micro,
+        "trials": tried,
+        "budget_gib": limit / GIB,
+        "usable_gib": usable / GIB,
+    }
     if info.is_main:
         print(f"distft: train.micro_batch_size=auto → {micro} (trial steps: {tried})", flush=True)
         if run_dir is not None:
@@ -205,6 +217,25 @@ def confirm_micro_batch(cfg, info, method, strategy, examples: list[dict], run_d
 
             (Path(run_dir) / "plan.json").write_text(json.dumps(record, indent=2))
     return record
+
+
+def pending_optimizer_bytes(strategy, device: torch.device) -> int:
+    """Optimizer state on `device` that the first step will allocate: torch's AdamW creates
+    exp_avg and exp_avg_sq (each the size and dtype of this rank's shard of the parameter) at its
+    first step, after the trial. DeepSpeed's ZeRO optimizers create theirs at setup, so it is in
+    the trial's peak already (and offloaded state is not on the device)."""
+    opt = getattr(strategy, "base_optimizer", None) or getattr(strategy, "optimizer", None)
+    if opt is None:
+        return 0
+    total = 0
+    for group in opt.param_groups:
+        for p in group["params"]:
+            if opt.state.get(p):
+                continue
+            local = p.to_local() if hasattr(p, "to_local") else p  # FSDP2: this rank's shard
+            if local.device.type == device.type:
+                total += 2 * local.numel() * local.element_size()
+    return total
 
 
 def _trial(cfg, info, method, strategy, examples, micro, peak_memory_gib, to_device) -> tuple[bool, float]:

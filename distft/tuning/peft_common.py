@@ -38,7 +38,7 @@ def wrap(model: torch.nn.Module, cfg, peft_cfg) -> torch.nn.Module:
 
     init = getattr(cfg.tuning, "init_adapter", None)
     if not init:
-        return get_peft_model(model, peft_cfg)
+        return fp32_trainable(get_peft_model(model, peft_cfg))
     check_init_adapter(init)
     saved = saved_peft_type(init)
     if saved != str(getattr(peft_cfg.peft_type, "value", peft_cfg.peft_type)):
@@ -46,7 +46,16 @@ def wrap(model: torch.nn.Module, cfg, peft_cfg) -> torch.nn.Module:
             f"tuning.init_adapter={init!r} holds a {saved} adapter but tuning={cfg.tuning.name} trains "
             f"{peft_cfg.peft_type}; pick the matching tuning option"
         )
-    return PeftModel.from_pretrained(model, init, is_trainable=True)
+    return fp32_trainable(PeftModel.from_pretrained(model, init, is_trainable=True))
+
+
+def fp32_trainable(model: torch.nn.Module) -> torch.nn.Module:
+    """Trainable weights in fp32 over a base loaded in the compute precision: PEFT upcasts the
+    adapter layers but not a copied head (modules_to_save), and FSDP2 needs one trainable dtype."""
+    for p in model.parameters():
+        if p.requires_grad and p.is_floating_point() and p.dtype != torch.float32:
+            p.data = p.data.float()
+    return model
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:

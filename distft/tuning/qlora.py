@@ -66,9 +66,17 @@ def apply(model: torch.nn.Module, cfg) -> torch.nn.Module:
             # cannot be saved with a float quant storage, and sharded copies must stay identical.
             m.support_avx512bf16_for_cpu = False
 
-    model = prepare_model_for_kbit_training(
-        model, use_gradient_checkpointing=cfg.train.gradient_checkpointing
-    )
+    if cfg.train.precision != "bf16":
+        # PEFT upcasts every weight that is not 4-bit (embeddings, head, norms) to fp32, for fp16's
+        # range; in bf16 (fp32's range) they stay in the compute dtype: ~2 GiB less for an 8B
+        # model's embedding and head. PEFT also re-enables checkpointing with its own kwargs ({}
+        # unless given), which torch reads as use_reentrant=True: pass the non-reentrant form
+        # Trainer.build chose through.
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=cfg.train.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
     model = peft_common.wrap(model, cfg, lora.peft_config(cfg, peft_common.task_type(model)))
     peft_common.report(model, cfg, f"r={cfg.tuning.r}, {cfg.tuning.quant_type} base")
     return model
