@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from distft.strategies.memory import States, replicated
 from distft.strategies.torch_native import TorchNativeStrategy
 
 
@@ -18,10 +19,19 @@ class DdpConfig:
 
 
 config = DdpConfig
+loads_sharded = False
 
 
 def validate(cfg, gpu: bool) -> None:
     pass
+
+
+def supports_tuning(tuning: str, strategy_cfg) -> str | None:
+    return None
+
+
+def memory(shape, strategy_cfg, job) -> States:
+    return replicated(shape, job)
 
 
 def parallelize(model: torch.nn.Module, cfg, info) -> torch.nn.Module:
