@@ -14,12 +14,11 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import torch
-
 from distft.contracts import Method, MethodContext, Strategy, Tuning
 from distft.data.pipeline import PreparedData, prepare_cached
 from distft.data.sampler import GlobalBatchSampler
 from distft.engine import build, checkpoint, finish, guard, run_info
+from distft.engine.evaluation import held_out_loss
 from distft.engine.metrics import MetricsLogger
 from distft.engine.schedule import lr_schedule
 from distft.eval.early_stop import BestTracker
@@ -29,14 +28,7 @@ from distft.models import load_tokenizer, resolve_model_path
 from distft.perf.mfu import MfuMeter, peak_memory_gib
 from distft.runtime import dist, preflight, stop
 from distft.strategies import STRATEGIES
-from distft.strategies.step import (
-    BatchGeometry,
-    StepResult,
-    add_parts,
-    optimizer_step,
-    reduce_parts,
-    to_device,
-)
+from distft.strategies.step import BatchGeometry, StepResult, optimizer_step
 from distft.tuning import TUNINGS
 
 
@@ -106,26 +98,10 @@ class Trainer:
         sampler = GlobalBatchSampler(len(data.train), geometry.global_batch, cfg.train.seed)
         t = cfg.train
         total = t.max_steps or max(1, math.ceil(t.epochs * sampler.steps_per_epoch))
-        trainer = cls(
-            cfg,
-            info,
-            run_dir,
-            tokenizer,
-            method,
-            tuning,
-            strategy,
-            data,
-            geometry,
-            sampler,
-            total,
-            lr_schedule(cfg, total),
-            None,
-            model_path,
-            tracker=BestTracker.from_config(cfg),
-            perf=perf,
-            resume_path=resume_path,
-            bad_steps=guard.BadStepGuard(t.max_bad_steps),
-        )
+        parts = (cfg, info, run_dir, tokenizer, method, tuning, strategy, data, geometry, sampler, total)
+        trainer = cls(*parts, lr_schedule(cfg, total), None, model_path, perf=perf, resume_path=resume_path)
+        trainer.tracker = BestTracker.from_config(cfg)
+        trainer.bad_steps = guard.BadStepGuard(t.max_bad_steps)
         trainer.ctx = trainer.method_context()
         method.setup(trainer.ctx)  # extra models (reference, critic), precomputation
         trainer._maybe_resume()
@@ -276,36 +252,10 @@ class Trainer:
         out.update({f"{prefix}{k}": v for k, v in metrics.items()})
         return out, metrics
 
-    @torch.no_grad()
     def eval_loss(self, examples: list | None = None, prefix: str = "eval/") -> dict:
         """Loss over a whole held-out split (val by default), normalized by its target tokens."""
         val = self.data.val if examples is None else examples
-        if not val:
-            return {}
-        info, micro = self.info, self.geometry.micro
-        mine = val[info.rank :: info.world_size]
-        n_batches = math.ceil(math.ceil(len(val) / info.world_size) / micro)
-        model = self.strategy.model
-        was_training = model.training
-        model.eval()
-        loss_sum, targets = 0.0, 0.0
-        extra: dict[str, list[float]] = {}
-        for b in range(n_batches):
-            rows = mine[b * micro : (b + 1) * micro]
-            # Sharded parameters need every rank in every forward: idle ranks run a dummy batch.
-            batch = to_device(self.method.collate(rows or val[:1]), info.device)
-            with self.strategy.accumulate(True):
-                loss, parts = self.method.loss(model, batch)
-            if rows:
-                loss_sum += float(loss)
-                targets += batch["num_targets"]
-                add_parts(extra, parts)
-        model.train(was_training)
-        loss_sum, targets = dist.all_reduce_sum([loss_sum, targets], info.device)
-        mean = loss_sum / max(targets, 1.0)
-        out = {f"{prefix}loss": mean, f"{prefix}ppl": math.exp(min(mean, 50.0))}
-        out.update({f"{prefix}{k}": v for k, v in reduce_parts(extra, info.device).items()})
-        return out
+        return held_out_loss(self.method, self.strategy, val, self.info, self.geometry.micro, prefix)
 
     def save(self, step: int) -> Path:
         if step == self.saved_step:

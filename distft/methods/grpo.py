@@ -15,11 +15,11 @@ from dataclasses import dataclass
 import torch
 
 from distft.errors import ConfigError
-from distft.rl import loop
-from distft.rl.advantages import group_advantages
-from distft.rl.config import RLConfig, validate_rl
-from distft.rl.method import PromptMethod
-from distft.rl.rollout import token_logprobs
+from distft.methods.rl import loop
+from distft.methods.rl.advantages import group_advantages
+from distft.methods.rl.config import RLConfig, validate_rl
+from distft.methods.rl.method import PromptMethod
+from distft.methods.rl.rollout import token_logprobs
 from distft.runtime import dist
 from distft.strategies.step import StepResult
 

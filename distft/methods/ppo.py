@@ -16,11 +16,11 @@ from pathlib import Path
 import torch
 
 from distft.errors import ConfigError
-from distft.rl import loop, models
-from distft.rl.advantages import gae, whiten
-from distft.rl.config import RLConfig, validate_rl
-from distft.rl.method import PromptMethod
-from distft.rl.rollout import token_logprobs, token_values
+from distft.methods.rl import loop, models
+from distft.methods.rl.advantages import gae, whiten
+from distft.methods.rl.config import RLConfig, validate_rl
+from distft.methods.rl.method import PromptMethod
+from distft.methods.rl.rollout import token_logprobs, token_values
 from distft.runtime import dist
 from distft.strategies.step import StepResult, optimizer_step
 

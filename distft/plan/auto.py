@@ -16,7 +16,7 @@ import torch
 from distft.errors import ConfigError
 from distft.plan.memory import GIB, Estimate, estimate
 from distft.plan.shape import ModelShape, model_shape
-from distft.strategies import AUTO_ORDER, STRATEGIES, shipped_config
+from distft.strategies import AUTO_ORDER, PLANNED, STRATEGIES, shipped_config
 from distft.strategies.step import optimizer_step
 
 MICRO_CANDIDATES = [1, 2, 4, 8, 16, 32, 64, 128, 256]
@@ -136,7 +136,7 @@ def pick_micro(cfg, shape: ModelShape, world: int, seq: int, max_micro: int | No
 
 def resolve_strategy(cfg):
     """A config whose strategy=auto is replaced by the planner's choice (other configs unchanged)."""
-    if cfg.strategy.name != "auto":
+    if cfg.strategy.name != PLANNED:
         return cfg
     shape = model_shape(cfg)
     chosen, _ = pick_strategy(cfg, shape, world_size(cfg), cfg.data.max_length)

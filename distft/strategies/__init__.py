@@ -23,6 +23,8 @@ STRATEGIES: dict[str, StrategyOption] = {
     "auto": auto,  # resolved to one of the above by distft.plan while the config loads
 }
 
+PLANNED = "auto"
+"""The option the planner replaces with a concrete strategy while the config loads."""
 AUTO_ORDER = ["ddp", "zero1", "zero2", "fsdp", "hsdp", "zero3", "zero3_offload"]
 """Fastest first: what `strategy=auto` tries in turn (replicas avoid parameter gathers). hsdp
 shards over fewer ranks than fsdp, so it only comes first where fsdp does not fit either."""

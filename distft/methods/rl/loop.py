@@ -9,8 +9,8 @@ import torch
 
 from distft.contracts import MethodContext
 from distft.errors import ConfigError, DistftError
-from distft.rl.rewards import RewardScorer, Scores
-from distft.rl.rollout import Rollouts, generate_rollouts, token_logprobs
+from distft.methods.rl.rewards import RewardScorer, Scores
+from distft.methods.rl.rollout import Rollouts, generate_rollouts, token_logprobs
 from distft.runtime import dist
 from distft.strategies.step import add_parts, reduce_parts
 

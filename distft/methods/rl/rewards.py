@@ -57,8 +57,13 @@ def exact_match(completions: list[str], **columns) -> list[float]:
     return [float(c.strip() == str(a).strip()) for c, a in zip(completions, columns[key])]
 
 
+OLD_PACKAGE = "distft.rl."
+
+
 def resolve(target: str):
     """The callable at dotted path `target` (module.attr[.attr...])."""
+    if target.startswith(OLD_PACKAGE):  # configs written before the RL blocks moved under methods/
+        target = "distft.methods.rl." + target[len(OLD_PACKAGE) :]
     parts = target.split(".")
     for i in range(len(parts) - 1, 0, -1):
         try:

@@ -9,8 +9,8 @@ from pathlib import Path
 import torch
 
 from distft.contracts import Method, MethodContext
-from distft.rl import loop, models, prompts
-from distft.rl.rewards import RewardScorer
+from distft.methods.rl import loop, models, prompts
+from distft.methods.rl.rewards import RewardScorer
 
 
 class PromptMethod(Method):

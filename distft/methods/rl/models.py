@@ -23,7 +23,7 @@ from distft.data.collate import as_row, pad_batch
 from distft.data.default_tasks import sft_rows
 from distft.data.sampler import GlobalBatchSampler
 from distft.data.sft_format import tokenize_sft
-from distft.rl.prompts import reference_nll
+from distft.methods.rl.prompts import reference_nll
 from distft.runtime import dist
 from distft.strategies import STRATEGIES
 
