@@ -17,7 +17,7 @@ from distft.errors import ConfigError
 from distft.plan.memory import GIB, Estimate, estimate
 from distft.plan.shape import ModelShape, model_shape
 from distft.strategies import AUTO_ORDER, PLANNED, STRATEGIES, shipped_config
-from distft.strategies.step import optimizer_step
+from distft.strategies.step import BatchGeometry, optimizer_step
 
 MICRO_CANDIDATES = [1, 2, 4, 8, 16, 32, 64, 128, 256]
 HEADROOM = 0.9  # an estimate must fit in 90% of the budget
@@ -147,7 +147,7 @@ def estimate_micro_batch(cfg, examples: list[dict], world: int) -> int:
     """train.micro_batch_size=auto: the largest candidate whose estimate fits, for the longest
     example, capped so one global batch fits in the train split."""
     seq = max((len(ex["input_ids"]) for ex in examples if "input_ids" in ex), default=cfg.data.max_length)
-    cap = max(1, len(examples) // max(cfg.train.grad_accum * world, 1))
+    cap = max(1, len(examples) // BatchGeometry(1, cfg.train.grad_accum, world).unit)
     return pick_micro(cfg, model_shape(cfg), world, seq, max_micro=cap)
 
 

@@ -47,7 +47,7 @@ class PromptMethod(Method):
         """Start policy (after the SFT warm-up), scorer, and the reference when the KL needs one."""
         self.info = ctx.info
         self.start_policy = models.start_policy(ctx)
-        self.scorer = RewardScorer(self.cfg, self.tokenizer, ctx.info.device)
+        self.scorer = RewardScorer(self.cfg, self.tokenizer, ctx.info.device, ctx.strategy.place_frozen)
         if with_reference:
             self.reference = models.load_reference(ctx, self.start_policy)
 
