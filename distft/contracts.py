@@ -79,6 +79,8 @@ class Strategy:
     """Factor on a loss normalized by the global target count so that the strategy's gradient
     reduction (mean over ranks, DeepSpeed also over accumulation steps) yields the global mean."""
     checkpoint_format: str
+    async_save: bool = False
+    """`save_async(path)` exists: stage to host memory, write in the background (returns a future)."""
 
     def setup(self, model: torch.nn.Module) -> None:
         raise NotImplementedError

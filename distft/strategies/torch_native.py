@@ -35,6 +35,7 @@ class TorchNativeStrategy(Strategy):
         self.use_autocast = autocast and cfg.train.precision != "fp32"
         self.loss_scale = float(info.world_size)  # gradient reduction averages over ranks
         self.scaler = None
+        self.async_save = True
         self.checkpoint_format = "dcp"  # DDP and FSDP2 read each other's checkpoints, at any world size
         self._ckpt_group = None
 
