@@ -86,12 +86,6 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     return out
 
 
-def package_of(mod: str) -> str:
-    """A module's package for the cycle check: a package's __init__ re-exports its modules, so an
-    import of the package and of its module are the same dependency."""
-    return mod
-
-
 @pytest.mark.quick
 def test_no_import_cycles():
     found = cycles(import_graph())
