@@ -25,6 +25,7 @@ system-deps:
 
 test: $(STAMP) system-deps
 	$(VENV)/bin/ruff check distft launch tests bench
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q -m "not extended" $(PYTEST_ARGS)
 
 # Everything, including the extended tier (tests marked `extended`: long runs kept out of CI).
@@ -37,6 +38,7 @@ test-quick: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check distft launch tests bench
 	$(VENV)/bin/ruff format --check distft launch tests bench
+	$(VENV)/bin/lint-imports
 
 # distft vs TRL's SFTTrainer on the same work (full, LoRA, QLoRA; alternating, repeated); the other
 # benchmarks and their results: bench/RESULTS.md. ARGS are passed on, e.g. ARGS="--repeats 5".

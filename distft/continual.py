@@ -38,14 +38,14 @@ def replay_count(n_new: int, fraction: float) -> int:
     return round(n_new * fraction / (1.0 - fraction))
 
 
-def mix_replay(parts: dict[str, list[dict]], cfg, method, tokenizer) -> dict | None:
+def mix_replay(parts: dict[str, list[dict]], cfg, method, lengths) -> dict | None:
     """Add sampled old rows to parts['train'] (in place); returns what the data report shows."""
     d = cfg.data
     paths, fraction = list(getattr(d, "replay_path", []) or []), float(getattr(d, "replay_fraction", 0.0))
     check(paths, fraction)
     if not paths:
         return None
-    old = _load_old(paths, cfg, method, tokenizer)
+    old = _load_old(paths, cfg, method, lengths)
     held_out = {_key(r) for name in ("val", "test") for r in parts.get(name, [])}
     pool = [r for r in old if _key(r) not in held_out]
     if not pool:
@@ -69,10 +69,10 @@ def mix_replay(parts: dict[str, list[dict]], cfg, method, tokenizer) -> dict | N
     return info
 
 
-def _load_old(paths: list[str], cfg, method, tokenizer) -> list[dict]:
-    """Old rows read, mapped and cleaned exactly like data.path rows."""
+def _load_old(paths: list[str], cfg, method, lengths) -> list[dict]:
+    """Old rows read, mapped and cleaned exactly like data.path rows (`lengths`: the pipeline's
+    token-length function)."""
     from distft.data.clean import clean
-    from distft.data.pipeline import token_lengths
     from distft.data.schemas import to_canonical
     from distft.data.sources import read_sources
 
@@ -81,4 +81,4 @@ def _load_old(paths: list[str], cfg, method, tokenizer) -> list[dict]:
     declared = getattr(method, "data_schema", None) or getattr(method, "kind", None)
     kind = declared if isinstance(declared, str) else None
     canonical, empty, _ = to_canonical(rows, d.format, d.columns, kind, cfg.method.name)
-    return clean(canonical, d, token_lengths(tokenizer), d.max_length, empty).rows
+    return clean(canonical, d, lengths, d.max_length, empty).rows

@@ -24,9 +24,9 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from distft.config.docstrings import attr_docs as _attr_docs
-from distft.config.ranges import range_of
 from distft.config.typed import choices_of
 from distft.paths import conf_dir
+from distft.ranges import range_of
 
 REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "docs" / "reference" / "config.md"
@@ -87,7 +87,7 @@ def block(prefix: str, cls: type, yaml_values: dict) -> list[str]:
         if allowed is None and hint is bool:
             allowed = ["true", "false"]
         cell = ", ".join(f"`{a}`" for a in allowed) if allowed else ""
-        if (r := range_of(f)) is not None:  # declared next to the field (distft/config/ranges.py)
+        if (r := range_of(f)) is not None:  # declared next to the field (distft/ranges.py)
             cell = _cell(r.text())
         lines.append(
             f"| `{key}` | `{_cell(_type_name(hint))}` | `{_value(default)}` | "

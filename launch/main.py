@@ -15,8 +15,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from distft.errors import DistftError
-
-LAUNCHERS = {"local": "launch.local", "slurm": "launch.slurm"}
+from launch import LAUNCHERS
 
 
 def rank_overrides(argv: list[str], run_dir: Path) -> list[str]:

@@ -167,7 +167,7 @@ def trial(_cfg) -> float | None:
         else:
             import importlib
 
-            from launch.main import LAUNCHERS
+            from launch import LAUNCHERS
 
             launcher = importlib.import_module(LAUNCHERS[cfg.cluster.name])
             cfg.launch["wait"] = True  # cluster=slurm: one batch job per trial, waited for

@@ -18,11 +18,8 @@ IDS = torch.tensor([[10, 11, 12, 13, 40, 41, 42], [20, 21, 22, 23, 24, 25, 26]])
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    from distft.config.load import load_config
-    from distft.models.tiny import build_tiny
-
-    return str(build_tiny(tmp_path_factory.mktemp("tiny") / "base", load_config([])[0].model))
+def tiny(tiny_model_dir):
+    return str(tiny_model_dir)
 
 
 def _causal(path, **kw):

@@ -12,9 +12,9 @@ import pytest
 
 from distft.config import schema
 from distft.config.load import load_config
-from distft.config.ranges import range_of
 from distft.errors import ConfigError
 from distft.paths import conf_dir
+from distft.ranges import range_of
 from launch.main import main as launch_main
 
 pytestmark = pytest.mark.quick

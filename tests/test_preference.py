@@ -25,14 +25,12 @@ from tests.util import FAST, metrics, train, train_losses
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+def tiny(tiny_model_dir):
     """The tiny base model directory and its tokenizer."""
     from distft.models import load_tokenizer
-    from distft.models.tiny import build_tiny
 
     cfg, _ = load_config(["method=dpo"])
-    path = build_tiny(tmp_path_factory.mktemp("tiny") / "base", cfg.model)
-    return path, load_tokenizer(str(path), cfg)
+    return tiny_model_dir, load_tokenizer(str(tiny_model_dir), cfg)
 
 
 def _cfg(*overrides: str):

@@ -73,7 +73,7 @@ def test_report_from_metrics_alone_skips_missing_series_and_torn_lines(tmp_path)
 
 @pytest.mark.quick
 def test_a_failing_report_does_not_fail_training(tmp_path, capsys):
-    from distft.engine.trainer import _write_report
+    from distft.engine.finish import write_report as _write_report
 
     (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
     (tmp_path / "report").write_text("a file where the report directory should go")

@@ -13,11 +13,11 @@ import torch
 
 from distft.config.load import load_config
 from distft.errors import ConfigError, DataError, DistftError
-from distft.rl.advantages import gae, group_advantages, whiten
-from distft.rl.loop import FailureBudget
-from distft.rl.prompts import encode
-from distft.rl.rewards import RewardScorer, char_match
-from distft.rl.rollout import generate_rollouts, layout, token_logprobs
+from distft.methods.rl.advantages import gae, group_advantages, whiten
+from distft.methods.rl.loop import FailureBudget
+from distft.methods.rl.prompts import encode
+from distft.methods.rl.rewards import RewardScorer, char_match
+from distft.methods.rl.rollout import generate_rollouts, layout, token_logprobs
 from tests.util import metrics, train
 
 
@@ -50,13 +50,10 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+def tiny(tiny_model_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from distft.models.tiny import build_tiny
-
-    cfg, _ = load_config(["method=ppo"])
-    path = build_tiny(tmp_path_factory.mktemp("tiny") / "m", cfg.model)
+    path = tiny_model_dir
     return AutoModelForCausalLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
 
 
@@ -150,7 +147,7 @@ def _scorer(funcs, **method):
 @pytest.mark.quick
 def test_reward_failures_are_isolated_counted_and_limited(capsys):
     scorer = _scorer(
-        "[{_target_: distft.rl.rewards.char_match, weight: 2.0},"
+        "[{_target_: distft.methods.rl.rewards.char_match, weight: 2.0},"
         " {_target_: tests.test_rl.flaky_reward, weight: 1.0}]"
     )
     prompts = ["sort abc=", "sort zab=", "sort qab=", "sort bca="]
@@ -170,7 +167,7 @@ def test_reward_failures_are_isolated_counted_and_limited(capsys):
 @pytest.mark.quick
 def test_reward_config_errors():
     with pytest.raises(ConfigError, match="not an importable callable"):
-        _scorer("[{_target_: distft.rl.rewards.no_such_fn}]")
+        _scorer("[{_target_: distft.methods.rl.rewards.no_such_fn}]")
     with pytest.raises(ConfigError, match=r"reward_funcs\[0\].*_target_"):
         load_config(["method=ppo", "method.reward_funcs=[{weight: 1}]"])
     with pytest.raises(ConfigError, match="no reward"):
@@ -413,7 +410,7 @@ def test_grpo_learns_on_fsdp_and_exports(grpo_fsdp):
 
 # Short runs: a user reward that fails on some rows (isolated, counted, logged, training goes on).
 FLAKY = (
-    "method.reward_funcs=[{_target_: distft.rl.rewards.char_match},"
+    "method.reward_funcs=[{_target_: distft.methods.rl.rewards.char_match},"
     " {_target_: tests.test_rl.flaky_reward, weight: 0.5}]"
 )
 SHORT = [*RL_FAST, "method.sft_warmup_steps=0", "train.micro_batch_size=8", "method.max_reward_failures=1000"]

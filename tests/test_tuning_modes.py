@@ -20,10 +20,8 @@ def _cfg(*overrides):
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    from distft.models.tiny import build_tiny
-
-    return str(build_tiny(tmp_path_factory.mktemp("tiny") / "base", _cfg().model))
+def tiny(tiny_model_dir):
+    return str(tiny_model_dir)
 
 
 def _model(path, auto="causal", **kw):

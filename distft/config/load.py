@@ -12,7 +12,6 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 
 from distft.config import checks
-from distft.config.ranges import check_ranges
 from distft.config.schema import (
     CLUSTERS,
     ClusterConfig,
@@ -26,6 +25,7 @@ from distft.config.schema import (
 from distft.config.typed import build
 from distft.errors import ConfigError
 from distft.paths import conf_dir
+from distft.ranges import check_ranges
 
 _LOCAL_RANK = re.compile(r"^--local[_-]rank(=\d+)?$")
 
@@ -247,7 +247,7 @@ def validate(cfg: RootConfig) -> None:
 
     t = cfg.train
     for key in ("model", "data", "train", "cluster", "eval"):
-        check_ranges(getattr(cfg, key), key)  # each field's declared range (distft/config/ranges.py)
+        check_ranges(getattr(cfg, key), key)  # each field's declared range (distft/ranges.py)
     checks.check_cluster(cfg.cluster)
     checks.check_output_dir(cfg.output_dir)
     checks.check_packing(cfg)

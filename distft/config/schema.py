@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
-from distft.config.ranges import num
+from distft.ranges import num
 
 
 @dataclass

@@ -84,7 +84,9 @@ def prepare(cfg, method, tokenizer) -> PreparedData:
     if d.weights:
         parts["train"], per_source = mix(parts["train"], d.weights, cfg.train.seed)
         mixed = {d.path[i]: n for i, n in per_source.items()}
-    replay = mix_replay(parts, cfg, method, tokenizer)  # continual learning: old rows into train
+    replay = mix_replay(
+        parts, cfg, method, token_lengths(tokenizer)
+    )  # continual learning: old rows into train
 
     splits, encoded = {}, {}
     for name, part in parts.items():

@@ -226,10 +226,10 @@ def save(
             shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir(parents=True)
     dist.barrier()
-    state = {**trainer_state, "checkpoint_format": getattr(strategy, "checkpoint_format", None)}
+    state = {**trainer_state, "checkpoint_format": strategy.checkpoint_format}
     handle, error = None, None
     try:
-        if async_ok and hasattr(strategy, "save_async"):
+        if async_ok and strategy.async_save:
             handle = strategy.save_async(tmp)
         else:
             strategy.save(tmp)
@@ -352,7 +352,7 @@ def load(strategy, path: Path, info) -> dict:
 def check_compatible(strategy, state: dict, path: Path, strategy_name: str) -> None:
     """Refuse, with the way out, a checkpoint the strategy cannot read (DCP vs DeepSpeed)."""
     saved = state.get("checkpoint_format")
-    mine = getattr(strategy, "checkpoint_format", None)
+    mine = strategy.checkpoint_format
     if saved and mine and saved != mine:
         raise ConfigError(
             f"resume: {path} was written by strategy={state.get('strategy')} ({saved} format); "

@@ -96,7 +96,7 @@ def _write(trainer, out: Path, probe_batch: dict, trained_logits: torch.Tensor, 
         "probe_max_abs_diff": diff,
         "probe_input_ids": probe_batch["input_ids"].tolist(),
         "probe_logits": trained_logits.tolist(),
-        **(method.export_meta() if hasattr(method, "export_meta") else {}),  # e.g. label names
+        **method.export_meta(),  # e.g. label names
     }
     (tmp / "distft_export.json").write_text(json.dumps(meta))
     shutil.rmtree(out, ignore_errors=True)

@@ -1,6 +1,8 @@
-"""Training methods: each a class with `config`, `validate`, `default_rows`, `encode`, `collate`,
-`loss` and `evaluate`, picked by name; the engine never branches on the method."""
+"""Training methods: each a `distft.contracts.Method` (`config`, `validate`, `default_rows`,
+`encode`, `collate`, `loss`, `evaluate`, optional hooks), picked by name; the engine never
+branches on the method. RL building blocks shared by PPO and GRPO live in `distft.methods.rl`."""
 
+from distft.contracts import Method
 from distft.methods.classify import Classify
 from distft.methods.dpo import DPO
 from distft.methods.grpo import GRPO
@@ -9,7 +11,7 @@ from distft.methods.ppo import PPO
 from distft.methods.reward import Reward
 from distft.methods.sft import SFT
 
-METHODS: dict[str, type] = {
+METHODS: dict[str, type[Method]] = {
     "sft": SFT,
     "reward": Reward,
     "dpo": DPO,

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from distft.contracts import Method
 from distft.errors import ConfigError, DataError
 from distft.eval import CLASSIFICATION_METRICS
 from distft.eval.classification import check_known_labels, classification_metrics
@@ -93,15 +94,14 @@ class LabelledHead:
         )
 
 
-class Classify:
+class Classify(Method):
     config = ClassifyConfig
     auto_class = _SequenceClassificationAuto()
     data_schema = "classification"  # the rows it trains on: {"text", "label"}
     eval_metrics = CLASSIFICATION_METRICS
 
     def __init__(self, cfg, tokenizer):
-        self.cfg = cfg
-        self.tokenizer = tokenizer
+        super().__init__(cfg, tokenizer)
         self.label2id: dict[str, int] = {}
         self.base_is_classifier = False
         self.auto_class = LabelledHead(self)

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from distft.config.ranges import num
+from distft.contracts import Method, MethodContext
 from distft.data.preference import PairRows
 from distft.errors import ConfigError
 from distft.methods.logprobs import model_logps
@@ -34,6 +34,7 @@ from distft.methods.reference import (
     to_device,
 )
 from distft.models.generation import exact_match
+from distft.ranges import num
 
 LOSS_TYPES = ("sigmoid", "hinge", "ipo", "simpo", "orpo")
 REFERENCE_FREE = ("simpo", "orpo")
@@ -98,15 +99,14 @@ def reward_metrics(chosen: torch.Tensor, rejected: torch.Tensor) -> dict:
     }
 
 
-class DPO(PairRows):
+class DPO(PairRows, Method):
     config = DPOConfig
     auto_class = None  # AutoModelForCausalLM
 
     def __init__(self, cfg, tokenizer):
-        self.cfg = cfg
-        self.tokenizer = tokenizer
+        super().__init__(cfg, tokenizer)
         self.ref: Reference | None = None
-        self.trainer = None
+        self.data = None  # the run's encoded splits (set in setup)
 
     @staticmethod
     def validate(cfg) -> None:
@@ -128,11 +128,11 @@ class DPO(PairRows):
             raise ConfigError(f"method.max_skip_fraction={m.max_skip_fraction} must be in [0, 1]")
         check_reference(cfg, m.loss_type not in REFERENCE_FREE)
 
-    def setup(self, trainer) -> None:
+    def setup(self, ctx: MethodContext) -> None:
         """After the strategy wrapped the policy: build the reference (or precompute its log-probs)."""
-        self.trainer = trainer
+        self.data = ctx.data
         needed = self.cfg.method.loss_type not in REFERENCE_FREE
-        self.ref = setup_reference(trainer, self, _assign_pair, needed)
+        self.ref = setup_reference(ctx, self, _assign_pair, needed)
 
     def _ref_logps(self, batch: dict) -> torch.Tensor | None:
         return None if self.ref is None else self.ref.logps(batch)

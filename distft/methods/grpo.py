@@ -14,14 +14,15 @@ from dataclasses import dataclass
 
 import torch
 
-from distft.config.ranges import num
 from distft.errors import ConfigError
-from distft.rl import loop
-from distft.rl.advantages import group_advantages
-from distft.rl.config import RLConfig, validate_rl
-from distft.rl.method import PromptMethod
-from distft.rl.rollout import token_logprobs
+from distft.methods.rl import loop
+from distft.methods.rl.advantages import group_advantages
+from distft.methods.rl.config import RLConfig, validate_rl
+from distft.methods.rl.method import PromptMethod
+from distft.methods.rl.rollout import token_logprobs
+from distft.ranges import num
 from distft.runtime import dist
+from distft.strategies.step import StepResult
 
 ADVANTAGES = ("grpo", "rloo")
 
@@ -57,15 +58,14 @@ class GRPO(PromptMethod):
             raise ConfigError(f"method.beta must be >= 0 (got {m.beta})")
 
     # ------------------------------------------------------------------ hooks
-    def setup(self, trainer) -> None:
-        super().setup(trainer, with_reference=self.cfg.method.beta > 0)
+    def setup(self, ctx) -> None:
+        self.setup_policy(ctx, with_reference=self.cfg.method.beta > 0)
 
     # ------------------------------------------------------------------ step
-    def train_step(self, trainer, step: int) -> tuple[float, int, float]:
-        cfg, info, st = trainer.cfg, trainer.info, trainer.strategy
-        m, dev = cfg.method, info.device
-        examples, micro = loop.step_examples(trainer, step)
-        batch = loop.rollout_batch(trainer, self.scorer, examples, copies=m.num_generations, micro=micro)
+    def train_step(self, ctx, step: int) -> StepResult:
+        m, dev, st = self.cfg.method, ctx.info.device, ctx.strategy
+        examples, micro = loop.step_examples(ctx, step)
+        batch = loop.rollout_batch(ctx, self.scorer, examples, copies=m.num_generations, micro=micro)
         roll, scores = batch.rollouts, batch.scores
         skipped = self.failures.add(self.scorer, scores.failures, dev)
         mask = roll.mask * scores.valid.float()[:, None]  # a failed reward: no update from it
@@ -78,51 +78,45 @@ class GRPO(PromptMethod):
             None if single else loop.forward_logprobs(st.model, st, roll, batch.micro, m.temperature, dev)
         )
         ref_lp = self.reference_logprobs(st, roll, batch.micro) if m.beta > 0 else None
-
-        updates = loop.minibatches(len(roll), m.mini_batches, cfg.train.grad_accum)
-        update_tokens = loop.minibatch_tokens(mask, updates, dev)
-        sums = loop.Sums()
         # Σ_t log π_old/π_ref per rollout: the policy that sampled it against the reference.
         kl_seq = torch.zeros(len(roll), dtype=torch.float64)
         if old_lp is not None and ref_lp is not None:
             kl_seq = ((old_lp - ref_lp) * mask).sum(1).double()
-        grad_norm = float("nan")
-        loss_total = 0.0
+
+        def loss_fn(model, b: dict) -> tuple[torch.Tensor, dict]:
+            sl = b["sl"]
+            mk, a = mask[sl].to(dev), adv[sl].to(dev).float()[:, None]
+            lp = token_logprobs(model, roll.input_ids[sl].to(dev), m.temperature)
+            old = lp.detach() if old_lp is None else old_lp[sl].to(dev)
+            ratio = torch.exp(lp - old)
+            clipped = torch.clamp(ratio, 1 - m.clip_range, 1 + m.clip_range)
+            per_token = torch.maximum(-a * ratio, -a * clipped)
+            parts = {"clipfrac": ((((ratio - 1).abs() > m.clip_range).float() * mk).sum().detach(), mk.sum())}
+            if ref_lp is not None:
+                d = ref_lp[sl].to(dev) - lp
+                k3 = torch.exp(d) - d - 1  # unbiased, always >= 0
+                per_token = per_token + m.beta * k3
+                parts["kl_k3"] = ((k3 * mk).sum().detach(), mk.sum())
+                if old_lp is None:  # the single update's policy is the sampler
+                    kl_seq[sl] = (-d * mk).sum(1).detach().double().cpu()
+            return (per_token * mk).sum(), parts
+
+        updates = loop.minibatches(len(roll), m.mini_batches, ctx.geometry.accum)
+        sums = loop.Sums()
+        loss_total, grad_norm = 0.0, float("nan")
         for _ in range(m.epochs):
-            for mb, n_tokens in zip(updates, update_tokens):
-                st.set_lr(trainer.lr_at(step) * m.lr_scale)
-                for j, sl in enumerate(mb):
-                    is_last = j == len(mb) - 1
-                    mk, a = mask[sl].to(dev), adv[sl].to(dev).float()[:, None]
-                    with st.accumulate(is_last):
-                        lp = token_logprobs(st.model, roll.input_ids[sl].to(dev), m.temperature)
-                        old = lp.detach() if old_lp is None else old_lp[sl].to(dev)
-                        ratio = torch.exp(lp - old)
-                        clipped = torch.clamp(ratio, 1 - m.clip_range, 1 + m.clip_range)
-                        per_token = torch.maximum(-a * ratio, -a * clipped)
-                        if ref_lp is not None:
-                            d = ref_lp[sl].to(dev) - lp
-                            k3 = torch.exp(d) - d - 1  # unbiased, always >= 0
-                            per_token = per_token + m.beta * k3
-                        loss = (per_token * mk).sum()
-                        st.backward(loss * st.loss_scale / max(n_tokens, 1.0), is_last)
-                    loss_total += float(loss.detach()) / max(n_tokens, 1.0)
-                    with torch.no_grad():
-                        sums.add(
-                            "clipfrac", (((ratio - 1).abs() > m.clip_range).float() * mk).sum(), mk.sum()
-                        )
-                        if ref_lp is not None:
-                            sums.add("kl_k3", (k3 * mk).sum(), mk.sum())
-                            if old_lp is None:  # the single update's policy is the sampler
-                                kl_seq[sl] = (-d * mk).sum(1).double().cpu()
-                grad_norm = st.step()
+            for mb in updates:
+                lr = ctx.lr_at(step) * m.lr_scale
+                r = ctx.run_step(loop.update_batches(mb, mask), loss_fn, lr, reduce_metrics=False)
+                loss_total, grad_norm = loss_total + r.loss, r.grad_norm
+                sums.merge(r.parts)
         loop.rollout_metrics(sums, batch, kl_seq)
         sums.add("advantage_abs", (adv.abs() * scores.valid).sum(), scores.valid.sum())
         metrics = sums.reduce(dev)
         metrics["reward_failures"] = skipped
-        trainer.step_metrics = metrics
-        (loss_sum,) = dist.all_reduce_sum([loss_total], dev)
         (seq_tokens,) = dist.all_reduce_sum(
             [float((roll.input_ids != self.tokenizer.pad_token_id).sum())], dev
         )
-        return loss_sum / (m.epochs * len(updates)), int(seq_tokens) * m.epochs, grad_norm
+        return StepResult(
+            loss_total / (m.epochs * len(updates)), int(seq_tokens) * m.epochs, grad_norm, metrics
+        )

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from distft.config.ranges import num
+from distft.contracts import Method, MethodContext
 from distft.data.preference import (
     BadRow,
     Skips,
@@ -41,6 +41,7 @@ from distft.methods.reference import (
     setup_reference,
     to_device,
 )
+from distft.ranges import num
 from distft.runtime import dist
 
 KTO_FIELDS = "'prompt', 'completion' and a boolean 'label', or a preference pair 'prompt'/'chosen'/'rejected'"
@@ -126,15 +127,14 @@ def encode_unpaired(rows: list[dict], tokenizer, cfg) -> tuple[list[dict], dict]
     return examples, stats
 
 
-class KTO:
+class KTO(Method):
     config = KTOConfig
     auto_class = None  # AutoModelForCausalLM
 
     def __init__(self, cfg, tokenizer):
-        self.cfg = cfg
-        self.tokenizer = tokenizer
+        super().__init__(cfg, tokenizer)
         self.ref: Reference | None = None
-        self.trainer = None
+        self.data = None  # the run's encoded splits (set in setup)
 
     @staticmethod
     def validate(cfg) -> None:
@@ -172,9 +172,9 @@ class KTO:
             )
         return batch
 
-    def setup(self, trainer) -> None:
-        self.trainer = trainer
-        self.ref = setup_reference(trainer, self, _assign)
+    def setup(self, ctx: MethodContext) -> None:
+        self.data = ctx.data
+        self.ref = setup_reference(ctx, self, _assign)
 
     def _logratios(self, model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         ref = self.ref.logps(batch)

@@ -15,14 +15,15 @@ from pathlib import Path
 
 import torch
 
-from distft.config.ranges import num
 from distft.errors import ConfigError
-from distft.rl import loop, models
-from distft.rl.advantages import gae, whiten
-from distft.rl.config import RLConfig, validate_rl
-from distft.rl.method import PromptMethod
-from distft.rl.rollout import token_logprobs, token_values
+from distft.methods.rl import loop, models
+from distft.methods.rl.advantages import gae, whiten
+from distft.methods.rl.config import RLConfig, validate_rl
+from distft.methods.rl.method import PromptMethod
+from distft.methods.rl.rollout import token_logprobs, token_values
+from distft.ranges import num
 from distft.runtime import dist
+from distft.strategies.step import StepResult, optimizer_step
 
 
 @dataclass
@@ -62,9 +63,9 @@ class PPO(PromptMethod):
             raise ConfigError("method.kl_coef and method.clip_range_value must be >= 0, method.critic_lr > 0")
 
     # ------------------------------------------------------------------ hooks
-    def setup(self, trainer) -> None:
-        super().setup(trainer, with_reference=self.cfg.method.kl_coef > 0)
-        self.critic = models.build_critic(trainer, self.start_policy)
+    def setup(self, ctx) -> None:
+        self.setup_policy(ctx, with_reference=self.cfg.method.kl_coef > 0)
+        self.critic = models.build_critic(ctx, self.start_policy)
 
     def save_state(self, path: Path) -> None:
         self.critic.save(path / "critic")
@@ -74,24 +75,17 @@ class PPO(PromptMethod):
         self.critic.load(path / "critic")
         super().load_state(path)
 
-    def export_extra(self, trainer, out: Path) -> None:
+    def export_extra(self, ctx, out: Path) -> None:
         """The critic in Hugging Face format (AutoModelForTokenClassification, one output)."""
         models.save_hf(
-            self.critic,
-            self.start_policy,
-            out / "critic",
-            self.tokenizer,
-            self.cfg,
-            trainer.info,
-            causal=False,
+            self.critic, self.start_policy, out / "critic", self.tokenizer, self.cfg, ctx.info, causal=False
         )
 
     # ------------------------------------------------------------------ step
-    def train_step(self, trainer, step: int) -> tuple[float, int, float]:
-        cfg, info, st = trainer.cfg, trainer.info, trainer.strategy
-        m, dev = cfg.method, info.device
-        examples, micro = loop.step_examples(trainer, step)
-        batch = loop.rollout_batch(trainer, self.scorer, examples, copies=1, micro=micro)
+    def train_step(self, ctx, step: int) -> StepResult:
+        m, dev, st = self.cfg.method, ctx.info.device, ctx.strategy
+        examples, micro = loop.step_examples(ctx, step)
+        batch = loop.rollout_batch(ctx, self.scorer, examples, copies=1, micro=micro)
         roll, scores = batch.rollouts, batch.scores
         skipped = self.failures.add(self.scorer, scores.failures, dev)
         mask = roll.mask * scores.valid.float()[:, None]  # a failed reward: no update from it
@@ -106,44 +100,41 @@ class PPO(PromptMethod):
         if m.whiten_advantages:
             adv = whiten(adv, mask, dev)
 
-        updates = loop.minibatches(len(roll), m.mini_batches, cfg.train.grad_accum)
-        update_tokens = loop.minibatch_tokens(mask, updates, dev)
+        def policy_loss(model, b: dict) -> tuple[torch.Tensor, dict]:
+            sl = b["sl"]
+            a, mk, old = adv[sl].to(dev), mask[sl].to(dev), old_lp[sl].to(dev)
+            lp = token_logprobs(model, roll.input_ids[sl].to(dev), m.temperature)
+            ratio = torch.exp(lp - old)
+            clipped = torch.clamp(ratio, 1 - m.clip_range, 1 + m.clip_range)
+            with torch.no_grad():
+                parts = {
+                    "clipfrac": ((((ratio - 1).abs() > m.clip_range).float() * mk).sum(), mk.sum()),
+                    "approx_kl": ((0.5 * (lp - old) ** 2 * mk).sum(), mk.sum()),
+                }
+            return (torch.maximum(-a * ratio, -a * clipped) * mk).sum(), parts
+
+        updates = loop.minibatches(len(roll), m.mini_batches, ctx.geometry.accum)
         sums = loop.Sums()
         loop.rollout_metrics(sums, batch, kl.sum(1))
         grad_norm = critic_norm = float("nan")
         loss_total = 0.0
         for _ in range(m.epochs):
-            for mb, n_tokens in zip(updates, update_tokens):
-                st.set_lr(trainer.lr_at(step) * m.lr_scale)
-                for j, sl in enumerate(mb):
-                    is_last = j == len(mb) - 1
-                    a, mk, old = adv[sl].to(dev), mask[sl].to(dev), old_lp[sl].to(dev)
-                    with st.accumulate(is_last):
-                        lp = token_logprobs(st.model, roll.input_ids[sl].to(dev), m.temperature)
-                        ratio = torch.exp(lp - old)
-                        clipped = torch.clamp(ratio, 1 - m.clip_range, 1 + m.clip_range)
-                        loss = (torch.maximum(-a * ratio, -a * clipped) * mk).sum()
-                        st.backward(loss * st.loss_scale / max(n_tokens, 1.0), is_last)
-                    loss_total += float(loss.detach()) / max(n_tokens, 1.0)
-                    with torch.no_grad():
-                        sums.add(
-                            "clipfrac", (((ratio - 1).abs() > m.clip_range).float() * mk).sum(), mk.sum()
-                        )
-                        sums.add("approx_kl", (0.5 * (lp - old) ** 2 * mk).sum(), mk.sum())
-                grad_norm = st.step()
+            for mb in updates:
+                batches = loop.update_batches(mb, mask)
+                r = ctx.run_step(batches, policy_loss, ctx.lr_at(step) * m.lr_scale, reduce_metrics=False)
+                loss_total, grad_norm = loss_total + r.loss, r.grad_norm
+                sums.merge(r.parts)
                 critic_norm = self._critic_update(
-                    trainer, step, roll, mb, old_values, returns, mask, n_tokens, sums
+                    ctx.lr_at(step), roll, batches, old_values, returns, mask, sums
                 )
         metrics = sums.reduce(dev)
         metrics["reward_failures"] = skipped
         metrics["critic_grad_norm"] = critic_norm
-        (loss_sum,) = dist.all_reduce_sum([loss_total], dev)
         (seq_tokens,) = dist.all_reduce_sum(
             [float((roll.input_ids != self.tokenizer.pad_token_id).sum())], dev
         )
-        trainer.step_metrics = metrics
         n_updates = m.epochs * len(updates)
-        return loss_sum / n_updates, int(seq_tokens) * m.epochs, grad_norm
+        return StepResult(loss_total / n_updates, int(seq_tokens) * m.epochs, grad_norm, metrics)
 
     @torch.no_grad()
     def _values(self, roll, slices) -> torch.Tensor:
@@ -157,19 +148,22 @@ class PPO(PromptMethod):
         critic.model.train(was_training)
         return torch.cat(out)
 
-    def _critic_update(self, trainer, step, roll, slices, old_values, returns, mask, n_tokens, sums) -> float:
+    def _critic_update(self, lr: float, roll, batches, old_values, returns, mask, sums) -> float:
+        """One clipped value-loss step of the critic (its own strategy) over an update's batches."""
         m, critic, dev = self.cfg.method, self.critic, self.critic.info.device
-        critic.set_lr(trainer.lr_at(step) / max(self.cfg.train.lr, 1e-12) * m.critic_lr)
-        for j, sl in enumerate(slices):
-            is_last = j == len(slices) - 1
-            with critic.accumulate(is_last):
-                v = token_values(critic.model, roll.input_ids[sl].to(dev))
-                ret, old, mk = returns[sl].to(dev), old_values[sl].to(dev), mask[sl].to(dev)
-                loss_v = (v - ret) ** 2
-                if m.clip_range_value > 0:
-                    v_clip = old + torch.clamp(v - old, -m.clip_range_value, m.clip_range_value)
-                    loss_v = torch.maximum(loss_v, (v_clip - ret) ** 2)
-                loss = 0.5 * (loss_v * mk).sum()
-                critic.backward(loss * critic.loss_scale / max(n_tokens, 1.0), is_last)
-            sums.add("value_loss", loss.detach(), mk.sum())
-        return critic.step()
+
+        def value_loss(model, b: dict) -> tuple[torch.Tensor, dict]:
+            sl = b["sl"]
+            v = token_values(model, roll.input_ids[sl].to(dev))
+            ret, old, mk = returns[sl].to(dev), old_values[sl].to(dev), mask[sl].to(dev)
+            loss_v = (v - ret) ** 2
+            if m.clip_range_value > 0:
+                v_clip = old + torch.clamp(v - old, -m.clip_range_value, m.clip_range_value)
+                loss_v = torch.maximum(loss_v, (v_clip - ret) ** 2)
+            loss = 0.5 * (loss_v * mk).sum()
+            return loss, {"value_loss": (loss.detach(), mk.sum())}
+
+        critic_lr = lr / max(self.cfg.train.lr, 1e-12) * m.critic_lr
+        r = optimizer_step(critic, batches, value_loss, dev, critic_lr, reduce_metrics=False)
+        sums.merge(r.parts)
+        return r.grad_norm

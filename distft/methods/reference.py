@@ -4,10 +4,9 @@
   `disable_adapter()`): the base weights are the reference, so no second copy exists (and
   under FSDP2 / ZeRO-3 it is sharded exactly like the policy). A continued adapter
   (tuning.init_adapter) is its own reference and needs precompute_ref.
-- full tuning: a frozen copy of the initial model, loaded from the same path and prepared like
-  the policy: FSDP2 shards it with the same `fully_shard` plan, ZeRO-3 partitions it with an
-  optimizer-free DeepSpeed engine (what TRL's `prepare_deepspeed` does), other strategies keep a
-  replica on each rank.
+- full tuning: a frozen copy of the initial model, loaded from the same path and placed by the
+  strategy like the policy (distft.methods.frozen: sharded where the strategy shards
+  parameters, a replica on each rank otherwise).
 - `method.precompute_ref=true`: log-probs of every train, val and test example are computed once in
   `setup` (before any update, so the policy is still the reference) and carried in the examples;
   no reference model is kept.
@@ -19,37 +18,38 @@ so it never needs to be checkpointed.
 from __future__ import annotations
 
 import contextlib
-import copy
 import math
 from collections.abc import Callable
 
 import torch
 
+from distft.contracts import MethodContext
 from distft.methods.logprobs import model_logps
 from distft.runtime import dist
+from distft.strategies.step import to_device
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class Reference:
-    def __init__(self, trainer, precompute: bool):
-        self.info = trainer.info
+    def __init__(self, ctx: MethodContext, precompute: bool, auto_class=None):
+        self.info = ctx.info
         self.precomputed = precompute
         self.autocast_dtype = None
         # A run that continues a saved adapter (tuning.init_adapter) starts from that adapter, so
         # the bare base is not its reference: it needs precompute_ref (checked by the methods).
-        continued = bool(getattr(trainer.cfg.tuning, "init_adapter", None))
-        if trainer.tuning.adapter and not continued:
+        continued = bool(getattr(ctx.cfg.tuning, "init_adapter", None))
+        if ctx.tuning.adapter and not continued:
             self.kind = "adapter"
-            self.model = trainer.strategy.module  # the PeftModel
+            self.model = ctx.strategy.module  # the PeftModel
         elif precompute:
             self.kind = "initial policy"
-            self.model = trainer.strategy.model
+            self.model = ctx.strategy.model
         else:
             self.kind = "frozen copy"
-            self.model = frozen_copy(trainer)
-            if trainer.cfg.train.precision != "fp32" and not trainer.strategy.sharded_params:
-                self.autocast_dtype = DTYPES[trainer.cfg.train.precision]  # match the policy's math
+            self.model = ctx.load_frozen(ctx.model_path, auto_class)
+            if ctx.cfg.train.precision != "fp32" and not ctx.strategy.sharded_params:
+                self.autocast_dtype = DTYPES[ctx.cfg.train.precision]  # match the policy's math
 
     def _context(self):
         stack = contextlib.ExitStack()
@@ -89,52 +89,22 @@ class Reference:
             assign(ex, v)
 
 
-def setup_reference(trainer, method, assign: Callable, needed: bool = True) -> Reference | None:
+def setup_reference(ctx: MethodContext, method, assign: Callable, needed: bool = True) -> Reference | None:
     """A preference method's setup: dropout off in the policy (method.disable_dropout), then the
     reference — frozen copy or adapters disabled — with its log-probs precomputed once over every
     split when method.precompute_ref (`assign` stores one example's values)."""
-    m, t = trainer.cfg.method, trainer.cfg.train
+    m = ctx.cfg.method
     if m.disable_dropout:
         from trl.trainer.utils import disable_dropout_in_model
 
-        disable_dropout_in_model(trainer.strategy.module)
+        disable_dropout_in_model(ctx.strategy.module)
     if not needed:
         return None
-    ref = Reference(trainer, m.precompute_ref)
+    ref = Reference(ctx, m.precompute_ref, method.auto_class)
     if m.precompute_ref:
-        data = trainer.data
-        ref.precompute(data.train + data.val + data.test, method.collate, assign, t.micro_batch_size)
+        data = ctx.data
+        ref.precompute(data.train + data.val + data.test, method.collate, assign, ctx.geometry.micro)
     return ref
-
-
-def frozen_copy(trainer) -> torch.nn.Module:
-    """The initial model, frozen, prepared for the run's strategy (see the module docstring)."""
-    from distft.models import load_model
-
-    cfg, info, strategy = trainer.cfg, trainer.info, trainer.strategy
-    model = load_model(trainer.model_path, cfg, torch.float32, {}, trainer.method.auto_class)
-    model.config.use_cache = False
-    model.requires_grad_(False)
-    if getattr(strategy, "engine", None) is not None and cfg.strategy.stage == 3:
-        return _deepspeed_partitioned(model, strategy.config)
-    model.to(info.device)
-    if strategy.sharded_params and hasattr(strategy, "parallelize"):  # FSDP2: same sharding plan
-        model = strategy.parallelize(model, cfg, info)
-    return model.eval()
-
-
-def _deepspeed_partitioned(model: torch.nn.Module, train_config: dict):
-    """An optimizer-free ZeRO-3 engine around a frozen model: parameters partitioned over ranks and
-    gathered layer by layer in forward."""
-    import deepspeed
-
-    config = copy.deepcopy(train_config)
-    config.pop("optimizer", None)
-    config.pop("scheduler", None)
-    config["zero_optimization"].pop("offload_optimizer", None)
-    engine, *_ = deepspeed.initialize(model=model, config=config)
-    engine.eval()
-    return engine
 
 
 def map_examples(examples: list, fn: Callable[[list], list], info, batch_size: int) -> list:
@@ -157,14 +127,10 @@ def map_examples(examples: list, fn: Callable[[list], list], info, batch_size: i
     return [merged[i] for i in range(len(examples))]
 
 
-def to_device(batch: dict, device) -> dict:
-    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-
-
 def held_out(method, rows: list[dict]) -> list[dict]:
     """Encoded examples of held-out `rows`: the run's val or test split (with any precomputed
     reference values) when `rows` is one of them, else `rows` encoded now."""
-    data = method.trainer.data if method.trainer is not None else None
+    data = method.data
     if data is not None and rows is data.val_rows:
         return data.val
     if data is not None and rows is data.test_rows:

@@ -14,11 +14,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from distft.config.ranges import num
+from distft.contracts import Method, MethodContext
 from distft.data.preference import PairRows
 from distft.errors import ConfigError
 from distft.methods.dpo import reward_metrics
 from distft.methods.reference import held_out, map_examples, to_device
+from distft.ranges import num
 
 
 @dataclass
@@ -59,14 +60,13 @@ def scores(model, batch: dict) -> torch.Tensor:
     return out.logits.float().squeeze(-1)
 
 
-class Reward(PairRows):
+class Reward(PairRows, Method):
     config = RewardConfig
     auto_class = ScoreModel
 
     def __init__(self, cfg, tokenizer):
-        self.cfg = cfg
-        self.tokenizer = tokenizer
-        self.trainer = None
+        super().__init__(cfg, tokenizer)
+        self.data = None  # the run's encoded splits (set in setup)
 
     @staticmethod
     def validate(cfg) -> None:
@@ -78,9 +78,9 @@ class Reward(PairRows):
         if not 0 <= m.max_skip_fraction <= 1:
             raise ConfigError(f"method.max_skip_fraction={m.max_skip_fraction} must be in [0, 1]")
 
-    def setup(self, trainer) -> None:
-        self.trainer = trainer
-        config = trainer.strategy.module.config
+    def setup(self, ctx: MethodContext) -> None:
+        self.data = ctx.data
+        config = ctx.strategy.module.config
         if config.pad_token_id != self.tokenizer.pad_token_id:
             raise ConfigError(
                 f"the reward model's pad_token_id ({config.pad_token_id}) differs from the tokenizer's "

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from distft.contracts import Method
 from distft.data.collate import as_row, pack, pad_batch
 from distft.data.default_tasks import sft_rows
 from distft.data.sft_format import IGNORE, tokenize_sft
@@ -22,19 +23,11 @@ class SFTConfig:
     """Also train on prompt tokens (default: completion and EOS only)."""
 
 
-class SFT:
+class SFT(Method):
     config = SFTConfig
     auto_class = None  # AutoModelForCausalLM
     data_schema = "sft"  # trains on prompt/completion, Alpaca, chat messages, ShareGPT rows
     eval_metrics = GENERATION_METRICS
-
-    def __init__(self, cfg, tokenizer):
-        self.cfg = cfg
-        self.tokenizer = tokenizer
-
-    @staticmethod
-    def validate(cfg) -> None:
-        pass
 
     @staticmethod
     def default_rows(cfg) -> list[dict]:

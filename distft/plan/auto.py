@@ -12,11 +12,12 @@ import os
 from dataclasses import replace
 
 import torch
-from omegaconf import OmegaConf
 
 from distft.errors import ConfigError
-from distft.plan.memory import GIB, STRATEGY_ORDER, Estimate, estimate
+from distft.plan.memory import GIB, Estimate, estimate
 from distft.plan.shape import ModelShape, model_shape
+from distft.strategies import AUTO_ORDER, PLANNED, STRATEGIES, shipped_config
+from distft.strategies.step import BatchGeometry, optimizer_step
 
 MICRO_CANDIDATES = [1, 2, 4, 8, 16, 32, 64, 128, 256]
 HEADROOM = 0.9  # an estimate must fit in 90% of the budget
@@ -55,55 +56,41 @@ def budget(cfg) -> tuple[float, str]:
 
 def strategy_config(name: str):
     """The shipped option's block (conf/strategy/<name>.yaml) as its typed dataclass."""
-    from distft.config.load import build
-    from distft.paths import conf_dir
-    from distft.strategies import STRATEGIES
-
-    raw = OmegaConf.to_container(OmegaConf.load(conf_dir() / "strategy" / f"{name}.yaml"), resolve=True)
-    return build(STRATEGIES[name].config, raw, "strategy")
+    return shipped_config(name)
 
 
 def plan_one(cfg, shape: ModelShape, strategy_cfg, world: int, micro: int, seq: int) -> Estimate:
     from distft.tuning import TUNINGS
 
-    name = strategy_cfg.name
-    bucket = getattr(strategy_cfg, "reduce_bucket_size", 50_000_000)
-    live = 1_000_000_000  # DeepSpeed's default stage3_max_live_parameters
-    if bucket == "auto":  # as distft.strategies.deepspeed_zero.bucket_sizes
-        bucket = max(shape.hidden**2, 2**20)
-        live = min(live, max(2 * shape.largest_layer, shape.hidden**2))
     return estimate(
         shape,
-        name,
+        strategy_cfg,
         world,
         micro,
         seq,
         precision=cfg.train.precision,
         tuning=cfg.tuning.name,
-        adapter=bool(getattr(TUNINGS[cfg.tuning.name], "adapter", False)),
+        adapter=TUNINGS[cfg.tuning.name].adapter,
         checkpointing=cfg.train.gradient_checkpointing,
         gpu=cfg.cluster.gpus_per_node > 0,
-        reduce_bucket=bucket,
-        stage=getattr(strategy_cfg, "stage", None),
-        live=live,
+        ranks_per_node=ranks_per_node(cfg),
     )
 
 
 def valid_strategies(cfg) -> list:
-    """Shipped strategies this config may use, fastest first (each option's own validate decides)."""
-    from distft.strategies import STRATEGIES
-
+    """Shipped strategies this config may use, fastest first (each option decides: its own
+    validate, and whether it supports the tuning mode)."""
     gpu = cfg.cluster.gpus_per_node > 0
     out = []
-    for name in STRATEGY_ORDER:
-        if name not in STRATEGIES:
-            continue
+    for name in AUTO_ORDER:
         s = strategy_config(name)
+        option = STRATEGIES[name]
         try:
-            STRATEGIES[name].validate(replace(cfg, strategy=s), gpu)
+            option.validate(replace(cfg, strategy=s), gpu)
         except ConfigError:
             continue
-        out.append(s)
+        if option.supports_tuning(cfg.tuning.name, s) is None:
+            out.append(s)
     return out
 
 
@@ -149,7 +136,7 @@ def pick_micro(cfg, shape: ModelShape, world: int, seq: int, max_micro: int | No
 
 def resolve_strategy(cfg):
     """A config whose strategy=auto is replaced by the planner's choice (other configs unchanged)."""
-    if cfg.strategy.name != "auto":
+    if cfg.strategy.name != PLANNED:
         return cfg
     shape = model_shape(cfg)
     chosen, _ = pick_strategy(cfg, shape, world_size(cfg), cfg.data.max_length)
@@ -160,7 +147,7 @@ def estimate_micro_batch(cfg, examples: list[dict], world: int) -> int:
     """train.micro_batch_size=auto: the largest candidate whose estimate fits, for the longest
     example, capped so one global batch fits in the train split."""
     seq = max((len(ex["input_ids"]) for ex in examples if "input_ids" in ex), default=cfg.data.max_length)
-    cap = max(1, len(examples) // max(cfg.train.grad_accum * world, 1))
+    cap = max(1, len(examples) // BatchGeometry(1, cfg.train.grad_accum, world).unit)
     return pick_micro(cfg, model_shape(cfg), world, seq, max_micro=cap)
 
 
@@ -180,7 +167,6 @@ def confirm_micro_batch(
     left covers what the trial cannot see: the allocator's fragmentation and cache beyond the
     allocated peak, the CUDA context, NCCL buffers. The loss is scaled by zero, so the gradients it
     leaves are exact zeros. `limit`: the budget in bytes (default: budget(cfg))."""
-    from distft.engine.trainer import _to_device
     from distft.perf.mfu import peak_memory_gib
     from distft.runtime import dist
 
@@ -190,19 +176,15 @@ def confirm_micro_batch(
     micro = int(cfg.train.micro_batch_size)
     tried = []
     while True:
-        ok, peak = _trial(cfg, info, method, strategy, examples, micro, peak_memory_gib, _to_device)
+        ok, peak = _trial(info, method, strategy, examples, micro, peak_memory_gib)
         fits = ok and peak * GIB + optim <= usable
         all_fit = min(dist.all_gather_objects(bool(fits)))
         tried.append({"micro": micro, "peak_gib": peak, "optimizer_gib": optim / GIB, "fits": bool(all_fit)})
         if all_fit or micro == 1:
             break
         micro //= 2
-    _clear_grads(strategy)
     cfg.train.micro_batch_size = micro
-    ds = getattr(strategy, "config", None)
-    if isinstance(ds, dict) and "train_micro_batch_size_per_gpu" in ds:  # keep ds_config.json true
-        ds["train_micro_batch_size_per_gpu"] = micro
-        ds["train_batch_size"] = micro * cfg.train.grad_accum * info.world_size
+    strategy.end_trial(micro)  # drop the trial's gradients; record the micro-batch
     record = {
         "micro_batch_size": micro,
         "trials": tried,
@@ -238,25 +220,14 @@ def pending_optimizer_bytes(strategy, device: torch.device) -> int:
     return total
 
 
-def _trial(cfg, info, method, strategy, examples, micro, peak_memory_gib, to_device) -> tuple[bool, float]:
+def _trial(info, method, strategy, examples, micro, peak_memory_gib) -> tuple[bool, float]:
     if info.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(info.device)
     try:
-        batch = to_device(trial_batch(method, examples, micro), info.device)
-        with strategy.accumulate(True):
-            loss, _ = method.loss(strategy.model, batch)
-            strategy.backward(loss * 0.0, True)
-        del loss, batch
+        batch = trial_batch(method, examples, micro)
+        optimizer_step(strategy, [batch], method.loss, info.device, None, trial=True)
+        del batch
     except torch.OutOfMemoryError:
         torch.cuda.empty_cache()
         return False, float("inf")
     return True, peak_memory_gib(info.device)
-
-
-def _clear_grads(strategy) -> None:
-    """Drop the trial's (zero) gradients so the first real step starts clean."""
-    opt = getattr(strategy, "optimizer", None)
-    if hasattr(strategy, "engine"):
-        return  # DeepSpeed: its partitioned gradient buffers hold zeros, which the first step adds to
-    if opt is not None:
-        opt.zero_grad(set_to_none=True)

@@ -7,11 +7,13 @@ and the strategy `strategy=auto` would pick. Takes the same Hydra overrides as t
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 
 from distft.errors import DistftError
 from distft.plan.memory import GIB
+from distft.strategies import AUTO_ORDER, PLANNED, shipped_config
 
 COLUMNS = ["params", "grads", "optimizer", "activations", "activations_ckpt", "buffers", "runtime"]
 
@@ -90,9 +92,8 @@ def main(argv: list[str] | None = None) -> int:
         from distft.config.load import compose, to_typed
 
         composed = compose(argv)
-        strategy_name = composed.strategy.name
-        if strategy_name == "auto":  # show the whole table, then the pick
-            composed.strategy = {"name": "ddp", "bucket_cap_mb": 25}
+        if composed.strategy.name == PLANNED:  # show the whole table, then the pick
+            composed.strategy = dataclasses.asdict(shipped_config(AUTO_ORDER[0]))
         cfg = to_typed(composed)
         from distft.plan.auto import pick_micro, pick_strategy, world_size
         from distft.plan.shape import model_shape

@@ -70,7 +70,7 @@ def _trainable_after_tuning(cfg, model) -> int | None:
     from distft.tuning import TUNINGS
 
     tuning = TUNINGS[cfg.tuning.name]
-    if not getattr(tuning, "adapter", False):
+    if not tuning.adapter:
         return sum(p.numel() for p in _unique(model) if p.requires_grad)
     try:
         with torch.device("meta"):
@@ -117,7 +117,7 @@ def model_shape(cfg) -> ModelShape:
         trainable = _lora_count(model, getattr(cfg.tuning, "r", 8), head)
     from distft.tuning import TUNINGS
 
-    if getattr(TUNINGS[cfg.tuning.name], "adapter", False):
+    if TUNINGS[cfg.tuning.name].adapter:
         total += trainable  # adapters add their own parameters to the frozen base
     heads = int(config.num_attention_heads)
     return ModelShape(

@@ -16,10 +16,19 @@ class AutoConfig:
 
 
 config = AutoConfig
+loads_sharded = False
 
 
 def validate(cfg, gpu: bool) -> None:
     pass
+
+
+def supports_tuning(tuning: str, strategy_cfg) -> str | None:
+    return None  # the planner only tries the strategies that support the tuning
+
+
+def memory(shape, strategy_cfg, job):
+    raise ConfigError("strategy=auto has no memory model of its own: the planner resolves it first")
 
 
 def make(cfg, info):

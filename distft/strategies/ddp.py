@@ -6,7 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
-from distft.config.ranges import num
+from distft.ranges import num
+from distft.strategies.memory import States, replicated
 from distft.strategies.torch_native import TorchNativeStrategy
 
 
@@ -19,10 +20,19 @@ class DdpConfig:
 
 
 config = DdpConfig
+loads_sharded = False
 
 
 def validate(cfg, gpu: bool) -> None:
     pass
+
+
+def supports_tuning(tuning: str, strategy_cfg) -> str | None:
+    return None
+
+
+def memory(shape, strategy_cfg, job) -> States:
+    return replicated(shape, job)
 
 
 def parallelize(model: torch.nn.Module, cfg, info) -> torch.nn.Module:

@@ -11,9 +11,12 @@ from typing import Any
 
 import torch
 
-from distft.config.ranges import num
+from distft.contracts import Strategy
 from distft.errors import ConfigError, DistftError
+from distft.ranges import num
+from distft.strategies.memory import States, block_bytes, frozen_bytes
 from distft.strategies.optim import build_adamw
+from distft.strategies.step import BatchGeometry
 
 
 @dataclass
@@ -37,6 +40,14 @@ class ZeroConfig:
 
 
 config = ZeroConfig
+loads_sharded = False
+# Checked with 2 ranks against DDP on the same global batch; ZeRO-1/2 support every tuning mode.
+ZERO3_UNSUPPORTED = {
+    "dora": "DoRA reads the base weight outside the layer's forward, which ZeRO-3 has already released "
+    "(empty tensors in backward)",
+    "ia3": "ZeRO-3 never gathers the IA3 scales (read from a ParameterDict, not through a forward)",
+    "prefix": "the prefix encoder is not sharded with the model (ZeRO-3 losses differ from DDP's)",
+}
 
 
 def validate(cfg, gpu: bool) -> None:
@@ -52,23 +63,65 @@ def validate(cfg, gpu: bool) -> None:
         )
 
 
+def supports_tuning(tuning: str, strategy_cfg) -> str | None:
+    return ZERO3_UNSUPPORTED.get(tuning) if strategy_cfg.stage == 3 else None
+
+
 def bucket_sizes(s, model: torch.nn.Module | None) -> dict[str, int]:
     """Bucket and live-parameter limits in elements, sized from the model when `auto`: DeepSpeed's
     defaults (5e7-element buckets, 1e9 live parameters) keep a model of tens of millions of
     parameters gathered whole, and its peak memory then shows little of what sharding saves."""
     hidden = getattr(getattr(model, "config", None), "hidden_size", None)
+    if s.reduce_bucket_size != "auto" or not hidden:
+        return sized_buckets(s, hidden, 0)
+    from distft.models.layers import decoder_layers
+
+    block = max((sum(p.numel() for p in b.parameters()) for b in decoder_layers(model)), default=0)
+    return sized_buckets(s, hidden, block)
+
+
+def sized_buckets(s, hidden: int | None, block: int) -> dict[str, int]:
+    """`bucket_sizes` from the model's hidden size and largest block (parameters)."""
     if s.reduce_bucket_size != "auto":
         return {"bucket": int(s.reduce_bucket_size), "persist": 10_000, "live": 1_000_000_000}
     if not hidden:
         return {"bucket": 50_000_000, "persist": 10_000, "live": 1_000_000_000}
-    from distft.models.layers import decoder_layers
-
-    block = max((sum(p.numel() for p in b.parameters()) for b in decoder_layers(model)), default=0)
     live = min(1_000_000_000, max(2 * block, hidden * hidden)) if block else 1_000_000_000
     return {"bucket": max(hidden * hidden, 2**20), "persist": 10 * hidden, "live": live}
 
 
-def ds_config(cfg, world_size: int, model: torch.nn.Module | None = None) -> dict:
+def memory(shape, s, job) -> States:
+    """DeepSpeed casts the model to the compute dtype and keeps an fp32 master partition plus
+    Adam's two moments (12 B per trainable parameter / N); ZeRO-3 also partitions the weights."""
+    n, psi, psi_t = max(job.world, 1), shape.params, shape.trainable
+    sizes = sized_buckets(s, shape.hidden, shape.largest_layer)
+    params = (
+        (frozen_bytes(shape, job) + psi_t * job.compute_bytes) if job.adapter else psi * job.compute_bytes
+    )
+    if s.stage == 3:
+        params /= n
+    notes: list[str] = []
+    # In fp32 distft points DeepSpeed's master partition at the model's own (share_fp32_master),
+    # except with the optimizer offloaded (the master lives in host RAM).
+    shared_master = not job.half and not s.offload_optimizer
+    optimizer = (8.0 if shared_master else 12.0) * psi_t / n
+    if shared_master:
+        notes.append("fp32: DeepSpeed's fp32 master partition is the model's own (shared, not copied)")
+    # Stage 1 reduces through the same buckets into the owned partition as stage 2 does (the
+    # full gradients are released bucket by bucket): measured equal here.
+    grads = 4.0 * psi_t / n
+    buffers = min(sizes["bucket"], psi_t) * 4.0  # the contiguous gradient reduction bucket
+    if s.stage == 3:  # gathered and prefetched weights, up to stage3_max_live_parameters
+        buffers += max(2 * block_bytes(shape, job), min(sizes["live"], psi) * job.compute_bytes)
+    out = States(params, grads, optimizer, buffers, notes=notes)
+    if s.offload_params and job.gpu:
+        out.host_offload = params + grads + optimizer
+        out.params = out.grads = out.optimizer = 0.0
+        notes.append(f"{s.name}: parameters and optimizer states live in host RAM")
+    return out
+
+
+def ds_config(cfg, geometry: BatchGeometry, model: torch.nn.Module | None = None) -> dict:
     s, t = cfg.strategy, cfg.train
     sizes = bucket_sizes(s, model)
     zero: dict[str, Any] = {
@@ -87,9 +140,9 @@ def ds_config(cfg, world_size: int, model: torch.nn.Module | None = None) -> dic
     if s.offload_params:
         zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     out = {
-        "train_micro_batch_size_per_gpu": t.micro_batch_size,
-        "gradient_accumulation_steps": t.grad_accum,
-        "train_batch_size": t.micro_batch_size * t.grad_accum * world_size,
+        "train_micro_batch_size_per_gpu": geometry.micro,
+        "gradient_accumulation_steps": geometry.accum,
+        "train_batch_size": geometry.global_batch,
         "gradient_clipping": t.max_grad_norm,
         "zero_optimization": zero,
         "bf16": {"enabled": t.precision == "bf16"},
@@ -132,7 +185,7 @@ def share_fp32_master(zero_optimizer) -> int:
     return shared
 
 
-class DeepSpeedStrategy:
+class DeepSpeedStrategy(Strategy):
     def __init__(self, cfg, info):
         self.cfg = cfg
         self.info = info
@@ -142,6 +195,7 @@ class DeepSpeedStrategy:
         self.adapter_only = False
         self.checkpoint_format = "deepspeed"
         self.load_tag = "deepspeed"  # "deepspeed_universal" after a conversion (prepare_resume)
+        self.backward_calls = 0
 
     def prepare_resume(self, path: Path, state: dict) -> None:
         """Before deepspeed.initialize: a checkpoint saved with another world size (or ZeRO stage
@@ -192,7 +246,7 @@ class DeepSpeedStrategy:
 
         self.adapter_only = any(not p.requires_grad for p in model.parameters())
         optimizer = build_adamw(model, self.cfg, cpu_adam=self.cfg.strategy.offload_optimizer)
-        self.config = ds_config(self.cfg, self.info.world_size, model)
+        self.config = ds_config(self.cfg, BatchGeometry.of(self.cfg, self.info), model)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, config=self.config
         )
@@ -205,6 +259,31 @@ class DeepSpeedStrategy:
     def write_config(self, run_dir: Path) -> None:
         (run_dir / "ds_config.json").write_text(json.dumps(self.config, indent=2))
 
+    def end_trial(self, micro: int) -> None:
+        """The partitioned gradient buffers hold the trial's zeros, which the first step adds to;
+        ds_config.json records the confirmed micro-batch."""
+        self.backward_calls = 0
+        geometry = BatchGeometry.of(self.cfg, self.info, micro)
+        self.config["train_micro_batch_size_per_gpu"] = geometry.micro
+        self.config["train_batch_size"] = geometry.global_batch
+
+    def place_frozen(self, model: torch.nn.Module) -> torch.nn.Module:
+        """ZeRO-3: an optimizer-free engine partitions the frozen model over ranks and gathers it
+        layer by layer in forward (what TRL's `prepare_deepspeed` does); ZeRO-1/2: a replica."""
+        if not self.sharded_params:
+            return model.to(self.info.device).eval()
+        import copy
+
+        import deepspeed
+
+        config = copy.deepcopy(self.config)
+        config.pop("optimizer", None)
+        config.pop("scheduler", None)
+        config["zero_optimization"].pop("offload_optimizer", None)
+        engine, *_ = deepspeed.initialize(model=model, config=config)
+        engine.eval()
+        return engine
+
     def accumulate(self, is_last: bool):
         import contextlib
 
@@ -212,14 +291,26 @@ class DeepSpeedStrategy:
 
     def backward(self, loss: torch.Tensor, is_last: bool) -> None:
         self.engine.backward(loss)
+        self.backward_calls += 1
         if not is_last:
             self.engine.step()  # a micro step: DeepSpeed only accumulates
+
+    def _check_accumulation(self) -> None:
+        """DeepSpeed applies its update at every gradient_accumulation_steps-th backward: a step
+        must have made exactly that many, or its boundary drifts from ours."""
+        calls, self.backward_calls = self.backward_calls, 0
+        if calls != self.cfg.train.grad_accum:
+            raise DistftError(
+                f"DeepSpeed step after {calls} backward calls; it needs exactly train.grad_accum="
+                f"{self.cfg.train.grad_accum} per optimizer step (one per micro-batch)"
+            )
 
     def step(self) -> float:
         # DeepSpeed skips a step whose global gradient norm is not finite (ZeRO-1/2 in fp32 and in
         # bf16 with its default check_grad_overflow, ZeRO-3 always) and reports the norm as inf;
         # the trainer's guard then counts the skip. Should a DeepSpeed version apply such a step,
         # the weights are already lost: stop rather than train on.
+        self._check_accumulation()
         self.engine.step()
         norm = self.engine.get_global_grad_norm()
         if norm is None:

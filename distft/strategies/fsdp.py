@@ -8,6 +8,7 @@ import torch
 
 from distft.errors import ConfigError
 from distft.models.layers import decoder_layers
+from distft.strategies.memory import States, fully_sharded
 from distft.strategies.torch_native import DTYPES, TorchNativeStrategy
 
 
@@ -30,6 +31,19 @@ def validate(cfg, gpu: bool) -> None:
             "sharded loss scaler); use train.precision=bf16, or fp16 with strategy=ddp or "
             "zero1/zero2/zero3 on GPU"
         )
+
+
+def supports_tuning(tuning: str, strategy_cfg) -> str | None:
+    if tuning == "prefix":
+        # Checked with 2 ranks against DDP on the same global batch: the prefix encoder lives in
+        # the PEFT wrapper, outside the sharded transformer, so its gradients are not reduced
+        # across ranks (step-1 grad norm 0.056 vs DDP's 0.043).
+        return "the prefix encoder is not sharded with the model"
+    return None
+
+
+def memory(shape, strategy_cfg, job) -> States:
+    return fully_sharded(shape, job, max(job.world, 1))
 
 
 def parallelize(model: torch.nn.Module, cfg, info, mesh=None) -> torch.nn.Module:

@@ -6,9 +6,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from distft.config.ranges import num
 from distft.errors import ConfigError
+from distft.ranges import num
 from distft.strategies import fsdp
+from distft.strategies.memory import States, fully_sharded
 from distft.strategies.torch_native import TorchNativeStrategy
 
 
@@ -23,12 +24,26 @@ class HsdpConfig:
 
 
 config = HsdpConfig
+loads_sharded = False
+UNVERIFIED = ("ia3", "adapter")  # PEFT modes checked against DDP under fsdp only, not hybrid sharding
 
 
 def validate(cfg, gpu: bool) -> None:
     fsdp.validate(cfg, gpu)
     if cfg.strategy.shard_size < 0:
         raise ConfigError(f"strategy.shard_size={cfg.strategy.shard_size}: give 0 (one node) or a rank count")
+
+
+def supports_tuning(tuning: str, strategy_cfg) -> str | None:
+    if tuning in UNVERIFIED:
+        return "not verified under hybrid sharding"
+    return fsdp.supports_tuning(tuning, strategy_cfg)
+
+
+def memory(shape, strategy_cfg, job) -> States:
+    """FSDP2's model within a shard group (a node by default); replicas add no states."""
+    shard = strategy_cfg.shard_size or job.ranks_per_node or job.world
+    return fully_sharded(shape, job, max(min(shard, job.world), 1))
 
 
 def mesh_shape(cfg, info) -> tuple[int, int]:

@@ -17,13 +17,14 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
+from distft.contracts import Strategy
 from distft.runtime import dist
 from distft.strategies.optim import build_adamw
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-class TorchNativeStrategy:
+class TorchNativeStrategy(Strategy):
     """DDP or FSDP2 around a model; `parallelize(model, cfg, info)` does the wrapping."""
 
     def __init__(self, cfg, info, parallelize: Callable, sharded: bool, autocast: bool):
@@ -34,6 +35,7 @@ class TorchNativeStrategy:
         self.use_autocast = autocast and cfg.train.precision != "fp32"
         self.loss_scale = float(info.world_size)  # gradient reduction averages over ranks
         self.scaler = None
+        self.async_save = True
         self.checkpoint_format = "dcp"  # DDP and FSDP2 read each other's checkpoints, at any world size
         self._ckpt_group = None
 
@@ -88,6 +90,17 @@ class TorchNativeStrategy:
     def set_lr(self, lr: float) -> None:
         for g in self.optimizer.param_groups:
             g["lr"] = lr
+
+    def end_trial(self, micro: int) -> None:
+        """Drop the planner's trial gradients (exact zeros) so the first real step starts clean."""
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def place_frozen(self, model: torch.nn.Module) -> torch.nn.Module:
+        """A frozen model on this rank's device; FSDP2 shards it with the policy's plan."""
+        model.to(self.info.device)
+        if self.sharded_params:
+            model = self.parallelize(model, self.cfg, self.info)
+        return model.eval()
 
     # Checkpoints: DCP writes one shard per rank and reshards on load (any world size).
     def _options(self) -> StateDictOptions:

@@ -14,13 +14,13 @@ from dataclasses import dataclass
 
 import torch
 
-from distft.config.ranges import num
 from distft.errors import ConfigError
+from distft.ranges import num
+from distft.strategies import check_tuning
 from distft.tuning import peft_common
 
 # The adaption prompts live inside the decoder layers, so FSDP2 shards them with their layer.
 # (Checked with 2 ranks: each strategy's losses match DDP's on the same global batch.)
-STRATEGIES = ("ddp", "fsdp", "zero1", "zero2", "zero3", "zero3_offload")
 
 
 @dataclass
@@ -57,8 +57,7 @@ def validate(cfg) -> None:
             "tuning=adapter does not train a classification head (PEFT's adaption prompt has no "
             "modules_to_save); for method=classify use tuning=full, lora, qlora, dora, ia3 or prefix"
         )
-    if cfg.strategy.name not in STRATEGIES:
-        raise ConfigError(f"tuning=adapter works with strategy={', '.join(STRATEGIES)}")
+    check_tuning(cfg)
     peft_common.check_init_adapter(t.init_adapter)
 
 

@@ -7,11 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
-from distft.errors import ConfigError
+from distft.strategies import check_tuning
 from distft.tuning import lora, peft_common
-
-# Checked with 2 ranks: DDP, FSDP2 and ZeRO-2 give identical losses; ZeRO-3 fails in backward.
-STRATEGIES = ("ddp", "fsdp", "zero1", "zero2")
 
 
 @dataclass
@@ -26,12 +23,7 @@ adapter = True
 
 def validate(cfg) -> None:
     lora.validate(cfg)
-    if getattr(cfg.strategy, "stage", 0) == 3:
-        raise ConfigError(
-            f"tuning=dora does not work with strategy={cfg.strategy.name}: DoRA reads the base weight "
-            "outside the layer's forward, which ZeRO-3 has already released (empty tensors in backward); "
-            f"use strategy={', '.join(STRATEGIES)}"
-        )
+    check_tuning(cfg)  # the strategy says whether it supports DoRA
     peft_common.check_init_adapter(cfg.tuning.init_adapter)
 
 

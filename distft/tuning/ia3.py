@@ -8,11 +8,8 @@ from dataclasses import dataclass, field
 import torch
 
 from distft.errors import ConfigError
+from distft.strategies import check_tuning
 from distft.tuning import peft_common
-
-# Checked with 2 ranks: DDP, FSDP2 and ZeRO-2 give identical losses. Under ZeRO-3 the IA3 scales,
-# read from a ParameterDict rather than through a submodule's forward, are never gathered.
-STRATEGIES = ("ddp", "fsdp", "zero1", "zero2")
 
 
 @dataclass
@@ -43,11 +40,7 @@ def validate(cfg) -> None:
             f"tuning.feedforward_modules={sorted(unknown)} are not in tuning.target_modules="
             f"{t.target_modules}; feedforward modules must be a subset of the targets"
         )
-    if cfg.strategy.name not in STRATEGIES:
-        raise ConfigError(
-            f"tuning=ia3 does not work with strategy={cfg.strategy.name} (ZeRO-3 never gathers the IA3 "
-            f"scales); use strategy={', '.join(STRATEGIES)}"
-        )
+    check_tuning(cfg)  # the strategy says whether it supports IA3
     peft_common.check_init_adapter(t.init_adapter)
 
 

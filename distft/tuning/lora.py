@@ -6,8 +6,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from distft.config.ranges import num
 from distft.errors import ConfigError
+from distft.ranges import num
 from distft.tuning import peft_common
 
 

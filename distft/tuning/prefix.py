@@ -7,15 +7,10 @@ from dataclasses import dataclass
 
 import torch
 
-from distft.config.ranges import num
 from distft.errors import ConfigError
+from distft.ranges import num
+from distft.strategies import check_tuning
 from distft.tuning import peft_common
-
-# Checked with 2 ranks against DDP on the same global batch: ZeRO-1/2 give DDP's losses exactly.
-# FSDP2: the prefix encoder lives in the PEFT wrapper, outside the sharded transformer, so its
-# gradients are not reduced across ranks (step-1 grad norm 0.056 vs DDP's 0.043). ZeRO-3: the
-# losses differ from the first step (4.662 vs 4.649). Both are rejected rather than silently wrong.
-STRATEGIES = ("ddp", "zero1", "zero2")
 
 
 @dataclass
@@ -50,11 +45,7 @@ def validate(cfg) -> None:
             "tuning.merge_on_export=true with tuning=prefix: prefixes cannot be merged into weights; "
             "set it false (or use tuning=lora/dora/ia3 for a mergeable adapter)"
         )
-    if cfg.strategy.name not in STRATEGIES:
-        raise ConfigError(
-            f"tuning=prefix does not work with strategy={cfg.strategy.name} (the prefix encoder is not "
-            f"sharded with the model); use strategy={', '.join(STRATEGIES)}"
-        )
+    check_tuning(cfg)  # the strategy says whether it supports prefix tuning
     peft_common.check_init_adapter(t.init_adapter)
 
 

@@ -7,10 +7,12 @@ from dataclasses import dataclass
 
 import torch
 
+from distft.contracts import MethodContext
 from distft.errors import ConfigError, DistftError
-from distft.rl.rewards import RewardScorer, Scores
-from distft.rl.rollout import Rollouts, generate_rollouts, token_logprobs
+from distft.methods.rl.rewards import RewardScorer, Scores
+from distft.methods.rl.rollout import Rollouts, generate_rollouts, token_logprobs
 from distft.runtime import dist
+from distft.strategies.step import add_parts, reduce_parts
 
 
 @dataclass
@@ -21,21 +23,22 @@ class Batch:
     """Rollouts per micro-batch (the optimizer step runs train.grad_accum of them)."""
 
 
-def step_examples(trainer, step: int) -> tuple[list[dict], int]:
+def step_examples(ctx: MethodContext, step: int) -> tuple[list[dict], int]:
     """This rank's prompts of the step's global batch, and the prompts per micro-batch."""
-    t, info = trainer.cfg.train, trainer.info
-    shares = trainer.sampler.rank_micro_batches(step, info.rank, info.world_size, t.grad_accum)
-    return [trainer.data.train[i] for ids in shares for i in ids], len(shares[0])
+    shares = ctx.rank_examples(step)
+    return [e for share in shares for e in share], len(shares[0])
 
 
-def rollout_batch(trainer, scorer: RewardScorer, examples: list[dict], copies: int, micro: int) -> Batch:
+def rollout_batch(
+    ctx: MethodContext, scorer: RewardScorer, examples: list[dict], copies: int, micro: int
+) -> Batch:
     """`copies` sampled completions per prompt (grouped), scored."""
-    info, st = trainer.info, trainer.strategy
+    info, st = ctx.info, ctx.strategy
     prompts = [e["prompt"] for e in examples for _ in range(copies)]
     prompt_ids = [e["prompt_ids"] for e in examples for _ in range(copies)]
     columns = [e["columns"] for e in examples for _ in range(copies)]
     roll = generate_rollouts(
-        st.module, trainer.tokenizer, prompts, prompt_ids, trainer.cfg, info.device, st.sharded_params
+        st.module, ctx.tokenizer, prompts, prompt_ids, ctx.cfg, info.device, st.sharded_params
     )
     scores = scorer(roll.prompts, roll.completions, roll.completion_ids, roll.stopped, columns)
     return Batch(roll, scores, micro * copies)
@@ -47,8 +50,7 @@ def micro_slices(n: int, micro: int) -> list[slice]:
 
 def minibatches(n: int, mini_batches: int, accum: int) -> list[list[slice]]:
     """The optimizer steps of one epoch over `n` rollouts: `mini_batches` contiguous minibatches,
-    each split into `accum` micro-batches (DeepSpeed expects exactly train.grad_accum backward
-    calls per optimizer step)."""
+    each split into `accum` micro-batches (train.grad_accum, as every optimizer step is)."""
     if n % (mini_batches * accum):
         raise ConfigError(
             f"method.mini_batches={mini_batches} does not divide a rank's {n} rollouts into "
@@ -62,9 +64,10 @@ def minibatches(n: int, mini_batches: int, accum: int) -> list[list[slice]]:
     ]
 
 
-def minibatch_tokens(mask: torch.Tensor, updates: list[list[slice]], device) -> list[float]:
-    """Action tokens of each minibatch over all ranks (each update's loss normalization)."""
-    return dist.all_reduce_sum([float(sum(mask[sl].sum() for sl in mb)) for mb in updates], device)
+def update_batches(mb: list[slice], mask: torch.Tensor) -> list[dict]:
+    """One update's micro-batches for `optimizer_step`: each a slice of the rollouts and its
+    action-token count (the update's loss is normalized by the count over all ranks)."""
+    return [{"sl": sl, "num_targets": float(mask[sl].sum())} for sl in mb]
 
 
 @torch.no_grad()
@@ -111,14 +114,14 @@ class Sums:
         self.acc: dict[str, list[float]] = {}
 
     def add(self, name: str, total, count) -> None:
-        a = self.acc.setdefault(name, [0.0, 0.0])
-        a[0] += float(total)
-        a[1] += float(count)
+        add_parts(self.acc, {name: (total, count)})
+
+    def merge(self, parts: dict) -> None:
+        """Add a step's local (sum, count) pairs (StepResult.parts)."""
+        add_parts(self.acc, parts)
 
     def reduce(self, device) -> dict[str, float]:
-        keys = sorted(self.acc)
-        flat = dist.all_reduce_sum([x for k in keys for x in self.acc[k]], device) if keys else []
-        return {k: flat[2 * i] / max(flat[2 * i + 1], 1e-12) for i, k in enumerate(keys)}
+        return reduce_parts(self.acc, device)
 
 
 def rollout_metrics(sums: Sums, batch: Batch, kl_seq: torch.Tensor) -> None:

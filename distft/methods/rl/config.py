@@ -7,7 +7,7 @@ from typing import Any
 
 from distft.errors import ConfigError
 
-DEFAULT_REWARD = [{"_target_": "distft.rl.rewards.char_match", "weight": 1.0}]
+DEFAULT_REWARD = [{"_target_": "distft.methods.rl.rewards.char_match", "weight": 1.0}]
 
 
 @dataclass
@@ -69,7 +69,7 @@ def validate_rl(cfg) -> None:
         raise ConfigError("method.sft_warmup_steps and method.max_reward_failures must be >= 0")
     if not m.reward_funcs and not m.reward_model:
         raise ConfigError(
-            "no reward: set method.reward_funcs (e.g. [{_target_: distft.rl.rewards.char_match}]) "
+            "no reward: set method.reward_funcs (e.g. [{_target_: distft.methods.rl.rewards.char_match}]) "
             "and/or method.reward_model (a method=reward export)"
         )
     for i, spec in enumerate(m.reward_funcs):

@@ -8,16 +8,16 @@ from pathlib import Path
 
 import torch
 
-from distft.rl import loop, models, prompts
-from distft.rl.rewards import RewardScorer
+from distft.contracts import Method, MethodContext
+from distft.methods.rl import loop, models, prompts
+from distft.methods.rl.rewards import RewardScorer
 
 
-class PromptMethod:
+class PromptMethod(Method):
     auto_class = None  # AutoModelForCausalLM
 
     def __init__(self, cfg, tokenizer):
-        self.cfg = cfg
-        self.tokenizer = tokenizer
+        super().__init__(cfg, tokenizer)
         self.scorer = None
         self.reference = None
         self.start_policy = None
@@ -43,13 +43,13 @@ class PromptMethod:
             return {}
         return prompts.evaluate(model, self.tokenizer, self.scorer, rows, self.cfg, info, sharded)
 
-    def setup(self, trainer, with_reference: bool) -> None:
+    def setup_policy(self, ctx: MethodContext, with_reference: bool) -> None:
         """Start policy (after the SFT warm-up), scorer, and the reference when the KL needs one."""
-        self.info = trainer.info
-        self.start_policy = models.start_policy(trainer)
-        self.scorer = RewardScorer(self.cfg, self.tokenizer, trainer.info.device)
+        self.info = ctx.info
+        self.start_policy = models.start_policy(ctx)
+        self.scorer = RewardScorer(self.cfg, self.tokenizer, ctx.info.device, ctx.strategy.place_frozen)
         if with_reference:
-            self.reference = models.load_reference(trainer, self.start_policy)
+            self.reference = models.load_reference(ctx, self.start_policy)
 
     def save_state(self, path: Path) -> None:
         state = {"start_policy": self.start_policy, "reward_failures": self.failures.total}

@@ -108,7 +108,7 @@ def evaluate(model, tokenizer, scorer, rows: list[dict], cfg, info, sharded: boo
     """On held-out prompts, sharded over ranks: `reward`, the mean reward of completions sampled as
     in training (what RL maximizes; a fixed seed, so evals compare, and the training RNG stream is
     left as it was), and `reward_greedy` / `exact_match` of greedy completions."""
-    from distft.rl.rollout import generate_rollouts
+    from distft.methods.rl.rollout import generate_rollouts
 
     rows = rows[: cfg.data.max_eval_generations]
     if not rows:

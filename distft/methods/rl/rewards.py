@@ -57,8 +57,13 @@ def exact_match(completions: list[str], **columns) -> list[float]:
     return [float(c.strip() == str(a).strip()) for c, a in zip(completions, columns[key])]
 
 
+OLD_PACKAGE = "distft.rl."
+
+
 def resolve(target: str):
     """The callable at dotted path `target` (module.attr[.attr...])."""
+    if target.startswith(OLD_PACKAGE):  # configs written before the RL blocks moved under methods/
+        target = "distft.methods.rl." + target[len(OLD_PACKAGE) :]
     parts = target.split(".")
     for i in range(len(parts) - 1, 0, -1):
         try:
@@ -109,7 +114,9 @@ class Scores:
 class RewardScorer:
     """Scores rollouts with the configured functions and the optional reward model."""
 
-    def __init__(self, cfg, tokenizer, device):
+    def __init__(self, cfg, tokenizer, device, place=None):
+        """`place` puts the frozen reward model where it runs (the run's `Strategy.place_frozen`:
+        sharded where the strategy shards); default: a replica on `device`."""
         self.funcs = build_reward_funcs(cfg.method.reward_funcs)
         self.tokenizer = tokenizer
         self.device = device
@@ -117,7 +124,8 @@ class RewardScorer:
         self.rm_weight = cfg.method.reward_model_weight
         self.warned: set[str] = set()
         if cfg.method.reward_model:
-            self.reward_model, self.rm_tokenizer = load_reward_model(cfg.method.reward_model, cfg, device)
+            model, self.rm_tokenizer = load_reward_model(cfg.method.reward_model, cfg)
+            self.reward_model = place(model) if place is not None else model.eval().to(device)
 
     def __call__(self, prompts, completions, completion_ids, stopped, rows) -> Scores:
         n = len(completions)
@@ -188,7 +196,7 @@ class RewardScorer:
         return logits[:, 0].double().cpu()
 
 
-def load_reward_model(path: str, cfg, device):
+def load_reward_model(path: str, cfg):
     """A frozen `method=reward` export (AutoModelForSequenceClassification, one output)."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -209,4 +217,4 @@ def load_reward_model(path: str, cfg, device):
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tok.pad_token_id
     model.requires_grad_(False)
-    return model.eval().to(device), tok
+    return model, tok

@@ -3,7 +3,8 @@
 - Warm start: a random-init policy earns no reward, so `method.sft_warmup_steps` of SFT on the
   default task run on the already-wrapped policy before RL; the result is written to
   `<run>/sft_warmup/` (Hugging Face format) and is the reference model and the critic's init.
-- Reference: a frozen copy of the RL start policy on every rank; with LoRA/QLoRA (and no
+- Reference: a frozen copy of the RL start policy, placed by the strategy like the policy
+  (sharded where it shards parameters; distft.methods.frozen); with LoRA/QLoRA (and no
   warm-up) the policy itself with its adapters disabled, so no second copy of the weights.
 - Critic (PPO): a token-classification model with one output (a value per position) initialized
   from the start policy, wrapped by its own strategy object (sharded like the policy).
@@ -17,12 +18,12 @@ from pathlib import Path
 
 import torch
 
+from distft.contracts import MethodContext
 from distft.data.collate import as_row, pad_batch
 from distft.data.default_tasks import sft_rows
 from distft.data.sampler import GlobalBatchSampler
 from distft.data.sft_format import tokenize_sft
-from distft.engine import checkpoint
-from distft.rl.prompts import reference_nll
+from distft.methods.rl.prompts import reference_nll
 from distft.runtime import dist
 from distft.strategies import STRATEGIES
 
@@ -32,52 +33,37 @@ STATE_FILE = "rl_state.json"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def start_policy(trainer) -> str:
+def start_policy(ctx: MethodContext) -> str:
     """Path of the policy RL starts from (the reference): after the warm-up, or as loaded. When
     resuming, the path recorded in the checkpoint (no second warm-up)."""
-    cfg = trainer.cfg
-    resume = checkpoint.resolve_resume(cfg.resume, trainer.run_dir)
-    if resume is not None:
-        state_file = resume / STATE_FILE
+    cfg = ctx.cfg
+    if ctx.resume_path is not None:
+        state_file = ctx.resume_path / STATE_FILE
         if state_file.is_file():
             return json.loads(state_file.read_text())["start_policy"]
-        return trainer.model_path
+        return ctx.model_path
     if cfg.method.sft_warmup_steps <= 0:
-        return trainer.model_path
-    sft_warmup(trainer)
-    out = trainer.run_dir / WARMUP_DIR
-    save_hf(trainer.strategy, trainer.model_path, out, trainer.tokenizer, cfg, trainer.info, causal=True)
+        return ctx.model_path
+    sft_warmup(ctx)
+    out = ctx.run_dir / WARMUP_DIR
+    save_hf(ctx.strategy, ctx.model_path, out, ctx.tokenizer, cfg, ctx.info, causal=True)
     return str(out)
 
 
-def sft_warmup(trainer) -> None:
+def sft_warmup(ctx: MethodContext) -> None:
     """`method.sft_warmup_steps` SFT steps on the default task, on the wrapped policy."""
-    cfg, info, strategy, tok = trainer.cfg, trainer.info, trainer.strategy, trainer.tokenizer
-    m, t = cfg.method, cfg.train
+    cfg, info, g, tok = ctx.cfg, ctx.info, ctx.geometry, ctx.tokenizer
+    m = cfg.method
     # Its own batch size (not train.micro_batch_size): the warm start is the same on any world size.
-    unit = info.world_size * t.grad_accum
-    global_batch = max(unit, m.sft_warmup_batch - m.sft_warmup_batch % unit)
+    global_batch = g.round_down(m.sft_warmup_batch)
     rows = sft_rows(m.sft_warmup_steps * global_batch, seed=WARMUP_SEED)
     examples = [as_row(tokenize_sft(r, tok, cfg.data.max_length, False)) for r in rows]
-    sampler = GlobalBatchSampler(len(examples), global_batch, t.seed)
+    sampler = GlobalBatchSampler(len(examples), global_batch, cfg.train.seed)
     first = last = float("nan")
     for step in range(m.sft_warmup_steps):
-        shares = sampler.rank_micro_batches(step, info.rank, info.world_size, t.grad_accum)
+        shares = sampler.rank_micro_batches(step, info.rank, g.dp, g.accum)
         batches = [pad_batch([examples[i] for i in ids], tok.pad_token_id) for ids in shares]
-        (targets,) = dist.all_reduce_sum([sum(b["num_targets"] for b in batches)], info.device)
-        scale = strategy.loss_scale / max(targets, 1.0)
-        strategy.set_lr(m.sft_warmup_lr)
-        total = 0.0
-        for i, batch in enumerate(batches):
-            is_last = i == len(batches) - 1
-            batch = {k: v.to(info.device) if torch.is_tensor(v) else v for k, v in batch.items()}
-            with strategy.accumulate(is_last):
-                loss, _ = reference_nll(strategy.model, batch)
-                strategy.backward(loss * scale, is_last)
-            total += float(loss.detach())
-        strategy.step()
-        (total,) = dist.all_reduce_sum([total], info.device)
-        last = total / max(targets, 1.0)
+        last = ctx.run_step(batches, reference_nll, m.sft_warmup_lr).loss
         first = last if step == 0 else first
     if info.is_main:
         print(
@@ -107,22 +93,12 @@ def save_hf(strategy, base_path: str, out: Path, tokenizer, cfg, info, causal: b
     return out
 
 
-def load_reference(trainer, path: str):
-    """A frozen copy of the start policy, or None: use the policy with adapters disabled."""
-    from transformers import AutoModelForCausalLM
-
-    cfg = trainer.cfg
-    if trainer.tuning.adapter and path == trainer.model_path:
+def load_reference(ctx: MethodContext, path: str):
+    """A frozen copy of the start policy (in the compute dtype, placed by the strategy), or None:
+    use the policy with adapters disabled."""
+    if ctx.tuning.adapter and path == ctx.model_path:
         return None
-    dtype = torch.float32 if cfg.train.precision == "fp32" else DTYPES[cfg.train.precision]
-    ref = AutoModelForCausalLM.from_pretrained(
-        path,
-        dtype=dtype,
-        attn_implementation=cfg.model.attn_implementation,
-        trust_remote_code=cfg.model.trust_remote_code,
-    )
-    ref.requires_grad_(False)
-    return ref.eval().to(trainer.info.device)
+    return ctx.load_frozen(path, None, DTYPES[ctx.cfg.train.precision])
 
 
 def _critic_class(path: str, cfg, auto):
@@ -140,12 +116,12 @@ def _critic_class(path: str, cfg, auto):
     )
 
 
-def build_critic(trainer, path: str):
+def build_critic(ctx: MethodContext, path: str):
     """The critic, initialized from `path` with a zeroed value head, wrapped by its own strategy."""
     from transformers import AutoModelForTokenClassification
     from transformers.utils import logging
 
-    cfg, info = trainer.cfg, trainer.info
+    cfg, info = ctx.cfg, ctx.info
     verbosity = logging.get_verbosity()
     logging.set_verbosity_error()  # "score is newly initialized" is expected here
     try:

@@ -1,0 +1,95 @@
+"""What `Trainer.build` assembles before the loop: the run dir and its config.yaml, the seed, the
+model (loaded, transformed by the tuning, optionally compiled), the MFU meter, the progress bar."""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from datetime import datetime
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from distft.models import base_dtype, load_model
+from distft.models.sharded_load import meta_model
+from distft.perf.mfu import MfuMeter, mean_length
+from distft.runtime import dist
+
+LOAD_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def default_output_dir() -> str:
+    return str(Path("outputs") / datetime.now().strftime("%Y-%m-%d/%H-%M-%S"))
+
+
+def run_dir(cfg, composed, info) -> Path:
+    """The run dir agreed by all ranks (cfg.output_dir is set to it); rank 0 writes config.yaml."""
+    path = Path(dist.broadcast_object(cfg.output_dir or default_output_dir())).resolve()
+    cfg.output_dir = str(path)
+    if info.is_main:
+        path.mkdir(parents=True, exist_ok=True)
+        write_config(cfg, composed, path)
+    dist.barrier()
+    return path
+
+
+def write_config(cfg, composed, run_dir: Path) -> None:
+    if composed is not None:
+        plain = OmegaConf.to_container(composed, resolve=True)
+        plain.pop("hydra", None)
+        plain["output_dir"] = cfg.output_dir
+        OmegaConf.save(OmegaConf.create(plain), run_dir / "config.yaml")
+    else:
+        OmegaConf.save(OmegaConf.structured(dataclasses.asdict(cfg)), run_dir / "config.yaml")
+
+
+def seed(value: int) -> None:
+    random.seed(value)
+    torch.manual_seed(value)
+
+
+def model(cfg, info, method, tuning, model_path: str, loads_sharded: bool) -> torch.nn.Module:
+    """The model to train, before the strategy wraps it: loaded (on the meta device when the
+    strategy reads each rank's shards itself), tuned, optionally compiled."""
+    load_dtype = torch.float32 if not tuning.adapter else LOAD_DTYPES[cfg.train.precision]
+    out = None
+    if loads_sharded and info.world_size > 1 and not tuning.adapter and method.auto_class is None:
+        out = meta_model(model_path, cfg)  # each rank reads only its shards (strategy.setup)
+    if out is None:
+        out = load_model(  # adapters: the frozen base in the compute precision
+            model_path,
+            cfg,
+            base_dtype(cfg, tuning.adapter),
+            tuning.load_kwargs(cfg, load_dtype),
+            method.auto_class,
+        )
+    if cfg.train.gradient_checkpointing:
+        out.gradient_checkpointing_enable({"use_reentrant": False})
+    out.config.use_cache = False
+    out = tuning.apply(out, cfg)
+    if cfg.train.compile:
+        compile_blocks(out)
+    return out
+
+
+def mfu_meter(cfg, info, model: torch.nn.Module, data) -> MfuMeter:
+    """FLOPs per token from the unwrapped model (sharding hides shapes); mean example length as T."""
+    seq_len = mean_length(data.train, cfg.data.max_length)
+    return MfuMeter.for_model(model, seq_len, info.device, LOAD_DTYPES[cfg.train.precision], info.world_size)
+
+
+def compile_blocks(model: torch.nn.Module) -> None:
+    """torch.compile every repeated block (they share one compiled graph) before the strategy
+    wraps them, as torchtitan does; models without blocks are compiled whole."""
+    from distft.models.layers import decoder_layers
+
+    blocks = decoder_layers(model)
+    for block in blocks or [model]:
+        block.compile()
+
+
+def progress(total: int, start: int, enabled: bool):
+    from distft.engine.progress import progress_bar  # plain lines when stderr is not a terminal
+
+    return progress_bar(total, start) if enabled else None
