@@ -19,8 +19,11 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-# torchrun passes the signals it handles on to its workers: SIGUSR1 asks them to checkpoint
-# and stop (distft.runtime.stop) instead of killing the launcher.
+from launch import supervise
+
+# torchrun passes the signals it handles on to its workers, which checkpoint and stop
+# (distft.runtime.stop). Given as --signals-to-handle: torch 2.13 overwrites the
+# TORCHELASTIC_SIGNALS_TO_HANDLE variable from that flag's default, which lacks SIGUSR1.
 STOP_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
 
 
@@ -48,7 +51,7 @@ def command(c, overrides: list[str], run_id: str = "distft") -> list[str]:
     return [
         sys.executable,
         "-m",
-        "torch.distributed.run",
+        "launch.torchrun",  # torch.distributed.run, one line instead of a traceback on a stop
         f"--nnodes={c.nodes}",
         f"--nproc-per-node={nproc_per_node(c)}",
         f"--node-rank={c.node_rank}",
@@ -58,6 +61,7 @@ def command(c, overrides: list[str], run_id: str = "distft") -> list[str]:
         f"--rdzv-id={run_id}",
         f"--rdzv-conf={','.join(rdzv_conf)}",
         f"--shutdown-timeout={c.stop_grace_s}",
+        f"--signals-to-handle={STOP_SIGNALS}",
         "-m",
         "distft.train",
         *overrides,
@@ -66,7 +70,6 @@ def command(c, overrides: list[str], run_id: str = "distft") -> list[str]:
 
 def environment(c, run_dir: Path | None) -> dict[str, str]:
     env = dict(os.environ)
-    env["TORCHELASTIC_SIGNALS_TO_HANDLE"] = STOP_SIGNALS
     if c.gpus_per_node > 0 and run_dir is not None:
         # NCCL's watchdog: on a collective timeout, dump the flight recorder next to the stacks.
         env.setdefault("TORCH_NCCL_TRACE_BUFFER_SIZE", "2000")
@@ -106,7 +109,7 @@ def run_node(c, overrides: list[str], run_dir: Path | None, dry_run: bool, run_i
         except RendezvousUnreachable as e:
             print(f"distft-launch: error: {e}", file=sys.stderr, flush=True)
             return 3
-    return subprocess.call(cmd, env=environment(c, run_dir))
+    return supervise.run(cmd, environment(c, run_dir), c.stop_grace_s)
 
 
 def run(cfg, overrides: list[str], dry_run: bool) -> int:

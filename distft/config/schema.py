@@ -183,12 +183,14 @@ class ClusterConfig:
     """This launcher's node (cluster=local multi-node: one distft-launch per node)."""
     rdzv_timeout_s: int = 300
     """Seconds a node waits for the rendezvous (all nodes joined) before failing with host:port."""
-    timeout_s: int = 600
+    timeout_s: int = 300
     """Collective timeout of the process group (a hung collective fails after this)."""
-    hang_dump_s: int = 300
-    """Dump every rank's Python stacks to <run dir>/stacks/ when no step finishes this long (0: off)."""
+    hang_dump_s: int = 120
+    """Dump every rank's Python stacks to <run dir>/stacks/ when no step finishes this long, and
+    name ranks on the same host that are stopped (SIGSTOP); keep it below timeout_s (0: off)."""
     stop_grace_s: int = 120
-    """After a stop signal (SIGUSR1, e.g. SLURM's pre-timeout warning), seconds ranks get to checkpoint."""
+    """After a stop signal (SIGTERM, SIGINT, SIGHUP, SIGUSR1: Ctrl-C, scancel, SLURM's pre-timeout
+    warning), seconds ranks get to agree, checkpoint and exit 75 before they are killed."""
     preflight: bool = True
     """Rank 0 reports world size, backends, devices and all-reduce bandwidth/latency before training."""
     extra: dict[str, Any] = field(default_factory=dict)
