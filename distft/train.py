@@ -27,6 +27,11 @@ def main(argv: list[str] | None = None) -> int:
         from distft.config.load import load_config
 
         cfg, composed = load_config(argv)
+        from distft.runtime import dist
+        from distft.strategies import STRATEGIES, deepspeed_zero
+
+        if STRATEGIES.get(cfg.strategy.name) is deepspeed_zero and "WORLD_SIZE" not in os.environ:
+            dist.init_alone()  # one process, no launcher: DeepSpeed would look for MPI
         from distft.engine.trainer import Trainer
 
         Trainer.build(cfg, composed).train()

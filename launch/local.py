@@ -19,6 +19,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from distft.runtime.dist import slurm_hostnames, slurm_port
 from launch import supervise
 
 # torchrun passes the signals it handles on to its workers, which checkpoint and stop
@@ -117,14 +118,7 @@ def run(cfg, overrides: list[str], dry_run: bool) -> int:
 
 
 # ---------------------------------------------------------------------- inside a SLURM job
-def _hostnames(nodelist: str) -> list[str]:
-    out = subprocess.run(
-        ["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=True
-    )
-    return out.stdout.split()
-
-
-def slurm_node(c, env: dict[str, str] | None = None, hostnames=_hostnames):
+def slurm_node(c, env: dict[str, str] | None = None, hostnames=slurm_hostnames):
     """The cluster config placed on this SLURM node: nodes, node rank, first node, job port."""
     env = os.environ if env is None else env
     job = int(env["SLURM_JOB_ID"])
@@ -137,11 +131,6 @@ def slurm_node(c, env: dict[str, str] | None = None, hostnames=_hostnames):
         master_addr=first,
         master_port=slurm_port(c.master_port, job),
     )
-
-
-def slurm_port(base: int, job_id: int) -> int:
-    """A port per job (jobs sharing a node do not collide); the same on every node of the job."""
-    return base + job_id % 10000
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -89,8 +89,11 @@ def set_parent_death_signal(sig: int = signal.SIGTERM) -> bool:
 
 def started_by_launcher() -> bool:
     """torchrun, the deepspeed launcher or srun started this rank (not a user's shell, where the
-    run must survive e.g. `nohup`)."""
-    return any(k in os.environ for k in ("TORCHELASTIC_RUN_ID", "LOCAL_RANK", "SLURM_STEP_ID"))
+    run must survive e.g. `nohup`). Read at import: a process alone sets LOCAL_RANK itself later."""
+    return _LAUNCHED
+
+
+_LAUNCHED = any(k in os.environ for k in ("TORCHELASTIC_RUN_ID", "LOCAL_RANK", "SLURM_STEP_ID"))
 
 
 def install(grace_s: float | None = None) -> None:
