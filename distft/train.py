@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
         from distft.runtime import dist
         from distft.strategies import STRATEGIES, deepspeed_zero
 
-        if STRATEGIES.get(cfg.strategy.name) is deepspeed_zero and "WORLD_SIZE" not in os.environ:
+        if STRATEGIES.get(cfg.strategy.name) is deepspeed_zero and dist.placement().world_size == 1:
             dist.init_alone()  # one process, no launcher: DeepSpeed would look for MPI
         from distft.engine.trainer import Trainer
 

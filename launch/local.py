@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import shlex
 import socket
-import subprocess
 import sys
 import time
 from dataclasses import replace
@@ -71,6 +70,8 @@ def command(c, overrides: list[str], run_id: str = "distft") -> list[str]:
 
 def environment(c, run_dir: Path | None) -> dict[str, str]:
     env = dict(os.environ)
+    if c.network_interface:  # the NIC between nodes, for NCCL and gloo
+        env["NCCL_SOCKET_IFNAME"] = env["GLOO_SOCKET_IFNAME"] = c.network_interface
     if c.gpus_per_node > 0 and run_dir is not None:
         # NCCL's watchdog: on a collective timeout, dump the flight recorder next to the stacks.
         env.setdefault("TORCH_NCCL_TRACE_BUFFER_SIZE", "2000")

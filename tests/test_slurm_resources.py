@@ -130,3 +130,70 @@ def test_plain_processes_with_only_slurm_variables_form_the_group_and_hsdp_mesh(
         assert row == {
             "rank": r, "world": 2, "local": 1, "mesh": [2, 1], "shard_group": 1, "sum": 3.0, "master": host,
         }  # fmt: skip
+
+
+# ------------------------------------------------------------------ GPU job resources (dry run)
+def _dry_run(capsys, tmp_path, *overrides: str) -> str:
+    from launch.main import main as launch_main
+
+    assert launch_main(["launch.dry_run=true", f"output_dir={tmp_path / 'run'}", *overrides]) == 0
+    return capsys.readouterr().out
+
+
+@pytest.mark.quick
+def test_gpu_recipe_renders_gpu_node_resources(tmp_path, capsys):
+    """The 70B LoRA 2x8-GPU recipe: whole-node memory and CPUs per GPU, not the CPU defaults."""
+    out = _dry_run(capsys, tmp_path, "experiment=llama31_70b_lora_fsdp_2x8", "cluster.partition=gpu")
+    for line in [
+        "#SBATCH --nodes=2",
+        "#SBATCH --gpus-per-node=8",
+        "#SBATCH --cpus-per-task=64",
+        "#SBATCH --mem=0",
+        "# distft: 2 node(s) x 8 rank(s) per node; per node 8 GPU(s), 64 CPUs, memory the whole node",
+    ]:
+        assert line in out, line
+    assert "--mem=8G" not in out and "--cpus-per-task=2\n" not in out
+    # srun repeats the CPUs (Slurm 22.05-23.02 do not pass them on to the step).
+    assert '--cpus-per-task="$SLURM_CPUS_PER_TASK"' in out
+
+
+@pytest.mark.quick
+def test_gpus_per_node_alone_sets_ranks_per_node(tmp_path, capsys):
+    out = _dry_run(capsys, tmp_path, "cluster.gpus_per_node=8")
+    assert "--nproc-per-node=8" in out  # not min(2, 8)
+    out = _dry_run(capsys, tmp_path, "cluster=slurm", "cluster.gpus_per_node=4", "cluster.cpus_per_gpu=12")
+    assert "4 rank(s) per node; per node 4 GPU(s), 48 CPUs, memory the whole node" in out
+    # Given values win; CPU nodes keep the small defaults.
+    out = _dry_run(capsys, tmp_path, "cluster=slurm", "cluster.gpus_per_node=4", "cluster.nproc_per_node=2",
+                   "cluster.cpus_per_task=16", "cluster.mem=100G")  # fmt: skip
+    assert "#SBATCH --cpus-per-task=16" in out and "#SBATCH --mem=100G" in out and "x 2 rank(s)" in out
+    out = _dry_run(capsys, tmp_path, "cluster=slurm")
+    assert "#SBATCH --cpus-per-task=2" in out and "#SBATCH --mem=8G" in out and "x 2 rank(s)" in out
+
+
+@pytest.mark.quick
+def test_network_interface_is_exported_for_nccl_and_gloo(tmp_path, capsys):
+    out = _dry_run(capsys, tmp_path, "cluster=slurm", "cluster.network_interface=ib0")
+    setup = out.split("# distft:setup-begin", 1)[1].split("# distft:setup-end", 1)[0]
+    assert "export NCCL_SOCKET_IFNAME=ib0" in setup and "export GLOO_SOCKET_IFNAME=ib0" in setup
+    from distft.config.load import load_config
+    from launch.local import environment
+
+    cfg, _ = load_config(["cluster.network_interface=eth1"])
+    e = environment(cfg.cluster, None)
+    assert e["NCCL_SOCKET_IFNAME"] == e["GLOO_SOCKET_IFNAME"] == "eth1"
+
+
+@pytest.mark.quick
+def test_requeue_without_scontrol_explains_instead_of_failing(tmp_path):
+    """A job whose environment lacks scontrol (container image): one line saying how to go on."""
+    script = (REPO / "slurm" / "train.sbatch").read_text()
+    start = script.index("requeue_job() {")
+    func = script[start : script.index("\n}\n", start) + 3]
+    body = f'OVERRIDES=(train.max_steps=9)\n{func}\nPATH=/nonexistent; requeue_job; echo "rc=$?"'
+    out = subprocess.run(
+        ["bash", "-c", body],
+        env={"SLURM_JOB_ID": "77"}, capture_output=True, text=True,
+    )  # fmt: skip
+    assert "cannot requeue job 77: scontrol is not installed here" in out.stdout, out
+    assert "train.max_steps=9" in out.stdout and "rc=1" in out.stdout

@@ -170,7 +170,8 @@ class ClusterConfig:
     nodes: int = 1
     """Nodes in the job."""
     nproc_per_node: int = 2
-    """Ranks per node (defaults to the GPU count on GPU nodes)."""
+    """Ranks per node. The YAML default is one per GPU on GPU nodes (gpus_per_node), 2 on CPU nodes;
+    0: one per visible GPU."""
     gpus_per_node: int = 0
     """GPUs per node (0 on CPU nodes: ranks use gloo)."""
     max_restarts: int = 0
@@ -191,6 +192,9 @@ class ClusterConfig:
     stop_grace_s: int = 120
     """After a stop signal (SIGTERM, SIGINT, SIGHUP, SIGUSR1: Ctrl-C, scancel, SLURM's pre-timeout
     warning), seconds ranks get to agree, checkpoint and exit 75 before they are killed."""
+    network_interface: str | None = None
+    """Network interface for NCCL and gloo between nodes (exported as NCCL_SOCKET_IFNAME and
+    GLOO_SOCKET_IFNAME), e.g. ib0 or eth0; None: the libraries pick one."""
     preflight: bool = True
     """Rank 0 reports world size, backends, devices and all-reduce bandwidth/latency before training."""
     extra: dict[str, Any] = field(default_factory=dict)
@@ -211,10 +215,14 @@ class SlurmClusterConfig(ClusterConfig):
     """--time limit (the stop signal comes signal_before_s earlier)."""
     constraint: str | None = None
     """--constraint (node features)."""
-    cpus_per_task: int = 2
-    """CPUs for each node's launcher task, i.e. for all ranks of a node."""
-    mem: str | None = "8G"
-    """--mem per node (None: the cluster's default)."""
+    cpus_per_task: int = 0
+    """CPUs for each node's launcher task, i.e. for all ranks of a node (0: cpus_per_gpu per GPU
+    on GPU nodes, 2 on CPU nodes)."""
+    cpus_per_gpu: int = 8
+    """CPUs per GPU when cpus_per_task is 0 on GPU nodes (data loading, tokenization, NCCL)."""
+    mem: str | None = "auto"
+    """--mem per node: auto (0, the whole node's memory, on GPU nodes; 8G on CPU nodes), a size
+    such as 200G, or None (the cluster's default)."""
     job_name: str = "distft"
     """--job-name."""
     signal_before_s: int = 120
