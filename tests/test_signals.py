@@ -135,3 +135,14 @@ def test_ctrl_c_checkpoints_in_one_line_and_a_stopped_rank_is_named(tmp_path):
     out = finish(proc, everyone)
     assert_stopped_cleanly(proc, run_dir, out, everyone, "Ctrl-C")
     assert out.count("got SIGINT") == 1 and f"distft: rank 1 (pid {pids[1]}" in out
+
+
+@pytest.mark.quick
+def test_preflight_bandwidth_all_reduce_is_large_enough_on_gpu():
+    """4 MiB over NVLink/InfiniBand takes tens of microseconds: latency, not bandwidth."""
+    import torch
+
+    from distft.runtime.preflight import bandwidth_mib
+
+    assert bandwidth_mib(torch.device("cuda", 3)) == 256
+    assert bandwidth_mib(torch.device("cpu")) == 4  # gloo on CPU: a sanity check, kept quick
