@@ -25,8 +25,27 @@ class _QuietStop(logging.Filter):
         return not any(n in str(record.msg) for n in self.NOISE)
 
 
+def _once(handler):
+    """torchrun's handler raises SignalException on every signal; a second one (srun signals every
+    process of the step, and the node launcher forwards the same signal) would abort its wait for
+    the ranks' stop checkpoint. The first starts the shutdown; later ones are ignored."""
+    seen: list[int] = []
+
+    def handle(signum, frame):
+        if seen:
+            return
+        seen.append(signum)
+        handler(signum, frame)
+
+    return handle
+
+
 def main(argv: list[str] | None = None) -> int:
+    import torch.distributed.elastic.multiprocessing.api as mp_api
     from torch.distributed.run import main as torchrun_main
+
+    if hasattr(mp_api, "_terminate_process_handler"):  # looked up when the workers start
+        mp_api._terminate_process_handler = _once(mp_api._terminate_process_handler)
 
     for name in ("agent.server.api", "multiprocessing.api"):
         logging.getLogger(f"torch.distributed.elastic.{name}").addFilter(_QuietStop())
