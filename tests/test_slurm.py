@@ -229,8 +229,9 @@ def test_srun_starts_ranks_straight_from_slurm_variables(slurm, tmp_path):
     local size and the master address from SLURM's variables; hsdp shards over the node's 2 ranks."""
     run_dir = tmp_path / "srun"
     proc = subprocess.run(
-        ["srun", "--ntasks=2", "--ntasks-per-node=2", "--cpus-per-task=1", sys.executable, "-m", "distft.train",
-         *TINY, "strategy=hsdp", "train.max_steps=2", "train.export=none", f"output_dir={run_dir}"],
+        ["srun", "--ntasks=2", "--ntasks-per-node=2", "--cpus-per-task=1",
+         sys.executable, "-m", "distft.train", *TINY, "strategy=hsdp", "train.max_steps=2",
+         "train.export=none", f"output_dir={run_dir}"],
         cwd=REPO, env=slurm_env(), capture_output=True, text=True, timeout=JOB_TIMEOUT,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
