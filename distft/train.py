@@ -6,8 +6,13 @@ import os
 import sys
 
 from distft.errors import DistftError
+from distft.runtime import stop
 from distft.runtime.stop import EXIT_CODE as STOP_EXIT_CODE
 from distft.runtime.stop import StopRequested
+
+
+def _is_rank0() -> bool:
+    return os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,19 +29,29 @@ def main(argv: list[str] | None = None) -> int:
 
     if (rc := early_exit("distft-train", __doc__, argv)) is not None:  # --help, --cfg job
         return rc
+
+    stop.install()  # from the start: Ctrl-C while the stack imports is a stop, not a traceback
     try:
         from distft.config.load import load_config
 
         cfg, composed = load_config(argv)
+        from distft.runtime import dist
+        from distft.strategies import STRATEGIES, deepspeed_zero
+
+        if STRATEGIES.get(cfg.strategy.name) is deepspeed_zero and dist.placement().world_size == 1:
+            dist.init_alone()  # one process, no launcher: DeepSpeed would look for MPI
         from distft.engine.trainer import Trainer
 
         Trainer.build(cfg, composed).train()
     except DistftError as e:
-        if os.environ.get("RANK", "0") == "0":
-            print(f"distft: error: {e}", file=sys.stderr, flush=True)
+        line = f"distft: error: {e}"
+        stop.write_status({"status": "error", "message": line})
+        if _is_rank0():  # distft-launch prints every rank's line again, last
+            print(line, file=sys.stderr, flush=True)
         return 2
     except StopRequested as e:
-        if os.environ.get("RANK", "0") == "0":
+        stop.write_status({"status": "stopped", "step": e.step})
+        if _is_rank0():
             print(f"distft: {e}; resume=auto continues from it", file=sys.stderr, flush=True)
         return STOP_EXIT_CODE
     finally:

@@ -13,14 +13,17 @@ from __future__ import annotations
 import os
 import shlex
 import socket
-import subprocess
 import sys
 import time
 from dataclasses import replace
 from pathlib import Path
 
-# torchrun passes the signals it handles on to its workers: SIGUSR1 asks them to checkpoint
-# and stop (distft.runtime.stop) instead of killing the launcher.
+from distft.runtime.dist import slurm_hostnames, slurm_port
+from launch import supervise
+
+# torchrun passes the signals it handles on to its workers, which checkpoint and stop
+# (distft.runtime.stop). Given as --signals-to-handle: torch 2.13 overwrites the
+# TORCHELASTIC_SIGNALS_TO_HANDLE variable from that flag's default, which lacks SIGUSR1.
 STOP_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
 
 
@@ -48,7 +51,7 @@ def command(c, overrides: list[str], run_id: str = "distft") -> list[str]:
     return [
         sys.executable,
         "-m",
-        "torch.distributed.run",
+        "launch.torchrun",  # torch.distributed.run, one line instead of a traceback on a stop
         f"--nnodes={c.nodes}",
         f"--nproc-per-node={nproc_per_node(c)}",
         f"--node-rank={c.node_rank}",
@@ -58,6 +61,7 @@ def command(c, overrides: list[str], run_id: str = "distft") -> list[str]:
         f"--rdzv-id={run_id}",
         f"--rdzv-conf={','.join(rdzv_conf)}",
         f"--shutdown-timeout={c.stop_grace_s}",
+        f"--signals-to-handle={STOP_SIGNALS}",
         "-m",
         "distft.train",
         *overrides,
@@ -66,7 +70,8 @@ def command(c, overrides: list[str], run_id: str = "distft") -> list[str]:
 
 def environment(c, run_dir: Path | None) -> dict[str, str]:
     env = dict(os.environ)
-    env["TORCHELASTIC_SIGNALS_TO_HANDLE"] = STOP_SIGNALS
+    if c.network_interface:  # the NIC between nodes, for NCCL and gloo
+        env["NCCL_SOCKET_IFNAME"] = env["GLOO_SOCKET_IFNAME"] = c.network_interface
     if c.gpus_per_node > 0 and run_dir is not None:
         # NCCL's watchdog: on a collective timeout, dump the flight recorder next to the stacks.
         env.setdefault("TORCH_NCCL_TRACE_BUFFER_SIZE", "2000")
@@ -106,7 +111,7 @@ def run_node(c, overrides: list[str], run_dir: Path | None, dry_run: bool, run_i
         except RendezvousUnreachable as e:
             print(f"distft-launch: error: {e}", file=sys.stderr, flush=True)
             return 3
-    return subprocess.call(cmd, env=environment(c, run_dir))
+    return supervise.run(cmd, environment(c, run_dir), c.stop_grace_s)
 
 
 def run(cfg, overrides: list[str], dry_run: bool) -> int:
@@ -114,14 +119,7 @@ def run(cfg, overrides: list[str], dry_run: bool) -> int:
 
 
 # ---------------------------------------------------------------------- inside a SLURM job
-def _hostnames(nodelist: str) -> list[str]:
-    out = subprocess.run(
-        ["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=True
-    )
-    return out.stdout.split()
-
-
-def slurm_node(c, env: dict[str, str] | None = None, hostnames=_hostnames):
+def slurm_node(c, env: dict[str, str] | None = None, hostnames=slurm_hostnames):
     """The cluster config placed on this SLURM node: nodes, node rank, first node, job port."""
     env = os.environ if env is None else env
     job = int(env["SLURM_JOB_ID"])
@@ -134,11 +132,6 @@ def slurm_node(c, env: dict[str, str] | None = None, hostnames=_hostnames):
         master_addr=first,
         master_port=slurm_port(c.master_port, job),
     )
-
-
-def slurm_port(base: int, job_id: int) -> int:
-    """A port per job (jobs sharing a node do not collide); the same on every node of the job."""
-    return base + job_id % 10000
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -48,6 +48,9 @@ def main(argv: list[str] | None = None) -> int:
         cfg, composed = load_config(argv)  # every rule checked before any rank starts
         if cfg.cluster.name not in LAUNCHERS:
             raise DistftError(f"cluster={cfg.cluster.name}: valid: {', '.join(LAUNCHERS)}")
+        from launch.checks import before_ranks
+
+        before_ranks(cfg)  # missing data / model paths: here, not under torchrun's failure report
     except DistftError as e:
         print(f"distft-launch: error: {e}", file=sys.stderr)
         return 2

@@ -18,12 +18,31 @@ from distft.paths import slurm_dir
 TEMPLATE = "train.sbatch"
 
 
+CPU_NODE_CPUS = 2
+CPU_NODE_MEM = "8G"
+
+
+def resources(c) -> dict:
+    """Per node: ranks, GPUs, CPUs and memory, with the GPU-node defaults filled in (the ranks
+    per node come from torchrun's --nproc-per-node rule, the launcher's own)."""
+    from launch.local import nproc_per_node
+
+    gpu = c.gpus_per_node > 0
+    cpus = c.cpus_per_task or (c.cpus_per_gpu * c.gpus_per_node if gpu else CPU_NODE_CPUS)
+    mem = c.mem
+    if mem == "auto":
+        mem = "0" if gpu else CPU_NODE_MEM  # --mem=0: all of the node's memory
+    ranks = nproc_per_node(c) if (gpu or c.nproc_per_node > 0) else None
+    return {"ranks": ranks, "gpus": c.gpus_per_node, "cpus": cpus, "mem": mem}
+
+
 def sbatch_lines(c, run_dir: Path) -> list[str]:
+    r = resources(c)
     opts = [
         f"--job-name={c.job_name}",
         f"--nodes={c.nodes}",
         "--ntasks-per-node=1",  # one launcher (torchrun) per node; it starts the node's ranks
-        f"--cpus-per-task={c.cpus_per_task}",
+        f"--cpus-per-task={r['cpus']}",
         f"--time={c.time}",
         f"--output={run_dir}/slurm-%j.out",
         "--open-mode=append",  # a requeued job appends to the same log
@@ -33,12 +52,29 @@ def sbatch_lines(c, run_dir: Path) -> list[str]:
         opts.append("--requeue")
     if c.gpus_per_node > 0:
         opts.append(f"--gpus-per-node={c.gpus_per_node}")
-    for key in ("partition", "account", "qos", "constraint", "mem"):
+    for key in ("partition", "account", "qos", "constraint"):
         value = getattr(c, key)
         if value not in (None, ""):
             opts.append(f"--{key}={value}")
+    if r["mem"] not in (None, ""):
+        opts.append(f"--mem={r['mem']}")
     opts += [x if x.startswith("-") else f"--{x}" for x in c.sbatch_extra]
-    return [f"#SBATCH {o}" for o in opts]
+    mem = {None: "the cluster's default", "": "the cluster's default", "0": "the whole node"}.get(
+        r["mem"], r["mem"]
+    )
+    summary = (
+        f"# distft: {c.nodes} node(s) x {r['ranks'] or 'one per GPU'} rank(s) per node; per node "
+        f"{r['gpus']} GPU(s), {r['cpus']} CPUs, memory {mem}"
+    )
+    return [summary, *(f"#SBATCH {o}" for o in opts)]
+
+
+def env_lines(c) -> list[str]:
+    """Exports for every node: the network interface for NCCL and gloo between nodes."""
+    if not c.network_interface:
+        return []
+    nic = shlex.quote(c.network_interface)
+    return [f"export NCCL_SOCKET_IFNAME={nic}", f"export GLOO_SOCKET_IFNAME={nic}"]
 
 
 def launch_words(c) -> tuple[list[str], list[str]]:
@@ -72,7 +108,7 @@ def render(cfg, overrides: list[str], template: Path | None = None) -> str:
     srun, launch = launch_words(c)
     blocks = {
         "sbatch": "\n".join(sbatch_lines(c, run_dir)),
-        "setup": "\n".join(["# Environment setup (cluster.setup)", *c.setup]),
+        "setup": "\n".join(["# Environment setup (cluster.setup)", *env_lines(c), *c.setup]),
     }
     for key, body in blocks.items():
         pattern = re.compile(rf"^# distft:{key}-begin\n.*?^# distft:{key}-end$", re.M | re.S)

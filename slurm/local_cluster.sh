@@ -15,7 +15,9 @@ STATE=/var/spool/slurmctld
 SPOOL=/var/spool/slurmd
 LOGS=/var/log/slurm
 HOST="$(hostname -s)"
-CPUS="${DISTFT_SLURM_CPUS:-$(nproc)}"
+# The machine's CPUs: plain `nproc` honours OMP_NUM_THREADS (1 in many HPC shells), which would
+# make a 1-CPU node on which every 2-rank job pends forever.
+CPUS="${DISTFT_SLURM_CPUS:-$(nproc --all 2>/dev/null || getconf _NPROCESSORS_ONLN)}"
 
 say() { echo "local_cluster: $*" >&2; }
 die() { say "error: $*"; exit 1; }

@@ -124,8 +124,9 @@ README_COVERED: dict[str, str] = {
     "distft-launch cluster.nodes=2 cluster.node_rank=0 cluster.master_addr=node0": (
         "tested-by: tests/test_multinode.py"
     ),
-    "distft-launch cluster=slurm cluster.nodes=2 cluster.gpus_per_node=8 cluster.nproc_per_node=0 "
+    "distft-launch cluster=slurm cluster.nodes=2 cluster.gpus_per_node=8 cluster.network_interface=ib0 "
     "cluster.partition=gpu cluster.time=04:00:00 strategy=hsdp": "needs: slurm, gpu",
+    "srun --ntasks-per-node=8 --gpus-per-task=1 python -m distft.train": "needs: slurm, gpu",
     "sbatch slurm/train.sbatch strategy=zero3 train.max_steps=1000": "tested-by: tests/test_slurm.py",
     "distft-launch -m tuning=lora train.lr=1e-4,3e-4 tuning.r=8,16": "tested-by: tests/test_launch.py",
     "distft-launch -m hydra/launcher=submitit_slurm train.lr=1e-4,3e-4": "tested-by: tests/test_slurm.py",

@@ -45,7 +45,8 @@ def test_local_dry_run_prints_the_torchrun_command_and_starts_nothing(tmp_path, 
     )
     out = capsys.readouterr().out
     assert rc == 0
-    assert "-m torch.distributed.run" in out and "--nproc-per-node=3" in out and "--max-restarts=2" in out
+    assert "-m launch.torchrun" in out and "--nproc-per-node=3" in out and "--max-restarts=2" in out
+    assert "--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1" in out
     assert "--rdzv-backend=c10d" in out and "-m distft.train" in out
     # The ranks get plain overrides: no launcher-only keys, the resolved run dir.
     assert f"output_dir={run_dir}" in out and "launch.dry_run" not in out.split("distft.train", 1)[1]

@@ -221,3 +221,21 @@ def test_submitit_sweep_runs_each_trial_as_its_own_multi_rank_job(submitit_sweep
         data = wandb_file.read_bytes()
         assert b"sweep-" in data and f"train.lr={r['overrides'][0].split('=')[1]}".encode() in data
         assert b"strategy:ddp" in data and b"tuning:full" in data
+
+
+# ------------------------------------------------------------------ srun straight into ranks
+def test_srun_starts_ranks_straight_from_slurm_variables(slurm, tmp_path):
+    """`srun python -m distft.train` with one task per rank, no torchrun: the ranks take rank,
+    local size and the master address from SLURM's variables; hsdp shards over the node's 2 ranks."""
+    run_dir = tmp_path / "srun"
+    proc = subprocess.run(
+        ["srun", "--ntasks=2", "--ntasks-per-node=2", "--cpus-per-task=1",
+         sys.executable, "-m", "distft.train", *TINY, "strategy=hsdp", "train.max_steps=2",
+         "train.export=none", f"output_dir={run_dir}"],
+        cwd=REPO, env=slurm_env(), capture_output=True, text=True, timeout=JOB_TIMEOUT,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    report = json.loads((run_dir / "preflight.json").read_text())
+    assert report["world_size"] == 2
+    assert sorted((r["rank"], r["local_rank"]) for r in report["ranks"]) == [(0, 0), (1, 1)]
+    assert sorted(train_losses(run_dir)) == [1, 2]

@@ -29,7 +29,10 @@ SLURM_FORMATS: dict[str, tuple[re.Pattern, str]] = {
         re.compile(r"\d+(:\d{1,2}){0,2}|\d+-\d+(:\d{1,2}){0,2}|UNLIMITED|INFINITE|unlimited|infinite"),
         "minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS, e.g. 04:00:00 or 2-00:00:00",
     ),
-    "mem": (re.compile(r"\d+[KMGTkmgt]?"), "a size with an optional K/M/G/T unit, e.g. 64G (0: all)"),
+    "mem": (
+        re.compile(r"\d+[KMGTkmgt]?|auto"),
+        "auto, or a size with an optional K/M/G/T unit, e.g. 64G (0: all)",
+    ),
     "constraint": (re.compile(r"[^\s]+"), "node features without spaces, e.g. a100&ib"),
 }
 # One sbatch option per entry: `--exclusive`, `--mail-type=END` (the leading -- may be left out).

@@ -27,6 +27,11 @@ from distft.errors import ConfigError
 from distft.paths import conf_dir
 from distft.ranges import check_ranges
 
+# conf/cluster: cluster.nproc_per_node defaults to one rank per GPU on GPU nodes, 2 on CPU nodes.
+OmegaConf.register_new_resolver(
+    "distft_ranks_per_node", lambda gpus: int(gpus) if int(gpus) > 0 else 2, replace=True
+)
+
 _LOCAL_RANK = re.compile(r"^--local[_-]rank(=\d+)?$")
 
 

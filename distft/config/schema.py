@@ -176,7 +176,8 @@ class ClusterConfig:
     nodes: int = num(1, ge=1)
     """Nodes in the job."""
     nproc_per_node: int = num(2, ge=0)
-    """Ranks per node (defaults to the GPU count on GPU nodes)."""
+    """Ranks per node. The YAML default is one per GPU on GPU nodes (gpus_per_node), 2 on CPU nodes;
+    0: one per visible GPU."""
     gpus_per_node: int = num(0, ge=0)
     """GPUs per node (0 on CPU nodes: ranks use gloo)."""
     max_restarts: int = num(0, ge=0)
@@ -189,12 +190,17 @@ class ClusterConfig:
     """This launcher's node (cluster=local multi-node: one distft-launch per node)."""
     rdzv_timeout_s: int = num(300, ge=1)
     """Seconds a node waits for the rendezvous (all nodes joined) before failing with host:port."""
-    timeout_s: int = num(600, ge=1)
+    timeout_s: int = num(300, ge=1)
     """Collective timeout of the process group (a hung collective fails after this)."""
-    hang_dump_s: int = num(300, ge=0)
-    """Dump every rank's Python stacks to <run dir>/stacks/ when no step finishes this long (0: off)."""
+    hang_dump_s: int = num(120, ge=0)
+    """Dump every rank's Python stacks to <run dir>/stacks/ when no step finishes this long, and
+    name ranks on the same host that are stopped (SIGSTOP); keep it below timeout_s (0: off)."""
     stop_grace_s: int = num(120, ge=0)
-    """After a stop signal (SIGUSR1, e.g. SLURM's pre-timeout warning), seconds ranks get to checkpoint."""
+    """After a stop signal (SIGTERM, SIGINT, SIGHUP, SIGUSR1: Ctrl-C, scancel, SLURM's pre-timeout
+    warning), seconds ranks get to agree, checkpoint and exit 75 before they are killed."""
+    network_interface: str | None = None
+    """Network interface for NCCL and gloo between nodes (exported as NCCL_SOCKET_IFNAME and
+    GLOO_SOCKET_IFNAME), e.g. ib0 or eth0; None: the libraries pick one."""
     preflight: bool = True
     """Rank 0 reports world size, backends, devices and all-reduce bandwidth/latency before training."""
     extra: dict[str, Any] = field(default_factory=dict)
@@ -215,10 +221,14 @@ class SlurmClusterConfig(ClusterConfig):
     """--time limit (the stop signal comes signal_before_s earlier)."""
     constraint: str | None = None
     """--constraint (node features)."""
-    cpus_per_task: int = num(2, ge=1)
-    """CPUs for each node's launcher task, i.e. for all ranks of a node."""
-    mem: str | None = "8G"
-    """--mem per node (None: the cluster's default)."""
+    cpus_per_task: int = num(0, ge=0)
+    """CPUs for each node's launcher task, i.e. for all ranks of a node (0: cpus_per_gpu per GPU
+    on GPU nodes, 2 on CPU nodes)."""
+    cpus_per_gpu: int = num(8, ge=1)
+    """CPUs per GPU when cpus_per_task is 0 on GPU nodes (data loading, tokenization, NCCL)."""
+    mem: str | None = "auto"
+    """--mem per node: auto (0, the whole node's memory, on GPU nodes; 8G on CPU nodes), a size
+    such as 200G, or None (the cluster's default)."""
     job_name: str = "distft"
     """--job-name."""
     signal_before_s: int = num(120, ge=0)

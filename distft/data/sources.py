@@ -121,6 +121,19 @@ def read_path(spec: str, bad: list[dict] | None = None) -> list[dict]:
     )
 
 
+def check_path(spec: str) -> None:
+    """Raise read_path's error for a missing or empty local path without reading any rows (the
+    launcher checks data.path before any rank starts). Hub ids are left to the ranks."""
+    p = Path(spec).expanduser()
+    if p.is_file():
+        return
+    if p.is_dir() and (is_saved_dataset(p) or any(x.suffix in SUFFIXES for x in p.rglob("*"))):
+        return
+    if not p.exists() and spec.count("/") == 1 and not spec.startswith((".", "/", "~")):
+        return
+    read_path(spec)
+
+
 def _read_hub(spec: str) -> list[dict]:
     import datasets
 

@@ -3,7 +3,11 @@ dumps of every rank when it hangs or crashes.
 
 - `run` (every rank, once, right after the process group exists): rank 0 prints and writes
   `preflight.json`: world size, backend, each rank's host/device/pid, all-reduce latency
-  (1 float) and bandwidth (4 MiB).
+  (1 float) and bus bandwidth (256 MiB on GPU: large enough that the time is bandwidth, not
+  latency, as nccl-tests' large sizes; 4 MiB on CPU, where gloo is slow and the report is a sanity
+  check).
+- Hang watchdog: also names ranks on this host that are stopped (SIGSTOP), which the others
+  wait for in a collective.
 - Stacks: each rank appends to `<run dir>/stacks/rank<N>.txt` when no step finishes within
   `cluster.hang_dump_s` (a watchdog thread; `kick()` once per step), on a fatal signal
   (segfault, abort, by faulthandler), and on demand with `kill -USR2 <rank pid>` (pids are in
@@ -32,13 +36,12 @@ DUMP_SIGNAL = signal.SIGUSR2
 _dump_file = None
 _hang_s = 0.0
 _last_kick = 0.0
+_peers: list[dict] = []  # the other ranks' rank/host/pid, from the pre-flight gather
 
 
 def run(cfg, info: dist.DistInfo, run_dir: Path) -> dict:
-    stop.install()
+    stop.install(cfg.cluster.stop_grace_s)
     arm_stack_dumps(run_dir, info.rank, cfg.cluster.hang_dump_s)
-    if not cfg.cluster.preflight:
-        return {}
     me = {
         "rank": info.rank,
         "local_rank": info.local_rank,
@@ -49,6 +52,9 @@ def run(cfg, info: dist.DistInfo, run_dir: Path) -> dict:
         "threads": torch.get_num_threads(),
     }
     ranks = dist.all_gather_objects(me)
+    _peers[:] = [r for r in ranks if r["rank"] != info.rank]  # the hang watchdog checks on them
+    if not cfg.cluster.preflight:
+        return {}
     report = {
         "world_size": info.world_size,
         "nodes": len({r["host"] for r in ranks}),
@@ -78,11 +84,21 @@ def _timed(t: torch.Tensor, iters: int, device: torch.device) -> list[float]:
     return times
 
 
-def measure_all_reduce(info: dist.DistInfo, size_mb: float = 4.0, iters: int = 5) -> dict:
-    """Median all-reduce latency (one float) and bus bandwidth (size_mb of float32), as nccl-tests
-    define it: busbw = bytes / time × 2(n-1)/n."""
+BANDWIDTH_MIB = {"cuda": 256.0, "cpu": 4.0}
+
+
+def bandwidth_mib(device: torch.device) -> float:
+    """Bytes for the bandwidth all-reduce: a 4 MiB all-reduce on NVLink/InfiniBand takes tens of
+    microseconds, mostly latency; 256 MiB is in the range where bus bandwidth plateaus."""
+    return BANDWIDTH_MIB.get(device.type, BANDWIDTH_MIB["cuda"])
+
+
+def measure_all_reduce(info: dist.DistInfo, size_mb: float | None = None, iters: int = 5) -> dict:
+    """Median all-reduce latency (one float) and bus bandwidth (size_mb of float32; by default
+    bandwidth_mib of the device), as nccl-tests define it: busbw = bytes / time × 2(n-1)/n."""
     if not dist.active():
         return {}
+    size_mb = bandwidth_mib(info.device) if size_mb is None else size_mb
     small = torch.zeros(1, device=info.device)
     _timed(small, 3, info.device)  # warm-up: connections, allocator
     latency = statistics.median(_timed(small, 20, info.device))
@@ -164,15 +180,46 @@ def _watch() -> None:
     stuck in a collective waits with the GIL released, so this thread still runs and reads stable
     frames."""
     dumped_for = None
+    told: set[str] = set()
     while _hang_s > 0:
         time.sleep(min(1.0, _hang_s / 4))
         since, stalled = _last_kick, time.monotonic() - _last_kick
-        if _hang_s > 0 and stalled >= _hang_s and dumped_for != since:
+        if _hang_s <= 0 or stalled < _hang_s:
+            told.clear()
+            continue
+        fresh = [line for line in stopped_peers() if line not in told]
+        for line in fresh:  # checked on every tick of a stall: a rank may be stopped at any time
+            print(f"distft: {line}", file=sys.stderr, flush=True)
+        told.update(fresh)
+        if dumped_for != since or fresh:
             dumped_for = since
-            _dump_stacks(f"Timeout: no step finished for {stalled:.0f} s (cluster.hang_dump_s={_hang_s})")
+            title = f"Timeout: no step finished for {stalled:.0f} s (cluster.hang_dump_s={_hang_s})"
+            dump_stacks("\n".join([title, *fresh]))
 
 
-def _dump_stacks(title: str) -> None:
+def stopped_peers() -> list[str]:
+    """Ranks on this host that are stopped (SIGSTOP, Ctrl-Z, a debugger): the others wait for
+    them in a collective until cluster.timeout_s. Ranks on other hosts cannot be seen from here;
+    their own node's ranks report them."""
+    host = socket.gethostname()
+    found = []
+    for peer in _peers:
+        if peer["host"] != host:
+            continue
+        try:
+            state = Path(f"/proc/{peer['pid']}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue
+        if state in ("T", "t"):
+            found.append(
+                f"rank {peer['rank']} (pid {peer['pid']} on {host}) is stopped (state {state}: SIGSTOP, "
+                f"Ctrl-Z or a debugger); the other ranks wait for it. `kill -CONT {peer['pid']}` resumes it."
+            )
+    return found
+
+
+def dump_stacks(title: str) -> None:
+    """Every other thread's Python stack into this rank's stacks file (stderr before it is armed)."""
     me = threading.get_ident()
     names = {t.ident: t.name for t in threading.enumerate()}
     out = [f"{title} at {time.strftime('%Y-%m-%d %H:%M:%S')}"]
@@ -183,6 +230,6 @@ def _dump_stacks(title: str) -> None:
         out += [line.rstrip("\n") for line in reversed(traceback.format_stack(frame))]
         out.append("")
     try:
-        _dump_file.write("\n".join(out) + "\n")
+        (_dump_file or sys.stderr).write("\n".join(out) + "\n")
     except (OSError, ValueError):  # the run dir went away or the file closed at exit
         pass
