@@ -40,7 +40,7 @@ _peers: list[dict] = []  # the other ranks' rank/host/pid, from the pre-flight g
 
 
 def run(cfg, info: dist.DistInfo, run_dir: Path) -> dict:
-    stop.install(cfg.cluster.stop_grace_s)
+    stop.install(cfg.cluster.stop_grace_s, dump_stacks)
     arm_stack_dumps(run_dir, info.rank, cfg.cluster.hang_dump_s)
     me = {
         "rank": info.rank,

@@ -31,6 +31,7 @@ _PR_SET_PDEATHSIG = 1
 
 _requested = False
 _grace_s = 120.0
+_dump_stacks = None  # set by install(): the pre-flight's stack dump (stop sits below preflight)
 
 
 class StopRequested(Exception):
@@ -64,9 +65,8 @@ def _handler(signum: int, frame) -> None:
 def _grace_expired(name: str) -> None:
     """Still alive stop_grace_s after the stop signal (a peer died, a step or save hangs): leave
     a stack dump to say where, then exit rather than linger without a launcher."""
-    from distft.runtime import preflight
-
-    preflight.dump_stacks(f"Stop: still running {_grace_s:.0f} s after {name} (cluster.stop_grace_s)")
+    if _dump_stacks is not None:
+        _dump_stacks(f"Stop: still running {_grace_s:.0f} s after {name} (cluster.stop_grace_s)")
     print(
         f"distft: rank {_rank()}: not stopped within cluster.stop_grace_s={_grace_s:.0f} s after {name}; "
         "exiting without a new checkpoint (stacks in <run dir>/stacks/)",
@@ -96,12 +96,14 @@ def started_by_launcher() -> bool:
 _LAUNCHED = any(k in os.environ for k in ("TORCHELASTIC_RUN_ID", "LOCAL_RANK", "SLURM_STEP_ID"))
 
 
-def install(grace_s: float | None = None) -> None:
+def install(grace_s: float | None = None, dump_stacks=None) -> None:
     """Catch the stop signals (main thread only: Python delivers signals there); under a launcher,
-    also stop when the parent dies."""
-    global _grace_s
+    also stop when the parent dies. `dump_stacks(title)` runs when the grace period expires."""
+    global _grace_s, _dump_stacks
     if grace_s is not None:
         _grace_s = float(grace_s)
+    if dump_stacks is not None:
+        _dump_stacks = dump_stacks
     if threading.current_thread() is threading.main_thread():
         for sig in SIGNALS:
             signal.signal(sig, _handler)
