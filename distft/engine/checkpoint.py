@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from distft.engine import safe_load
 from distft.errors import ConfigError, DistftError
 from distft.runtime import dist
 
@@ -78,13 +79,19 @@ def write_manifest(path: Path) -> None:
     os.replace(tmp, path / MANIFEST)
 
 
-def verify(path: Path) -> str | None:
-    """None when `path` is a complete checkpoint matching its manifest, else what is wrong."""
+def verify(path: Path, unverified: bool = False) -> str | None:
+    """None when `path` is a complete checkpoint matching its manifest, else what is wrong. A
+    checkpoint without a manifest is refused unless `unverified` (resume_unverified=true)."""
     if not (path / STATE_FILE).is_file():
         return f"{path} has no {STATE_FILE} (not a complete checkpoint)"
     manifest = path / MANIFEST
     if not manifest.is_file():
-        return None  # written before manifests existed: accepted as it is
+        if unverified:
+            return None
+        return (
+            f"{path} has no {MANIFEST}, so its files cannot be checked (resume_unverified=true loads it "
+            "anyway: only for a checkpoint you wrote yourself)"
+        )
     try:
         files = json.loads(manifest.read_text())["files"]
     except (ValueError, KeyError) as e:
@@ -110,56 +117,84 @@ def _complete_steps(run_dir: Path) -> list[Path]:
     return sorted(steps, key=_step_of, reverse=True)
 
 
-def _resolve_on_main(resume: str, run_dir: Path) -> tuple[Path | None, str | None, list[str]]:
-    """(checkpoint, error, notes): run on rank 0 only (it reads every file for the checksums)."""
+def _restarted() -> bool:
+    """An elastic or SLURM restart of the same job (it started this run dir itself)."""
+    return any(
+        int(os.environ.get(v, "0") or 0) > 0 for v in ("TORCHELASTIC_RESTART_COUNT", "SLURM_RESTART_COUNT")
+    )
+
+
+def _resolve_on_main(
+    resume: str, run_dir: Path, unverified: bool
+) -> tuple[Path | None, str | None, list[str]]:
+    """(checkpoint, error, messages): run on rank 0 only (it reads every file for the checksums)."""
     if resume == "never":
-        return None, None, []
+        held = [p.name for p in _complete_steps(run_dir) if (p / STATE_FILE).is_file()]
+        if not held or _restarted():
+            return None, None, []
+        error = (
+            f"resume=never: output_dir={run_dir} holds another run's checkpoints ({', '.join(held[:3])}); "
+            "a fresh start there would prune them and mix two runs in metrics.jsonl. Start the new "
+            "run in a new output_dir, or continue that run with resume=auto"
+        )
+        return None, error, []
     if resume != "auto":
         path = Path(resume)
         if (path / "checkpoints").is_dir():
             run_dir = path  # a run dir: its latest, checked like resume=auto
         else:
-            problem = verify(path)
+            problem = verify(path, unverified)
             if problem:
                 return None, f"resume={resume!r} refused: {problem}", []
             return path, None, []
-    if not (checkpoints_dir(run_dir) / "latest").is_file():
-        return None, None, []  # nothing was ever completed here: a fresh start
     pointer = latest(run_dir)
     candidates = _complete_steps(run_dir)
-    if pointer is not None:  # latest first, then older complete ones (never newer: they were not finished)
+    messages: list[str] = []
+    if not (checkpoints_dir(run_dir) / "latest").is_file():
+        if not candidates:
+            return None, None, []  # nothing was ever completed here: a fresh start
+        messages.append(
+            f"{checkpoints_dir(run_dir) / 'latest'} is missing; resuming from the newest verified checkpoint"
+        )
+    elif pointer is not None:  # latest first, then older complete ones (never newer: they were not finished)
         candidates = [pointer] + [p for p in candidates if _step_of(p) < _step_of(pointer)]
-    notes: list[str] = []
+    refused: list[str] = []
     for path in candidates:
-        problem = verify(path)
+        problem = verify(path, unverified)
         if problem is None:
-            return path, None, notes
-        notes.append(f"checkpoint {path.name} refused: {problem}")
-    if notes:
-        msg = f"no usable checkpoint in {checkpoints_dir(run_dir)}: {'; '.join(notes)}"
-        return None, msg + " (resume=never starts over)", notes
-    return None, None, notes
+            if refused:
+                messages.append(f"falling back to the previous complete checkpoint {path}")
+            elif messages:
+                messages[-1] += f" {path.name}"
+            return path, None, messages
+        refused.append(f"checkpoint {path.name} refused: {problem}")
+        messages.append(refused[-1])
+    if refused:
+        msg = f"no usable checkpoint in {checkpoints_dir(run_dir)}: {'; '.join(refused)}"
+        return None, msg + " (resume=never in a new output_dir starts over)", messages
+    return None, None, messages
 
 
 _RESOLVED: dict[tuple[str, str], Path | None] = {}
 
 
-def resolve_resume(resume: str, run_dir: Path) -> Path | None:
+def resolve_resume(resume: str, run_dir: Path, unverified: bool = False) -> Path | None:
     """The checkpoint to resume from, verified against its manifest. resume=auto falls back to the
     previous complete checkpoint when the latest one fails (and says so). A collective."""
     key = (str(resume), str(run_dir))
     if key in _RESOLVED:
         return _RESOLVED[key]
     if dist.active() and torch.distributed.get_rank() != 0:
-        path, error, notes = dist.broadcast_object(None)
+        path, error, messages = dist.broadcast_object(None)
     else:
-        path, error, notes = dist.broadcast_object(_resolve_on_main(str(resume), Path(run_dir)))
+        path, error, messages = dist.broadcast_object(
+            _resolve_on_main(str(resume), Path(run_dir), unverified)
+        )
     if error:
         raise CheckpointError(error) if resume == "auto" else ConfigError(error)
-    if notes and path is not None and (not dist.active() or torch.distributed.get_rank() == 0):
-        for note in notes:
-            print(f"distft: {note}", flush=True)
-        print(f"distft: falling back to the previous complete checkpoint {path}", flush=True)
+    if path is not None and (not dist.active() or torch.distributed.get_rank() == 0):
+        for message in messages:
+            print(f"distft: {message}", flush=True)
     _RESOLVED[key] = path
     return path
 
@@ -169,18 +204,34 @@ def read_state(path: Path) -> dict:
 
 
 # ------------------------------------------------------------------ RNG
-def _rng_state() -> dict:
+def _device_rng(device: torch.device | None):
+    """The RNG module of an accelerator device (torch.cuda, torch.xpu, ...); None on the CPU."""
+    if device is None or device.type == "cpu":
+        return None
+    return getattr(torch, device.type, None)
+
+
+def _rng_state(device: torch.device | None, device_rng=None) -> dict:
+    """Python, CPU and this rank's own device RNG (not every visible device's: a resume may see fewer)."""
     state = {"python": random.getstate(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    rng = device_rng or _device_rng(device)
+    if rng is not None:
+        state["device"] = {"type": device.type, "state": rng.get_rng_state(device)}
     return state
 
 
-def _set_rng_state(state: dict) -> None:
+def _set_rng_state(state: dict, device: torch.device | None, device_rng=None) -> None:
     random.setstate(state["python"])
     torch.set_rng_state(state["torch"])
-    if torch.cuda.is_available() and "cuda" in state:
-        torch.cuda.set_rng_state_all(state["cuda"])
+    rng = device_rng or _device_rng(device)
+    if rng is None:
+        return
+    if "device" in state and state["device"]["type"] == device.type:
+        rng.set_rng_state(state["device"]["state"], device)
+    elif "cuda" in state:  # older checkpoints held every visible GPU's state: take this rank's own
+        index = device.index if device.index is not None else rng.current_device()
+        if index < len(state["cuda"]):
+            rng.set_rng_state(state["cuda"][index], device)
 
 
 # ------------------------------------------------------------------ save
@@ -235,7 +286,7 @@ def save(
             strategy.save(tmp)
         if extra is not None:
             extra(tmp)
-        torch.save(_rng_state(), tmp / f"rng_rank{info.rank}.pt")
+        torch.save(_rng_state(info.device), tmp / f"rng_rank{info.rank}.pt")
     except BaseException as e:  # DCP's CheckpointException is a BaseException
         if isinstance(e, (KeyboardInterrupt, SystemExit)):
             raise
@@ -341,11 +392,16 @@ def _prune(root: Path, keep_last: int) -> None:
 
 
 def load(strategy, path: Path, info) -> dict:
+    """Load a (verified) checkpoint; no file in it can run code (distft.engine.safe_load)."""
     state = read_state(path)
-    strategy.load(path)
+    problem = safe_load.check_dcp_metadata(path / "dcp")
+    if problem:
+        raise CheckpointError(f"resume: {problem}")
+    with safe_load.weights_only_loads():
+        strategy.load(path)
     rng = path / f"rng_rank{info.rank}.pt"
     if rng.is_file():  # a rank the saving run did not have starts from its seeded RNG
-        _set_rng_state(torch.load(rng, weights_only=True))
+        _set_rng_state(torch.load(rng, weights_only=True), info.device)
     return state
 
 

@@ -19,7 +19,7 @@ from omegaconf import OmegaConf
 
 from distft.data.pipeline import prepare_cached
 from distft.data.sampler import GlobalBatchSampler
-from distft.engine import checkpoint, guard, run_info
+from distft.engine import checkpoint, fingerprint, guard, run_info, runlock
 from distft.engine.export import export
 from distft.engine.metrics import MetricsLogger
 from distft.engine.schedule import lr_schedule
@@ -63,6 +63,7 @@ class Trainer:
     perf: MfuMeter | None = None
     resume_path: Path | None = None  # resolved (and manifest-checked) before the strategy is built
     bad_steps: guard.BadStepGuard | None = None
+    fingerprint: dict | None = None  # what this run's checkpoints record (distft.engine.fingerprint)
 
     # ------------------------------------------------------------------ build
     @classmethod
@@ -72,7 +73,14 @@ class Trainer:
         cfg.output_dir = str(run_dir)
         if info.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
+        runlock.acquire(run_dir, info)  # one job per run dir
+        # Which checkpoint, and may this config continue it: decided before anything is built or written.
+        resume_path = checkpoint.resolve_resume(cfg.resume, run_dir, cfg.resume_unverified)
+        run_fingerprint = fingerprint.accept(cfg, run_dir, info, resume_path)
+        if info.is_main:
+            previous = fingerprint.previous_config(run_dir)
             _write_config(cfg, composed, run_dir)
+            fingerprint.archive_config(run_dir, previous)
         dist.barrier()
         preflight.run(cfg, info, run_dir)  # report, stop-signal handler, hang stack dumps
         _seed(cfg.train.seed)
@@ -103,6 +111,8 @@ class Trainer:
             model.gradient_checkpointing_enable({"use_reentrant": False})
         model.config.use_cache = False
         model = tuning.apply(model, cfg)
+        saved = checkpoint.read_state(resume_path) if resume_path is not None else {}
+        run_fingerprint["params"] = fingerprint.check_params(model, saved, resume_path, run_dir)
         if cfg.train.compile:
             _compile_blocks(model)
         # FLOPs per token from the unwrapped model (sharding hides shapes); mean example length as T.
@@ -111,9 +121,7 @@ class Trainer:
             model, seq_len, info.device, LOAD_DTYPES[cfg.train.precision], info.world_size
         )
         strategy = STRATEGIES[cfg.strategy.name].make(cfg, info)
-        resume_path = checkpoint.resolve_resume(cfg.resume, run_dir)
         if resume_path is not None:
-            saved = checkpoint.read_state(resume_path)
             checkpoint.check_compatible(strategy, saved, resume_path, cfg.strategy.name)
             if hasattr(strategy, "prepare_resume"):  # optional: e.g. a format conversion before setup
                 strategy.prepare_resume(resume_path, saved)
@@ -150,6 +158,7 @@ class Trainer:
         trainer.perf = perf
         trainer.tracker = BestTracker.from_config(cfg)
         trainer.resume_path = resume_path
+        trainer.fingerprint = run_fingerprint
         trainer.bad_steps = guard.BadStepGuard(t.max_bad_steps)
         trainer._maybe_resume()
         run_info.write(cfg, info, run_dir, resume_path)
@@ -401,6 +410,7 @@ class Trainer:
             "tuning": self.cfg.tuning.name,
             "early_stopping": self.tracker.state(),
             "skipped_steps": self.bad_steps.skipped,
+            "fingerprint": self.fingerprint,
         }
         extra = getattr(self.method, "save_state", None)  # optional: state of extra models
         t = self.cfg.train
