@@ -54,7 +54,9 @@ def _copy(base: Path, to: Path) -> Path:
 def test_changed_model_or_tuning_is_refused_before_anything_is_built(base_run, tmp_path):
     run = _copy(base_run, tmp_path / "run")
     config = (run / "config.yaml").read_text()
-    proc = train(run, *SMALL, "train.max_steps=3", "model.hidden_size=256", "tuning=lora", plain=True, check=False)
+    proc = train(
+        run, *SMALL, "train.max_steps=3", "model.hidden_size=256", "tuning=lora", plain=True, check=False
+    )
     assert proc.returncode == 2, proc.stderr[-3000:]
     (line,) = _error_lines(proc)
     assert "model.hidden_size: 128 → 256" in line and "tuning.name: full → lora" in line, line
@@ -72,7 +74,7 @@ def test_changed_lr_steps_and_data_resume_with_a_note(base_run, tmp_path):
     proc = train(run, *SMALL, "train.max_steps=3", "train.lr=5e-4", "data.num_examples=130", plain=True)
     out = proc.stdout
     assert "resumed step_2 with changed settings" in out, out[-3000:]
-    for key in ("train.lr: 0.001 → 0.0005", "train.max_steps: 2 → 3", "data.num_examples: 120 → 130"):
+    for key in ("train.lr: 0.003 → 0.0005", "train.max_steps: 2 → 3", "data.num_examples: 120 → 130"):
         assert key in out and key in (run / "notes.txt").read_text(), key
     assert sorted(train_losses(run)) == [1, 2, 3]
     assert (run / "config_history" / "1.yaml").read_text() == old_config
@@ -102,7 +104,7 @@ def test_tiny_base_model_is_rebuilt_when_model_keys_change(tmp_path):
 def test_missing_latest_resumes_from_newest_step_and_never_overwrites(base_run, tmp_path):
     run = _copy(base_run, tmp_path / "run")
     (run / "checkpoints" / "latest").unlink()
-    proc = train(run, *SMALL, "train.max_steps=3", "train.save_every=1", plain=True)
+    proc = train(run, *SMALL, "train.max_steps=3", "train.save_every=1", "train.keep_last=5", plain=True)
     assert "latest is missing; resuming from the newest verified checkpoint step_2" in proc.stdout
     steps = [r["step"] for r in metrics(run) if "loss" in r]
     assert steps == [1, 2, 3], steps  # one run: step 3 after 1, 2 (not a second run from step 1)
