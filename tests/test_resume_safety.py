@@ -149,6 +149,25 @@ def test_second_run_into_a_busy_run_dir_is_refused(base_run, tmp_path):
     runlock.release(run)
 
 
+@pytest.mark.slow
+def test_checkpoint_without_manifest_is_refused(base_run, tmp_path):
+    run = _copy(base_run, tmp_path / "run")
+    step2 = run / "checkpoints" / "step_2"
+    (step2 / "manifest.json").unlink()
+    shard = next((step2 / "dcp").glob("__0_*.distcp"))
+    raw = bytearray(shard.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF  # flipped bytes nobody can detect without the manifest
+    shard.write_bytes(bytes(raw))
+    proc = train(tmp_path / "new", *SMALL, "train.max_steps=3", f"resume={step2}", plain=True, check=False)
+    assert proc.returncode == 2
+    (line,) = _error_lines(proc)
+    assert "has no manifest.json" in line and "resume_unverified=true" in line, line
+    # resume=auto refuses it too and falls back to step_1 (which has its manifest).
+    proc = train(run, *SMALL, "train.max_steps=2", plain=True)
+    assert "checkpoint step_2 refused" in proc.stdout and "falling back" in proc.stdout, proc.stdout[-2000:]
+    assert sorted(train_losses(run)) == [1, 2]
+
+
 class _Payload:
     """Unpickling this creates a file: what a malicious checkpoint would do."""
 

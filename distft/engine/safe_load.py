@@ -3,7 +3,7 @@
 A run dir may come from elsewhere (a shared filesystem, a copy), and pickle runs code. Our own
 files load with `torch.load(weights_only=True)`; two libraries unpickle theirs:
 
-- DeepSpeed calls `torch.load(weights_only=False)`. Inside `weights_only_loads()` torch's
+- DeepSpeed loads with weights_only=False. Inside `weights_only_loads()` torch's
   TORCH_FORCE_WEIGHTS_ONLY_LOAD turns every such call into a weights-only load, with the few
   DeepSpeed types its checkpoints hold allowed (torch.serialization.safe_globals).
 - DCP reads its `.metadata` with plain `pickle.load`: `check_dcp_metadata` first unpickles it with
