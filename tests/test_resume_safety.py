@@ -231,3 +231,67 @@ def test_rng_restores_this_ranks_device_only():
     del old_format["device"]
     checkpoint._set_rng_state(old_format, torch.device("cuda", 0), rng)  # 4 saved, 1 visible
     assert rng.state[0].item() == 5
+
+
+class _ShardWriter:
+    """A strategy's save as DCP does it: one shard file per rank (1 MiB here)."""
+
+    checkpoint_format = "dcp"
+
+    def __init__(self, rank: int):
+        self.rank = rank
+
+    def save(self, path: Path) -> None:
+        (path / f"shard_{self.rank}.bin").write_bytes(bytes([self.rank]) * (1 << 20))
+
+
+def _hash_worker(rank: int, world: int, port: int, run_dir: str, out: str) -> None:
+    import datetime
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), DISTFT_FAULT_SLOW_HASH_S="2")
+    # 7 s timeout: hashing the 5 files alone (10 s) on rank 0 would time rank 1 out.
+    timeout = datetime.timedelta(seconds=7)
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world, timeout=timeout)
+    from distft.engine.checkpoint import Checkpointer
+    from distft.runtime.dist import DistInfo
+
+    info = DistInfo(rank, world, rank, world, torch.device("cpu"), "gloo")
+    result = {}
+    try:
+        ckpt = Checkpointer(Path(run_dir), info, keep_last=2)
+        ckpt.save(_ShardWriter(rank), 1, {"step": 1})
+        result["resolved"] = str(Checkpointer(Path(run_dir), info).resolve("auto"))  # a restart
+    except BaseException as e:  # noqa: BLE001 - reported to the test
+        result["error"] = f"{type(e).__name__}: {e}"[:500]
+    Path(out, f"rank{rank}.json").write_text(json.dumps(result))
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_ranks_share_the_hashing_with_a_short_collective_timeout(tmp_path):
+    """Issue 19.5: with every file slow to read back (2 s) and a 7 s process-group timeout, the
+    save's manifest and the restart's verification finish: each rank hashes its share."""
+    import torch.multiprocessing as mp
+
+    from tests.util import free_port
+
+    run, out = tmp_path / "run", tmp_path / "out"
+    run.mkdir()
+    out.mkdir()
+    mp.start_processes(
+        _hash_worker, args=(2, free_port(), str(run), str(out)), nprocs=2, start_method="spawn"
+    )
+    results = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+    assert all("error" not in r for r in results), results
+    step = run / "checkpoints" / "step_1"
+    assert results[0]["resolved"] == results[1]["resolved"] == str(step)
+    files = json.loads((step / "manifest.json").read_text())["files"]
+    names = ["rng_rank0.pt", "rng_rank1.pt", "shard_0.bin", "shard_1.bin", "trainer_state.json"]
+    assert sorted(files) == names
+    from distft.engine import manifest
+
+    shares = [manifest.share({n: f["size"] for n, f in files.items()}, r, 2) for r in range(2)]
+    assert (
+        sorted(shares[0] + shares[1]) == names and "shard_0.bin" in shares[0] and "shard_1.bin" in shares[1]
+    )
+    assert manifest.verify(step, "trainer_state.json") is None

@@ -63,6 +63,7 @@ class Trainer:
     perf: MfuMeter | None = None
     resume_path: Path | None = None  # resolved (and manifest-checked) before the strategy is built
     bad_steps: guard.BadStepGuard | None = None
+    ckpt: checkpoint.Checkpointer | None = None  # saves, seals, finds this run's checkpoints
     fingerprint: dict | None = None  # what this run's checkpoints record (distft.engine.fingerprint)
 
     # ------------------------------------------------------------------ build
@@ -75,7 +76,8 @@ class Trainer:
             run_dir.mkdir(parents=True, exist_ok=True)
         runlock.acquire(run_dir, info)  # one job per run dir
         # Which checkpoint, and may this config continue it: decided before anything is built or written.
-        resume_path = checkpoint.resolve_resume(cfg.resume, run_dir, cfg.resume_unverified)
+        ckpt = checkpoint.Checkpointer(run_dir, info, cfg.train.keep_last, cfg.train.async_save)
+        resume_path = ckpt.resolve(cfg.resume, cfg.resume_unverified)
         run_fingerprint = fingerprint.accept(cfg, run_dir, info, resume_path)
         if info.is_main:
             previous = fingerprint.previous_config(run_dir)
@@ -152,12 +154,13 @@ class Trainer:
             lr_schedule(cfg, total),
             None,
             model_path,
+            ckpt=ckpt,
+            resume_path=resume_path,
         )
         if hasattr(method, "setup"):  # optional: extra models (reference, critic), precomputation
             method.setup(trainer)
         trainer.perf = perf
         trainer.tracker = BestTracker.from_config(cfg)
-        trainer.resume_path = resume_path
         trainer.fingerprint = run_fingerprint
         trainer.bad_steps = guard.BadStepGuard(t.max_bad_steps)
         trainer._maybe_resume()
@@ -250,7 +253,7 @@ class Trainer:
                 # A stop signal (e.g. SLURM's pre-timeout warning) reached a rank: all checkpoint, leave.
                 if not (t.save_every and done % t.save_every == 0):
                     self.save(done)
-                checkpoint.wait_pending()
+                self.ckpt.wait_pending()
                 self.logger.close()
                 raise stop.StopRequested(done)
         if bar is not None:
@@ -269,9 +272,9 @@ class Trainer:
         summary["after"] = after
         if self.start_step < end or checkpoint.latest(self.run_dir) is None:
             self.save(end)
-        checkpoint.wait_pending()  # an async save must be complete (and latest) before the run ends
+        self.ckpt.wait_pending()  # an async save must be complete (and latest) before the run ends
         if improved and t.export == "best":
-            checkpoint.mark_best(self.run_dir, end, info)
+            self.ckpt.mark_best(end)
         if self.tracker.best_step is not None:
             summary["best"] = {"metric": self.tracker.monitor, "value": self.tracker.best}
             summary["best"]["step"] = self.tracker.best_step
@@ -326,7 +329,7 @@ class Trainer:
         self.logger.log(step, row)
         if self._track(step, row) and self.cfg.train.export == "best":
             self.save(step)
-            checkpoint.mark_best(self.run_dir, step, self.info)
+            self.ckpt.mark_best(step)
         return self.tracker.should_stop(step)
 
     def _track(self, step: int, row: dict) -> bool:
@@ -413,10 +416,7 @@ class Trainer:
             "fingerprint": self.fingerprint,
         }
         extra = getattr(self.method, "save_state", None)  # optional: state of extra models
-        t = self.cfg.train
-        return checkpoint.save(
-            self.strategy, self.run_dir, step, state, self.info, t.keep_last, extra, async_ok=t.async_save
-        )
+        return self.ckpt.save(self.strategy, step, state, extra)
 
     def _last_good(self) -> str | None:
         path = checkpoint.latest(self.run_dir)

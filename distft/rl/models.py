@@ -21,7 +21,6 @@ from distft.data.collate import as_row, pad_batch
 from distft.data.default_tasks import sft_rows
 from distft.data.sampler import GlobalBatchSampler
 from distft.data.sft_format import tokenize_sft
-from distft.engine import checkpoint
 from distft.rl.prompts import reference_nll
 from distft.runtime import dist
 from distft.strategies import STRATEGIES
@@ -36,7 +35,7 @@ def start_policy(trainer) -> str:
     """Path of the policy RL starts from (the reference): after the warm-up, or as loaded. When
     resuming, the path recorded in the checkpoint (no second warm-up)."""
     cfg = trainer.cfg
-    resume = checkpoint.resolve_resume(cfg.resume, trainer.run_dir)
+    resume = trainer.resume_path
     if resume is not None:
         state_file = resume / STATE_FILE
         if state_file.is_file():
