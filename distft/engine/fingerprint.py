@@ -99,9 +99,14 @@ def _blocking(key: str) -> bool:
 def differences(saved: dict, mine: dict) -> tuple[list[str], list[str]]:
     """(blocking, other) differences as 'key: old → new' lines."""
     a, b = _flat({k: v for k, v in saved.items() if k != "params"}), _flat(mine)
+    # Another option of a group (tuning=lora after full): its name says it, not each of its keys.
+    names = (".name", ".name_or_path")
+    renamed = {k.rpartition(".")[0] for k in set(a) | set(b) if k.endswith(names) and a.get(k) != b.get(k)}
     blocking, other = [], []
     for key in sorted(set(a) | set(b)):
         if key == "version" or a.get(key) == b.get(key):
+            continue
+        if key.rpartition(".")[0] in renamed and not key.endswith(names):
             continue
         line = f"{key}: {a.get(key, '<unset>')} → {b.get(key, '<unset>')}"
         (blocking if _blocking(key) else other).append(line)
