@@ -295,3 +295,29 @@ def test_ranks_share_the_hashing_with_a_short_collective_timeout(tmp_path):
         sorted(shares[0] + shares[1]) == names and "shard_0.bin" in shares[0] and "shard_1.bin" in shares[1]
     )
     assert manifest.verify(step, "trainer_state.json") is None
+
+
+@pytest.mark.quick
+def test_fingerprint_sorts_changes_into_refused_and_noted():
+    from distft.config.load import load_config
+    from distft.engine import fingerprint
+
+    saved = fingerprint.of_config(load_config(["model.num_layers=1"])[0])
+    for overrides, blocking in [
+        (["model.num_layers=2"], ["model.num_layers: 1 → 2"]),
+        (["tuning=lora"], ["tuning.name: full → lora"]),  # not each of lora's keys
+        (["method=dpo"], ["method.name: sft → dpo"]),
+        (["tuning.freeze=[embed_tokens]"], ["tuning.freeze: [] → ['embed_tokens']"]),
+        (["model.init_seed=7"], ["model.init_seed: 1234 → 7"]),
+    ]:
+        mine = fingerprint.of_config(load_config(["model.num_layers=1", *overrides])[0])
+        assert fingerprint.differences(saved, mine)[0] == blocking, overrides
+    mine = fingerprint.of_config(
+        load_config(["model.num_layers=1", "train.lr=1e-4", "data.max_length=32"])[0]
+    )
+    assert fingerprint.differences(saved, mine) == (
+        [],
+        ["data.max_length: 64 → 32", "train.lr: 0.003 → 0.0001"],
+    )
+    runtime = ["model.num_layers=1", "model.attn_implementation=eager", "tuning.merge_on_export=true"]
+    assert fingerprint.differences(saved, fingerprint.of_config(load_config(runtime)[0])) == ([], [])
