@@ -162,10 +162,11 @@ def test_checkpoint_without_manifest_is_refused(base_run, tmp_path):
     assert proc.returncode == 2
     (line,) = _error_lines(proc)
     assert "has no manifest.json" in line and "resume_unverified=true" in line, line
-    # resume=auto refuses it too and falls back to step_1 (which has its manifest).
-    proc = train(run, *SMALL, "train.max_steps=2", plain=True)
-    assert "checkpoint step_2 refused" in proc.stdout and "falling back" in proc.stdout, proc.stdout[-2000:]
-    assert sorted(train_losses(run)) == [1, 2]
+    # resume=auto takes the same path through verify and falls back (test_trust covers the fallback).
+    from distft.engine.checkpoint import verify
+
+    assert "has no manifest.json" in verify(step2)
+    assert verify(step2, unverified=True) is None  # resume_unverified=true
 
 
 class _Payload:
