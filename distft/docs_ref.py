@@ -130,7 +130,7 @@ def render() -> str:
     hints = typing.get_type_hints(schema.RootConfig)
     docs = _attr_docs(schema.RootConfig)
     out += ["| key | type | default | allowed | description |", "|---|---|---|---|---|"]
-    for name in ("output_dir", "resume", "launch"):
+    for name in ("output_dir", "resume", "resume_unverified", "launch"):
         f = top[name]
         default = root.get(name, _field_default(f))
         allowed = ALLOWED.get(name)

@@ -315,5 +315,8 @@ class RootConfig:
     """Run directory. None: outputs/<date>/<time>."""
     resume: str = "auto"
     """auto (continue from output_dir's latest checkpoint if any), never, or a checkpoint path."""
+    resume_unverified: bool = False
+    """Resume from a checkpoint that has no manifest.json (no sha256 check of its files). Only for a
+    checkpoint you wrote yourself: the manifest detects corruption, not tampering."""
     launch: dict[str, Any] = field(default_factory=dict)
     """Launcher-only keys (dry_run, ...); ignored by the ranks."""

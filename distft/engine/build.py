@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
+from distft.engine import checkpoint, fingerprint, runlock
 from distft.models import base_dtype, load_model
 from distft.models.sharded_load import meta_model
 from distft.perf.mfu import MfuMeter, mean_length
@@ -23,15 +24,24 @@ def default_output_dir() -> str:
     return str(Path("outputs") / datetime.now().strftime("%Y-%m-%d/%H-%M-%S"))
 
 
-def run_dir(cfg, composed, info) -> Path:
-    """The run dir agreed by all ranks (cfg.output_dir is set to it); rank 0 writes config.yaml."""
+def open_run(cfg, composed, info) -> tuple[Path, checkpoint.Checkpointer, Path | None, dict]:
+    """The run dir agreed by all ranks (cfg.output_dir is set to it), locked for this job; which
+    checkpoint to resume and whether this config may continue it, decided before anything is
+    built or written; then rank 0 writes config.yaml (the one it replaces goes to the history)."""
     path = Path(dist.broadcast_object(cfg.output_dir or default_output_dir())).resolve()
     cfg.output_dir = str(path)
     if info.is_main:
         path.mkdir(parents=True, exist_ok=True)
+    runlock.acquire(path, info)  # one job per run dir
+    ckpt = checkpoint.Checkpointer(path, info, cfg.train.keep_last, cfg.train.async_save)
+    resume_path = ckpt.resolve(cfg.resume, cfg.resume_unverified)
+    run_fingerprint = fingerprint.accept(cfg, path, info, resume_path)
+    if info.is_main:
+        previous = fingerprint.previous_config(path)
         write_config(cfg, composed, path)
+        fingerprint.archive_config(path, previous)
     dist.barrier()
-    return path
+    return path, ckpt, resume_path, run_fingerprint
 
 
 def write_config(cfg, composed, run_dir: Path) -> None:

@@ -29,9 +29,9 @@ def finish(trainer, summary: dict, last_loss: float) -> dict:
     summary["after"] = after
     if trainer.start_step < end or checkpoint.latest(trainer.run_dir) is None:
         trainer.save(end)
-    checkpoint.wait_pending()  # an async save must be complete (and latest) before the run ends
+    trainer.ckpt.wait_pending()  # an async save must be complete (and latest) before the run ends
     if improved and t.export == "best":
-        checkpoint.mark_best(trainer.run_dir, end, info)
+        trainer.ckpt.mark_best(end)
     if tracker.best_step is not None:
         summary["best"] = {"metric": tracker.monitor, "value": tracker.best, "step": tracker.best_step}
     weights = "last"

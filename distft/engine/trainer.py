@@ -18,7 +18,7 @@ from pathlib import Path
 from distft.contracts import Method, MethodContext, Strategy, Tuning
 from distft.data.pipeline import PreparedData, prepare_cached
 from distft.data.sampler import GlobalBatchSampler
-from distft.engine import build, checkpoint, finish, guard, run_info
+from distft.engine import build, checkpoint, fingerprint, finish, guard, run_info
 from distft.engine.evaluation import held_out_loss
 from distft.engine.metrics import MetricsLogger
 from distft.engine.schedule import lr_schedule
@@ -60,12 +60,14 @@ class Trainer:
     resume_path: Path | None = None  # resolved (and manifest-checked) before the strategy is built
     bad_steps: guard.BadStepGuard | None = None
     ctx: MethodContext | None = None
+    ckpt: checkpoint.Checkpointer | None = None  # saves, seals, finds this run's checkpoints
+    fingerprint: dict | None = None  # what this run's checkpoints record (distft.engine.fingerprint)
 
     # ------------------------------------------------------------------ build
     @classmethod
     def build(cls, cfg, composed=None) -> Trainer:
         info = dist.init(cfg.cluster.timeout_s)
-        run_dir = build.run_dir(cfg, composed, info)
+        run_dir, ckpt, resume_path, run_fingerprint = build.open_run(cfg, composed, info)
         preflight.run(cfg, info, run_dir)  # report, stop-signal handler, hang stack dumps
         build.seed(cfg.train.seed)
         matmul_precision.configure(cfg.train.tf32, info.device)  # TF32 for fp32 on CUDA
@@ -85,11 +87,11 @@ class Trainer:
             cfg.train.micro_batch_size = estimate_micro_batch(cfg, data.train, info.world_size)
         option = STRATEGIES[cfg.strategy.name]
         model = build.model(cfg, info, method, tuning, model_path, option.loads_sharded)
+        saved = checkpoint.read_state(resume_path) if resume_path is not None else {}
+        run_fingerprint["params"] = fingerprint.check_params(model, saved, resume_path, run_dir)
         perf = build.mfu_meter(cfg, info, model, data)
         strategy = option.make(cfg, info)
-        resume_path = checkpoint.resolve_resume(cfg.resume, run_dir)
         if resume_path is not None:
-            saved = checkpoint.read_state(resume_path)
             checkpoint.check_compatible(strategy, saved, resume_path, cfg.strategy.name)
             strategy.prepare_resume(resume_path, saved)
         strategy.setup(model)
@@ -105,8 +107,11 @@ class Trainer:
         t = cfg.train
         total = t.max_steps or max(1, math.ceil(t.epochs * sampler.steps_per_epoch))
         parts = (cfg, info, run_dir, tokenizer, method, tuning, strategy, data, geometry, sampler, total)
-        trainer = cls(*parts, lr_schedule(cfg, total), None, model_path, perf=perf, resume_path=resume_path)
+        trainer = cls(
+            *parts, lr_schedule(cfg, total), None, model_path, perf=perf, resume_path=resume_path, ckpt=ckpt
+        )
         trainer.tracker = BestTracker.from_config(cfg)
+        trainer.fingerprint = run_fingerprint
         trainer.bad_steps = guard.BadStepGuard(t.max_bad_steps, scaler=guard.LossScaleWatch.of(strategy))
         trainer.ctx = trainer.method_context()
         method.setup(trainer.ctx)  # extra models (reference, critic), precomputation
@@ -204,7 +209,7 @@ class Trainer:
                 # A stop signal (e.g. SLURM's pre-timeout warning) reached a rank: all checkpoint, leave.
                 if not (t.save_every and done % t.save_every == 0):
                     self.save(done)
-                checkpoint.wait_pending()
+                self.ckpt.wait_pending()
                 self.logger.close()
                 raise stop.StopRequested(done)
         if bar is not None:
@@ -243,7 +248,7 @@ class Trainer:
         self.logger.log(step, row)
         if self.track(step, row) and self.cfg.train.export == "best":
             self.save(step)
-            checkpoint.mark_best(self.run_dir, step, self.info)
+            self.ckpt.mark_best(step)
         return self.tracker.should_stop(step)
 
     def track(self, step: int, row: dict) -> bool:
@@ -277,12 +282,10 @@ class Trainer:
             "tuning": self.cfg.tuning.name,
             "early_stopping": self.tracker.state(),
             "skipped_steps": self.bad_steps.skipped,
+            "fingerprint": self.fingerprint,
         }
         extra = self.method.save_state  # state of extra models (a no-op for most methods)
-        t = self.cfg.train
-        return checkpoint.save(
-            self.strategy, self.run_dir, step, state, self.info, t.keep_last, extra, async_ok=t.async_save
-        )
+        return self.ckpt.save(self.strategy, step, state, extra)
 
     def _last_good(self) -> str | None:
         path = checkpoint.latest(self.run_dir)

@@ -6,6 +6,7 @@ export, `from_pretrained` in tests) treats it exactly like a real model.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import string
@@ -40,11 +41,31 @@ def build_tokenizer():
     )
 
 
+SPEC = "distft_tiny.json"  # the model.* keys it was built from
+
+
+def _spec(model_cfg) -> dict:
+    keys = ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads")
+    return {k: getattr(model_cfg, k) for k in (*keys, "max_position_embeddings", "init_seed")}
+
+
+def _matches(path: Path, model_cfg) -> bool:
+    """`path` holds the tiny model these model.* keys build (also one built before SPEC existed)."""
+    if not (path / "config.json").is_file():
+        return False
+    if (path / SPEC).is_file():
+        return json.loads((path / SPEC).read_text()) == _spec(model_cfg)
+    c = json.loads((path / "config.json").read_text())
+    have = (c.get("hidden_size"), c.get("intermediate_size"), c.get("num_hidden_layers"))
+    have += (c.get("num_attention_heads"), c.get("num_key_value_heads"), c.get("max_position_embeddings"))
+    return have == tuple(_spec(model_cfg).values())[:6]
+
+
 def build_tiny(path: Path, model_cfg) -> Path:
     """Write the tiny model + tokenizer to `path` once (atomic rename, so ranks may race)."""
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
-    if (path / "config.json").is_file():
+    if _matches(path, model_cfg):
         return path
     tokenizer = build_tokenizer()
     config = LlamaConfig(
@@ -70,6 +91,11 @@ def build_tiny(path: Path, model_cfg) -> Path:
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
+    (tmp / SPEC).write_text(json.dumps(_spec(model_cfg)))
+    if path.exists():  # built for other model.* keys: replaced, never reused (no checkpoint needs it)
+        old = path.with_name(f"{path.name}.old-{os.getpid()}")
+        os.rename(path, old)
+        shutil.rmtree(old, ignore_errors=True)
     try:
         os.rename(tmp, path)
     except OSError:  # another rank or node finished first

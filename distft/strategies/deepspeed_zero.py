@@ -227,7 +227,7 @@ class DeepSpeedStrategy(Strategy):
                 f"for {self.info.world_size} ranks",
                 flush=True,
             )
-            cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal"]
+            cmd = [sys.executable, "-m", "distft.engine.safe_load", "deepspeed.checkpoint.ds_to_universal"]
             cmd += ["--input_folder", str(path / "deepspeed"), "--output_folder", str(universal)]
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode != 0:
@@ -337,8 +337,8 @@ class DeepSpeedStrategy(Strategy):
         )
 
     def load(self, path: Path) -> None:
-        # DeepSpeed's loader unpickles its own files (torch.load with weights_only=False): only
-        # load checkpoints you wrote; the manifest check before this refuses modified ones.
+        # DeepSpeed unpickles its files with weights_only=False: checkpoint.load calls this inside
+        # safe_load.weights_only_loads(), which makes every such load weights-only.
         self.engine.load_checkpoint(str(path), tag=self.load_tag, load_module_strict=not self.adapter_only)
         if self.load_tag != "deepspeed":  # a later load (best checkpoint) is one this run wrote
             self.engine._config.load_universal_checkpoint = False
