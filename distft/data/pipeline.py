@@ -1,24 +1,26 @@
-"""load → map schemas → clean → split → mix → encode (method-specific) → cached per run; one rank
-prepares, the rest read.
+"""load → map schemas → clean → split → mix → encode (method-specific) → Arrow cache shared by
+runs (distft/data/cache.py); one rank prepares, every rank memory-maps the result.
 
-Other ranks wait on the cache file, not on a collective, so a slow tokenization never races the
-process group's timeout (the multi-node hang users of peers report). Rank 0 also writes
-data_report.json and the prepared splits (data/{train,val,test}.jsonl, canonical rows) to the
-run dir and prints the report table.
+Other ranks wait on a file, not on a collective, so a slow tokenization never races the process
+group's timeout (the multi-node hang users of peers report). Rank 0 also writes data_report.json
+and the prepared splits (data/{train,val,test}.jsonl, canonical rows) to the run dir and prints
+the report table.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
+import shutil
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from distft.continual import mix_replay
+from distft.data import cache as data_cache
 from distft.data import report as data_report
 from distft.data.clean import clean
+from distft.data.rows import Rows, write_rows
 from distft.data.schemas import length_text, method_kind, to_canonical
 from distft.data.sources import Source, mix, read_sources
 from distft.data.split import split_rows
@@ -27,14 +29,17 @@ from distft.errors import DataError
 
 @dataclass
 class PreparedData:
-    train: list[dict]
-    val: list[dict]
-    test: list[dict]
-    val_rows: list[dict]
-    test_rows: list[dict]
+    """Encoded examples per split and the canonical val/test rows (for generation eval): Python
+    lists while rank 0 prepares, memory-mapped `Rows` (read-only sequences) once cached."""
+
+    train: Sequence[dict]
+    val: Sequence[dict]
+    test: Sequence[dict]
+    val_rows: Sequence[dict]
+    test_rows: Sequence[dict]
     report: dict = field(default_factory=dict)
     split_rows: dict = field(default_factory=dict)
-    """Cleaned rows per split (written to data/*.jsonl by rank 0; not cached)."""
+    """Cleaned rows per split (written to data/*.jsonl of the cache entry; not loaded back)."""
 
 
 def load_sources(cfg, method) -> list[Source]:
@@ -119,64 +124,114 @@ def prepare(cfg, method, tokenizer) -> PreparedData:
 
 
 def write_prepared(output_dir: Path, data: PreparedData) -> None:
-    """data_report.json and the cleaned, split rows (canonical form) as JSONL."""
+    """data_report.json and the cleaned, split rows (canonical form) as JSONL in data/."""
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "data_report.json").write_text(json.dumps(data.report, indent=2, default=str))
-    parts = data.split_rows
     folder = output_dir / "data"
     folder.mkdir(exist_ok=True)
-    for name, rows in parts.items():
+    for name, rows in data.split_rows.items():
         with open(folder / f"{name}.jsonl", "w", encoding="utf-8") as f:
             for row in rows:
                 f.write(json.dumps({k: v for k, v in row.items() if k != "_src"}, default=str) + "\n")
 
 
-def _fingerprint(spec: str) -> list[str]:
-    p = Path(spec).expanduser()
-    files = sorted(x for x in p.rglob("*") if x.is_file()) if p.is_dir() else [p] if p.exists() else []
-    return [f"{f.resolve()}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files]
+SPLIT_FILES = ("train", "val", "test", "val_rows", "test_rows")
+COPY_LIMIT = 64 << 20  # the run dir gets its own copy of data/*.jsonl below this size, else a link
 
 
-def _cache_key(cfg, tokenizer) -> str:
-    parts = [
-        repr(cfg.data),
-        repr(cfg.method),
-        str(cfg.train.seed),
-        tokenizer.name_or_path,
-        str(len(tokenizer)),
-    ]
-    for spec in cfg.data.path:
-        parts += _fingerprint(spec)
-    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+def _build_entry(cfg, method, tokenizer, root: Path, key: str) -> None:
+    """Prepare and write one cache entry (the caller holds the key's writer lock)."""
+    data = prepare(cfg, method, tokenizer)
+    tmp = data_cache.new_tmp(root, key)
+    write_prepared(tmp, data)
+    encodings = {}
+    for name in SPLIT_FILES:
+        rows = getattr(data, name)
+        encodings[name] = write_rows(tmp / f"{name}.arrow", rows, "json" if name.endswith("_rows") else None)
+        setattr(data, name, None)  # let the Python rows go as soon as they are on disk
+    meta = {"key": key, "encodings": encodings, "created": time.time()}
+    data_cache.publish(tmp, root / key, meta)
+
+
+def _open_entry(path: Path) -> PreparedData:
+    meta = json.loads((path / data_cache.COMPLETE).read_text())
+    splits = {name: Rows(path / f"{name}.arrow", meta["encodings"][name]) for name in SPLIT_FILES}
+    return PreparedData(**splits, report=json.loads((path / "data_report.json").read_text()))
+
+
+def _load_entry(path: Path, cfg) -> PreparedData:
+    data = _open_entry(path)
+    cap = cfg.data.max_eval_examples  # read-time, so it is not part of the cache key
+    if cap and len(data.val) > cap:
+        data.val = data.val.head(cap)
+    data.report["splits"]["val"]["eval_examples"] = len(data.val)
+    data.report["cache"] = str(path)
+    return data
+
+
+def _link_run_files(output_dir: Path, entry: Path, report: dict) -> None:
+    """data_report.json and data/*.jsonl in the run dir (a copy, or a link to the cache when large)."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "data_report.json").write_text(json.dumps(report, indent=2, default=str))
+    folder, src = output_dir / "data", entry / "data"
+    if folder.is_symlink() or folder.is_file():
+        folder.unlink()
+    elif folder.is_dir():
+        shutil.rmtree(folder)
+    if sum(f.stat().st_size for f in src.iterdir()) <= COPY_LIMIT:
+        shutil.copytree(src, folder)
+    else:
+        folder.symlink_to(src, target_is_directory=True)
 
 
 def prepare_cached(
     cfg, method, tokenizer, output_dir: Path, is_main: bool, quiet: bool = False
 ) -> PreparedData:
-    cache = output_dir / "data_cache" / f"{_cache_key(cfg, tokenizer)}.json"
-    failed = cache.with_suffix(".failed")
-    if is_main and not cache.is_file():
-        cache.parent.mkdir(parents=True, exist_ok=True)
+    """Prepared data from the shared cache (data.cache_dir), prepared by rank 0 when missing.
+
+    Other ranks wait for rank 0's pointer file in the run dir (no collective while it works), then
+    memory-map the same Arrow files."""
+    root, key = data_cache.cache_root(cfg.data), data_cache.cache_key(cfg, tokenizer)
+    path = root / key
+    marks = output_dir / "data_cache"
+    ready, failed = marks / f"{key}.ready", marks / f"{key}.failed"
+    if is_main:
+        marks.mkdir(parents=True, exist_ok=True)
         failed.unlink(missing_ok=True)
         try:
-            data = prepare(cfg, method, tokenizer)
+            if not data_cache.is_complete(path):
+                with data_cache.writer_lock(root, key):  # another run may be preparing this key
+                    if not data_cache.is_complete(path):
+                        _build_entry(cfg, method, tokenizer, root, key)
         except DataError as e:
             failed.write_text(str(e))
             raise
-        write_prepared(output_dir, data)
-        tmp = cache.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps({k: v for k, v in data.__dict__.items() if k != "split_rows"}, default=str))
-        os.replace(tmp, cache)
+        data = _load_entry(path, cfg)
+        _link_run_files(output_dir, path, data.report)
+        ready.write_text(str(path))
         if not quiet:
             print(data_report.table(data.report), flush=True)
         return data
     start = time.monotonic()
     next_note = 60.0
-    while not cache.is_file():
+    while not ready.is_file():
         if failed.is_file():
             raise DataError(failed.read_text())
         time.sleep(0.2)
         if time.monotonic() - start > next_note:
-            print(f"waiting for rank 0 to prepare data ({cache})", flush=True)
+            print(f"waiting for rank 0 to prepare data ({path})", flush=True)
             next_note += 60.0
-    return PreparedData(**json.loads(cache.read_text()))
+    if not data_cache.is_complete(path):
+        raise DataError(
+            f"rank 0 prepared the data in {path}, which this node cannot see; set data.cache_dir to a "
+            "directory every node shares (e.g. next to output_dir)"
+        )
+    return _load_entry(path, cfg)
+
+
+def load_run_data(run_dir: Path) -> PreparedData:
+    """The prepared data a run used (through its pointer into the cache), uncapped."""
+    pointers = sorted(Path(run_dir, "data_cache").glob("*.ready"), key=lambda p: p.stat().st_mtime)
+    if not pointers:
+        raise DataError(f"{run_dir}: no prepared data (run distft-data or a training run first)")
+    return _open_entry(Path(pointers[-1].read_text()))
