@@ -20,6 +20,7 @@ from distft.continual import mix_replay
 from distft.data import cache as data_cache
 from distft.data import report as data_report
 from distft.data.clean import clean
+from distft.data.collate import packing_efficiency
 from distft.data.rows import Rows, write_rows
 from distft.data.schemas import length_text, method_kind, to_canonical
 from distft.data.sources import Source, mix, read_sources
@@ -40,6 +41,12 @@ class PreparedData:
     report: dict = field(default_factory=dict)
     split_rows: dict = field(default_factory=dict)
     """Cleaned rows per split (written to data/*.jsonl of the cache entry; not loaded back)."""
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        """Constant per run, logged with every step: packing/efficiency when packing."""
+        packing = self.report.get("packing")
+        return {"packing/efficiency": packing["efficiency"]} if packing else {}
 
 
 def load_sources(cfg, method) -> list[Source]:
@@ -96,6 +103,10 @@ def prepare(cfg, method, tokenizer) -> PreparedData:
         examples, stats = method.encode(part, tokenizer, cfg, train=name == "train")
         encoded[name] = examples
         splits[name] = {"rows": len(part), "examples": len(examples), **stats}
+        if "packed_sequences" in stats:
+            tokens = [len(ex["input_ids"]) for ex in examples]
+            stats = splits[name]
+            stats["packing_efficiency"] = round(packing_efficiency(tokens, len(examples), d.max_length), 4)
     if not encoded["train"]:
         raise DataError(
             f"the train split is empty after encoding ({splits['train']}); "
@@ -117,6 +128,11 @@ def prepare(cfg, method, tokenizer) -> PreparedData:
         formats=formats,
     )
     report["method_kind"] = kind or method_kind(method, cfg)
+    if "packing_efficiency" in splits["train"]:
+        report["packing"] = {
+            "sequences": splits["train"]["packed_sequences"],
+            "efficiency": splits["train"]["packing_efficiency"],
+        }
     report.update({"replay": replay} if replay else {})
     return PreparedData(
         encoded["train"], encoded["val"], encoded["test"], parts["val"], parts["test"], report, parts

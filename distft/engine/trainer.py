@@ -127,7 +127,8 @@ class Trainer:
 
         t = cfg.train
         global_batch = t.micro_batch_size * t.grad_accum * info.world_size
-        sampler = GlobalBatchSampler(len(data.train), global_batch, t.seed)
+        lengths = data.train.lengths() if cfg.data.group_by_length else None  # data's Rows: no decode
+        sampler = GlobalBatchSampler(len(data.train), global_batch, t.seed, lengths)
         total = t.max_steps or max(1, math.ceil(t.epochs * sampler.steps_per_epoch))
 
         trainer = cls(
@@ -221,6 +222,7 @@ class Trainer:
                     "time": time.time(),
                     "epoch": step / self.sampler.steps_per_epoch,
                     "skipped_steps": self.bad_steps.skipped,
+                    **self.data.metrics,  # packing/efficiency
                     **self.step_metrics,
                 }
                 self.logger.log(done, row)
