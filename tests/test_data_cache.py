@@ -172,3 +172,32 @@ def test_concurrent_preparers_of_one_key_wait_for_one_writer(tmp_path):
     assert out[0] == out[1] == out[2]
     leftovers = [p.name for p in (tmp_path / "cache").iterdir() if ".tmp" in p.name]
     assert not leftovers
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_batched_parallel_encoding_equals_one_call(tmp_path, tok, monkeypatch, packing):
+    from distft.data import encode
+
+    monkeypatch.setattr(encode, "CHUNK", 150)  # several chunks, two workers
+    over = ["data.num_examples=900", "data.num_proc=2", f"data.packing={str(packing).lower()}"]
+    cfg = _cfg(tmp_path, *over, "data.max_length=40")
+    fresh = pipeline.prepare(cfg, METHODS["sft"](cfg, tok), tok)
+    cached = _prepared(cfg, tok, tmp_path / "run")
+    assert list(cached.train) == fresh.train and list(cached.val) == fresh.val
+    assert cached.report["splits"].pop("val").pop("eval_examples") == len(fresh.val)  # added at read time
+    fresh.report["splits"].pop("val")
+    assert cached.report["splits"] == fresh.report["splits"]
+    assert ("packing" in cached.report) == packing
+    assert not list((tmp_path / "cache").glob("*/*.unpacked.arrow"))
+
+
+def test_row_writer_switches_to_json_for_the_whole_file(tmp_path):
+    from distft.data.rows import RowWriter
+
+    tokens = [{"input_ids": [1, 2], "labels": [-100, 2], "position_ids": [0, 1]}] * 1500
+    other = [{"chosen_ids": [1], "rejected_ids": [2]}]
+    w = RowWriter(tmp_path / "x.arrow")
+    w.add(tokens)
+    w.add(other)
+    rows = w.close()
+    assert rows.encoding == "json" and list(rows) == tokens + other

@@ -21,6 +21,7 @@ from distft.data import cache as data_cache
 from distft.data import report as data_report
 from distft.data.clean import clean
 from distft.data.collate import packing_efficiency
+from distft.data.encode import encode_split
 from distft.data.rows import Rows, write_rows
 from distft.data.schemas import length_text, method_kind, to_canonical
 from distft.data.sources import Source, mix, read_sources
@@ -66,26 +67,41 @@ def load_sources(cfg, method) -> list[Source]:
     return sources
 
 
-def token_lengths(tokenizer):
+def token_lengths(tokenizer, chunk: int = 10_000):
     def lengths(rows: list[dict]) -> list[int]:
-        if not rows:
-            return []
-        texts = [length_text(r, tokenizer) for r in rows]
-        ids = tokenizer(texts, add_special_tokens=True)["input_ids"]
         eos = tokenizer.eos_token_id is not None
-        # prompt/completion rows get an EOS appended by the SFT encoder
-        return [len(x) + (eos and "completion" in r) for x, r in zip(ids, rows)]
+        out: list[int] = []
+        for i in range(0, len(rows), chunk):  # token lists of one chunk at a time
+            part = rows[i : i + chunk]
+            ids = tokenizer([length_text(r, tokenizer) for r in part], add_special_tokens=True)["input_ids"]
+            # prompt/completion rows get an EOS appended by the SFT encoder
+            out += [len(x) + (eos and "completion" in r) for x, r in zip(ids, part)]
+        return out
 
     return lengths
 
 
-def prepare(cfg, method, tokenizer) -> PreparedData:
+def encode_in_memory(name: str, part: list[dict], train: bool, cfg, method, tokenizer):
+    return method.encode(part, tokenizer, cfg, train=train)
+
+
+def prepare(cfg, method, tokenizer, encoder=encode_in_memory) -> PreparedData:
+    """Every step in this process; `encoder(name, rows, train, cfg, method, tokenizer)` gives a
+    split's examples and stats (in memory here; batched into Arrow files for the cache)."""
     d = cfg.data
     sources = load_sources(cfg, method)
+    src_info = [
+        {"path": s.spec, "rows": len(s.rows), "bad_lines": len(s.bad_lines)}
+        | ({"weight": d.weights[i]} if d.weights else {})
+        for i, s in enumerate(sources)
+    ]
     rows = [r for s in sources for r in s.rows]
+    for s in sources:
+        s.rows = []  # the raw rows live on only until they are mapped
     declared = getattr(method, "data_schema", None) or getattr(method, "kind", None)
     kind = declared if isinstance(declared, str) else None
     canonical, empty, formats = to_canonical(rows, d.format, d.columns, kind, cfg.method.name)
+    del rows
     cleaned = clean(canonical, d, token_lengths(tokenizer), d.max_length, empty)
     if not cleaned.rows:
         drops = ", ".join(f"{k} {v['count']}" for k, v in cleaned.drops.items())
@@ -100,11 +116,13 @@ def prepare(cfg, method, tokenizer) -> PreparedData:
 
     splits, encoded = {}, {}
     for name, part in parts.items():
-        examples, stats = method.encode(part, tokenizer, cfg, train=name == "train")
+        examples, stats = encoder(name, part, name == "train", cfg, method, tokenizer)
         encoded[name] = examples
         splits[name] = {"rows": len(part), "examples": len(examples), **stats}
         if "packed_sequences" in stats:
-            tokens = [len(ex["input_ids"]) for ex in examples]
+            tokens = (
+                examples.lengths() if isinstance(examples, Rows) else [len(x["input_ids"]) for x in examples]
+            )
             stats = splits[name]
             stats["packing_efficiency"] = round(packing_efficiency(tokens, len(examples), d.max_length), 4)
     if not encoded["train"]:
@@ -112,11 +130,6 @@ def prepare(cfg, method, tokenizer) -> PreparedData:
             f"the train split is empty after encoding ({splits['train']}); "
             "check data.path, data.max_length and data.splits"
         )
-    src_info = [
-        {"path": s.spec, "rows": len(s.rows), "bad_lines": len(s.bad_lines)}
-        | ({"weight": d.weights[i]} if d.weights else {})
-        for i, s in enumerate(sources)
-    ]
     report = data_report.build(
         sources=src_info,
         bad_lines=[b for s in sources for b in s.bad_lines],
@@ -157,14 +170,16 @@ COPY_LIMIT = 64 << 20  # the run dir gets its own copy of data/*.jsonl below thi
 
 def _build_entry(cfg, method, tokenizer, root: Path, key: str) -> None:
     """Prepare and write one cache entry (the caller holds the key's writer lock)."""
-    data = prepare(cfg, method, tokenizer)
     tmp = data_cache.new_tmp(root, key)
+
+    def to_arrow(name, part, train, cfg, method, tokenizer):
+        return encode_split(name, part, train, cfg, method, tokenizer, tmp)
+
+    data = prepare(cfg, method, tokenizer, to_arrow)
     write_prepared(tmp, data)
-    encodings = {}
-    for name in SPLIT_FILES:
-        rows = getattr(data, name)
-        encodings[name] = write_rows(tmp / f"{name}.arrow", rows, "json" if name.endswith("_rows") else None)
-        setattr(data, name, None)  # let the Python rows go as soon as they are on disk
+    encodings = {name: getattr(data, name).encoding for name in ("train", "val", "test")}
+    for name in ("val_rows", "test_rows"):
+        encodings[name] = write_rows(tmp / f"{name}.arrow", getattr(data, name), "json")
     meta = {"key": key, "encodings": encodings, "created": time.time()}
     data_cache.publish(tmp, root / key, meta)
 

@@ -78,35 +78,53 @@ def _json_batch(rows: list[dict]) -> pa.Table:
     return pa.table({"json": [json.dumps(r, default=str) for r in rows]}, schema=JSON_SCHEMA)
 
 
-def write_rows(path: Path, rows: Iterable[dict], encoding: str | None = None) -> str:
-    """Write rows to an Arrow file in batches; returns the encoding used (`tokens` only when every
-    row fits it, decided on the rows themselves unless `encoding` forces json)."""
-    from datasets.arrow_writer import ArrowWriter
+class RowWriter:
+    """Write rows batch by batch: the tokens encoding while every batch fits it, else (from the
+    first batch that does not) json for the whole file, rewriting what was written."""
 
-    rows = rows if isinstance(rows, list) else list(rows)
-    batches = [rows[i : i + BATCH] for i in range(0, len(rows), BATCH)]
-    tables: list[pa.Table] | None = None
-    if encoding != "json" and rows:
-        tables = []
-        for b in batches:
-            t = _token_batch(b)
-            if t is None:
-                tables = None
-                break
-            tables.append(t)
-    encoding = "tokens" if tables is not None else "json"
-    schema = TOKENS_SCHEMA if encoding == "tokens" else JSON_SCHEMA
-    writer = ArrowWriter(path=str(path), schema=schema)
-    if tables is None:
-        for b in batches:
-            writer.write_table(_json_batch(b))
-    else:
-        for t in tables:
-            writer.write_table(t)
-    if not rows:
-        writer.write_table(schema.empty_table())
-    writer.finalize()
-    return encoding
+    def __init__(self, path: Path, encoding: str | None = None):
+        from datasets.arrow_writer import ArrowWriter
+
+        self._arrow_writer = ArrowWriter
+        self.path, self.encoding, self._writer, self.count = Path(path), encoding, None, 0
+
+    def _open(self, encoding: str) -> None:
+        schema = TOKENS_SCHEMA if encoding == "tokens" else JSON_SCHEMA
+        self.encoding, self._writer = encoding, self._arrow_writer(path=str(self.path), schema=schema)
+
+    def add(self, rows: list[dict]) -> None:
+        for i in range(0, len(rows), BATCH):
+            self._add(rows[i : i + BATCH])
+
+    def _add(self, batch: list[dict]) -> None:
+        table = _token_batch(batch) if self.encoding in (None, "tokens") else None
+        if self._writer is None:
+            self._open("tokens" if table is not None else "json")
+        elif table is None and self.encoding == "tokens":  # switch: rewrite what is written as json
+            self._writer.finalize()
+            old = Rows(self.path, "tokens").pin()
+            self._open("json")
+            for k in range(0, len(old), BATCH):
+                self._writer.write_table(_json_batch(old[k : k + BATCH]))
+        self._writer.write_table(table if self.encoding == "tokens" else _json_batch(batch))
+        self.count += len(batch)
+
+    def close(self) -> Rows:
+        if self._writer is None:
+            self._open(self.encoding or "json")
+            self._writer.write_table(
+                JSON_SCHEMA.empty_table() if self.encoding == "json" else TOKENS_SCHEMA.empty_table()
+            )
+        self._writer.finalize()
+        return Rows(self.path, self.encoding)
+
+
+def write_rows(path: Path, rows: Iterable[dict], encoding: str | None = None) -> str:
+    """Write rows to an Arrow file; returns the encoding used (`tokens` only when every row fits
+    it, unless `encoding` forces json)."""
+    writer = RowWriter(path, encoding)
+    writer.add(rows if isinstance(rows, list) else list(rows))
+    return writer.close().encoding
 
 
 class Rows(Sequence):
