@@ -96,7 +96,10 @@ def trl_prep_here(data: str, model_dir: str, out: str, num_proc: int) -> None:
     ds = datasets.load_dataset("json", data_files=data, split="train")
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir)
-    args = SFTConfig(output_dir=out, max_length=512, dataset_num_proc=num_proc, report_to=[], packing=False)
+    args = SFTConfig(
+        output_dir=out, max_length=512, dataset_num_proc=num_proc, report_to="none", packing=False,
+        bf16=False, use_cpu=True, save_strategy="no", disable_tqdm=True,
+    )  # fmt: skip
     SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tok)
 
 
@@ -104,7 +107,7 @@ def trl_prepare(data: Path, model: Path, work: Path, num_proc: int) -> dict:
     hf_cache = work / "hf_cache"
     shutil.rmtree(hf_cache, ignore_errors=True)
     work.mkdir(parents=True, exist_ok=True)
-    env = bench_env(HF_DATASETS_CACHE=str(hf_cache))
+    env = bench_env(HF_DATASETS_CACHE=str(hf_cache), PYTHONPATH=str(REPO))
     cmd = [sys.executable, str(BENCH / "rss.py"), "bench.data_scale", "--trl-prep"]
     cmd += [str(data), str(model), str(work / "trl_out"), str(num_proc)]
     out = _timed(cmd, work / "rss", work / "trl.log", env)

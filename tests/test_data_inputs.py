@@ -133,3 +133,25 @@ def test_errors_reach_prepare_before_training(tmp_path):
     tok = build_tokenizer()
     with pytest.raises(DataError, match=rf"{f}:1: field 'completion' is a list"):
         prepare(cfg, METHODS["sft"](cfg, tok), tok)
+
+
+@pytest.mark.slow
+def test_a_training_run_stops_with_one_error_line(tmp_path):
+    """Real process: the error is the one `distft: error:` line, before any training step."""
+    import subprocess
+    import sys
+
+    from tests.util import env
+
+    f = tmp_path / "train.jsonl"
+    f.write_text(json.dumps([{"prompt": "a", "completion": "b"}], indent=2))
+    out = subprocess.run(
+        [sys.executable, "-m", "distft.train", f"data.path=[{f}]", f"output_dir={tmp_path / 'run'}",
+         f"data.cache_dir={tmp_path / 'cache'}"],
+        env=env(), capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert out.returncode != 0
+    errors = [line for line in out.stderr.splitlines() if line.startswith("distft: error:")]
+    assert errors == [f"distft: error: {f}: holds a JSON array, not JSON Lines (one object per line); "
+                      "rename it to train.json or write one object per line"]  # fmt: skip
+    assert "Traceback" not in out.stderr and not (tmp_path / "run" / "metrics.jsonl").exists()
