@@ -165,6 +165,9 @@ def _race(args):
 
 def test_concurrent_preparers_of_one_key_wait_for_one_writer(tmp_path):
     marker = tmp_path / "builds"
+    cfg, _ = load_config([f"data.cache_dir={tmp_path / 'cache'}", "data.num_examples=800"])
+    key = data_cache.cache_key(cfg, build_tokenizer())
+    (tmp_path / "cache" / f"{key}.tmp1" / "data").mkdir(parents=True)  # a killed writer's leftover
     ctx = mp.get_context("fork")
     with ctx.Pool(3) as pool:
         out = pool.map(_race, [(tmp_path / "cache", tmp_path / f"run{i}", marker) for i in range(3)])

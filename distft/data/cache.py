@@ -133,8 +133,9 @@ def publish(tmp: Path, final: Path, meta: dict) -> None:
 
 
 def new_tmp(root: Path, key: str) -> Path:
+    """A fresh build directory; leftovers of killed writers of this key go (we hold its lock)."""
+    for old in root.glob(f"{key}.tmp*"):
+        shutil.rmtree(old, ignore_errors=True)
     tmp = root / f"{key}.tmp{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     return tmp
