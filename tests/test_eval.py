@@ -199,9 +199,9 @@ def export_val_loss(run) -> float:
     from transformers import AutoModelForCausalLM
 
     from distft.data.collate import pad_batch
+    from distft.data.pipeline import load_run_data
 
-    (cache,) = (run / "data_cache").glob("*.json")
-    val = json.loads(cache.read_text())["val"]
+    val = list(load_run_data(run).val)
     model = AutoModelForCausalLM.from_pretrained(run / "export", dtype=torch.float32).eval()
     total, targets = 0.0, 0
     with torch.no_grad():

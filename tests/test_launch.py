@@ -288,7 +288,7 @@ RACE_SCRIPT = textwrap.dedent(
     mode, out = sys.argv[1], Path(sys.argv[2])
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=3))
     rank = dist.get_rank()
-    cfg, _ = load_config(["data.num_examples=200", f"output_dir={out}"])
+    cfg, _ = load_config(["data.num_examples=200", f"output_dir={out}", f"data.cache_dir={out}/cache"])
     tok = build_tokenizer()
     Method = METHODS[cfg.method.name]
 
@@ -342,7 +342,7 @@ def test_data_preparation_longer_than_the_collective_timeout_does_not_fail(tmp_p
     assert ok.returncode == 0, ok.stdout + ok.stderr[-4000:]
     assert "rank 0 ok" in ok.stdout and "rank 1 ok" in ok.stdout
     # Rank 0 prepared once (three splits × 3 s ≥ 9 s, three times the timeout); rank 1 read the cache.
-    assert len(list((tmp_path / "file" / "data_cache").glob("*.json"))) == 1
+    assert len(list((tmp_path / "file" / "data_cache").glob("*.ready"))) == 1
     # The control shows the timeout is real: waiting in a collective instead fails.
     control = run("barrier")
     assert control.returncode != 0 and "rank 1 ok" not in control.stdout

@@ -2,25 +2,61 @@
 
 from __future__ import annotations
 
+import bisect
+from collections.abc import Sequence
+
 import torch
 
 from distft.data.sft_format import IGNORE, Tokenized
 
 
+def pack_bins(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """Best-fit decreasing on lengths only: each example, longest first, goes into the open bin it
+    fills most tightly (a new bin when none has room). Returns bins of example indices, each in
+    ascending order. O(n log capacity): open bins are kept in buckets by their free space."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    free_sizes: list[int] = []  # sorted distinct free spaces that some open bin has
+    by_free: dict[int, list[int]] = {}  # free space -> bins with it
+    bins: list[list[int]] = []
+    for i in order:
+        n = min(lengths[i], capacity)
+        at = bisect.bisect_left(free_sizes, n)
+        if at < len(free_sizes):
+            free = free_sizes[at]
+            b = by_free[free].pop()
+            if not by_free[free]:
+                del by_free[free]
+                free_sizes.pop(at)
+        else:
+            free, b = capacity, len(bins)
+            bins.append([])
+        bins[b].append(i)
+        left = free - n
+        if left > 0:
+            if left not in by_free:
+                by_free[left] = []
+                bisect.insort(free_sizes, left)
+            by_free[left].append(b)
+    return [sorted(b) for b in bins]
+
+
+def packing_efficiency(lengths: Sequence[int], bins: int, capacity: int) -> float:
+    """Non-padding share of the packed sequences (each padded to capacity)."""
+    return sum(lengths) / (bins * capacity) if bins else 0.0
+
+
 def pack(examples: list[Tokenized], max_length: int) -> list[dict]:
-    """Greedy first-fit-in-order packing; position ids restart per example so attention
+    """Bin-packed sequences of up to max_length tokens (`pack_bins`); inside a sequence the
+    examples keep their order and position ids restart per example, so attention
     (transformers' packed-sequence masks) never crosses example boundaries."""
     packed: list[dict] = []
-    cur = {"input_ids": [], "labels": [], "position_ids": []}
-    for ex in examples:
-        n = len(ex.input_ids)
-        if cur["input_ids"] and len(cur["input_ids"]) + n > max_length:
-            packed.append(cur)
-            cur = {"input_ids": [], "labels": [], "position_ids": []}
-        cur["input_ids"] += ex.input_ids
-        cur["labels"] += ex.labels
-        cur["position_ids"] += list(range(n))
-    if cur["input_ids"]:
+    for b in pack_bins([len(ex.input_ids) for ex in examples], max_length):
+        cur = {"input_ids": [], "labels": [], "position_ids": []}
+        for i in b:
+            ex = examples[i]
+            cur["input_ids"] += ex.input_ids
+            cur["labels"] += ex.labels
+            cur["position_ids"] += list(range(len(ex.input_ids)))
         packed.append(cur)
     return packed
 

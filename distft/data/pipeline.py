@@ -1,24 +1,28 @@
-"""load → map schemas → clean → split → mix → encode (method-specific) → cached per run; one rank
-prepares, the rest read.
+"""load → map schemas → clean → split → mix → encode (method-specific) → Arrow cache shared by
+runs (distft/data/cache.py); one rank prepares, every rank memory-maps the result.
 
-Other ranks wait on the cache file, not on a collective, so a slow tokenization never races the
-process group's timeout (the multi-node hang users of peers report). Rank 0 also writes
-data_report.json and the prepared splits (data/{train,val,test}.jsonl, canonical rows) to the
-run dir and prints the report table.
+Other ranks wait on a file, not on a collective, so a slow tokenization never races the process
+group's timeout (the multi-node hang users of peers report). Rank 0 also writes data_report.json
+and the prepared splits (data/{train,val,test}.jsonl, canonical rows) to the run dir and prints
+the report table.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
+import shutil
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from distft.continual import mix_replay
+from distft.data import cache as data_cache
 from distft.data import report as data_report
 from distft.data.clean import clean
+from distft.data.collate import packing_efficiency
+from distft.data.encode import encode_split
+from distft.data.rows import Rows, write_rows
 from distft.data.schemas import length_text, method_kind, to_canonical
 from distft.data.sources import Source, mix, read_sources
 from distft.data.split import split_rows
@@ -27,14 +31,23 @@ from distft.errors import DataError
 
 @dataclass
 class PreparedData:
-    train: list[dict]
-    val: list[dict]
-    test: list[dict]
-    val_rows: list[dict]
-    test_rows: list[dict]
+    """Encoded examples per split and the canonical val/test rows (for generation eval): Python
+    lists while rank 0 prepares, memory-mapped `Rows` (read-only sequences) once cached."""
+
+    train: Sequence[dict]
+    val: Sequence[dict]
+    test: Sequence[dict]
+    val_rows: Sequence[dict]
+    test_rows: Sequence[dict]
     report: dict = field(default_factory=dict)
     split_rows: dict = field(default_factory=dict)
-    """Cleaned rows per split (written to data/*.jsonl by rank 0; not cached)."""
+    """Cleaned rows per split (written to data/*.jsonl of the cache entry; not loaded back)."""
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        """Constant per run, logged with every step: packing/efficiency when packing."""
+        packing = self.report.get("packing")
+        return {"packing/efficiency": packing["efficiency"]} if packing else {}
 
 
 def load_sources(cfg, method) -> list[Source]:
@@ -54,26 +67,41 @@ def load_sources(cfg, method) -> list[Source]:
     return sources
 
 
-def token_lengths(tokenizer):
+def token_lengths(tokenizer, chunk: int = 10_000):
     def lengths(rows: list[dict]) -> list[int]:
-        if not rows:
-            return []
-        texts = [length_text(r, tokenizer) for r in rows]
-        ids = tokenizer(texts, add_special_tokens=True)["input_ids"]
         eos = tokenizer.eos_token_id is not None
-        # prompt/completion rows get an EOS appended by the SFT encoder
-        return [len(x) + (eos and "completion" in r) for x, r in zip(ids, rows)]
+        out: list[int] = []
+        for i in range(0, len(rows), chunk):  # token lists of one chunk at a time
+            part = rows[i : i + chunk]
+            ids = tokenizer([length_text(r, tokenizer) for r in part], add_special_tokens=True)["input_ids"]
+            # prompt/completion rows get an EOS appended by the SFT encoder
+            out += [len(x) + (eos and "completion" in r) for x, r in zip(ids, part)]
+        return out
 
     return lengths
 
 
-def prepare(cfg, method, tokenizer) -> PreparedData:
+def encode_in_memory(name: str, part: list[dict], train: bool, cfg, method, tokenizer):
+    return method.encode(part, tokenizer, cfg, train=train)
+
+
+def prepare(cfg, method, tokenizer, encoder=encode_in_memory) -> PreparedData:
+    """Every step in this process; `encoder(name, rows, train, cfg, method, tokenizer)` gives a
+    split's examples and stats (in memory here; batched into Arrow files for the cache)."""
     d = cfg.data
     sources = load_sources(cfg, method)
+    src_info = [
+        {"path": s.spec, "rows": len(s.rows), "bad_lines": len(s.bad_lines)}
+        | ({"weight": d.weights[i]} if d.weights else {})
+        for i, s in enumerate(sources)
+    ]
     rows = [r for s in sources for r in s.rows]
+    for s in sources:
+        s.rows = []  # the raw rows live on only until they are mapped
     declared = getattr(method, "data_schema", None) or getattr(method, "kind", None)
     kind = declared if isinstance(declared, str) else None
     canonical, empty, formats = to_canonical(rows, d.format, d.columns, kind, cfg.method.name)
+    del rows
     cleaned = clean(canonical, d, token_lengths(tokenizer), d.max_length, empty)
     if not cleaned.rows:
         drops = ", ".join(f"{k} {v['count']}" for k, v in cleaned.drops.items())
@@ -90,19 +118,20 @@ def prepare(cfg, method, tokenizer) -> PreparedData:
 
     splits, encoded = {}, {}
     for name, part in parts.items():
-        examples, stats = method.encode(part, tokenizer, cfg, train=name == "train")
+        examples, stats = encoder(name, part, name == "train", cfg, method, tokenizer)
         encoded[name] = examples
         splits[name] = {"rows": len(part), "examples": len(examples), **stats}
+        if "packed_sequences" in stats:
+            tokens = (
+                examples.lengths() if isinstance(examples, Rows) else [len(x["input_ids"]) for x in examples]
+            )
+            stats = splits[name]
+            stats["packing_efficiency"] = round(packing_efficiency(tokens, len(examples), d.max_length), 4)
     if not encoded["train"]:
         raise DataError(
             f"the train split is empty after encoding ({splits['train']}); "
             "check data.path, data.max_length and data.splits"
         )
-    src_info = [
-        {"path": s.spec, "rows": len(s.rows), "bad_lines": len(s.bad_lines)}
-        | ({"weight": d.weights[i]} if d.weights else {})
-        for i, s in enumerate(sources)
-    ]
     report = data_report.build(
         sources=src_info,
         bad_lines=[b for s in sources for b in s.bad_lines],
@@ -114,6 +143,11 @@ def prepare(cfg, method, tokenizer) -> PreparedData:
         formats=formats,
     )
     report["method_kind"] = kind or method_kind(method, cfg)
+    if "packing_efficiency" in splits["train"]:
+        report["packing"] = {
+            "sequences": splits["train"]["packed_sequences"],
+            "efficiency": splits["train"]["packing_efficiency"],
+        }
     report.update({"replay": replay} if replay else {})
     return PreparedData(
         encoded["train"], encoded["val"], encoded["test"], parts["val"], parts["test"], report, parts
@@ -121,64 +155,116 @@ def prepare(cfg, method, tokenizer) -> PreparedData:
 
 
 def write_prepared(output_dir: Path, data: PreparedData) -> None:
-    """data_report.json and the cleaned, split rows (canonical form) as JSONL."""
+    """data_report.json and the cleaned, split rows (canonical form) as JSONL in data/."""
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "data_report.json").write_text(json.dumps(data.report, indent=2, default=str))
-    parts = data.split_rows
     folder = output_dir / "data"
     folder.mkdir(exist_ok=True)
-    for name, rows in parts.items():
+    for name, rows in data.split_rows.items():
         with open(folder / f"{name}.jsonl", "w", encoding="utf-8") as f:
             for row in rows:
                 f.write(json.dumps({k: v for k, v in row.items() if k != "_src"}, default=str) + "\n")
 
 
-def _fingerprint(spec: str) -> list[str]:
-    p = Path(spec).expanduser()
-    files = sorted(x for x in p.rglob("*") if x.is_file()) if p.is_dir() else [p] if p.exists() else []
-    return [f"{f.resolve()}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files]
+SPLIT_FILES = ("train", "val", "test", "val_rows", "test_rows")
+COPY_LIMIT = 64 << 20  # the run dir gets its own copy of data/*.jsonl below this size, else a link
 
 
-def _cache_key(cfg, tokenizer) -> str:
-    parts = [
-        repr(cfg.data),
-        repr(cfg.method),
-        str(cfg.train.seed),
-        tokenizer.name_or_path,
-        str(len(tokenizer)),
-    ]
-    for spec in cfg.data.path:
-        parts += _fingerprint(spec)
-    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+def _build_entry(cfg, method, tokenizer, root: Path, key: str) -> None:
+    """Prepare and write one cache entry (the caller holds the key's writer lock)."""
+    tmp = data_cache.new_tmp(root, key)
+
+    def to_arrow(name, part, train, cfg, method, tokenizer):
+        return encode_split(name, part, train, cfg, method, tokenizer, tmp)
+
+    data = prepare(cfg, method, tokenizer, to_arrow)
+    write_prepared(tmp, data)
+    encodings = {name: getattr(data, name).encoding for name in ("train", "val", "test")}
+    for name in ("val_rows", "test_rows"):
+        encodings[name] = write_rows(tmp / f"{name}.arrow", getattr(data, name), "json")
+    meta = {"key": key, "encodings": encodings, "created": time.time()}
+    data_cache.publish(tmp, root / key, meta)
+
+
+def _open_entry(path: Path) -> PreparedData:
+    meta = json.loads((path / data_cache.COMPLETE).read_text())
+    splits = {name: Rows(path / f"{name}.arrow", meta["encodings"][name]) for name in SPLIT_FILES}
+    return PreparedData(**splits, report=json.loads((path / "data_report.json").read_text()))
+
+
+def _load_entry(path: Path, cfg) -> PreparedData:
+    data = _open_entry(path)
+    cap = cfg.data.max_eval_examples  # read-time, so it is not part of the cache key
+    if cap and len(data.val) > cap:
+        data.val = data.val.head(cap)
+    data.report["splits"]["val"]["eval_examples"] = len(data.val)
+    data.report["cache"] = str(path)
+    return data
+
+
+def _link_run_files(output_dir: Path, entry: Path, report: dict) -> None:
+    """data_report.json and data/*.jsonl in the run dir (a copy, or a link to the cache when large)."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "data_report.json").write_text(json.dumps(report, indent=2, default=str))
+    folder, src = output_dir / "data", entry / "data"
+    if folder.is_symlink() or folder.is_file():
+        folder.unlink()
+    elif folder.is_dir():
+        shutil.rmtree(folder)
+    if sum(f.stat().st_size for f in src.iterdir()) <= COPY_LIMIT:
+        shutil.copytree(src, folder)
+    else:
+        folder.symlink_to(src, target_is_directory=True)
 
 
 def prepare_cached(
     cfg, method, tokenizer, output_dir: Path, is_main: bool, quiet: bool = False
 ) -> PreparedData:
-    cache = output_dir / "data_cache" / f"{_cache_key(cfg, tokenizer)}.json"
-    failed = cache.with_suffix(".failed")
-    if is_main and not cache.is_file():
-        cache.parent.mkdir(parents=True, exist_ok=True)
+    """Prepared data from the shared cache (data.cache_dir), prepared by rank 0 when missing.
+
+    Other ranks wait for rank 0's pointer file in the run dir (no collective while it works), then
+    memory-map the same Arrow files."""
+    root, key = data_cache.cache_root(cfg.data), data_cache.cache_key(cfg, tokenizer)
+    path = root / key
+    marks = output_dir / "data_cache"
+    ready, failed = marks / f"{key}.ready", marks / f"{key}.failed"
+    if is_main:
+        marks.mkdir(parents=True, exist_ok=True)
         failed.unlink(missing_ok=True)
         try:
-            data = prepare(cfg, method, tokenizer)
+            if not data_cache.is_complete(path):
+                with data_cache.writer_lock(root, key):  # another run may be preparing this key
+                    if not data_cache.is_complete(path):
+                        _build_entry(cfg, method, tokenizer, root, key)
         except DataError as e:
             failed.write_text(str(e))
             raise
-        write_prepared(output_dir, data)
-        tmp = cache.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps({k: v for k, v in data.__dict__.items() if k != "split_rows"}, default=str))
-        os.replace(tmp, cache)
+        data = _load_entry(path, cfg)
+        _link_run_files(output_dir, path, data.report)
+        ready.write_text(str(path))
         if not quiet:
             print(data_report.table(data.report), flush=True)
         return data
     start = time.monotonic()
     next_note = 60.0
-    while not cache.is_file():
+    while not ready.is_file():
         if failed.is_file():
             raise DataError(failed.read_text())
         time.sleep(0.2)
         if time.monotonic() - start > next_note:
-            print(f"waiting for rank 0 to prepare data ({cache})", flush=True)
+            print(f"waiting for rank 0 to prepare data ({path})", flush=True)
             next_note += 60.0
-    return PreparedData(**json.loads(cache.read_text()))
+    if not data_cache.is_complete(path):
+        raise DataError(
+            f"rank 0 prepared the data in {path}, which this node cannot see; set data.cache_dir to a "
+            "directory every node shares (e.g. next to output_dir)"
+        )
+    return _load_entry(path, cfg)
+
+
+def load_run_data(run_dir: Path) -> PreparedData:
+    """The prepared data a run used (through its pointer into the cache), uncapped."""
+    pointers = sorted(Path(run_dir, "data_cache").glob("*.ready"), key=lambda p: p.stat().st_mtime)
+    if not pointers:
+        raise DataError(f"{run_dir}: no prepared data (run distft-data or a training run first)")
+    return _open_entry(Path(pointers[-1].read_text()))

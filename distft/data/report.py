@@ -126,6 +126,9 @@ def table(report: dict) -> str:
         row("tokens p50 / p90 / p99 / max", f"{t['p50']} / {t['p90']} / {t['p99']} / {t['max']}")
     row(f"over max_length={report['max_length']}", report["over_max_length"])
     row("truncated examples", report["truncated"])
+    if report.get("packing"):
+        p = report["packing"]
+        row("packed sequences (non-padding)", f"{p['sequences']} ({p['efficiency']:.1%})")
     if report.get("normalized_rows"):
         row("rows changed by normalization", report["normalized_rows"])
     if report.get("pii_masked"):

@@ -3,6 +3,11 @@
 Each optimizer step takes one global batch (micro × accum × world examples) from a seeded
 permutation of the epoch; rank r gets its contiguous share, split into accum micro-batches.
 Resuming at step k jumps straight to its global batch (no skipping through data).
+
+With `lengths` (data.group_by_length), each run of GROUP global batches of the permutation is
+sorted by length and cut into global batches again, in a seeded order: a micro-batch then holds
+examples of similar length (less padding), and the global batches still do not depend on the
+number of ranks.
 """
 
 from __future__ import annotations
@@ -11,9 +16,11 @@ import torch
 
 from distft.errors import DataError
 
+GROUP = 64  # global batches sorted by length together
+
 
 class GlobalBatchSampler:
-    def __init__(self, num_examples: int, global_batch: int, seed: int):
+    def __init__(self, num_examples: int, global_batch: int, seed: int, lengths=None):
         if num_examples < global_batch:
             raise DataError(
                 f"the train split has {num_examples} examples but one global batch needs "
@@ -26,6 +33,9 @@ class GlobalBatchSampler:
         self.steps_per_epoch = num_examples // global_batch
         self._perm_epoch = -1
         self._perm: list[int] = []
+        self.lengths = None if lengths is None else torch.as_tensor(lengths, dtype=torch.int64)
+        self._group_key: tuple[int, int] | None = None
+        self._group: list[list[int]] = []
 
     def _permutation(self, epoch: int) -> list[int]:
         if epoch != self._perm_epoch:
@@ -37,7 +47,18 @@ class GlobalBatchSampler:
     def global_indices(self, step: int) -> list[int]:
         epoch, i = divmod(step, self.steps_per_epoch)
         perm = self._permutation(epoch)
-        return perm[i * self.global_batch : (i + 1) * self.global_batch]
+        if self.lengths is None:
+            return perm[i * self.global_batch : (i + 1) * self.global_batch]
+        g, j = divmod(i, GROUP)
+        if self._group_key != (epoch, g):
+            end = min((g + 1) * GROUP, self.steps_per_epoch) * self.global_batch
+            idx = torch.tensor(perm[g * GROUP * self.global_batch : end], dtype=torch.int64)
+            idx = idx[torch.argsort(-self.lengths[idx], stable=True)].tolist()
+            batches = [idx[k : k + self.global_batch] for k in range(0, len(idx), self.global_batch)]
+            gen = torch.Generator().manual_seed(self.seed * 100003 + epoch * 7919 + g + 1)
+            self._group = [batches[k] for k in torch.randperm(len(batches), generator=gen).tolist()]
+            self._group_key = (epoch, g)
+        return self._group[j]
 
     def rank_micro_batches(self, step: int, rank: int, world: int, accum: int) -> list[list[int]]:
         batch = self.global_indices(step)

@@ -85,13 +85,11 @@ def kind_of(fmt: str) -> str:
     return FORMATS[fmt][1]
 
 
-def _content(value) -> str:
+def _content(value, where: str, turn: int) -> str:
     """Message content: a string, or OpenAI content parts [{"type": "text", "text": ...}]."""
-    if value is None:
-        return ""
-    if isinstance(value, list):
-        return "".join(p.get("text", "") if isinstance(p, dict) else str(p) for p in value)
-    return str(value)
+    if isinstance(value, list) and all(isinstance(p, dict) and p.get("type") == "text" for p in value):
+        return "".join(_text(p.get("text"), where, f"turn {turn} content part 'text'") for p in value)
+    return _text(value, where, f"turn {turn} 'content'")
 
 
 def _messages(msgs, where: str, role_key: str, content_key: str, roles: dict | None) -> list[dict]:
@@ -111,12 +109,37 @@ def _messages(msgs, where: str, role_key: str, content_key: str, roles: dict | N
                     f"{where}: turn {i} has unknown ShareGPT role {role!r}; known: {', '.join(sorted(roles))}"
                 )
             role = roles[role.lower()]
-        out.append({"role": role, "content": _content(m[content_key])})
+        out.append({"role": role, "content": _content(m[content_key], where, i)})
     return out
 
 
-def _text(v) -> str:
-    return "" if v is None else str(v)
+def _text(v, where: str = "?", name: str = "text") -> str:
+    """A text field: a string (None is blank; a number read from CSV/Parquet becomes its digits).
+    A dict or list would train on its Python repr, so it is refused with the row's file:line."""
+    if v is None:
+        return ""
+    if isinstance(v, str):
+        return v
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        return str(v)
+    raise DataError(
+        f"{where}: field {name} is a {type(v).__name__} ({_preview(v)}), not a string; "
+        "write the text itself as a JSON string (or map the right column with data.columns)"
+    )
+
+
+def _prompt_row(v, where: str) -> dict:
+    """An RL prompt: text, or a conversation (list of {role, content}), kept as chat messages."""
+    if isinstance(v, list):
+        return {"messages": _messages(v, where, "role", "content", None)}
+    return {"prompt": _text(v, where, "'prompt'")}
+
+
+def _preview(v) -> str:
+    import json
+
+    text = json.dumps(v, ensure_ascii=False, default=str)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def _map_preference(row: dict, where: str) -> dict:
@@ -126,11 +149,11 @@ def _map_preference(row: dict, where: str) -> dict:
         if isinstance(v, list):  # conversational preference data
             out[key] = _messages(v, where, "role", "content", None)
         else:
-            out[key] = _text(v)
+            out[key] = _text(v, where, f"'{key}'")
     if isinstance(out["prompt"], list):
         out["prompt"] = _messages(out["prompt"], where, "role", "content", None)
     elif not isinstance(out["prompt"], str):
-        out["prompt"] = _text(out["prompt"])
+        out["prompt"] = _text(out["prompt"], where, "'prompt'")
     return out
 
 
@@ -151,7 +174,7 @@ def implicit_prompt(row: dict, where: str) -> dict:
             f"{where}: 'chosen' and 'rejected' must both be texts or both be message lists "
             "when the row has no 'prompt'"
         )
-    chosen, rejected = _text(chosen), _text(rejected)
+    chosen, rejected = _text(chosen, where, "'chosen'"), _text(rejected, where, "'rejected'")
     n = 0
     while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
         n += 1
@@ -162,9 +185,10 @@ def implicit_prompt(row: dict, where: str) -> dict:
 
 
 def _map_alpaca(row: dict, where: str) -> dict:
-    instruction, extra = _text(row["instruction"]), _text(row.get("input"))
+    instruction = _text(row["instruction"], where, "'instruction'")
+    extra = _text(row.get("input"), where, "'input'")
     prompt = f"{instruction}\n{extra}\n" if extra.strip() else f"{instruction}\n"
-    return {"prompt": prompt, "completion": _text(row["output"])}
+    return {"prompt": prompt, "completion": _text(row["output"], where, "'output'")}
 
 
 MAPPERS: dict[str, Callable[[dict, str], dict]] = {
@@ -173,9 +197,12 @@ MAPPERS: dict[str, Callable[[dict, str], dict]] = {
     "messages": lambda r, w: {"messages": _messages(r["messages"], w, "role", "content", None)},
     "sharegpt": lambda r, w: {"messages": _messages(r["conversations"], w, "from", "value", SHAREGPT_ROLES)},
     "alpaca": _map_alpaca,
-    "prompt_completion": lambda r, w: {"prompt": _text(r["prompt"]), "completion": _text(r["completion"])},
-    "classification": lambda r, w: {"text": _text(r["text"]), "label": r["label"]},
-    "prompt": lambda r, w: {"prompt": _text(r["prompt"])},
+    "prompt_completion": lambda r, w: {
+        "prompt": _text(r["prompt"], w, "'prompt'"),
+        "completion": _text(r["completion"], w, "'completion'"),
+    },
+    "classification": lambda r, w: {"text": _text(r["text"], w, "'text'"), "label": r["label"]},
+    "prompt": lambda r, w: _prompt_row(r["prompt"], w),
 }
 CONSUMED = {
     "preference": {"prompt", "chosen", "rejected"},
@@ -311,7 +338,23 @@ def to_canonical(
             )
         formats[found] = formats.get(found, 0) + 1
         mapped.append(map_row(row, found, row.get("_source", "?")))
+    if method_kind == "sft":
+        check_assistant_turns(mapped, method_name)
     return mapped, empty, formats
+
+
+def check_assistant_turns(rows: list[dict], method_name: str) -> None:
+    """SFT learns the assistant's turns only: a chat row without one has no target token."""
+    bad = [r for r in rows if "messages" in r and not any(m["role"] == "assistant" for m in r["messages"])]
+    if not bad:
+        return
+    where = ", ".join(str(r.get("_source", "?")) for r in bad[:5]) + (" ..." if len(bad) > 5 else "")
+    roles = sorted({m["role"] for m in bad[0]["messages"]})
+    raise DataError(
+        f"{len(bad)} chat row(s) have no assistant turn ({where}; roles found: {', '.join(roles)}): "
+        f"method={method_name} trains on assistant replies only, so they give nothing to train on; "
+        "add the assistant's reply (role 'assistant', or 'gpt' in ShareGPT) or remove those rows"
+    )
 
 
 def method_kind(method, cfg) -> str | None:

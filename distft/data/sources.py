@@ -17,6 +17,7 @@ from distft.errors import DataError
 
 TABLE_SUFFIXES = {".csv": "csv", ".tsv": "csv", ".parquet": "parquet"}
 SUFFIXES = {".jsonl", ".json", *TABLE_SUFFIXES}
+FILE_LIKE = {*SUFFIXES, ".txt", ".gz", ".zst", ".bz2", ".xz", ".arrow", ".ndjson"}  # never a hub id's tail
 
 
 @dataclass
@@ -27,11 +28,35 @@ class Source:
     """[{"where": file:line, "error": ...}] lines that could not be parsed (skipped)."""
 
 
+def _decode(raw: bytes, path: Path, lineno: int, offset: int) -> str:
+    """A line as text; invalid UTF-8 names the file, line and byte offset."""
+    try:
+        return raw.decode("utf-8-sig" if offset == 0 else "utf-8")  # a leading BOM is not content
+    except UnicodeDecodeError as e:
+        raise DataError(
+            f"{path}:{lineno}: invalid UTF-8 at byte offset {offset + e.start} (byte 0x{raw[e.start]:02x}); "
+            "re-encode the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)"
+        ) from None
+
+
+def _one_document(path: Path) -> str | None:
+    """What a .jsonl file that is really one JSON document holds ('a JSON array', 'a pretty-printed
+    JSON object'), or None."""
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8-sig"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return "a JSON array" if isinstance(data, list) else "one pretty-printed JSON value"
+
+
 def read_jsonl(path: Path, bad: list[dict] | None = None) -> list[dict]:
     """Rows of a JSONL file. Malformed lines raise, or are appended to `bad` when it is given."""
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    offset = 0
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            line = _decode(raw, path, lineno, offset)
+            offset += len(raw)
             if not line.strip():
                 continue
             where = f"{path}:{lineno}"
@@ -40,6 +65,13 @@ def read_jsonl(path: Path, bad: list[dict] | None = None) -> list[dict]:
                 if not isinstance(row, dict):
                     raise ValueError(f"expected a JSON object, got {type(row).__name__}")
             except (json.JSONDecodeError, ValueError) as e:
+                if not rows:  # the first line: maybe the whole file is one JSON document
+                    whole = _one_document(path)
+                    if whole:
+                        raise DataError(
+                            f"{path}: holds {whole}, not JSON Lines (one object per line); rename it to "
+                            f"{path.with_suffix('.json').name} or write one object per line"
+                        ) from None
                 msg = f"malformed JSON ({e.msg} at column {e.colno})" if hasattr(e, "colno") else str(e)
                 if bad is None:
                     raise DataError(
@@ -53,10 +85,22 @@ def read_jsonl(path: Path, bad: list[dict] | None = None) -> list[dict]:
 
 
 def read_json(path: Path) -> list[dict]:
+    raw = path.read_bytes()
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise DataError(
+            f"{path}:{line}: invalid UTF-8 at byte offset {e.start} (byte 0x{raw[e.start]:02x}); "
+            "re-encode the file as UTF-8"
+        ) from None
+    try:
+        data = json.loads(text)
     except json.JSONDecodeError as e:
-        raise DataError(f"{path}:{e.lineno}: malformed JSON ({e.msg}); fix the file") from None
+        hint = ""
+        if e.msg == "Extra data":
+            hint = f" (one object per line is JSON Lines: rename it to {path.with_suffix('.jsonl').name})"
+        raise DataError(f"{path}:{e.lineno}: malformed JSON ({e.msg}){hint}; fix the file") from None
     if isinstance(data, dict):
         data = data.get("data", data.get("rows", [data]))
     if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
@@ -113,11 +157,11 @@ def read_path(spec: str, bad: list[dict] | None = None) -> list[dict]:
         if p.suffix in TABLE_SUFFIXES:
             return read_table(p)
         return read_jsonl(p, bad)
-    if spec.count("/") == 1 and not spec.startswith((".", "/", "~")):
+    if looks_like_hub_id(spec):
         return _read_hub(spec)
     raise DataError(
-        f"data.path {spec}: no such file or directory; give JSONL/JSON/CSV/TSV/Parquet files, "
-        "a saved `datasets` directory or a hub id"
+        f"data.path {spec}: no such file or directory ({p.resolve()}); give JSONL/JSON/CSV/TSV/Parquet "
+        "files, a saved `datasets` directory or a hub id"
     )
 
 
@@ -129,9 +173,18 @@ def check_path(spec: str) -> None:
         return
     if p.is_dir() and (is_saved_dataset(p) or any(x.suffix in SUFFIXES for x in p.rglob("*"))):
         return
-    if not p.exists() and spec.count("/") == 1 and not spec.startswith((".", "/", "~")):
+    if not p.exists() and looks_like_hub_id(spec):
         return
     read_path(spec)
+
+
+def looks_like_hub_id(spec: str) -> bool:
+    """owner/name with no file suffix and no local directory of that owner name: a hub dataset id.
+    `mydata/train.jsonl` that does not exist is a missing file, never a hub request."""
+    if spec.count("/") != 1 or spec.startswith((".", "/", "~")):
+        return False
+    owner, name = spec.split("/")
+    return bool(owner and name) and Path(name).suffix.lower() not in FILE_LIKE and not Path(owner).exists()
 
 
 def _read_hub(spec: str) -> list[dict]:

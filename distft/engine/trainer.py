@@ -103,7 +103,8 @@ class Trainer:
             strategy.write_config(run_dir)
 
         geometry = BatchGeometry.of(cfg, info)
-        sampler = GlobalBatchSampler(len(data.train), geometry.global_batch, cfg.train.seed)
+        lengths = data.train.lengths() if cfg.data.group_by_length else None  # data's Rows: no decode
+        sampler = GlobalBatchSampler(len(data.train), geometry.global_batch, cfg.train.seed, lengths)
         t = cfg.train
         total = t.max_steps or max(1, math.ceil(t.epochs * sampler.steps_per_epoch))
         parts = (cfg, info, run_dir, tokenizer, method, tuning, strategy, data, geometry, sampler, total)
@@ -233,6 +234,7 @@ class Trainer:
             "time": time.time(),
             "epoch": step / self.sampler.steps_per_epoch,
             "skipped_steps": self.bad_steps.skipped,
+            **self.data.metrics,  # packing/efficiency
             **result.metrics,
         }
         self.logger.log(step + 1, row)

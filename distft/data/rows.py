@@ -1,0 +1,203 @@
+"""Prepared rows in Arrow files, memory-mapped by every rank (`datasets.Dataset.from_file`).
+
+A split is written once by the preparing rank and read by all: row i is decoded only when it is
+asked for, so a rank's memory holds the rows of its current batches, not the split.
+
+Two encodings:
+  tokens  examples of the form {input_ids, labels, position_ids} (SFT, packed or not): input_ids
+          as int32, the labels as one bit per token (a target equals its input id, the rest are
+          -100) and position_ids as the offsets where a packed segment starts (positions restart
+          at 0 there). About 4 bytes a token instead of the 3 × 8 of three int64 lists.
+  json    anything else (preference pairs, canonical rows with chat messages): one JSON text per
+          row, decoded exactly as the rows were written (the cache kept JSON before).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from distft.data.sft_format import IGNORE
+
+TOKEN_KEYS = ("input_ids", "labels", "position_ids")
+BATCH = 1000
+TOKENS_SCHEMA = pa.schema(
+    [
+        ("input_ids", pa.list_(pa.int32())),
+        ("targets", pa.list_(pa.bool_())),
+        ("starts", pa.list_(pa.int32())),
+    ]
+)
+JSON_SCHEMA = pa.schema([("json", pa.large_string())])
+
+
+def _token_batch(rows: list[dict]) -> pa.Table | None:
+    """The tokens encoding of a batch, or None when a row does not fit it exactly."""
+    if not all(isinstance(r, dict) and tuple(r) == TOKEN_KEYS for r in rows):
+        return None
+    ids = pa.array([r["input_ids"] for r in rows], type=pa.list_(pa.int64()))
+    labels = pa.array([r["labels"] for r in rows], type=pa.list_(pa.int64()))
+    pos = pa.array([r["position_ids"] for r in rows], type=pa.list_(pa.int64()))
+    offsets = ids.offsets.to_numpy()
+    if not all(np.array_equal(offsets, a.offsets.to_numpy()) for a in (labels, pos)):
+        return None
+    i, lab, p = (a.values.to_numpy(zero_copy_only=False) for a in (ids, labels, pos))
+    if len(i) and (i.min() < np.iinfo(np.int32).min or i.max() > np.iinfo(np.int32).max):
+        return None
+    targets = lab == i
+    if not np.all(targets | (lab == IGNORE)):
+        return None
+    row_of = np.repeat(np.arange(len(rows)), np.diff(offsets))
+    first = np.zeros(len(p), dtype=bool)
+    first[offsets[:-1][np.diff(offsets) > 0]] = True
+    prev_ok = np.ones(len(p), dtype=bool)
+    prev_ok[1:] = p[1:] == p[:-1] + 1
+    restart = p == 0
+    if not np.all(restart | (prev_ok & ~first)):  # positions run 0, 1, 2, ... from each start
+        return None
+    starts_flat = np.nonzero(restart)[0]
+    starts_row = row_of[starts_flat]
+    starts_off = np.searchsorted(starts_row, np.arange(len(rows) + 1))
+    local = (starts_flat - offsets[:-1][starts_row]).astype(np.int32)
+    row_offsets = pa.array(offsets.astype(np.int32))
+    return pa.table(
+        {
+            "input_ids": pa.ListArray.from_arrays(row_offsets, pa.array(i.astype(np.int32))),
+            "targets": pa.ListArray.from_arrays(row_offsets, pa.array(targets)),
+            "starts": pa.ListArray.from_arrays(pa.array(starts_off.astype(np.int32)), pa.array(local)),
+        },
+        schema=TOKENS_SCHEMA,
+    )
+
+
+def _json_batch(rows: list[dict]) -> pa.Table:
+    return pa.table({"json": [json.dumps(r, default=str) for r in rows]}, schema=JSON_SCHEMA)
+
+
+class RowWriter:
+    """Write rows batch by batch: the tokens encoding while every batch fits it, else (from the
+    first batch that does not) json for the whole file, rewriting what was written."""
+
+    def __init__(self, path: Path, encoding: str | None = None):
+        from datasets.arrow_writer import ArrowWriter
+
+        self._arrow_writer = ArrowWriter
+        self.path, self.encoding, self._writer, self.count = Path(path), encoding, None, 0
+
+    def _open(self, encoding: str) -> None:
+        schema = TOKENS_SCHEMA if encoding == "tokens" else JSON_SCHEMA
+        self.encoding, self._writer = encoding, self._arrow_writer(path=str(self.path), schema=schema)
+
+    def add(self, rows: list[dict]) -> None:
+        for i in range(0, len(rows), BATCH):
+            self._add(rows[i : i + BATCH])
+
+    def _add(self, batch: list[dict]) -> None:
+        table = _token_batch(batch) if self.encoding in (None, "tokens") else None
+        if self._writer is None:
+            self._open("tokens" if table is not None else "json")
+        elif table is None and self.encoding == "tokens":  # switch: rewrite what is written as json
+            self._writer.finalize()
+            old = Rows(self.path, "tokens").pin()
+            self._open("json")
+            for k in range(0, len(old), BATCH):
+                self._writer.write_table(_json_batch(old[k : k + BATCH]))
+        self._writer.write_table(table if self.encoding == "tokens" else _json_batch(batch))
+        self.count += len(batch)
+
+    def close(self) -> Rows:
+        if self._writer is None:
+            self._open(self.encoding or "json")
+            self._writer.write_table(
+                JSON_SCHEMA.empty_table() if self.encoding == "json" else TOKENS_SCHEMA.empty_table()
+            )
+        self._writer.finalize()
+        return Rows(self.path, self.encoding)
+
+
+def write_rows(path: Path, rows: Iterable[dict], encoding: str | None = None) -> str:
+    """Write rows to an Arrow file; returns the encoding used (`tokens` only when every row fits
+    it, unless `encoding` forces json)."""
+    writer = RowWriter(path, encoding)
+    writer.add(rows if isinstance(rows, list) else list(rows))
+    return writer.close().encoding
+
+
+class Rows(Sequence):
+    """A read-only, memory-mapped split: `rows[i]` is a fresh dict, `rows[a:b]` a list of them.
+
+    Concatenating (`rows + other`) turns the split into Python objects for good, so code that
+    annotates every example in place (reference log-probs precomputed once) keeps working."""
+
+    def __init__(self, path: Path, encoding: str, limit: int | None = None, _table=None):
+        import datasets
+
+        self.path, self.encoding = Path(path), encoding
+        self._table = _table if _table is not None else datasets.Dataset.from_file(str(path)).data.table
+        n = self._table.num_rows
+        self._len = n if limit is None else min(n, limit)
+        self._pinned: list[dict] | None = None
+
+    def head(self, n: int) -> Rows:
+        """The first n rows (a view over the same file)."""
+        out = Rows(self.path, self.encoding, min(n, self._len), self._table)
+        if self._pinned is not None:
+            out._pinned = self._pinned[: out._len]
+        return out
+
+    def __len__(self) -> int:
+        return self._len
+
+    def _decode(self, i: int) -> dict:
+        row = self._table.slice(i, 1).to_pylist()[0]
+        if self.encoding == "json":
+            return json.loads(row["json"])
+        ids, targets, starts = row["input_ids"], row["targets"], row["starts"]
+        labels = [t if keep else IGNORE for t, keep in zip(ids, targets)]
+        bounds = [*starts, len(ids)]
+        position_ids = [j for a, b in zip(bounds, bounds[1:]) for j in range(b - a)]
+        return {"input_ids": ids, "labels": labels, "position_ids": position_ids}
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(self._len))]
+        if i < 0:
+            i += self._len
+        if not 0 <= i < self._len:
+            raise IndexError(i)
+        if self._pinned is not None:
+            return self._pinned[i]
+        return self._decode(i)
+
+    def __iter__(self) -> Iterator[dict]:
+        for i in range(self._len):
+            yield self[i]
+
+    def pin(self) -> list[dict]:
+        """Decode every row once and keep them (the same dict objects from now on)."""
+        if self._pinned is None:
+            self._pinned = [self._decode(i) for i in range(self._len)]
+        return self._pinned
+
+    def __add__(self, other) -> list:
+        return self.pin() + (other.pin() if isinstance(other, Rows) else list(other))
+
+    def __radd__(self, other) -> list:
+        return list(other) + self.pin()
+
+    def __eq__(self, other) -> bool:
+        same_len = isinstance(other, Sequence) and len(self) == len(other)
+        return same_len and all(a == b for a, b in zip(self, other))
+
+    __hash__ = None
+
+    def lengths(self) -> np.ndarray:
+        """Tokens per row from the Arrow offsets (no row decoded); zeros for json rows."""
+        if self.encoding != "tokens":
+            return np.zeros(self._len, dtype=np.int64)
+        col = self._table.column("input_ids").combine_chunks()
+        return np.diff(col.offsets.to_numpy())[: self._len]
