@@ -124,7 +124,7 @@ def test_max_eval_examples_caps_eval_loss_not_generation(tmp_path, tok):
     full = _prepared(_cfg(tmp_path, "data.num_examples=600"), tok, tmp_path / "run2")
     assert data.report["cache"] == full.report["cache"]  # same entry: the cap is read-time
     assert list(data.val) == list(full.val)[:7]
-    with pytest.raises(Exception, match="data.max_eval_examples=-1"):
+    with pytest.raises(Exception, match="data.max_eval_examples must be >= 0"):
         load_config(["data.max_eval_examples=-1"])
 
 

@@ -99,7 +99,7 @@ class DataConfig:
     """Embedded default data: how many examples to generate."""
     max_eval_generations: int = num(200, ge=0)
     """Held-out examples used for exact-match generation eval (0 turns it off)."""
-    max_eval_examples: int = 0
+    max_eval_examples: int = num(0, ge=0)
     """Val examples used for eval loss (the first N of the seeded val split), as
     max_eval_generations caps generation; 0: all. Not part of the data cache key."""
     cache_dir: str = ""
@@ -107,7 +107,7 @@ class DataConfig:
     and method settings, the tokenizer and the seed, so every run, resume and sweep trial with the
     same key reuses it. Empty: $XDG_CACHE_HOME/distft/data (~/.cache/distft/data). On several
     nodes, give a directory they all see."""
-    num_proc: int = 1
+    num_proc: int = num(1, ge=1)
     """Worker processes for tokenizing/encoding the splits (the result does not depend on it)."""
     group_by_length: bool = False
     """Without packing: put examples of similar length in the same micro-batches (less padding);

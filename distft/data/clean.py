@@ -353,10 +353,6 @@ def check_config(c) -> None:
         raise ConfigError(f"data.bad_lines={c.bad_lines!r}; valid: skip, error")
     if not 0.0 <= c.near_dedup_threshold <= 1.0:
         raise ConfigError(f"data.near_dedup_threshold={c.near_dedup_threshold}; give a Jaccard in [0, 1]")
-    if c.max_eval_examples < 0:
-        raise ConfigError(f"data.max_eval_examples={c.max_eval_examples}; give a count >= 1, or 0 for all")
-    if c.num_proc < 1:
-        raise ConfigError(f"data.num_proc={c.num_proc}; give 1 or more worker processes")
     unknown = sorted(set(c.pii_kinds) - set(PII_KINDS))
     if unknown:
         raise ConfigError(f"data.pii_kinds has {unknown}; valid: {', '.join(PII_KINDS)}")

@@ -54,9 +54,11 @@ def _model_section(model_cfg) -> dict:
 
 def _data_files(paths: list[str]) -> str:
     """Sizes and mtimes of the data files: a change of content under the same path is seen."""
-    from distft.data.pipeline import _fingerprint
-
-    parts = [line for spec in paths for line in _fingerprint(spec)]
+    parts = []
+    for spec in paths:
+        p = Path(spec).expanduser()
+        files = sorted(x for x in p.rglob("*") if x.is_file()) if p.is_dir() else [p] if p.exists() else []
+        parts += [f"{f.resolve()}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 
