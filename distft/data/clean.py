@@ -201,34 +201,56 @@ def clean(
     res = Cleaned([], None, {"loaded": len(rows) + len(empty)})
     for row in empty:
         res.drop("empty", row, "no content")
+    rows = _normalize(rows, c, res)  # 1. unicode and whitespace
+    if c.pii_mask:  # 2. personal data
+        rows = _mask_pii(rows, c, res)
+    rows = _filter(rows, c, res)  # 3. empty, too short, too long, config filters
+    lengths = lengths_of(rows) if lengths_of is not None else None
+    if lengths is not None and c.overlong == "drop" and max_tokens:
+        rows, lengths = _drop_overlong(rows, lengths, max_tokens, res)
+    if c.dedup:  # 4. exact duplicates (first occurrence wins)
+        rows, lengths = _take(rows, lengths, _exact_duplicates(rows, res))
+    if c.near_dedup and c.near_dedup_threshold > 0 and len(rows) > 1:  # 5. near duplicates
+        rows, lengths = _take(rows, lengths, near_duplicates(rows, c.near_dedup_threshold, res))
+    res.conflicts = _conflicts(rows)
+    res.rows, res.lengths = rows, lengths
+    for reason in ("empty", "too_short", "too_long", "filtered", "exact_duplicate", "near_duplicate"):
+        res.counts[reason] = res.drops.get(reason, {}).get("count", 0)
+    res.counts["duplicates_removed"] = res.counts["exact_duplicate"] + res.counts["near_duplicate"]
+    res.counts["kept"] = len(rows)
+    return res
 
-    # 1. normalization
-    if c.normalize_unicode or c.normalize_whitespace:
 
-        def norm(s: str, start: bool, end: bool) -> str:
-            return normalize_text(s, c.normalize_unicode, c.normalize_whitespace, start, end)
+def _normalize(rows: list[dict], c, res: Cleaned) -> list[dict]:
+    if not (c.normalize_unicode or c.normalize_whitespace):
+        return rows
 
-        out = []
-        for row in rows:
-            new = map_texts(row, norm)
-            res.normalized += new != row
-            out.append(new)
-        rows = out
+    def norm(s: str, start: bool, end: bool) -> str:
+        return normalize_text(s, c.normalize_unicode, c.normalize_whitespace, start, end)
 
-    # 2. personal data
-    if c.pii_mask:
-        pii = dict.fromkeys(c.pii_kinds, 0)
+    out = []
+    for row in rows:
+        new = map_texts(row, norm)
+        res.normalized += new != row
+        out.append(new)
+    return out
 
-        def mask(s: str, start: bool, end: bool) -> str:
-            s, counts = mask_pii(s, c.pii_kinds, c.pii_phone_region)
-            for k, n in counts.items():
-                pii[k] += n
-            return s
 
-        rows = [map_texts(row, mask) for row in rows]
-        res.pii = pii
+def _mask_pii(rows: list[dict], c, res: Cleaned) -> list[dict]:
+    pii = dict.fromkeys(c.pii_kinds, 0)
 
-    # 3. empty, too short, too long, config filters
+    def mask(s: str, start: bool, end: bool) -> str:
+        s, counts = mask_pii(s, c.pii_kinds, c.pii_phone_region)
+        for k, n in counts.items():
+            pii[k] += n
+        return s
+
+    out = [map_texts(row, mask) for row in rows]
+    res.pii = pii
+    return out
+
+
+def _filter(rows: list[dict], c, res: Cleaned) -> list[dict]:
     patterns = [re.compile(p) for p in c.drop_patterns]
     kept = []
     for row in rows:
@@ -248,43 +270,32 @@ def clean(
             res.drop("filtered", row, f"matches data.drop_patterns {hit!r}")
             continue
         kept.append(row)
-    rows = kept
-    lengths = lengths_of(rows) if lengths_of is not None else None
-    if lengths is not None and c.overlong == "drop" and max_tokens:
-        kept, kept_len = [], []
-        for row, n in zip(rows, lengths):
-            if n > max_tokens:
-                res.drop("too_long", row, f"{n} tokens > data.max_length={max_tokens}")
-                continue
-            kept.append(row)
-            kept_len.append(n)
-        rows, lengths = kept, kept_len
+    return kept
 
-    # 4. exact duplicates (first occurrence wins)
-    if c.dedup:
-        seen: dict[str, str] = {}
-        keep = []
-        for i, row in enumerate(rows):
-            key = content_key(row)
-            if key in seen:
-                res.drop("exact_duplicate", row, f"same as {seen[key]}")
-                continue
-            seen[key] = row.get("_source", "?")
-            keep.append(i)
-        rows, lengths = _take(rows, lengths, keep)
 
-    # 5. near duplicates
-    if c.near_dedup and c.near_dedup_threshold > 0 and len(rows) > 1:
-        keep = near_duplicates(rows, c.near_dedup_threshold, res)
-        rows, lengths = _take(rows, lengths, keep)
+def _drop_overlong(rows: list[dict], lengths: list[int], max_tokens: int, res: Cleaned) -> tuple[list, list]:
+    kept, kept_len = [], []
+    for row, n in zip(rows, lengths):
+        if n > max_tokens:
+            res.drop("too_long", row, f"{n} tokens > data.max_length={max_tokens}")
+            continue
+        kept.append(row)
+        kept_len.append(n)
+    return kept, kept_len
 
-    res.conflicts = _conflicts(rows)
-    res.rows, res.lengths = rows, lengths
-    for reason in ("empty", "too_short", "too_long", "filtered", "exact_duplicate", "near_duplicate"):
-        res.counts[reason] = res.drops.get(reason, {}).get("count", 0)
-    res.counts["duplicates_removed"] = res.counts["exact_duplicate"] + res.counts["near_duplicate"]
-    res.counts["kept"] = len(rows)
-    return res
+
+def _exact_duplicates(rows: list[dict], res: Cleaned) -> list[int]:
+    """Indices to keep: the first occurrence of each content."""
+    seen: dict[str, str] = {}
+    keep = []
+    for i, row in enumerate(rows):
+        key = content_key(row)
+        if key in seen:
+            res.drop("exact_duplicate", row, f"same as {seen[key]}")
+            continue
+        seen[key] = row.get("_source", "?")
+        keep.append(i)
+    return keep
 
 
 def _take(rows: list, lengths: list | None, keep: list[int]) -> tuple[list, list | None]:

@@ -17,6 +17,7 @@ import random
 import string
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -37,7 +38,7 @@ class ClassifyConfig:
     labels: list[str] = field(default_factory=list)
     """Label names in head order. Empty: the base model's own id2label when it has named labels
     (continuing from a classify export), else the sorted labels of the train split."""
-    average: str = "macro"
+    average: Literal["macro", "weighted", "micro"] = "macro"
     """How precision, recall and F1 average over classes: macro, weighted or micro."""
 
 
@@ -109,8 +110,6 @@ class Classify(Method):
     @staticmethod
     def validate(cfg) -> None:
         m = cfg.method
-        if m.average not in ("macro", "weighted", "micro"):
-            raise ConfigError(f"method.average={m.average!r}; valid: macro, weighted, micro")
         if len(set(m.labels)) != len(m.labels):
             raise ConfigError(f"method.labels={m.labels} has duplicates; list each label once")
         if cfg.data.packing:

@@ -16,7 +16,9 @@ evaluated before and after training.
 
 from __future__ import annotations
 
+import typing
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -36,7 +38,8 @@ from distft.methods.reference import (
 from distft.models.generation import exact_match
 from distft.ranges import num
 
-LOSS_TYPES = ("sigmoid", "hinge", "ipo", "simpo", "orpo")
+LossType = Literal["sigmoid", "hinge", "ipo", "simpo", "orpo"]
+LOSS_TYPES = typing.get_args(LossType)
 REFERENCE_FREE = ("simpo", "orpo")
 
 
@@ -44,7 +47,7 @@ REFERENCE_FREE = ("simpo", "orpo")
 class DPOConfig:
     name: str = "dpo"
     """Method."""
-    loss_type: str = "sigmoid"
+    loss_type: LossType = "sigmoid"
     """sigmoid (DPO), hinge, ipo, simpo or orpo."""
     beta: float = num(0.1, gt=0)
     """Strength of the preference term (DPO: the KL coefficient; ORPO: the odds-ratio weight)."""
@@ -111,8 +114,6 @@ class DPO(PairRows, Method):
     @staticmethod
     def validate(cfg) -> None:
         m = cfg.method
-        if m.loss_type not in LOSS_TYPES:
-            raise ConfigError(f"method.loss_type={m.loss_type!r}; valid: {', '.join(LOSS_TYPES)}")
         if m.beta <= 0:
             raise ConfigError(f"method.beta={m.beta} must be > 0")
         if not 0 <= m.label_smoothing < 0.5:

@@ -11,6 +11,7 @@ global completion-token count, so world size and grad-accum do not change the up
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -24,7 +25,7 @@ from distft.ranges import num
 from distft.runtime import dist
 from distft.strategies.step import StepResult
 
-ADVANTAGES = ("grpo", "rloo")
+Advantage = Literal["grpo", "rloo"]
 
 
 @dataclass
@@ -33,7 +34,7 @@ class GRPOConfig(RLConfig):
     """Method."""
     num_generations: int = num(4, ge=2)
     """Completions sampled per prompt (the group)."""
-    advantage: str = "grpo"
+    advantage: Advantage = "grpo"
     """grpo (group-normalized) or rloo (leave-one-out baseline)."""
     scale_rewards: bool = True
     """grpo: divide by the group's reward std (false: only subtract the group mean)."""
@@ -52,8 +53,6 @@ class GRPO(PromptMethod):
             raise ConfigError(
                 f"method.num_generations must be >= 2 for group baselines (got {m.num_generations})"
             )
-        if m.advantage not in ADVANTAGES:
-            raise ConfigError(f"method.advantage={m.advantage!r}; valid: {', '.join(ADVANTAGES)}")
         if m.beta < 0:
             raise ConfigError(f"method.beta must be >= 0 (got {m.beta})")
 

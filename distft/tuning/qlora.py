@@ -8,6 +8,7 @@ loss-0/NaN trap users hit with FSDP (accelerate#3983), and it cannot be configur
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -21,7 +22,7 @@ class QLoraConfig(lora.LoraConfig):
     """Tuning mode."""
     merge_on_export: bool = False
     """Also write merged weights (adapter merged into a dequantized base) to export/merged."""
-    quant_type: str = "nf4"
+    quant_type: Literal["nf4", "fp4"] = "nf4"
     """4-bit data type: nf4 or fp4."""
     double_quant: bool = True
     """Quantize the quantization constants too (saves ~0.4 bit/param)."""
@@ -34,8 +35,6 @@ peft_config = lora.peft_config
 
 def validate(cfg) -> None:
     lora.validate(cfg)
-    if cfg.tuning.quant_type not in ("nf4", "fp4"):
-        raise ConfigError(f"tuning.quant_type={cfg.tuning.quant_type!r}; valid: nf4, fp4")
     try:
         import bitsandbytes  # noqa: F401
     except ImportError:
