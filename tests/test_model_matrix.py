@@ -152,7 +152,8 @@ for exp in json.loads(sys.argv[1]):
         for m in model.modules():
             if hasattr(m, "support_avx512bf16_for_cpu"):
                 m.support_avx512bf16_for_cpu = False
-        row["lora_b_abs_sum"] = sum(float(p.abs().sum()) for n, p in model.named_parameters() if "lora_B" in n)
+        lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
+        row["lora_b_abs_sum"] = sum(float(p.abs().sum()) for p in lora_b)
         row["quantized"] = any(type(m).__name__ == "Linear4bit" for m in model.modules())
     else:
         from transformers import AutoModelForCausalLM

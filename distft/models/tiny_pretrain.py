@@ -82,9 +82,8 @@ def build(out: Path, workdir: Path) -> dict:
     from transformers import LlamaForCausalLM
 
     from distft.config.load import load_config
-    from distft.models.tiny import SHAPE_KEYS
-
     from distft.data.default_tasks import TASKS as DEFAULT_TASKS
+    from distft.models.tiny import SHAPE_KEYS
 
     assert not set(TASKS) & set(DEFAULT_TASKS), "the base must not learn the default demo tasks"
     data = workdir / "pretrain.jsonl"
