@@ -5,7 +5,7 @@ general string tasks generated from SEED. Reverse and sort (the embedded default
 out on purpose, so an adapter demo on the default data (model=tiny_pretrained tuning=lora) teaches
 the base something new. The weights go to distft/models/tiny_pretrained.safetensors (fp32, ~2.6 MB)
 with the seed, tasks, command and the held-out exact match in the file's metadata. Same torch
-version and thread count (OMP_NUM_THREADS=2 on CPU) give the same file.
+version and thread count (OMP_NUM_THREADS=1 on CPU) give the same file.
 """
 
 from __future__ import annotations
@@ -27,14 +27,14 @@ OVERRIDES = [
     "tuning=full",
     "method=sft",
     "strategy=ddp",
-    "train.epochs=3",
-    "train.micro_batch_size=32",
-    "train.lr=3e-3",
+    "train.epochs=4",
+    "train.micro_batch_size=64",
+    "train.lr=5e-3",
     f"train.seed={SEED}",
     "train.progress=false",
-    "train.log_every=50",
+    "train.log_every=25",
     "data.near_dedup=false",
-    "data.max_eval_generations=300",
+    "data.max_eval_generations=120",
     "logger=none",
     "resume=never",
 ]
@@ -90,7 +90,7 @@ def build(out: Path, workdir: Path) -> dict:
     data.write_text("".join(json.dumps(r) + "\n" for r in pretrain_rows(EXAMPLES)))
     run = workdir / "run"
     overrides = [*OVERRIDES, f"data.path=[{data}]", f"output_dir={run}"]
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     subprocess.run([sys.executable, "-m", "distft.train", *overrides], check=True, env=env)
     exact = json.loads((run / "eval.json").read_text())
     model = LlamaForCausalLM.from_pretrained(run / "export", dtype=torch.float32)
@@ -100,12 +100,13 @@ def build(out: Path, workdir: Path) -> dict:
         "examples": str(EXAMPLES),
         "tasks": json.dumps(sorted(TASKS)),
         "overrides": json.dumps(OVERRIDES),
-        "command": "OMP_NUM_THREADS=2 python -m distft.models.tiny_pretrain",
+        "command": "OMP_NUM_THREADS=1 python -m distft.models.tiny_pretrain",
         "torch": torch.__version__,
         "eval": json.dumps(exact),
         "shape": json.dumps({k: getattr(model_cfg, k) for k in SHAPE_KEYS}),
     }
     save_model(model, str(out), metadata=metadata)
+    out.chmod(0o644)
     return metadata
 
 
