@@ -223,6 +223,7 @@ def run_cell(zoo: dict, cell: tuple[str, str, str]) -> Path:
     return _RUNS[cell][0]
 
 
+@pytest.mark.quick
 def test_cells_cover_every_model_and_combination():
     assert {arch for arch, *_ in CELLS} == set(ARCH)
     for combo in {(t, s) for _, t, s in CELLS}:

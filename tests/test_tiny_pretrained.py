@@ -104,6 +104,6 @@ LORA_DEMO = [
     "data.num_examples=2000",
     "data.max_eval_generations=64",
     "train.epochs=3",
-    "train.lr=1e-2",
+    "train.lr=5e-3",
     "resume=never",
 ]
