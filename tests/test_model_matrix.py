@@ -81,10 +81,7 @@ def _tokenizer(corpus: list[str]):
 
 @pytest.fixture(scope="session")
 def zoo(tmp_path_factory) -> dict:
-    """Data files and one model directory per architecture (random init, seed 0), built once."""
-    import torch
-    from transformers import AutoModelForCausalLM, GenerationConfig
-
+    """Data files and the trained tokenizer, built once; model directories on first use (model_dir)."""
     root = tmp_path_factory.mktemp("zoo")
     rows = [{"prompt": f"reverse {w}=", "completion": w[::-1]} for w in _words(64)]
     chat = [
@@ -99,24 +96,32 @@ def zoo(tmp_path_factory) -> dict:
     for name, data in (("plain.jsonl", rows), ("chat.jsonl", chat)):
         (root / name).write_text("".join(json.dumps(r) + "\n" for r in data))
     tokenizer = _tokenizer([r["prompt"] + r["completion"] for r in rows] * 4)
-    models = {}
-    for arch, config in _configs(len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id).items():
+    return {"root": root, "tokenizer": tokenizer, "plain": root / "plain.jsonl", "chat": root / "chat.jsonl"}
+
+
+def model_dir(zoo: dict, arch: str) -> Path:
+    """One architecture, random init (seed 0), saved with the zoo's tokenizer (once per session)."""
+    import torch
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    path, tokenizer = zoo["root"] / arch, zoo["tokenizer"]
+    if not (path / "config.json").is_file():
+        config = _configs(len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id)[arch]
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_config(config)
         model.generation_config = GenerationConfig(
             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
         )
-        model.save_pretrained(root / arch)
-        tokenizer.save_pretrained(root / arch)
-        models[arch] = root / arch
-    return {"root": root, "models": models, "plain": root / "plain.jsonl", "chat": root / "chat.jsonl"}
+        model.save_pretrained(path)
+        tokenizer.save_pretrained(path)
+    return path
 
 
 def _overrides(zoo: dict, arch: str, tuning: str, strategy: str) -> list[str]:
     data = zoo["chat"] if arch.startswith("qwen") else zoo["plain"]  # the chat template at work
     return [
         "model=hf",
-        f"model.name_or_path={zoo['models'][arch]}",
+        f"model.name_or_path={model_dir(zoo, arch)}",
         f"tuning={tuning}",
         f"strategy={strategy}",
         f"data.path=[{data}]",
