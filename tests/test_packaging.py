@@ -33,6 +33,8 @@ def test_wheel_ships_configs_and_templates_and_finds_them(tmp_path):
         "distft_conf/train.yaml",
         "distft_conf/model/tiny.yaml",
         "distft_conf/strategy/zero3.yaml",
+        "distft_conf/model/tiny_pretrained.yaml",
+        "distft/models/tiny_pretrained.safetensors",  # model=tiny_pretrained's shipped weights
     ):
         assert required in names, required
     assert any(n.startswith("distft_slurm/") and n.endswith(".sbatch") for n in names)

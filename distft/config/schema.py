@@ -32,6 +32,10 @@ class ModelConfig:
     """Tiny model: longest sequence."""
     init_seed: int = num(1234, ge=0)
     """Tiny model: seed of the random init (the same on every rank and every run)."""
+    pretrained: bool = False
+    """Tiny model: start from the shipped base pre-trained on general string tasks
+    (distft/models/tiny_pretrained.safetensors, model=tiny_pretrained) instead of a random init;
+    the shape keys must keep the shipped shape. Ignored when name_or_path is set."""
     trust_remote_code: bool = False
     """Allow model code from the hub repository. Off unless you trust the repository."""
     attn_implementation: str = "sdpa"

@@ -1,7 +1,9 @@
 """The tiny default: a random-init Llama with a character tokenizer, built deterministically.
 
 It is written as an ordinary Hugging Face directory, so the rest of distft (quantization, PEFT,
-export, `from_pretrained` in tests) treats it exactly like a real model.
+export, `from_pretrained` in tests) treats it exactly like a real model. With `model.pretrained`
+(model=tiny_pretrained) the same model starts from the shipped weights in PRETRAINED_WEIGHTS,
+pre-trained on general string tasks by `python -m distft.models.tiny_pretrain`.
 """
 
 from __future__ import annotations
@@ -14,6 +16,17 @@ from pathlib import Path
 
 import torch
 
+from distft.errors import ConfigError
+
+PRETRAINED_WEIGHTS = Path(__file__).with_name("tiny_pretrained.safetensors")
+SHAPE_KEYS = (
+    "hidden_size",
+    "num_layers",
+    "num_heads",
+    "num_kv_heads",
+    "intermediate_size",
+    "max_position_embeddings",
+)
 SPECIAL = ["<pad>", "<unk>", "<|end|>", "<|system|>", "<|user|>", "<|assistant|>"]
 CHARS = list(string.printable[:95]) + ["\n"]  # digits, letters, punctuation, space, newline
 CHAT_TEMPLATE = (
@@ -85,6 +98,8 @@ def build_tiny(path: Path, model_cfg) -> Path:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=gen)))
         model = LlamaForCausalLM(config)
+    if getattr(model_cfg, "pretrained", False):
+        load_pretrained(model, model_cfg)
     model.generation_config = GenerationConfig(
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
     )
@@ -103,14 +118,33 @@ def build_tiny(path: Path, model_cfg) -> Path:
     return path
 
 
+def load_pretrained(model, model_cfg, weights: Path = PRETRAINED_WEIGHTS) -> None:
+    """Load the shipped pre-trained weights into a freshly built tiny model of the same shape."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import load_model
+
+    with safe_open(str(weights), "pt") as f:
+        shape = json.loads(f.metadata()["shape"])
+    wrong = {k: getattr(model_cfg, k) for k in SHAPE_KEYS if getattr(model_cfg, k) != shape[k]}
+    if wrong:
+        changed = ", ".join(f"model.{k}={v} (shipped: {shape[k]})" for k, v in wrong.items())
+        raise ConfigError(
+            f"model.pretrained=true loads the shipped tiny base, whose shape is fixed: {changed}; "
+            "drop those overrides, or set model.pretrained=false for a random-init model of any shape"
+        )
+    load_model(model, str(weights), strict=True)
+
+
 def random_base_warning(cfg, adapter: bool) -> str | None:
     """One line when an adapter is trained on the random-init tiny default: the base knows nothing,
     so an adapter on it has nothing to adapt and learns little (exact match stays near 0)."""
-    if not adapter or cfg.model.name_or_path:
+    if not adapter or cfg.model.name_or_path or getattr(cfg.model, "pretrained", False):
         return None
     return (
         f"distft: warning: tuning={cfg.tuning.name} trains an adapter on the tiny default model, which is "
-        "random-init (not pre-trained): expect it to learn little. For a real adapter run give a "
-        "pre-trained base (model=hf model.name_or_path=<hub id or directory>); on the tiny model use "
-        "tuning=full"
+        "random-init (not pre-trained): expect it to learn little. Use model=tiny_pretrained (the tiny "
+        "model pre-trained on general string tasks), or a real base (model=hf "
+        "model.name_or_path=<hub id or directory>); on the random-init tiny model use tuning=full"
     )
