@@ -12,7 +12,7 @@ from distft.config.load import load_config
 from distft.data.default_tasks import TASKS as DEFAULT_TASKS
 from distft.errors import ConfigError
 from distft.models.tiny import PRETRAINED_WEIGHTS, build_tiny, random_base_warning
-from distft.models.tiny_pretrain import SEED, TASKS
+from distft.tiny_pretrain import SEED, TASKS
 from tests.util import train
 
 
@@ -27,7 +27,7 @@ def _metadata() -> dict:
 def test_shipped_weights_are_small_and_say_how_to_rebuild_them():
     assert PRETRAINED_WEIGHTS.stat().st_size <= 3_000_000
     meta = _metadata()
-    assert meta["seed"] == str(SEED) and "distft.models.tiny_pretrain" in meta["command"]
+    assert meta["seed"] == str(SEED) and "distft.tiny_pretrain" in meta["command"]
     assert json.loads(meta["tasks"]) == sorted(TASKS)
     assert not set(TASKS) & set(DEFAULT_TASKS)  # the demo tasks (reverse, sort) are new to the base
 

@@ -3,7 +3,7 @@
 It is written as an ordinary Hugging Face directory, so the rest of distft (quantization, PEFT,
 export, `from_pretrained` in tests) treats it exactly like a real model. With `model.pretrained`
 (model=tiny_pretrained) the same model starts from the shipped weights in PRETRAINED_WEIGHTS,
-pre-trained on general string tasks by `python -m distft.models.tiny_pretrain`.
+pre-trained on general string tasks by `python -m distft.tiny_pretrain`.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Rebuild the shipped tiny pre-trained base: `python -m distft.models.tiny_pretrain [--out FILE]`.
+"""Rebuild the shipped tiny pre-trained base: `python -m distft.tiny_pretrain [--out FILE]`.
 
 Full SFT of the tiny Llama (model=tiny's shape and init) with distft's own engine, one process, on
 general string tasks generated from SEED. Reverse and sort (the embedded default tasks) are left
@@ -93,7 +93,7 @@ def build(out: Path, workdir: Path) -> dict:
         "examples": str(EXAMPLES),
         "tasks": json.dumps(sorted(TASKS)),
         "overrides": json.dumps(OVERRIDES),
-        "command": "OMP_NUM_THREADS=1 python -m distft.models.tiny_pretrain",
+        "command": "OMP_NUM_THREADS=1 python -m distft.tiny_pretrain",
         "torch": torch.__version__,
         "eval": json.dumps(exact),
         "shape": json.dumps({k: getattr(model_cfg, k) for k in SHAPE_KEYS}),
@@ -106,7 +106,7 @@ def build(out: Path, workdir: Path) -> dict:
 def main(argv: list[str] | None = None) -> int:
     from distft.models.tiny import PRETRAINED_WEIGHTS
 
-    parser = argparse.ArgumentParser(prog="python -m distft.models.tiny_pretrain", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m distft.tiny_pretrain", description=__doc__)
     parser.add_argument("--out", type=Path, default=PRETRAINED_WEIGHTS, help="weights file to write")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="distft-tiny-pretrain-") as tmp:
