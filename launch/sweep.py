@@ -25,6 +25,7 @@ import time
 from datetime import datetime
 from pathlib import Path
 
+from distft.config import resolvers  # noqa: F401  (trials resolve the YAML's ${distft_...:})
 from distft.paths import conf_dir
 from distft.runtime.stop import EXIT_CODE as STOP_EXIT_CODE
 
@@ -101,11 +102,6 @@ def _hydra_main():
 
 
 def _app():
-    from omegaconf import OmegaConf
-
-    OmegaConf.register_new_resolver(
-        "distft_none_if_zero", lambda n: None if int(n) == 0 else int(n), replace=True
-    )
     return _hydra_main()(trial)()
 
 

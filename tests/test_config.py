@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 
 from distft.config.load import load_config, strip_launcher_args
 from distft.errors import ConfigError
 from distft.paths import conf_dir
-from tests.util import REPO, env
+from tests.util import train
 
 pytestmark = pytest.mark.quick
 
@@ -80,14 +77,7 @@ def test_bad_config_gets_one_clear_message(overrides, expected):
 
 
 def test_entry_point_prints_message_not_traceback(tmp_path):
-    proc = subprocess.run(
-        [sys.executable, "-m", "distft.train", "train.lrr=1", f"output_dir={tmp_path}"],
-        cwd=REPO,
-        env=env(),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    proc = train(tmp_path, "train.lrr=1", plain=True, check=False, timeout=120)
     assert proc.returncode == 2
     assert "distft: error: unknown config key 'train.lrr'" in proc.stderr
     assert "Traceback" not in proc.stderr

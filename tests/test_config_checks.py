@@ -214,20 +214,10 @@ def test_packing_with_flash_attention_needs_one_row_per_micro_batch():
 
 def test_rank_entry_refuses_before_anything_starts(tmp_path):
     """A real process: one line on stderr, exit 2, no run dir (issue 12: max_grad_norm=-1 trained)."""
-    import subprocess
-    import sys
-
-    from tests.util import REPO, env
+    from tests.util import train
 
     run = tmp_path / "run"
-    proc = subprocess.run(
-        [sys.executable, "-m", "distft.train", "train.max_grad_norm=-1", f"output_dir={run}"],
-        cwd=REPO,
-        env=env(),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    proc = train(run, "train.max_grad_norm=-1", plain=True, check=False, timeout=120)
     assert proc.returncode == 2
     errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("distft: error:")]
     assert errors == [

@@ -11,7 +11,10 @@ from typing import Any
 import yaml
 from omegaconf import DictConfig, OmegaConf
 
-from distft.config import checks
+from distft.config import (
+    checks,
+    resolvers,  # noqa: F401  (the YAML's ${distft_...:} resolvers)
+)
 from distft.config.schema import (
     CLUSTERS,
     ClusterConfig,
@@ -26,11 +29,6 @@ from distft.config.typed import build
 from distft.errors import ConfigError
 from distft.paths import conf_dir
 from distft.ranges import check_ranges
-
-# conf/cluster: cluster.nproc_per_node defaults to one rank per GPU on GPU nodes, 2 on CPU nodes.
-OmegaConf.register_new_resolver(
-    "distft_ranks_per_node", lambda gpus: int(gpus) if int(gpus) > 0 else 2, replace=True
-)
 
 _LOCAL_RANK = re.compile(r"^--local[_-]rank(=\d+)?$")
 
