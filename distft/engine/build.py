@@ -11,13 +11,12 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
+from distft.dtypes import PRECISION_DTYPES
 from distft.engine import checkpoint, fingerprint, runlock
 from distft.models import base_dtype, load_model
 from distft.models.sharded_load import meta_model
 from distft.perf.mfu import MfuMeter, mean_length
 from distft.runtime import dist
-
-LOAD_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def default_output_dir() -> str:
@@ -62,18 +61,12 @@ def seed(value: int) -> None:
 def model(cfg, info, method, tuning, model_path: str, loads_sharded: bool) -> torch.nn.Module:
     """The model to train, before the strategy wraps it: loaded (on the meta device when the
     strategy reads each rank's shards itself), tuned, optionally compiled."""
-    load_dtype = torch.float32 if not tuning.adapter else LOAD_DTYPES[cfg.train.precision]
+    dtype = base_dtype(cfg, tuning.adapter)  # adapters: the frozen base in the compute precision
     out = None
     if loads_sharded and info.world_size > 1 and not tuning.adapter and method.auto_class is None:
         out = meta_model(model_path, cfg)  # each rank reads only its shards (strategy.setup)
     if out is None:
-        out = load_model(  # adapters: the frozen base in the compute precision
-            model_path,
-            cfg,
-            base_dtype(cfg, tuning.adapter),
-            tuning.load_kwargs(cfg, load_dtype),
-            method.auto_class,
-        )
+        out = load_model(model_path, cfg, dtype, tuning.load_kwargs(cfg, dtype), method.auto_class)
     if cfg.train.gradient_checkpointing:
         out.gradient_checkpointing_enable({"use_reentrant": False})
     out.config.use_cache = False
@@ -86,7 +79,9 @@ def model(cfg, info, method, tuning, model_path: str, loads_sharded: bool) -> to
 def mfu_meter(cfg, info, model: torch.nn.Module, data) -> MfuMeter:
     """FLOPs per token from the unwrapped model (sharding hides shapes); mean example length as T."""
     seq_len = mean_length(data.train, cfg.data.max_length)
-    return MfuMeter.for_model(model, seq_len, info.device, LOAD_DTYPES[cfg.train.precision], info.world_size)
+    return MfuMeter.for_model(
+        model, seq_len, info.device, PRECISION_DTYPES[cfg.train.precision], info.world_size
+    )
 
 
 def compile_blocks(model: torch.nn.Module) -> None:

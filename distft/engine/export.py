@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from distft.dtypes import PRECISION_DTYPES
 from distft.errors import DistftError
 from distft.runtime import dist
 
@@ -68,7 +69,7 @@ def _write(trainer, out: Path, probe_batch: dict, trained_logits: torch.Tensor, 
     if embedded:
         shutil.copytree(trainer.model_path, tmp / BASE_DIR)
     base_name = str((out / BASE_DIR).resolve()) if embedded else base_reference(trainer.model_path)
-    load_kwargs = tuning.load_kwargs(cfg, _compute_dtype(cfg)) if tuning.adapter else {}
+    load_kwargs = tuning.load_kwargs(cfg, PRECISION_DTYPES[cfg.train.precision]) if tuning.adapter else {}
     fresh = _fresh_model(tmp / BASE_DIR if embedded else trainer.model_path, cfg, method, load_kwargs)
     if tuning.adapter:
         fresh = _load_adapter(fresh, state, cfg, tuning)
@@ -170,10 +171,6 @@ def _verify(fresh, method, batch: dict, trained: torch.Tensor, cfg) -> float:
             f"{diff:.3g} (scale {scale:.3g}); the export was not written"
         )
     return diff
-
-
-def _compute_dtype(cfg) -> torch.dtype:
-    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.train.precision]
 
 
 def _fresh_model(src, cfg, method, load_kwargs: dict):

@@ -24,11 +24,10 @@ from collections.abc import Callable
 import torch
 
 from distft.contracts import MethodContext
+from distft.dtypes import PRECISION_DTYPES
 from distft.methods.logprobs import model_logps
 from distft.runtime import dist
 from distft.strategies.step import to_device
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class Reference:
@@ -49,7 +48,7 @@ class Reference:
             self.kind = "frozen copy"
             self.model = ctx.load_frozen(ctx.model_path, auto_class)
             if ctx.cfg.train.precision != "fp32" and not ctx.strategy.sharded_params:
-                self.autocast_dtype = DTYPES[ctx.cfg.train.precision]  # match the policy's math
+                self.autocast_dtype = PRECISION_DTYPES[ctx.cfg.train.precision]  # match the policy's math
 
     def _context(self):
         stack = contextlib.ExitStack()

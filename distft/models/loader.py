@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from distft.dtypes import PRECISION_DTYPES
 from distft.errors import ConfigError
 from distft.models.tiny import build_tiny
 from distft.runtime import dist
@@ -42,15 +43,12 @@ def load_tokenizer(name_or_path: str, cfg):
     return tok
 
 
-COMPUTE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
 def base_dtype(cfg, adapter: bool) -> torch.dtype:
     """The dtype a model's weights are loaded in. Full tuning keeps fp32 weights (the optimizer's
     master copy; autocast or the sharding policy makes the low-precision copies). Adapter tunings
     load the frozen base in the compute precision (bf16 halves its host and device memory); their
     trainable weights are fp32 (distft.tuning.peft_common.wrap)."""
-    return COMPUTE_DTYPES[cfg.train.precision] if adapter else torch.float32
+    return PRECISION_DTYPES[cfg.train.precision] if adapter else torch.float32
 
 
 def load_model(name_or_path: str, cfg, dtype: torch.dtype, extra: dict, auto_class=None):

@@ -6,10 +6,11 @@ from dataclasses import dataclass
 
 import torch
 
+from distft.dtypes import PRECISION_DTYPES
 from distft.errors import ConfigError
 from distft.models.layers import decoder_layers
 from distft.strategies.memory import States, fully_sharded
-from distft.strategies.torch_native import DTYPES, TorchNativeStrategy
+from distft.strategies.torch_native import TorchNativeStrategy
 
 
 @dataclass
@@ -55,7 +56,9 @@ def parallelize(model: torch.nn.Module, cfg, info, mesh=None) -> torch.nn.Module
         mesh = init_device_mesh(info.device.type, (info.world_size,))
     mp = None
     if cfg.train.precision != "fp32":
-        mp = MixedPrecisionPolicy(param_dtype=DTYPES[cfg.train.precision], reduce_dtype=torch.float32)
+        mp = MixedPrecisionPolicy(
+            param_dtype=PRECISION_DTYPES[cfg.train.precision], reduce_dtype=torch.float32
+        )
     kwargs = {"mesh": mesh, "reshard_after_forward": cfg.strategy.reshard_after_forward}
     if mp is not None:
         kwargs["mp_policy"] = mp

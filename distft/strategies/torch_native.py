@@ -18,10 +18,9 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from distft.contracts import Strategy
+from distft.dtypes import PRECISION_DTYPES
 from distft.runtime import dist
 from distft.strategies.optim import build_adamw
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class TorchNativeStrategy(Strategy):
@@ -65,7 +64,7 @@ class TorchNativeStrategy(Strategy):
         elif not is_last and hasattr(self.model, "no_sync"):  # DDP
             stack.enter_context(self.model.no_sync())
         if self.use_autocast:
-            dtype = DTYPES[self.cfg.train.precision]
+            dtype = PRECISION_DTYPES[self.cfg.train.precision]
             stack.enter_context(torch.autocast(self.info.device.type, dtype=dtype))
         return stack
 

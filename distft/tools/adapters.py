@@ -22,9 +22,9 @@ from pathlib import Path
 
 import torch
 
+from distft.dtypes import PRECISION_DTYPES
 from distft.errors import ConfigError, DistftError
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # PEFT types whose adapters are inputs (virtual tokens, prompts), not weight deltas.
 UNMERGEABLE = {"PREFIX_TUNING", "PROMPT_TUNING", "P_TUNING", "ADAPTION_PROMPT", "MULTITASK_PROMPT_TUNING"}
 COMBINATIONS = (
@@ -177,8 +177,8 @@ def merge(
         )
     quantized = bool(meta.get("quantized_base")) if from_4bit is None else from_4bit
     dtype = dtype or ("bf16" if quantized else "fp32")
-    if dtype not in DTYPES:
-        raise ConfigError(f"dtype={dtype!r}; valid: {', '.join(DTYPES)}")
+    if dtype not in PRECISION_DTYPES:
+        raise ConfigError(f"dtype={dtype!r}; valid: {', '.join(PRECISION_DTYPES)}")
     if quantized:
         bnb = _bnb_config(adapter_dir)
         model = _dequantized(load_base(adapter_dir, conf, meta, base, bnb))
@@ -186,7 +186,7 @@ def merge(
     else:
         model = load_base(adapter_dir, conf, meta, base)
     merged = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
-    merged = merged.to(DTYPES[dtype])
+    merged = merged.to(PRECISION_DTYPES[dtype])
     base_path = _base_path(adapter_dir, conf, base)
     _save(out, merged, _tokenizer(adapter_dir, base_path))
     info = {

@@ -20,7 +20,8 @@ from distft.errors import DistftError
 
 
 def _parser() -> argparse.ArgumentParser:
-    from distft.tools.adapters import COMBINATIONS, DTYPES
+    from distft.dtypes import PRECISION_DTYPES
+    from distft.tools.adapters import COMBINATIONS
 
     p = argparse.ArgumentParser(prog="distft-export", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -28,7 +29,9 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("adapter", help="adapter directory (a run's export/)")
     m.add_argument("--out", required=True, help="directory for the merged model")
     m.add_argument("--base", help="base model (default: the adapter's base_model_name_or_path)")
-    m.add_argument("--dtype", choices=sorted(DTYPES), help="saved dtype (default: fp32, bf16 for QLoRA)")
+    m.add_argument(
+        "--dtype", choices=sorted(PRECISION_DTYPES), help="saved dtype (default: fp32, bf16 for QLoRA)"
+    )
     m.add_argument(
         "--from-4bit",
         action=argparse.BooleanOptionalAction,

@@ -12,6 +12,7 @@ from types import SimpleNamespace
 
 import torch
 
+from distft.dtypes import PRECISION_DTYPES
 from distft.verify import runs
 
 # Relative loss tolerance by precision: fp32 runs agree to rounding; mixed precision does not.
@@ -57,7 +58,7 @@ def _load_exported(export: Path, cfg):
     if meta.get("adapter"):
         from peft import PeftConfig, PeftModel
 
-        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.train.precision]
+        dtype = PRECISION_DTYPES[cfg.train.precision]
         kwargs = TUNINGS[cfg.tuning.name].load_kwargs(cfg, dtype)
         base_path = PeftConfig.from_pretrained(str(export)).base_model_name_or_path
         arch = transformers.AutoConfig.from_pretrained(base_path).architectures[0]

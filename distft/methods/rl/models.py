@@ -23,6 +23,7 @@ from distft.data.collate import as_row, pad_batch
 from distft.data.default_tasks import sft_rows
 from distft.data.sampler import GlobalBatchSampler
 from distft.data.sft_format import tokenize_sft
+from distft.dtypes import PRECISION_DTYPES
 from distft.methods.rl.prompts import reference_nll
 from distft.runtime import dist
 from distft.strategies import STRATEGIES
@@ -30,7 +31,6 @@ from distft.strategies import STRATEGIES
 WARMUP_DIR = "sft_warmup"
 WARMUP_SEED = 1  # warm-up examples differ from the RL prompts
 STATE_FILE = "rl_state.json"
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def start_policy(ctx: MethodContext) -> str:
@@ -98,7 +98,7 @@ def load_reference(ctx: MethodContext, path: str):
     use the policy with adapters disabled."""
     if ctx.tuning.adapter and path == ctx.model_path:
         return None
-    return ctx.load_frozen(path, None, DTYPES[ctx.cfg.train.precision])
+    return ctx.load_frozen(path, None, PRECISION_DTYPES[ctx.cfg.train.precision])
 
 
 def _critic_class(path: str, cfg, auto):
