@@ -30,6 +30,9 @@ def parse() -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--lora-r", type=int, default=8)
     p.add_argument("--lora-alpha", type=int, default=16)
+    p.add_argument("--data", default="", help="prompt/completion JSONL (default: the embedded task rows)")
+    p.add_argument("--packing", default="none", choices=["none", "bfd", "wrapped"])
+    p.add_argument("--epochs", type=float, default=1.0)
     return p.parse_args()
 
 
@@ -46,8 +49,11 @@ def main() -> None:
     if not torch.cuda.is_available():  # same thread policy as distft: the cores split between ranks
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     dtype = torch.bfloat16 if a.precision == "bf16" else torch.float32
-    rows = [{"prompt": r["prompt"], "completion": r["completion"]} for r in sft_rows(a.rows)]
-    dataset = datasets.Dataset.from_list(rows)
+    if a.data:
+        dataset = datasets.load_dataset("json", data_files=a.data, split="train")
+    else:
+        rows = [{"prompt": r["prompt"], "completion": r["completion"]} for r in sft_rows(a.rows)]
+        dataset = datasets.Dataset.from_list(rows)
     tokenizer = AutoTokenizer.from_pretrained(a.model)
 
     peft_config = quant = None
@@ -85,7 +91,7 @@ def main() -> None:
         extra["fsdp_config"] = {"fsdp_version": 2, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]}
     args = SFTConfig(
         output_dir=a.out,
-        num_train_epochs=1,
+        num_train_epochs=a.epochs,
         per_device_train_batch_size=a.micro,
         gradient_accumulation_steps=a.accum,
         learning_rate=a.lr,
@@ -96,6 +102,8 @@ def main() -> None:
         adam_beta2=0.95,
         max_grad_norm=1.0,
         max_length=a.max_length,
+        packing=a.packing != "none",
+        packing_strategy=a.packing if a.packing != "none" else "bfd",
         bf16=a.precision == "bf16",
         gradient_checkpointing=False,
         seed=a.seed,
