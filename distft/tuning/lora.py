@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import torch
 
 from distft.errors import ConfigError
+from distft.models import vlm
 from distft.ranges import num
 from distft.tuning import peft_common
 
@@ -62,6 +63,7 @@ def peft_config(cfg, task_type: str = "CAUSAL_LM"):
 
 
 def apply(model: torch.nn.Module, cfg) -> torch.nn.Module:
-    model = peft_common.wrap(model, cfg, peft_config(cfg, peft_common.task_type(model)))
+    peft_cfg = vlm.restrict_lora(peft_config(cfg, peft_common.task_type(model)), model, cfg)  # VLM: text only
+    model = peft_common.wrap(model, cfg, peft_cfg)
     peft_common.report(model, cfg, f"r={cfg.tuning.r}")
     return model
