@@ -291,6 +291,10 @@ def _flat(v) -> str:
 def length_text(row: dict, tokenizer) -> str:
     """The text a row is trained on, as close to the method's rendering as is generic."""
     if "messages" in row:
+        from distft.data import vision
+
+        if vision.has_images(row):  # image markers count as one image token (its expansion is the encoder's)
+            return vision.length_text(row, tokenizer)
         if getattr(tokenizer, "chat_template", None):
             return tokenizer.apply_chat_template(row["messages"], tokenize=False)
         return "\n".join(m["content"] for m in row["messages"])

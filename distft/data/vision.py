@@ -102,6 +102,15 @@ def to_parts(messages: list[dict]) -> tuple[list[dict], list[str]]:
     return out, images
 
 
+def length_text(row: dict, tokenizer) -> str:
+    """The row's rendered text for length statistics and filters, each image as one image token."""
+    token = getattr(getattr(tokenizer, "processor", None), "image_token", "") or ""
+    msgs = [{"role": m["role"], "content": MARKER.sub(token, m["content"])} for m in row["messages"]]
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(msgs, tokenize=False)
+    return "\n".join(m["content"] for m in msgs)
+
+
 # ---------------------------------------------------------------- encoding
 def load_images(paths: list[str]):
     from PIL import Image

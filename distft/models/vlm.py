@@ -12,6 +12,7 @@ families use (`vision_tower`, `visual`, `vision_model`; `multi_modal_projector`,
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -111,7 +112,11 @@ def freeze(model: torch.nn.Module, cfg) -> dict[str, int]:
             params = list(modules[name].parameters())
             for p in params:
                 p.requires_grad_(not off)
-            frozen[part] = frozen.get(part, 0) + (sum(p.numel() for p in params) if off else 0)
+            if off:
+                frozen[part] = frozen.get(part, 0) + sum(p.numel() for p in params)
+    if frozen and os.environ.get("RANK", "0") == "0":
+        parts = ", ".join(f"{part} {n:,}" for part, n in frozen.items())
+        print(f"distft: vision-language model: frozen parameters: {parts}", flush=True)
     return frozen
 
 

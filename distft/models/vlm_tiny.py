@@ -139,7 +139,9 @@ def write_shapes_task(folder: Path, n: int, seed: int = 0, size: int = 32) -> Pa
             else {"type": "image_url", "image_url": {"url": file.as_uri()}}
         )
         user = [image, {"type": "text", "text": QUESTION}]
-        rows.append({"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": colour}]})
+        rows.append(
+            {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": colour}]}
+        )
     out = folder / "shapes.jsonl"
     out.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return out
