@@ -7,7 +7,6 @@ from dataclasses import dataclass, field
 import torch
 
 from distft.errors import ConfigError
-from distft.models import vlm
 from distft.ranges import num
 from distft.tuning import peft_common
 
@@ -28,6 +27,9 @@ class LoraConfig:
     """Continue from a saved adapter of this kind (a PEFT adapter directory) instead of a fresh one."""
     merge_on_export: bool = False
     """Also write merged full weights to export/merged."""
+    train_router: bool = False
+    """Mixture-of-experts models with all-linear: also train each MoE layer's router (in full, beside
+    the adapters on attention, shared and routed experts); default frozen (distft/tuning/moe.py)."""
 
 
 config = LoraConfig
@@ -63,7 +65,6 @@ def peft_config(cfg, task_type: str = "CAUSAL_LM"):
 
 
 def apply(model: torch.nn.Module, cfg) -> torch.nn.Module:
-    peft_cfg = vlm.restrict_lora(peft_config(cfg, peft_common.task_type(model)), model, cfg)  # VLM: text only
-    model = peft_common.wrap(model, cfg, peft_cfg)
+    model = peft_common.wrap(model, cfg, peft_config(cfg, peft_common.task_type(model)))
     peft_common.report(model, cfg, f"r={cfg.tuning.r}")
     return model
