@@ -66,6 +66,10 @@ def test_image_rows_encode_with_assistant_only_labels(tiny):
 
 @pytest.mark.quick
 def test_bad_image_parts_name_the_row(tiny):
+    relative = {"type": "image", "path": "images/00001.png"}  # relative to the data file's directory
+    row = {"messages": [{"role": "user", "content": [relative]}, {"role": "assistant", "content": "x"}]}
+    canonical = to_canonical([row | {"_source": f"{tiny.data}:2"}], "auto", {}, "sft", "sft")[0]
+    assert canonical[0]["messages"][0]["content"] == f"<|image:{tiny.data.parent / 'images' / '00001.png'}|>"
     for part, says in [
         ({"type": "image", "path": str(tiny.root / "missing.png")}, "does not exist"),
         ({"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}, "not a local file"),

@@ -56,7 +56,11 @@ def _image_path(part: dict, where: str) -> str:
         ref = unquote(urlparse(ref).path)
     elif re.match(r"^[a-z]+://", ref) or ref.startswith("data:"):
         raise DataError(f"{where}: image {ref[:60]!r} is not a local file; download it and give its path")
-    path = Path(ref).expanduser().resolve()
+    path = Path(ref).expanduser()
+    source = re.match(r"^(.*?)(?::\d+|#\d+)$", where)  # file:line or file#row of the row
+    if not path.is_absolute() and source and (Path(source.group(1)).parent / path).is_file():
+        path = Path(source.group(1)).parent / path  # relative to the data file first, then the cwd
+    path = path.resolve()
     if not path.is_file():
         raise DataError(f"{where}: image file {str(path)!r} does not exist")
     return str(path)
