@@ -231,6 +231,12 @@ def generate(model, processor, rows: list[dict], max_new_tokens: int, device, sy
     if synced:
         n_batches = int(max(dist.all_gather_objects(n_batches)))
     outs: list[str] = []
+    # generate() runs the vision tower outside a forward (get_image_features), where FSDP2's root
+    # hooks do not gather the root-level weights (vision norms, projector): after one forward
+    # through the root (FSDP2 initializes there), they are gathered for the whole generation.
+    root = model.get_base_model() if hasattr(model, "get_base_model") else model
+    fsdp_root = synced and hasattr(root, "unshard")
+    gathered = False
     try:
         for b in range(n_batches):
             chunk = rows[b * batch_size : (b + 1) * batch_size]
@@ -249,6 +255,10 @@ def generate(model, processor, rows: list[dict], max_new_tokens: int, device, sy
                 add_special_tokens=False,
                 return_tensors="pt",
             ).to(device)
+            if fsdp_root and not gathered:
+                model(**enc)
+                root.unshard()
+                gathered = True
             gen = model.generate(
                 **enc,
                 max_new_tokens=max_new_tokens,
@@ -260,6 +270,8 @@ def generate(model, processor, rows: list[dict], max_new_tokens: int, device, sy
             if b * batch_size < len(rows):
                 outs += tok.batch_decode(gen[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
     finally:
+        if gathered:
+            root.reshard()
         tok.padding_side = side
         model.train(was_training)
     return outs
