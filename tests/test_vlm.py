@@ -1,6 +1,6 @@
 """Vision-language SFT on a tiny random-init LLaVA built at test time (distft/models/vlm_tiny.py):
 image chat rows (image and image_url parts) through the model's processor, assistant-only labels,
-freezing, LoRA on the language model only, packing refused; and one 2-rank ZeRO-2 run on a
+freezing, LoRA on the language model only, packing refused; and one 2-rank FSDP2 run (full tuning, vision tower frozen) on a
 generated colour task whose held-out exact match rises, exported and reloaded in a fresh process
 with AutoModelForImageTextToText + AutoProcessor."""
 
@@ -138,14 +138,14 @@ print(json.dumps({"diff": float((got - torch.tensor(meta["probe_logits"])).abs()
 
 
 @pytest.mark.slow
-def test_two_rank_zero2_learns_colours_and_exports(tiny, tmp_path):
+def test_two_rank_fsdp_learns_colours_and_exports(tiny, tmp_path):
     run = tmp_path / "run"
     train(
         run,
         "model=hf",
         f"model.name_or_path={tiny.model}",
         f"data.path={tiny.data}",
-        "strategy=zero2",
+        "strategy=fsdp",
         "train.max_steps=60",
         "train.micro_batch_size=8",
         "data.max_eval_generations=16",
@@ -156,6 +156,12 @@ def test_two_rank_zero2_learns_colours_and_exports(tiny, tmp_path):
     before = rows[0]["eval/exact_match"]
     after = [r["eval/exact_match"] for r in rows if "eval/exact_match" in r][-1]
     assert before <= 0.1 and after >= 0.5, (before, after, summary)
+    assert _reload_diff(run) < 1e-4
+
+
+def _reload_diff(run) -> float:
+    """Largest logit difference of the export, loaded in a fresh process with
+    AutoModelForImageTextToText + AutoProcessor, against the trained model's probe logits."""
     export = run / "export"
     assert (export / "processor_config.json").is_file()
     out = subprocess.run(
@@ -166,4 +172,17 @@ def test_two_rank_zero2_learns_colours_and_exports(tiny, tmp_path):
         text=True,
     )
     assert out.returncode == 0, out.stderr[-2000:]
-    assert json.loads(out.stdout.strip().splitlines()[-1])["diff"] < 1e-4
+    return json.loads(out.stdout.strip().splitlines()[-1])["diff"]
+
+
+@pytest.mark.slow
+def test_lora_adapter_export_reloads_as_image_text_model(tiny, tmp_path):
+    run = tmp_path / "run"
+    common = ["model=hf", f"model.name_or_path={tiny.model}", f"data.path={tiny.data}", "tuning=lora"]
+    train(
+        run, *common, "train.max_steps=4", "train.micro_batch_size=4", "train.eval_generate=false", plain=True
+    )
+    adapter = json.loads((run / "export" / "adapter_config.json").read_text())
+    assert "language_model" in adapter["target_modules"] and "vision" not in adapter["target_modules"]
+    assert adapter["modules_to_save"] == ["model.multi_modal_projector"]
+    assert _reload_diff(run) < 1e-4
