@@ -1,8 +1,9 @@
 """Vision-language SFT on a tiny random-init LLaVA built at test time (distft/models/vlm_tiny.py):
 image chat rows (image and image_url parts) through the model's processor, assistant-only labels,
-freezing, LoRA on the language model only, packing refused; and one 2-rank FSDP2 run (full tuning, vision tower frozen) on a
-generated colour task whose held-out exact match rises, exported and reloaded in a fresh process
-with AutoModelForImageTextToText + AutoProcessor."""
+freezing, LoRA on the language model only, packing refused; one 2-rank FSDP2 run (full tuning,
+vision tower frozen) on a generated colour task whose held-out exact match rises, exported and
+reloaded in a fresh process with AutoModelForImageTextToText + AutoProcessor; and a LoRA adapter
+export reloaded the same way."""
 
 from __future__ import annotations
 
