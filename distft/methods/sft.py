@@ -14,6 +14,7 @@ from distft.data.default_tasks import sft_rows
 from distft.data.sft_format import IGNORE, tokenize_sft
 from distft.eval import GENERATION_METRICS
 from distft.eval.generation import generation_metrics
+from distft.eval.vision import generation_metrics as vision_generation_metrics
 from distft.models import vlm
 
 
@@ -86,5 +87,5 @@ class SFT(Method):
             return {}
         rows = rows[: self.cfg.data.max_eval_generations]
         if (processor := vlm.processor_of(self.tokenizer)) is not None:
-            return vision.generation_metrics(model, processor, rows, self.cfg, info, sharded)
+            return vision_generation_metrics(model, processor, rows, self.cfg, info, sharded)
         return generation_metrics(model, self.tokenizer, rows, self.cfg, info, sharded)
