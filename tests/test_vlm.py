@@ -82,11 +82,16 @@ def test_bad_image_parts_name_the_row(tiny):
 
 
 @pytest.mark.quick
-def test_packing_is_refused_for_a_vlm(tiny):
+def test_packing_other_methods_and_text_models_are_refused(tiny):
     cfg = _cfg()
     cfg.data.packing = True
     with pytest.raises(ConfigError, match="data.packing=true is not supported"):
         vlm.processor_tokenizer(str(tiny.model), cfg)
+    cfg.data.packing, cfg.method.name = False, "dpo"
+    with pytest.raises(ConfigError, match="method=sft only"):
+        vlm.processor_tokenizer(str(tiny.model), cfg)
+    with pytest.raises(DataError, match="text-only model"):
+        vision.refuse_images(_canonical(tiny.data, 1), None)
 
 
 @pytest.mark.quick

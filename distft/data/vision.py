@@ -90,6 +90,16 @@ def has_images(row: dict) -> bool:
     )
 
 
+def refuse_images(rows: list[dict], model: str | None) -> None:
+    """One line when image rows meet a text-only model."""
+    for row in rows:
+        if has_images(row):
+            raise DataError(
+                f"{row.get('_source', '?')}: the row has images but model {model or 'tiny'!r} is a text-only "
+                "model; use a vision-language model (its config has a vision_config) or drop the images"
+            )
+
+
 def to_parts(messages: list[dict]) -> tuple[list[dict], list[str]]:
     """Messages with content parts for the processor's chat template, and the image paths in order."""
     out, images = [], []

@@ -40,6 +40,7 @@ class SFT(Method):
     def encode(rows: list[dict], tokenizer, cfg, train: bool) -> tuple[list[dict], dict]:
         if vlm.processor_of(tokenizer) is not None:  # a vision-language model: chat rows with images
             return vision.encode(rows, vlm.processor_of(tokenizer), cfg, train)
+        vision.refuse_images(rows, cfg.model.name_or_path)  # a text-only model would train on the paths
         examples, truncated, dropped = [], 0, 0
         for row in rows:
             ex = tokenize_sft(row, tokenizer, cfg.data.max_length, cfg.method.train_on_prompt)

@@ -51,6 +51,11 @@ def processor_tokenizer(name_or_path: str, cfg):
     is prepared."""
     from transformers import AutoProcessor
 
+    method = getattr(getattr(cfg, "method", None), "name", "sft")
+    if method != "sft":
+        raise ConfigError(
+            f"method={method}: vision-language models ({name_or_path!r}) train with method=sft only"
+        )
     if cfg.data.packing:
         raise ConfigError(
             f"data.packing=true is not supported for the vision-language model {name_or_path!r} (image "
