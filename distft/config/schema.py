@@ -40,6 +40,11 @@ class ModelConfig:
     """Allow model code from the hub repository. Off unless you trust the repository."""
     attn_implementation: str = "sdpa"
     """transformers attention kernel: sdpa, eager or flash_attention_2 (GPU, when installed)."""
+    freeze_vision: bool = True
+    """Vision-language models: keep the vision tower frozen (full tuning; adapter tunings train it
+    in full beside the adapters when false)."""
+    freeze_projector: bool = False
+    """Vision-language models: keep the projector between vision tower and language model frozen."""
 
 
 @dataclass

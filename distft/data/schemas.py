@@ -87,6 +87,10 @@ def kind_of(fmt: str) -> str:
 
 def _content(value, where: str, turn: int) -> str:
     """Message content: a string, or OpenAI content parts [{"type": "text", "text": ...}]."""
+    from distft.data import vision
+
+    if vision.has_image_parts(value):  # images become inline markers (distft/data/vision.py)
+        return vision.content_text(value, where, turn)
     if isinstance(value, list) and all(isinstance(p, dict) and p.get("type") == "text" for p in value):
         return "".join(_text(p.get("text"), where, f"turn {turn} content part 'text'") for p in value)
     return _text(value, where, f"turn {turn} 'content'")
@@ -287,6 +291,10 @@ def _flat(v) -> str:
 def length_text(row: dict, tokenizer) -> str:
     """The text a row is trained on, as close to the method's rendering as is generic."""
     if "messages" in row:
+        from distft.data import vision
+
+        if vision.has_images(row):  # image markers count as one image token (its expansion is the encoder's)
+            return vision.length_text(row, tokenizer)
         if getattr(tokenizer, "chat_template", None):
             return tokenizer.apply_chat_template(row["messages"], tokenize=False)
         return "\n".join(m["content"] for m in row["messages"])

@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 
 from distft.dtypes import PRECISION_DTYPES
 from distft.engine import checkpoint, fingerprint, runlock
-from distft.models import base_dtype, load_model
+from distft.models import base_dtype, load_model, vlm
 from distft.models.sharded_load import meta_model
 from distft.perf.mfu import MfuMeter, mean_length
 from distft.runtime import dist
@@ -63,7 +63,9 @@ def model(cfg, info, method, tuning, model_path: str, loads_sharded: bool) -> to
     strategy reads each rank's shards itself), tuned, optionally compiled."""
     dtype = base_dtype(cfg, tuning.adapter)  # adapters: the frozen base in the compute precision
     out = None
-    if loads_sharded and info.world_size > 1 and not tuning.adapter and method.auto_class is None:
+    image_text = vlm.is_vlm(model_path, cfg.model.trust_remote_code)  # AutoModelForImageTextToText, whole
+    sharded = loads_sharded and info.world_size > 1 and not tuning.adapter and not image_text
+    if sharded and method.auto_class is None:
         out = meta_model(model_path, cfg)  # each rank reads only its shards (strategy.setup)
     if out is None:
         out = load_model(model_path, cfg, dtype, tuning.load_kwargs(cfg, dtype), method.auto_class)
@@ -71,6 +73,8 @@ def model(cfg, info, method, tuning, model_path: str, loads_sharded: bool) -> to
         out.gradient_checkpointing_enable({"use_reentrant": False})
     out.config.use_cache = False
     out = tuning.apply(out, cfg)
+    if image_text and not tuning.adapter:
+        vlm.freeze(out, cfg)  # model.freeze_vision / freeze_projector (adapters: distft.tuning.lora)
     if cfg.train.compile:
         compile_blocks(out)
     return out

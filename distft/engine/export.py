@@ -26,8 +26,10 @@ from pathlib import Path
 
 import torch
 
+from distft.data import vision
 from distft.dtypes import PRECISION_DTYPES
 from distft.errors import DistftError
+from distft.models import vlm
 from distft.runtime import dist
 
 # Largest |trained - exported| logit difference accepted, relative to the logits' scale.
@@ -87,7 +89,7 @@ def _write(trainer, out: Path, probe_batch: dict, trained_logits: torch.Tensor, 
     if tuning.adapter and cfg.tuning.merge_on_export:
         fresh.merge_and_unload().save_pretrained(tmp / "merged")
         trainer.tokenizer.save_pretrained(tmp / "merged")
-    trainer.tokenizer.save_pretrained(tmp)
+    vlm.save_processor(trainer.tokenizer, tmp)  # a VLM's processor, else the tokenizer
     meta = {
         "tuning": cfg.tuning.name,
         "method": cfg.method.name,
@@ -150,7 +152,7 @@ def probe_logits(model, strategy, method, batch: dict, info) -> torch.Tensor:
     model.eval()
     batch = {k: v.to(info.device) if torch.is_tensor(v) else v for k, v in batch.items()}
     with strategy.accumulate(True):
-        out = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
+        out = model(**vision.model_inputs(batch))
     model.train(was_training)
     return out.logits.float().flatten()[:512].cpu()
 
@@ -161,7 +163,7 @@ def _verify(fresh, method, batch: dict, trained: torch.Tensor, cfg) -> float:
     # The fresh model's own device: a 4-bit base loads on the GPU while the probe batch is on the CPU.
     device = next(fresh.parameters()).device
     batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-    out = fresh(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
+    out = fresh(**vision.model_inputs(batch))
     got = out.logits.float().flatten()[:512].cpu()
     diff = float((got - trained).abs().max())
     scale = float(trained.abs().max()) or 1.0
@@ -176,7 +178,7 @@ def _verify(fresh, method, batch: dict, trained: torch.Tensor, cfg) -> float:
 def _fresh_model(src, cfg, method, load_kwargs: dict):
     from transformers import AutoModelForCausalLM
 
-    auto = method.auto_class or AutoModelForCausalLM
+    auto = method.auto_class or (vlm.auto_class() if vlm.is_vlm(str(src)) else AutoModelForCausalLM)
     return auto.from_pretrained(
         src, dtype=torch.float32, trust_remote_code=cfg.model.trust_remote_code, **load_kwargs
     )

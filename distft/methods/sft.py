@@ -8,11 +8,14 @@ import torch
 import torch.nn.functional as F
 
 from distft.contracts import Method
+from distft.data import vision
 from distft.data.collate import as_row, pack, pad_batch
 from distft.data.default_tasks import sft_rows
 from distft.data.sft_format import IGNORE, tokenize_sft
 from distft.eval import GENERATION_METRICS
 from distft.eval.generation import generation_metrics
+from distft.eval.vision import generation_metrics as vision_generation_metrics
+from distft.models import vlm
 
 
 @dataclass
@@ -35,6 +38,9 @@ class SFT(Method):
 
     @staticmethod
     def encode(rows: list[dict], tokenizer, cfg, train: bool) -> tuple[list[dict], dict]:
+        if vlm.processor_of(tokenizer) is not None:  # a vision-language model: chat rows with images
+            return vision.encode(rows, vlm.processor_of(tokenizer), cfg, train)
+        vision.refuse_images(rows, cfg.model.name_or_path)  # a text-only model would train on the paths
         examples, truncated, dropped = [], 0, 0
         for row in rows:
             ex = tokenize_sft(row, tokenizer, cfg.data.max_length, cfg.method.train_on_prompt)
@@ -58,12 +64,14 @@ class SFT(Method):
         return rows_out, stats
 
     def collate(self, examples: list[dict]) -> dict:
-        return pad_batch(examples, self.tokenizer.pad_token_id)
+        batch = pad_batch(examples, self.tokenizer.pad_token_id)
+        processor = vlm.processor_of(self.tokenizer)
+        return batch | vision.image_inputs(examples, processor) if processor is not None else batch
 
     def loss(self, model, batch: dict) -> tuple[torch.Tensor, dict]:
         """Summed token loss over the batch's targets (the engine normalizes it by the global target
         count) and extra metrics as {name: (sum, count)}, averaged over the step by the engine."""
-        out = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
+        out = model(**vision.model_inputs(batch))  # input_ids, position_ids (+ image tensors)
         logits = out.logits[:, :-1].float()
         labels = batch["labels"][:, 1:]
         loss = F.cross_entropy(
@@ -79,4 +87,6 @@ class SFT(Method):
         if not self.cfg.train.eval_generate or not rows:
             return {}
         rows = rows[: self.cfg.data.max_eval_generations]
+        if (processor := vlm.processor_of(self.tokenizer)) is not None:
+            return vision_generation_metrics(model, processor, rows, self.cfg, info, sharded)
         return generation_metrics(model, self.tokenizer, rows, self.cfg, info, sharded)

@@ -31,6 +31,10 @@ def resolve_model_path(cfg, output_dir: Path, info) -> str:
 def load_tokenizer(name_or_path: str, cfg):
     from transformers import AutoTokenizer
 
+    from distft.models import vlm
+
+    if vlm.is_vlm(name_or_path, cfg.model.trust_remote_code):
+        return vlm.processor_tokenizer(name_or_path, cfg)  # with its processor (images)
     try:
         tok = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=cfg.model.trust_remote_code)
     except OSError as e:
@@ -54,6 +58,10 @@ def base_dtype(cfg, adapter: bool) -> torch.dtype:
 def load_model(name_or_path: str, cfg, dtype: torch.dtype, extra: dict, auto_class=None):
     from transformers import AutoModelForCausalLM
 
+    from distft.models import vlm
+
+    if auto_class is None and vlm.is_vlm(name_or_path, cfg.model.trust_remote_code):
+        auto_class = vlm.auto_class()
     auto_class = auto_class or AutoModelForCausalLM
     try:
         model = auto_class.from_pretrained(

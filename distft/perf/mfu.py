@@ -116,7 +116,8 @@ def mean_length(examples: list[dict], default: float) -> float:
 
 
 def model_shape(config) -> tuple[int, int, int]:
-    """(layers, heads, head_dim) of a transformers config."""
+    """(layers, heads, head_dim) of a transformers config (a VLM's: its language model's)."""
+    config = getattr(config, "text_config", None) or config
     heads = int(config.num_attention_heads)
     head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
     return int(config.num_hidden_layers), heads, head_dim

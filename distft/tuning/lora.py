@@ -27,6 +27,9 @@ class LoraConfig:
     """Continue from a saved adapter of this kind (a PEFT adapter directory) instead of a fresh one."""
     merge_on_export: bool = False
     """Also write merged full weights to export/merged."""
+    train_router: bool = False
+    """Mixture-of-experts models with all-linear: also train each MoE layer's router (in full, beside
+    the adapters on attention, shared and routed experts); default frozen (distft/tuning/moe.py)."""
 
 
 config = LoraConfig

@@ -38,7 +38,7 @@ def wrap(model: torch.nn.Module, cfg, peft_cfg) -> torch.nn.Module:
 
     init = getattr(cfg.tuning, "init_adapter", None)
     if not init:
-        return fp32_trainable(get_peft_model(model, peft_cfg))
+        return fp32_trainable(get_peft_model(model, model_targets(peft_cfg, model, cfg)))
     check_init_adapter(init)
     saved = saved_peft_type(init)
     if saved != str(getattr(peft_cfg.peft_type, "value", peft_cfg.peft_type)):
@@ -47,6 +47,20 @@ def wrap(model: torch.nn.Module, cfg, peft_cfg) -> torch.nn.Module:
             f"{peft_cfg.peft_type}; pick the matching tuning option"
         )
     return fp32_trainable(PeftModel.from_pretrained(model, init, is_trainable=True))
+
+
+def model_targets(peft_cfg, model: torch.nn.Module, cfg):
+    """LoRA-family targets fitted to the model's kind: a vision-language model's language model
+    only (distft/models/vlm.py); a mixture of experts' fused experts, its router frozen unless
+    tuning.train_router (distft/tuning/moe.py). Other models and PEFT methods: unchanged."""
+    from distft.models import vlm
+    from distft.tuning import moe
+
+    if not hasattr(peft_cfg, "target_parameters"):  # not a LoRA-family config
+        return peft_cfg
+    if vlm.is_vlm_model(model):
+        return vlm.restrict_lora(peft_cfg, model, cfg)
+    return moe.restrict_lora(peft_cfg, model, bool(getattr(cfg.tuning, "train_router", False)))
 
 
 def fp32_trainable(model: torch.nn.Module) -> torch.nn.Module:
