@@ -16,6 +16,7 @@ rows whose answers differ ("What is 3 times 4?" → 12, "What is 3 times 5?" →
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 import unicodedata
@@ -309,6 +310,15 @@ def _shingles(text: str) -> list[bytes]:
     return list({t[i : i + SHINGLE].encode() for i in range(len(t) - SHINGLE + 1)})
 
 
+@functools.lru_cache(maxsize=8)
+def lsh_params(threshold: float) -> tuple[int, int]:
+    """datasketch's optimal (bands, rows) for the threshold: a numerical integration of ~0.15 s,
+    done once per threshold, not once per index (streaming builds one index per block)."""
+    from datasketch.lsh import _optimal_param
+
+    return _optimal_param(threshold, NUM_PERM, 0.5, 0.5)
+
+
 def near_duplicates(rows: list[dict], threshold: float, res: Cleaned) -> list[int]:
     """Indices of rows to keep; later near-duplicates of an earlier kept row are dropped."""
     from datasketch import MinHash, MinHashLSH
@@ -331,7 +341,7 @@ def near_duplicates(rows: list[dict], threshold: float, res: Cleaned) -> list[in
             return answer_sig(i).jaccard(answer_sig(j)) >= threshold
         return False
 
-    lsh = MinHashLSH(threshold=threshold, num_perm=NUM_PERM)
+    lsh = MinHashLSH(threshold=threshold, num_perm=NUM_PERM, params=lsh_params(threshold))
     keep = []
     for i, sig in enumerate(sigs):
         match = [
