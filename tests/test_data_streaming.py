@@ -43,9 +43,17 @@ def files(tmp_path_factory):
 def _data(tmp_path, tok, files, *overrides):
     paths = ",".join(str(f) for f in files)
     cfg, _ = load_config(
-        [f"data.path=[{paths}]", "data.streaming=true", "train.max_steps=5", "data.stream_buffer=128", *overrides]
+        [
+            f"data.path=[{paths}]",
+            "data.streaming=true",
+            "train.max_steps=5",
+            "data.stream_buffer=128",
+            *overrides,
+        ]
     )
-    return cfg, pipeline.prepare_cached(cfg, METHODS["sft"](cfg, tok), tok, tmp_path / "run", True, quiet=True)
+    return cfg, pipeline.prepare_cached(
+        cfg, METHODS["sft"](cfg, tok), tok, tmp_path / "run", True, quiet=True
+    )
 
 
 def _batches(data, world, accum, steps, start=0, saved=None, batch=8, snaps=()):
@@ -90,7 +98,9 @@ def test_global_batches_do_not_depend_on_ranks_and_resume_exactly(tmp_path, tok,
     seen = {tok.decode(ids) for gb in one for ids in gb}
     assert not any(p in s for s in seen for p in held)
     rows = [json.loads(line) for f in files for line in f.read_text().splitlines()]
-    train_rows = {r["prompt"] + r["completion"] for r in rows if split_of(r, cfg.train.seed, [8, 1, 1]) == "train"}
+    train_rows = {
+        r["prompt"] + r["completion"] for r in rows if split_of(r, cfg.train.seed, [8, 1, 1]) == "train"
+    }
     assert {t.replace(tok.eos_token, "") for t in seen} == train_rows
 
 
