@@ -66,3 +66,54 @@ def test_pairs_are_encoded_in_bounded_chunks_and_skips_checked_on_the_split(tmp_
     cfg = _cfg(tmp_path, *over, "method.max_skip_fraction=0.05")
     with pytest.raises(DataError, match=r"24 of 400 preference rows are unusable.*pairs.jsonl:\d+"):
         pipeline.prepare_cached(cfg, dpo(cfg, tok), tok, tmp_path / "run2", True, quiet=True)
+
+
+def _lsh_reference(rows, threshold):
+    """The previous implementation's decisions: query a datasketch MinHashLSH of the kept rows."""
+    from datasketch import MinHash, MinHashLSH
+
+    from distft.data import clean as c
+
+    parts = [c.prompt_and_answer(r) for r in rows]
+    sigs = MinHash.bulk([c._shingles(p) for p, _ in parts], num_perm=c.NUM_PERM)
+    res = c.Cleaned([], None, {})
+    lsh = MinHashLSH(threshold=threshold, num_perm=c.NUM_PERM)
+    keep = []
+    for i, sig in enumerate(sigs):
+        match = [
+            j
+            for j in lsh.query(sig)
+            if c._NUMBER.findall("\n".join(parts[i])) == c._NUMBER.findall("\n".join(parts[j]))
+            and c.loose(parts[i][1]) == c.loose(parts[j][1])
+            and sig.jaccard(sigs[j]) >= threshold
+        ]
+        if not match:
+            lsh.insert(i, sig)
+            keep.append(i)
+    return keep, res
+
+
+def test_near_dedup_at_scale_decides_as_datasketch_lsh(monkeypatch):
+    import random
+
+    from distft.data import clean as c
+
+    monkeypatch.setattr(c, "SIG_CHUNK", 97)  # several chunks over two workers
+    rng = random.Random(5)
+    words = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "iota", "kappa"]
+    rows = []
+    for _ in range(600):
+        base = " ".join(rng.choice(words) for _ in range(12))
+        if rows and rng.random() < 0.4:  # a variant of an earlier row: one word changed or none
+            prev = rng.choice(rows)
+            toks = prev["prompt"].split()
+            toks[rng.randrange(len(toks))] = rng.choice(words)
+            base, answer = " ".join(toks), prev["completion"] if rng.random() < 0.8 else "other"
+        else:
+            answer = rng.choice(words)
+        rows.append({"prompt": base, "completion": answer})
+    for threshold in (0.85, 0.6):
+        res = c.Cleaned([], None, {})
+        keep = c.near_duplicates(rows, threshold, res, num_proc=2)
+        want, _ = _lsh_reference(rows, threshold)
+        assert keep == want and 0 < len(rows) - len(keep) == res.drops["near_duplicate"]["count"]
