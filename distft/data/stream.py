@@ -25,17 +25,20 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
 from distft.data import report as data_report
 from distft.data.clean import Cleaned, clean
+from distft.data.rows import Rows, token_table
 from distft.data.schemas import method_kind, prompt_and_answer, to_canonical
 from distft.data.stream_shards import BlockReader, Shard, begin, plan
 from distft.errors import ConfigError, DataError
 
 STREAM_EVAL = 1000  # val/test rows found by the start-up scan when data.max_eval_examples is 0
+SCAN_BLOCK = 1024  # rows a block of the start-up scan
 SAMPLE = 64  # train examples kept from the scan (mean length for MFU, a probe batch)
 SPLITS = ("train", "val", "test")
 
@@ -69,11 +72,18 @@ def split_of(row: dict, seed: int, ratios: list[float]) -> str:
     return "train" if u < ratios[0] else "val" if u < ratios[0] + ratios[1] else "test"
 
 
+def compact(examples: list[dict]):
+    """A block's examples in the Arrow tokens encoding (~4 bytes a token instead of three Python
+    int lists), decoded one at a time; as they are when they do not fit it."""
+    table = token_table(examples) if examples else None
+    return examples if table is None else Rows(Path("<stream block>"), "tokens", _table=table)
+
+
 @dataclass
 class Block:
     """One block of raw rows after the pipeline: train examples (shuffled), held-out rows."""
 
-    train: list[dict]
+    train: Sequence[dict]
     held_out: dict[str, list[dict]]
     cleaned: Cleaned
     bad: list[dict]
@@ -96,13 +106,13 @@ class Stream:
     kind: str | None = None
 
     @classmethod
-    def open(cls, cfg, method, tokenizer, lanes: int) -> Stream:
+    def open(cls, cfg, method, tokenizer, lanes: int, block: int | None = None) -> Stream:
         d = cfg.data
         embedded = None
         if not d.path:
             embedded = method.default_rows(cfg)
         shards = plan(list(d.path), len(embedded or []), lanes)
-        block = max(1, -(-d.stream_buffer // lanes))
+        block = block or max(1, -(-d.stream_buffer // lanes))
         declared = getattr(method, "data_schema", None)
         kind = declared if isinstance(declared, str) else method_kind(method, cfg)
         return cls(cfg, method, tokenizer, shards, lanes, block, BlockReader(embedded, d.bad_lines), kind)
@@ -126,7 +136,7 @@ class Stream:
             else ([], {})
         )
         random.Random(f"{cfg.train.seed}:{epoch}:{shard_id}:{pos}").shuffle(train)
-        return Block(train, {"val": parts["val"], "test": parts["test"]}, cleaned, bad, formats, end)
+        return Block(compact(train), {"val": parts["val"], "test": parts["test"]}, cleaned, bad, formats, end)
 
     def lane_shards(self, lane: int, epoch: int) -> list[int]:
         """The shards lane `lane` reads in `epoch` (a seeded deal of a permutation)."""
@@ -234,7 +244,7 @@ def prepare(cfg, method, tokenizer, output_dir: Path, is_main: bool, quiet: bool
     train stream once the global batch is known."""
     from distft.data.pipeline import PreparedData
 
-    stream = Stream.open(cfg, method, tokenizer, lanes=1)
+    stream = Stream.open(cfg, method, tokenizer, lanes=1, block=min(cfg.data.stream_buffer, SCAN_BLOCK))
     cap = cfg.data.max_eval_examples or STREAM_EVAL
     held, sample, tally = scan(stream, cap)
     if not sample:
