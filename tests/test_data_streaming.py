@@ -164,7 +164,8 @@ def test_streaming_run_resumed_on_one_rank_matches(tmp_path, files):
     train(full, *COMMON, paths, "train.micro_batch_size=4")  # 2 ranks × 4
     state = json.loads((full / "checkpoints" / "step_2" / "trainer_state.json").read_text())
     assert len(state["data_stream"]["lanes"]) == 8 and all(state["data_stream"]["lanes"])
-    assert json.loads((full / "data_report.json").read_text())["streaming"]["lanes"] == 1  # the scan's plan
+    report = json.loads((full / "data_report.json").read_text())
+    assert report["streaming"]["rows_scanned"] > 0 and report["splits"]["val"]["rows"] == 16
     # Resumed from step 2 into a new run dir, on 1 rank with the same global batch (1 × 8).
     resumed = tmp_path / "resumed"
     start = full / "checkpoints" / "step_2"

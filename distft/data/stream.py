@@ -229,11 +229,12 @@ def report(stream: Stream, held: dict, sample: list, tally: _Tally, encoded: dic
     )
     out["method_kind"] = stream.kind
     out["streaming"] = {
-        "shards": len(stream.shards),
-        "lanes": stream.lanes,
-        "block_rows": stream.block_rows,
         "rows_scanned": tally.rows,
-        "note": "counts are over the rows the start-up scan read for val/test; dedup runs within a block",
+        "stream_buffer": d.stream_buffer,
+        "note": (
+            "counts are over the rows the start-up scan read for val/test; the train stream has one lane "
+            "per example of the global batch; dedup runs within a block"
+        ),
     }
     return out
 
