@@ -117,39 +117,39 @@ def trl_prepare(data: Path, model: Path, work: Path, num_proc: int) -> dict:
     return out
 
 
-def distft_train(data: Path, model: Path, work: Path, prep_args: list[str]) -> dict:
-    run = work / "train_run"
+TWO_STEPS = [
+    "train.max_steps=2", "train.micro_batch_size=8", "train.eval_every=0", "train.eval_generate=false",
+    "eval.test=false", "train.export=none", "data.max_eval_examples=64", "train.progress=false",
+]  # fmt: skip
+
+
+def _two_steps(args: list[str], run: Path, work: Path, name: str) -> dict:
+    """2 ranks, 2 steps: time from launch to the first step's log line, each rank's peak RSS."""
     shutil.rmtree(run, ignore_errors=True)
-    args = [a for a in prep_args if not a.startswith("output_dir=")] + [
-        f"output_dir={run}", "train.max_steps=2", "train.micro_batch_size=8", "train.eval_every=0",
-        "train.eval_generate=false", "eval.test=false", "train.export=none", "data.max_eval_examples=64",
-        "train.progress=false",
-    ]  # fmt: skip
-    res = launch("distft.train", args, 2, work / "rss_train", work / "train.log")
+    work.mkdir(parents=True, exist_ok=True)
+    res = launch(
+        "distft.train",
+        [*args, f"output_dir={run}", *TWO_STEPS],
+        2,
+        work / f"rss_{name}",
+        work / f"{name}.log",
+    )
     first = metrics(run)[0]
     return {
         "first_step_s": round(first["time"] - res["t0"], 1),
         "rank_rss_gib": [round(x, 3) for x in res["rss_gib"]],
     }
+
+
+def distft_train(data: Path, model: Path, work: Path, prep_args: list[str]) -> dict:
+    args = [a for a in prep_args if not a.startswith("output_dir=")]
+    return _two_steps(args, work / "train_run", work, "train")
 
 
 def distft_stream(data: Path, model: Path, work: Path) -> dict:
-    """data.streaming=true: no preparation; 2 ranks, 2 steps straight from the JSONL."""
-    run = work / "stream_run"
-    shutil.rmtree(run, ignore_errors=True)
-    work.mkdir(parents=True, exist_ok=True)
-    args = [
-        "model=hf", f"model.name_or_path={model}", f"data.path=[{data}]", "data.max_length=512",
-        "data.streaming=true", f"output_dir={run}", "train.max_steps=2", "train.micro_batch_size=8",
-        "train.eval_every=0", "train.eval_generate=false", "eval.test=false", "train.export=none",
-        "data.max_eval_examples=64", "train.progress=false",
-    ]  # fmt: skip
-    res = launch("distft.train", args, 2, work / "rss_stream", work / "stream.log")
-    first = metrics(run)[0]
-    return {
-        "first_step_s": round(first["time"] - res["t0"], 1),
-        "rank_rss_gib": [round(x, 3) for x in res["rss_gib"]],
-    }
+    """data.streaming=true: no preparation, straight from the JSONL."""
+    args = ["model=hf", f"model.name_or_path={model}", f"data.path=[{data}]", "data.max_length=512"]
+    return _two_steps([*args, "data.streaming=true"], work / "stream_run", work, "stream")
 
 
 def main() -> None:
