@@ -11,6 +11,8 @@ tokenizer, data.max_length=512):
                    (dataset_num_proc = the same num_proc) into a fresh HF datasets cache
   distft training  2 ranks (torchrun), 2 steps on the warm cache: time from launch to the first
                    step's log line, and each rank's peak RSS
+  distft streaming the same 2-rank, 2-step run with data.streaming=true straight from the JSONL
+                   (no preparation): time to the first step, each rank's peak RSS
 Every process runs through bench/rss.py (its own peak RSS at exit). Timings on a shared machine
 are noisy: the load average is printed with each row.
 """
@@ -115,20 +117,39 @@ def trl_prepare(data: Path, model: Path, work: Path, num_proc: int) -> dict:
     return out
 
 
-def distft_train(data: Path, model: Path, work: Path, prep_args: list[str]) -> dict:
-    run = work / "train_run"
+TWO_STEPS = [
+    "train.max_steps=2", "train.micro_batch_size=8", "train.eval_every=0", "train.eval_generate=false",
+    "eval.test=false", "train.export=none", "data.max_eval_examples=64", "train.progress=false",
+]  # fmt: skip
+
+
+def _two_steps(args: list[str], run: Path, work: Path, name: str) -> dict:
+    """2 ranks, 2 steps: time from launch to the first step's log line, each rank's peak RSS."""
     shutil.rmtree(run, ignore_errors=True)
-    args = [a for a in prep_args if not a.startswith("output_dir=")] + [
-        f"output_dir={run}", "train.max_steps=2", "train.micro_batch_size=8", "train.eval_every=0",
-        "train.eval_generate=false", "eval.test=false", "train.export=none", "data.max_eval_examples=64",
-        "train.progress=false",
-    ]  # fmt: skip
-    res = launch("distft.train", args, 2, work / "rss_train", work / "train.log")
+    work.mkdir(parents=True, exist_ok=True)
+    res = launch(
+        "distft.train",
+        [*args, f"output_dir={run}", *TWO_STEPS],
+        2,
+        work / f"rss_{name}",
+        work / f"{name}.log",
+    )
     first = metrics(run)[0]
     return {
         "first_step_s": round(first["time"] - res["t0"], 1),
         "rank_rss_gib": [round(x, 3) for x in res["rss_gib"]],
     }
+
+
+def distft_train(data: Path, model: Path, work: Path, prep_args: list[str]) -> dict:
+    args = [a for a in prep_args if not a.startswith("output_dir=")]
+    return _two_steps(args, work / "train_run", work, "train")
+
+
+def distft_stream(data: Path, model: Path, work: Path) -> dict:
+    """data.streaming=true: no preparation, straight from the JSONL."""
+    args = ["model=hf", f"model.name_or_path={model}", f"data.path=[{data}]", "data.max_length=512"]
+    return _two_steps([*args, "data.streaming=true"], work / "stream_run", work, "stream")
 
 
 def main() -> None:
@@ -139,7 +160,7 @@ def main() -> None:
     ap.add_argument("--rows", type=int, nargs="+", default=[10_000, 100_000])
     ap.add_argument("--num-proc", type=int, default=2)
     ap.add_argument("--out", type=Path, default=Path("/tmp/distft_data_scale"))
-    ap.add_argument("--skip", nargs="*", default=[], choices=["clean", "raw", "trl", "train"])
+    ap.add_argument("--skip", nargs="*", default=[], choices=["clean", "raw", "trl", "train", "stream"])
     a = ap.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
     model = build_model_dir(a.out / "model")
@@ -160,6 +181,8 @@ def main() -> None:
             prep = row.get("distft_raw") or row.get("distft_clean")
             where = work / ("d_raw" if "distft_raw" in row else "d_clean")
             row["train"] = distft_train(data, model, where, prep["args"])
+        if "stream" not in a.skip:
+            row["stream"] = distft_stream(data, model, work / "stream")
         for k in ("distft_clean", "distft_raw"):
             row.get(k, {}).pop("args", None)
         row["load_after"] = round(load_average(), 1)

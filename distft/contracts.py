@@ -174,7 +174,7 @@ class MethodContext:
     """distft.data.pipeline.PreparedData: encoded train/val/test examples and held-out rows."""
     geometry: BatchGeometry
     sampler: Any
-    """distft.data.sampler.GlobalBatchSampler over the train split."""
+    """distft.data.sampler.GlobalBatchSampler over the train split (a StreamSampler with data.streaming)."""
     lr_at: Callable[[int], float]
     run_dir: Path
     model_path: str
@@ -191,8 +191,7 @@ class MethodContext:
     def rank_examples(self, step: int) -> list[list[dict]]:
         """This rank's micro-batches of the step's global batch (examples, not yet collated)."""
         g = self.geometry
-        shares = self.sampler.rank_micro_batches(step, self.info.rank, g.dp, g.accum)
-        return [[self.data.train[i] for i in ids] for ids in shares]
+        return self.sampler.rank_examples(step, self.info.rank, g.dp, g.accum, self.data.train)
 
 
 class Method:

@@ -244,6 +244,7 @@ def load_config(overrides: list[str]) -> tuple[RootConfig, DictConfig]:
 
 def validate(cfg: RootConfig) -> None:
     """Cross-field rules, checked before any process group exists."""
+    from distft.data.stream import check_config as check_streaming
     from distft.methods import METHODS
     from distft.strategies import STRATEGIES
     from distft.tuning import TUNINGS
@@ -275,6 +276,7 @@ def validate(cfg: RootConfig) -> None:
                 "Hugging Face model directory or a hub id like 'org/name'"
             )
     _validate_data_eval(cfg, METHODS[cfg.method.name])
+    check_streaming(cfg, METHODS[cfg.method.name])
     gpu = cfg.cluster.gpus_per_node > 0
     TUNINGS[cfg.tuning.name].validate(cfg)
     METHODS[cfg.method.name].validate(cfg)

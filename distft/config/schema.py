@@ -121,6 +121,15 @@ class DataConfig:
     group_by_length: bool = False
     """Without packing: put examples of similar length in the same micro-batches (less padding);
     the global batches still do not depend on the world size."""
+    streaming: bool = False
+    """Read, clean and tokenize the train rows while training (JSONL/Parquet files larger than memory
+    or disk; method=sft, needs train.max_steps): each rank reads only its share, the global batches
+    do not depend on the world size, and a resume continues at the stored shard positions. Dedup runs
+    within blocks, the split hashes each prompt; see distft/data/stream.py."""
+    stream_buffer: int = num(16384, ge=1)
+    """data.streaming: rows cleaned, deduplicated and shuffled together, over all the lanes of the
+    global batch (each lane reads blocks of stream_buffer / global batch rows); a rank holds about
+    stream_buffer / ranks examples."""
 
 
 @dataclass

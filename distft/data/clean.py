@@ -8,14 +8,16 @@ kept, so code survives), no trailing spaces on a line, at most one blank line in
 trimmed. The prompt keeps its end and the completion its start: that boundary is what the model
 learns (" Paris" after "Capital:" must stay " Paris").
 
-Near duplicates (datasketch MinHash + LSH over character 5-grams, default Jaccard ≥ 0.85 on the
-prompt) are removed only when the answers also match (equal ignoring case and punctuation, or
-near-equal for answers of 50+ characters) and every number in the rows is the same, so templated
-rows whose answers differ ("What is 3 times 4?" → 12, "What is 3 times 5?" → 15) all survive.
+Near duplicates (datasketch MinHash over character 5-grams, signatures computed by data.num_proc
+workers and banded as datasketch's LSH bands them, default Jaccard ≥ 0.85 on the prompt) are
+removed only when the answers also match (equal ignoring case and punctuation, or near-equal for
+answers of 50+ characters) and every number in the rows is the same, so templated rows whose
+answers differ ("What is 3 times 4?" → 12, "What is 3 times 5?" → 15) all survive.
 """
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 import unicodedata
@@ -211,7 +213,8 @@ def clean(
     if c.dedup:  # 4. exact duplicates (first occurrence wins)
         rows, lengths = _take(rows, lengths, _exact_duplicates(rows, res))
     if c.near_dedup and c.near_dedup_threshold > 0 and len(rows) > 1:  # 5. near duplicates
-        rows, lengths = _take(rows, lengths, near_duplicates(rows, c.near_dedup_threshold, res))
+        keep = near_duplicates(rows, c.near_dedup_threshold, res, getattr(c, "num_proc", 1))
+        rows, lengths = _take(rows, lengths, keep)
     res.conflicts = _conflicts(rows)
     res.rows, res.lengths = rows, lengths
     for reason in ("empty", "too_short", "too_long", "filtered", "exact_duplicate", "near_duplicate"):
@@ -309,12 +312,78 @@ def _shingles(text: str) -> list[bytes]:
     return list({t[i : i + SHINGLE].encode() for i in range(len(t) - SHINGLE + 1)})
 
 
-def near_duplicates(rows: list[dict], threshold: float, res: Cleaned) -> list[int]:
-    """Indices of rows to keep; later near-duplicates of an earlier kept row are dropped."""
-    from datasketch import MinHash, MinHashLSH
+@functools.lru_cache(maxsize=8)
+def lsh_params(threshold: float) -> tuple[int, int]:
+    """datasketch's optimal (bands, rows) for the threshold: a numerical integration of ~0.15 s,
+    done once per threshold, not once per index (streaming builds one index per block)."""
+    from datasketch.lsh import _optimal_param
+
+    return _optimal_param(threshold, NUM_PERM, 0.5, 0.5)
+
+
+SIG_CHUNK = 5000  # rows per MinHash task of a worker
+
+
+def _signatures(texts: list[str]):
+    import numpy as np
+    from datasketch import MinHash
+
+    sigs = MinHash.bulk([_shingles(t) for t in texts], num_perm=NUM_PERM)
+    return (
+        np.stack([m.hashvalues for m in sigs]).astype(np.uint32)
+        if sigs
+        else np.zeros((0, NUM_PERM), np.uint32)
+    )
+
+
+def signatures(texts: list[str], num_proc: int = 1):
+    """MinHash signatures (datasketch, 128 permutations) as one uint32 array [n, 128]: its hash
+    values are below 2**32, so this is exact and 4 bytes a value, computed in chunks by
+    `num_proc` forked workers."""
+    import multiprocessing as mp
+
+    import numpy as np
+
+    chunks = [texts[i : i + SIG_CHUNK] for i in range(0, len(texts), SIG_CHUNK)]
+    if num_proc <= 1 or len(chunks) <= 1:
+        parts = [_signatures(c) for c in chunks]
+    else:
+        with mp.get_context("fork").Pool(num_proc) as pool:
+            parts = pool.map(_signatures, chunks)
+    return np.concatenate(parts) if parts else np.zeros((0, NUM_PERM), np.uint32)
+
+
+def _band_candidates(sigs, bands: int, width: int) -> dict[int, set[int]]:
+    """For each row, the earlier rows that share at least one LSH band (datasketch's banding:
+    band k is permutations [k*width, (k+1)*width)). Buckets by a 64-bit hash of the band after a
+    sort, so memory is a few arrays of n, not an index of n x bands byte keys."""
+    import numpy as np
+
+    mult = np.arange(1, width + 1, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+    cands: dict[int, set[int]] = {}
+    for k in range(bands):
+        with np.errstate(over="ignore"):
+            h = (sigs[:, k * width : (k + 1) * width].astype(np.uint64) * mult).sum(axis=1)
+        order = np.argsort(h, kind="stable")  # equal hashes keep row order
+        hs = h[order]
+        starts = np.flatnonzero(np.r_[True, hs[1:] != hs[:-1]])
+        sizes = np.diff(np.r_[starts, len(hs)])
+        for a, size in zip(starts[sizes > 1], sizes[sizes > 1]):
+            group = order[a : a + size].tolist()
+            for m, i in enumerate(group[1:], 1):
+                cands.setdefault(i, set()).update(group[:m])
+    return cands
+
+
+def near_duplicates(rows: list[dict], threshold: float, res: Cleaned, num_proc: int = 1) -> list[int]:
+    """Indices of rows to keep; later near-duplicates of an earlier kept row are dropped. The
+    same decisions as querying a datasketch MinHashLSH of the kept rows row by row (a test checks
+    it), at a memory of ~4 x 128 bytes a row."""
+    from datasketch import MinHash
 
     parts = [prompt_and_answer(r) for r in rows]
-    sigs = MinHash.bulk([_shingles(p) for p, _ in parts], num_perm=NUM_PERM)
+    sigs = signatures([p for p, _ in parts], num_proc)
+    bands, width = lsh_params(threshold)
     numbers = [_NUMBER.findall(p + "\n" + a) for p, a in parts]
     answers = [loose(a) for _, a in parts]
     answer_sigs: dict[int, object] = {}
@@ -331,19 +400,22 @@ def near_duplicates(rows: list[dict], threshold: float, res: Cleaned) -> list[in
             return answer_sig(i).jaccard(answer_sig(j)) >= threshold
         return False
 
-    lsh = MinHashLSH(threshold=threshold, num_perm=NUM_PERM)
+    def near(i: int, j: int) -> bool:
+        a, b = sigs[i], sigs[j]
+        share = any(
+            (a[k * width : (k + 1) * width] == b[k * width : (k + 1) * width]).all() for k in range(bands)
+        )
+        return share and numbers[i] == numbers[j] and same_answer(i, j) and (a == b).mean() >= threshold
+
+    cands = _band_candidates(sigs, bands, width)
+    kept = [False] * len(rows)
     keep = []
-    for i, sig in enumerate(sigs):
-        match = [
-            j
-            for j in lsh.query(sig)
-            if numbers[i] == numbers[j] and same_answer(i, j) and sig.jaccard(sigs[j]) >= threshold
-        ]
+    for i in range(len(rows)):
+        match = [j for j in sorted(cands.get(i, ())) if kept[j] and near(i, j)]
         if match:
-            j = min(match)
-            res.drop("near_duplicate", rows[i], f"near {rows[j].get('_source', '?')}")
+            res.drop("near_duplicate", rows[i], f"near {rows[match[0]].get('_source', '?')}")
             continue
-        lsh.insert(i, sig)
+        kept[i] = True
         keep.append(i)
     return keep
 

@@ -1,23 +1,27 @@
 """Encode a split into an Arrow file in bounded memory, with data.num_proc worker processes.
 
-Row-wise encoders (the SFT kind: each row becomes one example, the stats are counts) run over
+Row-wise encoders (SFT, preference pairs, RL prompts, classification: `chunked`) run over
 chunks of CHUNK rows, in forked workers when data.num_proc > 1, and each chunk is written as soon
 as it is done, so the token lists of the split never exist at once. Packing then works on the
 lengths alone (`pack_bins`) and assembles sequences from the memory-mapped unpacked file. The
 result is the same as one `method.encode` call on the whole split (tests check it), whatever
-num_proc is. Other methods (whose encode looks at the whole split, e.g. a skip-fraction check)
+num_proc is. Skip limits (method.max_skip_fraction) are checked once on the whole split, from
+the chunks' merged counts. Other methods (KTO, whose encode pairs examples across the split)
 are encoded in one call, then written.
 """
 
 from __future__ import annotations
 
 import copy
+import math
 import multiprocessing as mp
 from collections.abc import Iterator
 from pathlib import Path
 
 from distft.data.collate import pack_bins
+from distft.data.preference import Skips
 from distft.data.rows import Rows, RowWriter, write_rows
+from distft.errors import DataError
 
 CHUNK = 2000
 _WORKER: dict = {}
@@ -52,27 +56,65 @@ def row_wise(method) -> bool:
     return getattr(method, "data_schema", None) == "sft"
 
 
+def chunked(method) -> bool:
+    """Encoders whose rows encode alone (SFT, preference pairs, RL prompts, classification): the
+    split's encoding is the concatenation of its chunks'. KTO pairs every example with another
+    of the split (its KL rows), so it is encoded in one call."""
+    return row_wise(method) or bool(getattr(method, "encode_chunks", False))
+
+
+def _merge(stats: dict, chunk: dict) -> None:
+    """Chunk stats into split stats: *_max by max, counts and per-reason dicts summed, lists joined."""
+    for k, v in chunk.items():
+        if isinstance(v, dict):
+            _merge(stats.setdefault(k, {}), v)
+        elif isinstance(v, list):
+            stats[k] = stats.get(k, []) + v
+        else:
+            stats[k] = max(stats.get(k, 0), v) if k.endswith("_max") else stats.get(k, 0) + v
+
+
+def _chunk_cfg(cfg, packing: bool):
+    """The config the chunks are encoded with: no packing (packed below on the lengths), and
+    skips checked on the whole split rather than per chunk."""
+    skip_check = hasattr(cfg.method, "max_skip_fraction")
+    if not (packing or skip_check):
+        return cfg
+    run_cfg = copy.deepcopy(cfg)
+    run_cfg.data.packing = False
+    if skip_check:
+        run_cfg.method.max_skip_fraction = math.inf
+    return run_cfg
+
+
 def encode_split(
     name: str, part: list[dict], train: bool, cfg, method, tokenizer, folder: Path
 ) -> tuple[Rows, dict]:
     """The split's examples in folder/<name>.arrow (memory-mapped) and the encoder's stats."""
     path = folder / f"{name}.arrow"
-    if not row_wise(method):
+    if not chunked(method):
         examples, stats = method.encode(part, tokenizer, cfg, train=train)
         return Rows(path, write_rows(path, examples)), stats
-    packing = train and cfg.data.packing
-    run_cfg = cfg
-    if packing:  # encode unpacked, pack on lengths below
-        run_cfg = copy.deepcopy(cfg)
-        run_cfg.data.packing = False
+    packing = train and cfg.data.packing and row_wise(method)
+    run_cfg = _chunk_cfg(cfg, packing)
     stats: dict = {}
     lengths: list[int] = []
     writer = RowWriter(folder / f"{name}.unpacked.arrow" if packing else path)
-    for examples, chunk_stats in _encoded(part, method, tokenizer, run_cfg, train, cfg.data.num_proc):
-        writer.add(examples)
-        lengths += [len(ex["input_ids"]) for ex in examples]
-        for k, v in chunk_stats.items():
-            stats[k] = max(stats.get(k, 0), v) if k.endswith("_max") else stats.get(k, 0) + v
+    try:
+        for examples, chunk_stats in _encoded(part, method, tokenizer, run_cfg, train, cfg.data.num_proc):
+            writer.add(examples)
+            lengths += [len(ex["input_ids"]) for ex in examples if "input_ids" in ex]
+            _merge(stats, chunk_stats)
+    except DataError:
+        if row_wise(method):
+            raise
+        # A check of one chunk (e.g. RL's "every prompt is too long") may not hold for the whole
+        # split: encode it in one call, which raises only when the split fails it.
+        writer.close()
+        examples, stats = method.encode(part, tokenizer, cfg, train=train)
+        return Rows(path, write_rows(path, examples)), stats
+    if "skipped_first" in stats:
+        Skips.of_split(stats, cfg.method.max_skip_fraction, "preference").check(len(part))
     rows = writer.close()
     ordered = sorted(lengths) or [0]
     if "tokens_p50" in stats:

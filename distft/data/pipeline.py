@@ -42,6 +42,9 @@ class PreparedData:
     report: dict = field(default_factory=dict)
     split_rows: dict = field(default_factory=dict)
     """Cleaned rows per split (written to data/*.jsonl of the cache entry; not loaded back)."""
+    stream: object = None
+    """data.streaming: opens the train stream for a number of lanes (distft.data.stream.Stream.open);
+    `train` is then a sample of it."""
 
     @property
     def metrics(self) -> dict[str, float]:
@@ -223,7 +226,11 @@ def prepare_cached(
     """Prepared data from the shared cache (data.cache_dir), prepared by rank 0 when missing.
 
     Other ranks wait for rank 0's pointer file in the run dir (no collective while it works), then
-    memory-map the same Arrow files."""
+    memory-map the same Arrow files. With data.streaming nothing is cached (distft/data/stream.py)."""
+    if cfg.data.streaming:
+        from distft.data import stream
+
+        return stream.prepare(cfg, method, tokenizer, output_dir, is_main, quiet)
     root, key = data_cache.cache_root(cfg.data), data_cache.cache_key(cfg, tokenizer)
     path = root / key
     marks = output_dir / "data_cache"

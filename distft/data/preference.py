@@ -16,6 +16,7 @@ message naming the first bad rows.
 
 from __future__ import annotations
 
+import math
 import random
 import string
 from collections import Counter
@@ -180,7 +181,7 @@ class Skips:
         return sum(self.counts.values())
 
     def check(self, rows: int) -> None:
-        if not self.total:
+        if not self.total or math.isinf(self.max_fraction):  # inf: the caller checks the whole split
             return
         if self.total > self.max_fraction * rows:
             raise DataError(
@@ -190,7 +191,15 @@ class Skips:
         print(f"distft: skipped {self.total} of {rows} rows: {dict(self.counts)}", flush=True)
 
     def report(self) -> dict:
-        return {"skipped": self.total, "skipped_by_reason": dict(self.counts)}
+        out = {"skipped": self.total, "skipped_by_reason": dict(self.counts)}
+        if math.isinf(self.max_fraction):  # a chunk of a split: its caller needs the first bad rows
+            out["skipped_first"] = list(self.first)
+        return out
+
+    @classmethod
+    def of_split(cls, stats: dict, max_fraction: float, what: str) -> Skips:
+        """The skips of a split encoded in chunks (each with max_fraction=inf), from merged stats."""
+        return cls(max_fraction, what, Counter(stats["skipped_by_reason"]), stats.pop("skipped_first")[:3])
 
 
 # ---------------------------------------------------------------------------- encode / collate
@@ -269,6 +278,8 @@ def collate_pairs(examples: list[dict], pad_id: int) -> dict:
 class PairRows:
     """What methods trained on prompt/chosen/rejected pairs share (`method=dpo`, `method=reward`):
     the embedded default pairs, encoding, collation. Needs `self.tokenizer`."""
+
+    encode_chunks = True  # each row encodes alone: a split may be encoded in chunks (distft/data/encode.py)
 
     @staticmethod
     def default_rows(cfg) -> list[dict]:

@@ -101,6 +101,9 @@ def table(report: dict) -> str:
     """Human-readable summary of a report (printed by distft-data and at the start of training)."""
     c = report["counts"]
     lines = ["", "distft data report"]
+    if report.get("streaming"):
+        scanned = report["streaming"]["rows_scanned"]
+        lines.append(f"  (data.streaming: the {scanned} rows scanned for val/test)")
     w = 34
 
     def row(name: str, value) -> None:

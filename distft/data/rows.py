@@ -35,7 +35,7 @@ TOKENS_SCHEMA = pa.schema(
 JSON_SCHEMA = pa.schema([("json", pa.large_string())])
 
 
-def _token_batch(rows: list[dict]) -> pa.Table | None:
+def token_table(rows: list[dict]) -> pa.Table | None:
     """The tokens encoding of a batch, or None when a row does not fit it exactly."""
     if not all(isinstance(r, dict) and tuple(r) == TOKEN_KEYS for r in rows):
         return None
@@ -97,7 +97,7 @@ class RowWriter:
             self._add(rows[i : i + BATCH])
 
     def _add(self, batch: list[dict]) -> None:
-        table = _token_batch(batch) if self.encoding in (None, "tokens") else None
+        table = token_table(batch) if self.encoding in (None, "tokens") else None
         if self._writer is None:
             self._open("tokens" if table is not None else "json")
         elif table is None and self.encoding == "tokens":  # switch: rewrite what is written as json

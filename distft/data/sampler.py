@@ -60,9 +60,34 @@ class GlobalBatchSampler:
             self._group_key = (epoch, g)
         return self._group[j]
 
+    def epoch(self, step: int) -> float:
+        return step / self.steps_per_epoch
+
+    def checkpoint_state(self) -> dict:
+        return {}  # the order is a function of the seed and the step
+
+    def rank_examples(self, step: int, rank: int, world: int, accum: int, train) -> list[list[dict]]:
+        return [[train[i] for i in ids] for ids in self.rank_micro_batches(step, rank, world, accum)]
+
     def rank_micro_batches(self, step: int, rank: int, world: int, accum: int) -> list[list[int]]:
         batch = self.global_indices(step)
         share = len(batch) // world
         mine = batch[rank * share : (rank + 1) * share]
         micro = share // accum
         return [mine[j * micro : (j + 1) * micro] for j in range(accum)]
+
+
+def make_sampler(cfg, data, global_batch: int, start_step: int, saved: dict):
+    """The run's sampler: over the prepared train split, or over the stream (data.streaming)
+    positioned where the checkpoint `saved` (its trainer_state) left it."""
+    if getattr(data, "stream", None) is not None:
+        from distft.data.stream_sampler import StreamSampler
+
+        if start_step and "data_stream" not in saved:
+            raise DataError(
+                "resume: the checkpoint has no data stream position (it was not written with "
+                "data.streaming=true); resume with data.streaming=false or start over (resume=never)"
+            )
+        return StreamSampler(data.stream, global_batch, start_step, saved.get("data_stream"))
+    lengths = data.train.lengths() if cfg.data.group_by_length else None  # data's Rows: no decode
+    return GlobalBatchSampler(len(data.train), global_batch, cfg.train.seed, lengths)

@@ -49,38 +49,52 @@ def _one_document(path: Path) -> str | None:
     return "a JSON array" if isinstance(data, list) else "one pretty-printed JSON value"
 
 
+def parse_line(
+    raw: bytes, path: Path, lineno: int, offset: int, where: str, bad: list[dict] | None
+) -> dict | None:
+    """One JSONL line as a row (tagged `_source`=where), None for a blank or (with `bad`) malformed
+    line, which is appended to `bad`; without `bad` a malformed line raises."""
+    line = _decode(raw, path, lineno, offset)
+    if not line.strip():
+        return None
+    try:
+        row = json.loads(line)
+        if not isinstance(row, dict):
+            raise ValueError(f"expected a JSON object, got {type(row).__name__}")
+    except (json.JSONDecodeError, ValueError) as e:
+        msg = f"malformed JSON ({e.msg} at column {e.colno})" if hasattr(e, "colno") else str(e)
+        if bad is None:
+            raise DataError(
+                f"{where}: {msg}; fix or remove that line (each line must be one JSON object)"
+            ) from None
+        bad.append({"where": where, "error": msg})
+        return None
+    row["_source"] = where
+    return row
+
+
 def read_jsonl(path: Path, bad: list[dict] | None = None) -> list[dict]:
     """Rows of a JSONL file. Malformed lines raise, or are appended to `bad` when it is given."""
     rows = []
     offset = 0
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
-            line = _decode(raw, path, lineno, offset)
-            offset += len(raw)
-            if not line.strip():
-                continue
             where = f"{path}:{lineno}"
             try:
-                row = json.loads(line)
-                if not isinstance(row, dict):
-                    raise ValueError(f"expected a JSON object, got {type(row).__name__}")
-            except (json.JSONDecodeError, ValueError) as e:
-                if not rows:  # the first line: maybe the whole file is one JSON document
-                    whole = _one_document(path)
-                    if whole:
-                        raise DataError(
-                            f"{path}: holds {whole}, not JSON Lines (one object per line); rename it to "
-                            f"{path.with_suffix('.json').name} or write one object per line"
-                        ) from None
-                msg = f"malformed JSON ({e.msg} at column {e.colno})" if hasattr(e, "colno") else str(e)
-                if bad is None:
+                row = parse_line(raw, path, lineno, offset, where, None if not rows else bad)
+            except DataError:
+                whole = _one_document(path) if not rows else None  # maybe the whole file is one document
+                if whole:
                     raise DataError(
-                        f"{where}: {msg}; fix or remove that line (each line must be one JSON object)"
+                        f"{path}: holds {whole}, not JSON Lines (one object per line); rename it to "
+                        f"{path.with_suffix('.json').name} or write one object per line"
                     ) from None
-                bad.append({"where": where, "error": msg})
-                continue
-            row["_source"] = where
-            rows.append(row)
+                if bad is None:
+                    raise
+                row = parse_line(raw, path, lineno, offset, where, bad)
+            offset += len(raw)
+            if row is not None:
+                rows.append(row)
     return rows
 
 

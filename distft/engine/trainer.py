@@ -17,7 +17,7 @@ from pathlib import Path
 
 from distft.contracts import Method, MethodContext, Strategy, Tuning
 from distft.data.pipeline import PreparedData, prepare_cached
-from distft.data.sampler import GlobalBatchSampler
+from distft.data.sampler import GlobalBatchSampler, make_sampler
 from distft.engine import build, checkpoint, fingerprint, finish, guard, run_info
 from distft.engine.evaluation import held_out_loss
 from distft.engine.metrics import MetricsLogger
@@ -103,8 +103,7 @@ class Trainer:
             strategy.write_config(run_dir)
 
         geometry = BatchGeometry.of(cfg, info)
-        lengths = data.train.lengths() if cfg.data.group_by_length else None  # data's Rows: no decode
-        sampler = GlobalBatchSampler(len(data.train), geometry.global_batch, cfg.train.seed, lengths)
+        sampler = make_sampler(cfg, data, geometry.global_batch, saved.get("step", 0), saved)
         t = cfg.train
         total = t.max_steps or max(1, math.ceil(t.epochs * sampler.steps_per_epoch))
         parts = (cfg, info, run_dir, tokenizer, method, tuning, strategy, data, geometry, sampler, total)
@@ -232,7 +231,7 @@ class Trainer:
             "mfu": self.perf.mfu(tokens_per_s) if self.perf else None,
             "mem_gib": peak_memory_gib(info.device),  # this rank's peak so far
             "time": time.time(),
-            "epoch": step / self.sampler.steps_per_epoch,
+            "epoch": self.sampler.epoch(step),
             "skipped_steps": self.bad_steps.skipped,
             **self.data.metrics,  # packing/efficiency
             **result.metrics,
@@ -285,6 +284,7 @@ class Trainer:
             "early_stopping": self.tracker.state(),
             "skipped_steps": self.bad_steps.skipped,
             "fingerprint": self.fingerprint,
+            **self.sampler.checkpoint_state(),  # data.streaming: every lane's position
         }
         extra = self.method.save_state  # state of extra models (a no-op for most methods)
         return self.ckpt.save(self.strategy, step, state, extra)

@@ -99,6 +99,7 @@ class Classify(Method):
     config = ClassifyConfig
     auto_class = _SequenceClassificationAuto()
     data_schema = "classification"  # the rows it trains on: {"text", "label"}
+    encode_chunks = True  # each row encodes alone (distft/data/encode.py encodes in chunks)
     eval_metrics = CLASSIFICATION_METRICS
 
     def __init__(self, cfg, tokenizer):

@@ -15,6 +15,7 @@ from distft.methods.rl.rewards import RewardScorer
 
 class PromptMethod(Method):
     auto_class = None  # AutoModelForCausalLM
+    encode_chunks = True  # each prompt encodes alone (distft/data/encode.py encodes in chunks)
 
     def __init__(self, cfg, tokenizer):
         super().__init__(cfg, tokenizer)
