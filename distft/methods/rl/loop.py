@@ -3,12 +3,13 @@ forwards in micro-batches, the reward-failure budget, and metric reduction over 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from distft.contracts import MethodContext
 from distft.errors import ConfigError, DistftError
+from distft.methods.rl.env import run_episodes
 from distft.methods.rl.rewards import RewardScorer, Scores
 from distft.methods.rl.rollout import Rollouts, generate_rollouts, token_logprobs
 from distft.runtime import dist
@@ -21,6 +22,8 @@ class Batch:
     scores: Scores
     micro: int
     """Rollouts per micro-batch (the optimizer step runs train.grad_accum of them)."""
+    stats: dict = field(default_factory=dict)
+    """Extra (sum, count) metrics of the rollouts (multi-turn environments: env/*)."""
 
 
 def step_examples(ctx: MethodContext, step: int) -> tuple[list[dict], int]:
@@ -37,6 +40,13 @@ def rollout_batch(
     prompts = [e["prompt"] for e in examples for _ in range(copies)]
     prompt_ids = [e["prompt_ids"] for e in examples for _ in range(copies)]
     columns = [e["columns"] for e in examples for _ in range(copies)]
+    if ctx.cfg.method.env:
+        ep = run_episodes(st.module, ctx.tokenizer, columns, ctx.cfg, info.device, st.sharded_params)
+        roll = ep.rollouts
+        scores = scorer(
+            roll.prompts, roll.completions, roll.completion_ids, roll.stopped, columns, ep.rewards
+        )
+        return Batch(roll, scores, micro * copies, ep.stats)
     roll = generate_rollouts(
         st.module, ctx.tokenizer, prompts, prompt_ids, ctx.cfg, info.device, st.sharded_params
     )
@@ -138,3 +148,5 @@ def rollout_metrics(sums: Sums, batch: Batch, kl_seq: torch.Tensor) -> None:
     lengths = torch.tensor([len(c) for c in roll.completion_ids], dtype=torch.float64)
     sums.add("completion_length", lengths.sum(), len(lengths))
     sums.add("stopped", sum(roll.stopped), len(roll.stopped))
+    for name, (total, count) in batch.stats.items():
+        sums.add(name, total, count)

@@ -127,7 +127,8 @@ class RewardScorer:
             model, self.rm_tokenizer = load_reward_model(cfg.method.reward_model, cfg)
             self.reward_model = place(model) if place is not None else model.eval().to(device)
 
-    def __call__(self, prompts, completions, completion_ids, stopped, rows) -> Scores:
+    def __call__(self, prompts, completions, completion_ids, stopped, rows, env_rewards=None) -> Scores:
+        """`env_rewards`: a multi-turn environment's reward per rollout (method.env), added as `env`."""
         n = len(completions)
         columns: dict[str, list] = {}
         for key in sorted({k for r in rows for k in r if not k.startswith("_")}):
@@ -141,6 +142,11 @@ class RewardScorer:
             per_func[rf.name] = values
             valid &= torch.isfinite(values)
             total += rf.weight * torch.nan_to_num(values, nan=0.0, posinf=0.0, neginf=0.0)
+        if env_rewards is not None:
+            values = env_rewards.to(torch.float64)
+            per_func["env"] = values
+            valid &= torch.isfinite(values)
+            total += torch.nan_to_num(values, nan=0.0, posinf=0.0, neginf=0.0)
         if self.reward_model is not None:
             values = self.score_with_model(prompts, completions)
             per_func["reward_model"] = values
