@@ -215,7 +215,8 @@ def test_calculator_policy_learns_to_call_its_tool(tmp_path):
     rewards = [r["reward"] for r in rows]
     last_calls, last_reward = sum(calls[-3:]) / 3, sum(rewards[-3:]) / 3
     print(
-        f"calculator env: tool calls {calls[0]:.3f} -> {last_calls:.3f}, reward {rewards[0]:.3f} -> {last_reward:.3f}"
+        f"calculator env: tool calls {calls[0]:.3f} -> {last_calls:.3f}, "
+        f"reward {rewards[0]:.3f} -> {last_reward:.3f}"
     )
     assert last_calls >= calls[0] + 0.25, calls
     assert last_reward >= 1.1 * rewards[0], rewards

@@ -55,6 +55,11 @@ class RLConfig:
     masked out of the loss; the environment's rewards are added to the score (GRPO/RLOO)."""
     max_turns: int = num(1, ge=1)
     """Policy turns per episode with method.env (each up to max_new_tokens tokens)."""
+    async_steps: int = num(0, ge=0)
+    """Generate the rollouts of the next N steps while the current step trains (GRPO/RLOO; a
+    background thread with a snapshot of the policy; unsharded strategies). Rollouts are at most
+    N updates old (logged as staleness) and the update's ratio is against the generating policy's
+    log-probs. 0: the synchronous loop."""
 
 
 def validate_rl(cfg) -> None:
@@ -78,6 +83,8 @@ def validate_rl(cfg) -> None:
     from distft.methods.rl.env import validate_env
 
     validate_env(cfg)
+    if getattr(m, "async_steps", 0) and m.name != "grpo":
+        raise ConfigError(f"method.async_steps={m.async_steps} works with method=grpo; set it to 0")
     if not m.reward_funcs and not m.reward_model and not m.env:
         raise ConfigError(
             "no reward: set method.reward_funcs (e.g. [{_target_: distft.methods.rl.rewards.char_match}]) "

@@ -23,7 +23,10 @@ class Batch:
     micro: int
     """Rollouts per micro-batch (the optimizer step runs train.grad_accum of them)."""
     stats: dict = field(default_factory=dict)
-    """Extra (sum, count) metrics of the rollouts (multi-turn environments: env/*)."""
+    """Extra (sum, count) metrics of the rollouts (env/* of multi-turn environments, staleness)."""
+    behaviour_logprobs: torch.Tensor | None = None
+    """Token log-probs of the policy that generated the rollouts when it lags the trained one
+    (method.async_steps > 0): the update's importance-ratio denominator."""
 
 
 def step_examples(ctx: MethodContext, step: int) -> tuple[list[dict], int]:
@@ -32,23 +35,38 @@ def step_examples(ctx: MethodContext, step: int) -> tuple[list[dict], int]:
     return [e for share in shares for e in share], len(shares[0])
 
 
+def step_batch(owner, ctx: MethodContext, step: int, copies: int) -> Batch:
+    """The step's rollouts: generated now (method.async_steps=0, the synchronous loop), or taken
+    from the asynchronous generator that `owner` (the method) holds."""
+    if not getattr(ctx.cfg.method, "async_steps", 0):
+        examples, micro = step_examples(ctx, step)
+        return rollout_batch(ctx, owner.scorer, examples, copies=copies, micro=micro)
+    if getattr(owner, "async_rollouts", None) is None:
+        from distft.methods.rl.async_rollouts import AsyncRollouts
+
+        owner.async_rollouts = AsyncRollouts(ctx, owner.scorer, copies)
+    return owner.async_rollouts.take(step)
+
+
 def rollout_batch(
-    ctx: MethodContext, scorer: RewardScorer, examples: list[dict], copies: int, micro: int
+    ctx: MethodContext, scorer: RewardScorer, examples: list[dict], copies: int, micro: int, model=None
 ) -> Batch:
-    """`copies` sampled completions per prompt (grouped), scored."""
+    """`copies` sampled completions per prompt (grouped), scored; sampled from `model` (default:
+    the policy)."""
     info, st = ctx.info, ctx.strategy
+    model = st.module if model is None else model
     prompts = [e["prompt"] for e in examples for _ in range(copies)]
     prompt_ids = [e["prompt_ids"] for e in examples for _ in range(copies)]
     columns = [e["columns"] for e in examples for _ in range(copies)]
     if ctx.cfg.method.env:
-        ep = run_episodes(st.module, ctx.tokenizer, columns, ctx.cfg, info.device, st.sharded_params)
+        ep = run_episodes(model, ctx.tokenizer, columns, ctx.cfg, info.device, st.sharded_params)
         roll = ep.rollouts
         scores = scorer(
             roll.prompts, roll.completions, roll.completion_ids, roll.stopped, columns, ep.rewards
         )
         return Batch(roll, scores, micro * copies, ep.stats)
     roll = generate_rollouts(
-        st.module, ctx.tokenizer, prompts, prompt_ids, ctx.cfg, info.device, st.sharded_params
+        model, ctx.tokenizer, prompts, prompt_ids, ctx.cfg, info.device, st.sharded_params
     )
     scores = scorer(roll.prompts, roll.completions, roll.completion_ids, roll.stopped, columns)
     return Batch(roll, scores, micro * copies)
