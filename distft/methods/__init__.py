@@ -4,6 +4,7 @@ branches on the method. RL building blocks shared by PPO and GRPO live in `distf
 
 from distft.contracts import Method
 from distft.methods.classify import Classify
+from distft.methods.distill import Distill
 from distft.methods.dpo import DPO
 from distft.methods.grpo import GRPO
 from distft.methods.kto import KTO
@@ -19,4 +20,5 @@ METHODS: dict[str, type[Method]] = {
     "ppo": PPO,
     "grpo": GRPO,
     "classify": Classify,
+    "distill": Distill,
 }
