@@ -222,3 +222,47 @@ def test_calculator_policy_learns_to_call_its_tool(tmp_path):
     assert last_reward >= 1.1 * rewards[0], rewards
     assert all(r["rewards/env"] == pytest.approx(r["reward"]) for r in rows)  # the env's reward only
     assert all(r["env/turns"] <= 3 and r["env/tool_failures"] >= 0 for r in rows)
+
+
+# ---------------------------------------------------------------------- asynchronous rollouts
+# method.async_steps=0 is the synchronous loop exactly: these are the losses of this config before
+# environments and asynchronous rollouts existed (commit 08acde8), bit for bit.
+SYNC = [
+    "method=grpo",
+    "method.sft_warmup_steps=5",
+    "train.max_steps=3",
+    "train.micro_batch_size=4",
+    "method.mini_batches=2",
+    "train.eval_generate=false",
+    "method.max_new_tokens=6",
+]
+SYNC_LOSSES = [0.08509125788724446, 0.1930733439084646, 0.2945561193757587]
+
+
+@pytest.mark.slow
+def test_async_steps_0_is_the_synchronous_loop_bit_for_bit(tmp_path):
+    train(tmp_path / "sync", *SYNC, "method.async_steps=0", plain=True)
+    rows = [r for r in metrics(tmp_path / "sync") if "loss" in r]
+    assert [r["loss"] for r in rows] == SYNC_LOSSES
+    assert all("staleness" not in r for r in rows)
+
+
+@pytest.mark.slow
+def test_async_rollouts_learn_with_bounded_staleness(tmp_path):
+    """The calculator demo with method.async_steps=1: the next step's episodes are generated while
+    this step trains; staleness is 0 on the first step and 1 after; the policy still learns."""
+    run = tmp_path / "async"
+    train(run, *CALC, *CALC_RUN, "method.async_steps=1", plain=True)
+    rows = [r for r in metrics(run) if "reward" in r]
+    assert [r["staleness"] for r in rows] == [0.0] + [1.0] * (CALC_STEPS - 1)
+    calls = [r["env/tool_calls"] for r in rows]
+    rewards = [r["reward"] for r in rows]
+    last_calls, last_reward = sum(calls[-3:]) / 3, sum(rewards[-3:]) / 3
+    print(
+        f"calculator env, async_steps=1: tool calls {calls[0]:.3f} -> {last_calls:.3f}, "
+        f"reward {rewards[0]:.3f} -> {last_reward:.3f}"
+    )
+    assert last_calls >= calls[0] + 0.25, calls
+    assert last_reward >= 1.1 * rewards[0], rewards
+    with pytest.raises(ConfigError, match=r"method.async_steps=1 works with method=grpo"):
+        load_config(["method=ppo", "method.async_steps=1"])
