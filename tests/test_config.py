@@ -12,7 +12,10 @@ from tests.util import train
 pytestmark = pytest.mark.quick
 
 GROUPS = ["model", "tuning", "method", "strategy", "cluster", "data", "logger"]
-NEEDS = {("model", "hf"): ["model.name_or_path=org/some-model"]}
+NEEDS = {
+    ("model", "hf"): ["model.name_or_path=org/some-model"],
+    ("method", "distill"): ["method.teacher=org/some-teacher"],
+}
 
 
 def _options(group: str) -> list[str]:

@@ -20,6 +20,7 @@ _WHERE = {
     "ppo": "distft.methods.ppo:PPO",
     "grpo": "distft.methods.grpo:GRPO",
     "classify": "distft.methods.classify:Classify",
+    "distill": "distft.methods.distill:Distill",
 }
 
 

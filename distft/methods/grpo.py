@@ -63,8 +63,7 @@ class GRPO(PromptMethod):
     # ------------------------------------------------------------------ step
     def train_step(self, ctx, step: int) -> StepResult:
         m, dev, st = self.cfg.method, ctx.info.device, ctx.strategy
-        examples, micro = loop.step_examples(ctx, step)
-        batch = loop.rollout_batch(ctx, self.scorer, examples, copies=m.num_generations, micro=micro)
+        batch = loop.step_batch(self, ctx, step, copies=m.num_generations)  # rlenv: sync or async
         roll, scores = batch.rollouts, batch.scores
         skipped = self.failures.add(self.scorer, scores.failures, dev)
         mask = roll.mask * scores.valid.float()[:, None]  # a failed reward: no update from it
@@ -73,9 +72,9 @@ class GRPO(PromptMethod):
         # With one update per batch, π_old is the policy of that update: its log-probs are the
         # detached ones of the update's own forward (no extra pass).
         single = m.epochs == 1 and m.mini_batches == 1
-        old_lp = (
-            None if single else loop.forward_logprobs(st.model, st, roll, batch.micro, m.temperature, dev)
-        )
+        old_lp = batch.behaviour_logprobs  # rlenv: async rollouts, the ratio is against their sampler
+        if old_lp is None and not single:
+            old_lp = loop.forward_logprobs(st.model, st, roll, batch.micro, m.temperature, dev)
         ref_lp = self.reference_logprobs(st, roll, batch.micro) if m.beta > 0 else None
         # Σ_t log π_old/π_ref per rollout: the policy that sampled it against the reference.
         kl_seq = torch.zeros(len(roll), dtype=torch.float64)

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from distft.errors import ConfigError
+from distft.ranges import num
 
 DEFAULT_REWARD = [{"_target_": "distft.methods.rl.rewards.char_match", "weight": 1.0}]
 
@@ -47,6 +48,18 @@ class RLConfig:
     max_reward_failures: int = 16
     """Rollouts whose reward raised or was not finite that may be skipped (counted, logged) over
     the whole run before training stops with an error."""
+    # --- rlenv: multi-turn environments, reward servers, asynchronous rollouts
+    env: dict[str, Any] | None = None
+    """Multi-turn environment: {_target_: dotted.path.to.Environment class, **kwargs}, one instance
+    per episode (distft.methods.rl.env). Tool results and other observations are appended as tokens
+    masked out of the loss; the environment's rewards are added to the score (GRPO/RLOO)."""
+    max_turns: int = num(1, ge=1)
+    """Policy turns per episode with method.env (each up to max_new_tokens tokens)."""
+    async_steps: int = num(0, ge=0)
+    """Generate the rollouts of the next N steps while the current step trains (GRPO/RLOO; a
+    background thread with a snapshot of the policy; unsharded strategies). Rollouts are at most
+    N updates old (logged as staleness) and the update's ratio is against the generating policy's
+    log-probs. 0: the synchronous loop."""
 
 
 def validate_rl(cfg) -> None:
@@ -67,7 +80,12 @@ def validate_rl(cfg) -> None:
         raise ConfigError(f"method.clip_range must be in (0, 1) (got {m.clip_range})")
     if m.sft_warmup_steps < 0 or m.max_reward_failures < 0:
         raise ConfigError("method.sft_warmup_steps and method.max_reward_failures must be >= 0")
-    if not m.reward_funcs and not m.reward_model:
+    from distft.methods.rl.env import validate_env
+
+    validate_env(cfg)
+    if getattr(m, "async_steps", 0) and m.name != "grpo":
+        raise ConfigError(f"method.async_steps={m.async_steps} works with method=grpo; set it to 0")
+    if not m.reward_funcs and not m.reward_model and not m.env:
         raise ConfigError(
             "no reward: set method.reward_funcs (e.g. [{_target_: distft.methods.rl.rewards.char_match}]) "
             "and/or method.reward_model (a method=reward export)"

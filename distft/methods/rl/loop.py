@@ -3,12 +3,13 @@ forwards in micro-batches, the reward-failure budget, and metric reduction over 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from distft.contracts import MethodContext
 from distft.errors import ConfigError, DistftError
+from distft.methods.rl.env import run_episodes
 from distft.methods.rl.rewards import RewardScorer, Scores
 from distft.methods.rl.rollout import Rollouts, generate_rollouts, token_logprobs
 from distft.runtime import dist
@@ -21,6 +22,11 @@ class Batch:
     scores: Scores
     micro: int
     """Rollouts per micro-batch (the optimizer step runs train.grad_accum of them)."""
+    stats: dict = field(default_factory=dict)
+    """Extra (sum, count) metrics of the rollouts (env/* of multi-turn environments, staleness)."""
+    behaviour_logprobs: torch.Tensor | None = None
+    """Token log-probs of the policy that generated the rollouts when it lags the trained one
+    (method.async_steps > 0): the update's importance-ratio denominator."""
 
 
 def step_examples(ctx: MethodContext, step: int) -> tuple[list[dict], int]:
@@ -29,16 +35,38 @@ def step_examples(ctx: MethodContext, step: int) -> tuple[list[dict], int]:
     return [e for share in shares for e in share], len(shares[0])
 
 
+def step_batch(owner, ctx: MethodContext, step: int, copies: int) -> Batch:
+    """The step's rollouts: generated now (method.async_steps=0, the synchronous loop), or taken
+    from the asynchronous generator that `owner` (the method) holds."""
+    if not getattr(ctx.cfg.method, "async_steps", 0):
+        examples, micro = step_examples(ctx, step)
+        return rollout_batch(ctx, owner.scorer, examples, copies=copies, micro=micro)
+    if getattr(owner, "async_rollouts", None) is None:
+        from distft.methods.rl.async_rollouts import AsyncRollouts
+
+        owner.async_rollouts = AsyncRollouts(ctx, owner.scorer, copies)
+    return owner.async_rollouts.take(step)
+
+
 def rollout_batch(
-    ctx: MethodContext, scorer: RewardScorer, examples: list[dict], copies: int, micro: int
+    ctx: MethodContext, scorer: RewardScorer, examples: list[dict], copies: int, micro: int, model=None
 ) -> Batch:
-    """`copies` sampled completions per prompt (grouped), scored."""
+    """`copies` sampled completions per prompt (grouped), scored; sampled from `model` (default:
+    the policy)."""
     info, st = ctx.info, ctx.strategy
+    model = st.module if model is None else model
     prompts = [e["prompt"] for e in examples for _ in range(copies)]
     prompt_ids = [e["prompt_ids"] for e in examples for _ in range(copies)]
     columns = [e["columns"] for e in examples for _ in range(copies)]
+    if ctx.cfg.method.env:
+        ep = run_episodes(model, ctx.tokenizer, columns, ctx.cfg, info.device, st.sharded_params)
+        roll = ep.rollouts
+        scores = scorer(
+            roll.prompts, roll.completions, roll.completion_ids, roll.stopped, columns, ep.rewards
+        )
+        return Batch(roll, scores, micro * copies, ep.stats)
     roll = generate_rollouts(
-        st.module, ctx.tokenizer, prompts, prompt_ids, ctx.cfg, info.device, st.sharded_params
+        model, ctx.tokenizer, prompts, prompt_ids, ctx.cfg, info.device, st.sharded_params
     )
     scores = scorer(roll.prompts, roll.completions, roll.completion_ids, roll.stopped, columns)
     return Batch(roll, scores, micro * copies)
@@ -138,3 +166,5 @@ def rollout_metrics(sums: Sums, batch: Batch, kl_seq: torch.Tensor) -> None:
     lengths = torch.tensor([len(c) for c in roll.completion_ids], dtype=torch.float64)
     sums.add("completion_length", lengths.sum(), len(lengths))
     sums.add("stopped", sum(roll.stopped), len(roll.stopped))
+    for name, (total, count) in batch.stats.items():
+        sums.add(name, total, count)

@@ -20,11 +20,10 @@ import torch
 
 from distft.contracts import MethodContext
 from distft.data.collate import as_row, pad_batch
-from distft.data.default_tasks import sft_rows
 from distft.data.sampler import GlobalBatchSampler
 from distft.data.sft_format import tokenize_sft
 from distft.dtypes import PRECISION_DTYPES
-from distft.methods.rl.prompts import reference_nll
+from distft.methods.rl.prompts import reference_nll, warmup_rows
 from distft.runtime import dist
 from distft.strategies import STRATEGIES
 
@@ -56,7 +55,7 @@ def sft_warmup(ctx: MethodContext) -> None:
     m = cfg.method
     # Its own batch size (not train.micro_batch_size): the warm start is the same on any world size.
     global_batch = g.round_down(m.sft_warmup_batch)
-    rows = sft_rows(m.sft_warmup_steps * global_batch, seed=WARMUP_SEED)
+    rows = warmup_rows(cfg, m.sft_warmup_steps * global_batch, WARMUP_SEED)  # rlenv: env demos
     examples = [as_row(tokenize_sft(r, tok, cfg.data.max_length, False)) for r in rows]
     sampler = GlobalBatchSampler(len(examples), global_batch, cfg.train.seed)
     first = last = float("nan")

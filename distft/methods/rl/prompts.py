@@ -22,10 +22,26 @@ PROMPT_SEED = 7  # the default prompts differ from the default SFT job's example
 
 
 def default_rows(cfg) -> list[dict]:
+    from distft.methods.rl.env import env_class
+
+    env = env_class(cfg)
+    if env is not None and hasattr(env, "default_rows"):  # the environment's own task
+        return env.default_rows(cfg.method.num_prompts, PROMPT_SEED)
     rows = sft_rows(cfg.method.num_prompts, seed=PROMPT_SEED)
     for i, row in enumerate(rows):
         row["_source"] = f"<default {cfg.method.name} prompts>:{i + 1}"
     return rows
+
+
+def warmup_rows(cfg, n: int, seed: int) -> list[dict]:
+    """Rows of the SFT warm-up: the environment's demonstrations when it has them, else the
+    default task's."""
+    from distft.methods.rl.env import env_class
+
+    env = env_class(cfg)
+    if env is not None and hasattr(env, "warmup_rows"):
+        return env.warmup_rows(n, seed)
+    return sft_rows(n, seed=seed)
 
 
 def prompt_of(row: dict, tokenizer) -> str:
@@ -108,6 +124,7 @@ def evaluate(model, tokenizer, scorer, rows: list[dict], cfg, info, sharded: boo
     """On held-out prompts, sharded over ranks: `reward`, the mean reward of completions sampled as
     in training (what RL maximizes; a fixed seed, so evals compare, and the training RNG stream is
     left as it was), and `reward_greedy` / `exact_match` of greedy completions."""
+    from distft.methods.rl.env import run_episodes
     from distft.methods.rl.rollout import generate_rollouts
 
     rows = rows[: cfg.data.max_eval_generations]
@@ -123,8 +140,17 @@ def evaluate(model, tokenizer, scorer, rows: list[dict], cfg, info, sharded: boo
     for greedy in (False, True):
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(cfg.train.seed + info.rank)
-            roll = generate_rollouts(model, tokenizer, prompts, ids, cfg, info.device, sharded, greedy=greedy)
-        scores = scorer(roll.prompts, roll.completions, roll.completion_ids, roll.stopped, columns)
+            if cfg.method.env:
+                ep = run_episodes(model, tokenizer, columns, cfg, info.device, sharded, greedy=greedy)
+                roll, env_rewards = ep.rollouts, ep.rewards
+            else:
+                roll = generate_rollouts(
+                    model, tokenizer, prompts, ids, cfg, info.device, sharded, greedy=greedy
+                )
+                env_rewards = None
+        scores = scorer(
+            roll.prompts, roll.completions, roll.completion_ids, roll.stopped, columns, env_rewards
+        )
         sums += [weight * float(scores.valid.sum()), weight * float(scores.total.sum())]
     refs = [(i, reference_answer(r)) for i, r in enumerate(mine) if has_reference(r)]
     hits = sum(roll.completions[i].strip() == str(a).strip() for i, a in refs)  # greedy

@@ -127,7 +127,8 @@ class RewardScorer:
             model, self.rm_tokenizer = load_reward_model(cfg.method.reward_model, cfg)
             self.reward_model = place(model) if place is not None else model.eval().to(device)
 
-    def __call__(self, prompts, completions, completion_ids, stopped, rows) -> Scores:
+    def __call__(self, prompts, completions, completion_ids, stopped, rows, env_rewards=None) -> Scores:
+        """`env_rewards`: a multi-turn environment's reward per rollout (method.env), added as `env`."""
         n = len(completions)
         columns: dict[str, list] = {}
         for key in sorted({k for r in rows for k in r if not k.startswith("_")}):
@@ -141,6 +142,11 @@ class RewardScorer:
             per_func[rf.name] = values
             valid &= torch.isfinite(values)
             total += rf.weight * torch.nan_to_num(values, nan=0.0, posinf=0.0, neginf=0.0)
+        if env_rewards is not None:
+            values = env_rewards.to(torch.float64)
+            per_func["env"] = values
+            valid &= torch.isfinite(values)
+            total += torch.nan_to_num(values, nan=0.0, posinf=0.0, neginf=0.0)
         if self.reward_model is not None:
             values = self.score_with_model(prompts, completions)
             per_func["reward_model"] = values
@@ -153,6 +159,9 @@ class RewardScorer:
         """Rewards of one function; on an exception, retry row by row to isolate the bad rows."""
         try:
             return self._as_tensor(rf, rf.fn(prompts=prompts, completions=completions, **kwargs), n)
+        except RewardUnavailable as e:  # a server that failed its retries: no row-by-row retry
+            self._warn(rf.name, e)
+            return self._as_tensor(rf, e.values, n)
         except Exception as e:  # a user function: any error is isolated, not fatal at once
             self._warn(rf.name, e)
         out = torch.full((n,), float("nan"), dtype=torch.float64)
@@ -194,6 +203,83 @@ class RewardScorer:
             tok.padding_side = side
         logits = self.reward_model(**enc).logits.float()
         return logits[:, 0].double().cpu()
+
+
+class RewardUnavailable(RuntimeError):
+    """A reward source failed for some rows after its retries; `values` holds the others (NaN
+    where it failed), so only the failed rows are skipped and counted."""
+
+    def __init__(self, message: str, values: list[float]):
+        super().__init__(message)
+        self.values = values
+
+
+def http_reward(
+    prompts: list[str],
+    completions: list[str],
+    url: str,
+    batch_size: int = 64,
+    timeout: float = 30.0,
+    retries: int = 2,
+    backoff: float = 0.5,
+    workers: int = 4,
+    **columns,
+) -> list[float | None]:
+    """A reward server (a verifier, a sandbox, an LLM judge) behind an HTTP endpoint.
+
+    Rows go in batches of `batch_size` (up to `workers` requests in flight) as a JSON POST
+    `{"prompts": [...], "completions": [...], <column>: [...]}` (row columns, `stopped`,
+    `completion_ids`); the answer is `{"rewards": [float | null, ...]}`, one per row. Each
+    request has `timeout` seconds and `retries` more tries (after `backoff` × 2^k seconds) on a
+    connection error, a timeout, a 5xx or 429 status, or a malformed answer. Batches that still
+    fail are skipped rows, counted against method.max_reward_failures."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    rows = {"prompts": list(prompts), "completions": list(completions)}
+    rows.update({k: list(v) for k, v in columns.items()})
+    n = len(completions)
+    spans = [(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
+    with ThreadPoolExecutor(max(1, min(workers, len(spans)))) as pool:
+        results = list(pool.map(lambda ab: _post_batch(url, rows, *ab, timeout, retries, backoff), spans))
+    values: list[float | None] = []
+    errors = []
+    for (a, b), (vals, err) in zip(spans, results):
+        values += vals if vals is not None else [float("nan")] * (b - a)
+        if err:
+            errors.append(err)
+    if errors:
+        raise RewardUnavailable(f"{url}: {len(errors)} of {len(spans)} requests failed ({errors[0]})", values)
+    return values
+
+
+def _post_batch(url, rows, a, b, timeout, retries, backoff) -> tuple[list | None, str | None]:
+    import json
+    import time
+    import urllib.error
+    import urllib.request
+
+    body = json.dumps({k: v[a:b] for k, v in rows.items()}).encode()
+    error = None
+    for attempt in range(retries + 1):
+        if attempt:
+            time.sleep(backoff * 2 ** (attempt - 1))
+        request = urllib.request.Request(url, body, {"Content-Type": "application/json"}, method="POST")
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as resp:
+                answer = json.loads(resp.read())
+            values = answer["rewards"] if isinstance(answer, dict) else None
+            if not isinstance(values, list) or len(values) != b - a:
+                got = f"{len(values)} rewards" if isinstance(values, list) else "no 'rewards' list"
+                error = f"answered {got} for {b - a} rows"
+                continue
+            return values, None
+        except urllib.error.HTTPError as e:
+            error = f"HTTP {e.code}"
+            if e.code < 500 and e.code != 429:  # the request is wrong: retrying will not help
+                break
+        except (urllib.error.URLError, TimeoutError, OSError, ValueError) as e:
+            error = f"{type(e).__name__}: {getattr(e, 'reason', e)}"
+    return None, error
 
 
 def load_reward_model(path: str, cfg):

@@ -20,7 +20,8 @@ class Rollouts:
     input_ids: torch.Tensor
     """[B, T] prompt + completion, right-padded."""
     mask: torch.Tensor
-    """[B, T-1] 1.0 where input_ids[:, 1:] is a completion token (incl. EOS), else 0."""
+    """[B, T-1] 1.0 where input_ids[:, 1:] is a completion token the policy generated (incl. EOS),
+    else 0 (prompt, padding, and tokens an environment appended: tool results)."""
     prompts: list[str]
     completions: list[str]
     completion_ids: list[list[int]]
@@ -42,6 +43,15 @@ def generate_rollouts(
     synced: bool,
     greedy: bool = False,
 ) -> Rollouts:
+    completion_ids, stopped = sample(model, tokenizer, prompt_ids, cfg, device, synced, greedy)
+    return layout(tokenizer, prompts, prompt_ids, completion_ids, stopped)
+
+
+@torch.no_grad()
+def sample(
+    model, tokenizer, prompt_ids: list[list[int]], cfg, device, synced: bool, greedy: bool = False
+) -> tuple[list[list[int]], list[bool]]:
+    """Completions of `prompt_ids` (each cut after its first EOS) and whether each stopped there."""
     m = cfg.method
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
     width = max(len(p) for p in prompt_ids)
@@ -77,10 +87,13 @@ def generate_rollouts(
         else:
             completion_ids.append(row)
             stopped.append(False)
-    return layout(tokenizer, prompts, prompt_ids, completion_ids, stopped)
+    return completion_ids, stopped
 
 
-def layout(tokenizer, prompts, prompt_ids, completion_ids, stopped) -> Rollouts:
+def layout(tokenizer, prompts, prompt_ids, completion_ids, stopped, actions=None, texts=None) -> Rollouts:
+    """Right-padded rollouts. `actions` (optional, per completion token): 1 where the policy
+    generated the token, 0 where an environment appended it (a tool result): those take no part
+    in the loss. `texts`: the completions as reward functions see them (default: decoded)."""
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
     seqs = [p + c for p, c in zip(prompt_ids, completion_ids)]
     width = max(len(s) for s in seqs)
@@ -88,11 +101,15 @@ def layout(tokenizer, prompts, prompt_ids, completion_ids, stopped) -> Rollouts:
     mask = torch.zeros((len(seqs), width - 1))
     for i, (p, s) in enumerate(zip(prompt_ids, seqs)):
         input_ids[i, : len(s)] = torch.tensor(s)
-        mask[i, len(p) - 1 : len(s) - 1] = 1.0
-    texts = tokenizer.batch_decode(
-        [[t for t in c if t != eos] for c in completion_ids], skip_special_tokens=True
-    )
-    return Rollouts(input_ids, mask, list(prompts), texts, completion_ids, stopped)
+        if actions is None:
+            mask[i, len(p) - 1 : len(s) - 1] = 1.0
+        else:
+            mask[i, len(p) - 1 : len(s) - 1] = torch.tensor(actions[i], dtype=mask.dtype)
+    if texts is None:
+        texts = tokenizer.batch_decode(
+            [[t for t in c if t != eos] for c in completion_ids], skip_special_tokens=True
+        )
+    return Rollouts(input_ids, mask, list(prompts), list(texts), completion_ids, stopped)
 
 
 def token_logprobs(model, input_ids: torch.Tensor, temperature: float) -> torch.Tensor:

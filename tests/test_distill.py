@@ -1,0 +1,85 @@
+"""On-policy distillation (method=distill): the generalized JSD equals TRL's GKD loss on fixed
+tensors, and a smaller tiny student learns from a trained tiny teacher (held-out reward rises)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from distft.config.load import load_config
+from distft.errors import ConfigError
+from distft.methods.distill import generalized_jsd
+from tests.util import metrics, train
+
+
+@pytest.mark.quick
+@pytest.mark.parametrize("beta", [0.0, 0.1, 0.5, 1.0])
+def test_generalized_jsd_matches_trl(beta):
+    from trl.experimental.gkd import GKDTrainer
+
+    gen = torch.Generator().manual_seed(0)
+    student = torch.randn(3, 5, 11, generator=gen, dtype=torch.float64) * 2
+    teacher = torch.randn(3, 5, 11, generator=gen, dtype=torch.float64) * 2
+    labels = torch.randint(0, 11, (3, 5), generator=gen)
+    labels[0, :2] = -100
+    labels[2, 4] = -100
+    for temperature in (1.0, 0.7):
+        want = GKDTrainer.generalized_jsd_loss(student, teacher, labels, beta, temperature, reduction="sum")
+        mine = (generalized_jsd(student, teacher, beta, temperature).double() * (labels != -100)).sum()
+        assert abs(float(mine) - float(want)) < 1e-6, (beta, temperature, float(mine), float(want))
+    if beta in (0.0, 1.0):  # the ends are the forward and reverse KL
+        s, t = student.log_softmax(-1), teacher.log_softmax(-1)
+        kl = (t.exp() * (t - s)).sum(-1) if beta == 0 else (s.exp() * (s - t)).sum(-1)
+        torch.testing.assert_close(generalized_jsd(student, teacher, beta).double(), kl, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.quick
+def test_distill_config():
+    cfg, _ = load_config(["method=distill", "method.teacher=/some/dir", "method.lmbda=0.25"])
+    assert cfg.method.lmbda == 0.25 and cfg.method.beta == 0.5
+    with pytest.raises(ConfigError, match="method=distill needs method.teacher"):
+        load_config(["method=distill"])
+
+
+# A teacher: the tiny model after SFT on the default task; the student: a narrower, shallower tiny.
+TEACHER = ["method=sft", "train.max_steps=150", "train.micro_batch_size=32", "train.eval_every=0"]
+STUDENT = [
+    "model.hidden_size=96",
+    "model.intermediate_size=192",
+    "model.num_layers=2",
+    "model.num_heads=4",
+    "model.num_kv_heads=4",
+]
+DISTILL_STEPS = 60
+
+
+@pytest.mark.slow
+def test_student_learns_from_teacher(tmp_path):
+    """The student's held-out greedy char-match reward before → after distillation (threshold:
+    +0.15; measured 0.00 -> 0.26 with a 150-step teacher), and its exact match is reported."""
+    train(tmp_path / "teacher", *TEACHER, "train.eval_generate=false", plain=True)
+    train(
+        tmp_path / "student",
+        "method=distill",
+        f"method.teacher={tmp_path / 'teacher' / 'export'}",
+        *STUDENT,
+        f"train.max_steps={DISTILL_STEPS}",
+        "train.micro_batch_size=32",
+        "method.max_new_tokens=6",
+        "data.max_eval_generations=64",
+        "train.lr_scheduler=constant",
+        "train.warmup_steps=0",
+        plain=True,
+    )
+    evals = [r for r in metrics(tmp_path / "student") if "eval/reward_greedy" in r]
+    before, after = evals[0], evals[-1]
+    print(
+        f"distill: student held-out greedy reward {before['eval/reward_greedy']:.3f} -> "
+        f"{after['eval/reward_greedy']:.3f}, exact match {before['eval/exact_match']:.3f} -> "
+        f"{after['eval/exact_match']:.3f}"
+    )
+    assert before["step"] == 0 and after["eval/reward_greedy"] >= before["eval/reward_greedy"] + 0.15
+    assert after["eval/exact_match"] >= before["eval/exact_match"]
+    rows = [r for r in metrics(tmp_path / "student") if "on_policy" in r]
+    assert len(rows) == DISTILL_STEPS and 0.3 < sum(r["on_policy"] for r in rows) / len(rows) < 0.7
+    assert rows[-1]["loss"] < rows[0]["loss"]  # the GJSD to the teacher falls
