@@ -65,6 +65,7 @@ def optimizer_step(
     `num_tokens`), then the strategy's step. `trial`: backward of a zero-scaled loss and no step
     (the planner's memory probe leaves exact-zero gradients). `loss_hook` sees each micro-batch's
     loss before backward (fault injection)."""
+    batches = [strategy.shard_batch(b) for b in batches]  # context parallelism: this rank's slices
     local_targets = sum(float(b["num_targets"]) for b in batches)
     local_tokens = sum(b.get("num_tokens", 0) for b in batches)
     global_targets, global_tokens = dist.all_reduce_sum([local_targets, local_tokens], device)
