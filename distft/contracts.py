@@ -134,6 +134,10 @@ class Strategy:
         its `num_targets` counts only the targets this rank scores."""
         return batch
 
+    def split(self, batch: dict) -> contextlib.AbstractContextManager:
+        """Entered around the loss (forward and backward) of a batch that `shard_batch` returned."""
+        return contextlib.nullcontext()
+
 
 @runtime_checkable
 class StrategyOption(Protocol):

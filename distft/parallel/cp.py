@@ -17,8 +17,9 @@ How a batch flows (`shard_batch` before the step, the hooks `attach` puts on the
     ranks (distft.strategies.step), and FSDP2 averages gradients over dp_shard × cp, so the update
     is the one of the unsplit batch.
 
-Only inside `active()` (the strategy's accumulate context of a training step) is the model split;
-evaluation and generation run plain sdpa over whole sequences on each rank.
+Only inside `active()` (the strategy's `split(batch)` around the loss of a sharded batch: training
+steps and the held-out loss) is the model split; other forwards (generation, the export's probe)
+run plain sdpa over whole sequences on each rank.
 """
 
 from __future__ import annotations
@@ -54,7 +55,9 @@ def shard_batch(batch: dict, rank: int, size: int) -> dict:
     and position_ids; other keys are kept, num_targets is the slice's, num_tokens goes to rank 0."""
     missing = [k for k in SPLIT_KEYS if k not in batch]
     if missing:
-        raise ConfigError(f"strategy.cp>1 needs token batches with {', '.join(SPLIT_KEYS)}; missing {missing}")
+        raise ConfigError(
+            f"strategy.cp>1 needs token batches with {', '.join(SPLIT_KEYS)}; missing {missing}"
+        )
     ids, labels, pos = (batch[k] for k in SPLIT_KEYS)
     width = ids.size(1)
     chunk = -(-width // size)
@@ -143,10 +146,9 @@ def _mask(window: int | None) -> torch.Tensor | None:
 
 def _all_to_all(x: torch.Tensor) -> torch.Tensor:
     """Chunk i of dim 0 goes to rank i; dim 0 of the result is indexed by source rank (autograd-aware)."""
-    from torch.distributed.nn.functional import all_to_all_single
+    from torch.distributed._functional_collectives import all_to_all_single_autograd, wait_tensor
 
-    x = x.contiguous()  # before empty_like: it would copy a view's strides, and the collective writes dense
-    return all_to_all_single(torch.empty_like(x), x, group=_STATE.group)
+    return wait_tensor(all_to_all_single_autograd(x.contiguous(), None, None, _STATE.group))
 
 
 def seq_to_heads(x: torch.Tensor, n: int) -> torch.Tensor:

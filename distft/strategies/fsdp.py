@@ -60,7 +60,9 @@ def check_mesh(cfg, gpu: bool, world: int | None = None) -> None:
     if cp * tp > 1 and world:
         meshes.check_world(world, cp, tp)
     if tp > 1 and not _has_tp():
-        raise ConfigError(f"strategy.tp={tp}: tensor parallelism is not yet available in this build; use strategy.tp=1")
+        raise ConfigError(
+            f"strategy.tp={tp}: tensor parallelism is not yet available in this build; use strategy.tp=1"
+        )
     if cp == 1:
         return
     if cfg.method.name not in CP_METHODS:
@@ -82,14 +84,18 @@ def check_mesh(cfg, gpu: bool, world: int | None = None) -> None:
                 f"{name} strategy.cp_style=ring needs a GPU (torch's ring attention has no CPU kernel); "
                 "use strategy.cp_style=ulysses on CPU"
             )
-        raise ConfigError(f"{name} strategy.cp_style=ring is not yet supported; use strategy.cp_style=ulysses")
+        raise ConfigError(
+            f"{name} strategy.cp_style=ring is not yet supported; use strategy.cp_style=ulysses"
+        )
     if cfg.model.attn_implementation != "sdpa":
         raise ConfigError(
             f"strategy.cp={cp} replaces the attention kernel with Ulysses over sdpa; "
             f"set model.attn_implementation=sdpa (got {cfg.model.attn_implementation})"
         )
     if cfg.train.compile:
-        raise ConfigError(f"strategy.cp={cp} is not verified with train.compile=true; set train.compile=false")
+        raise ConfigError(
+            f"strategy.cp={cp} is not verified with train.compile=true; set train.compile=false"
+        )
 
 
 def _has_tp() -> bool:
@@ -142,7 +148,10 @@ def parallelize(model: torch.nn.Module, cfg, info, mesh, shape: meshes.MeshShape
         mp = MixedPrecisionPolicy(
             param_dtype=PRECISION_DTYPES[cfg.train.precision], reduce_dtype=torch.float32
         )
-    kwargs = {"mesh": meshes.fsdp_mesh(mesh, shape), "reshard_after_forward": cfg.strategy.reshard_after_forward}
+    kwargs = {
+        "mesh": meshes.fsdp_mesh(mesh, shape),
+        "reshard_after_forward": cfg.strategy.reshard_after_forward,
+    }
     if mp is not None:
         kwargs["mp_policy"] = mp
     # The root is the transformers model itself, not a PEFT wrapper: generate() is called on it

@@ -77,7 +77,7 @@ def optimizer_step(
     for i, batch in enumerate(batches):
         is_last = i == len(batches) - 1
         batch = to_device(batch, device)
-        with strategy.accumulate(is_last):
+        with strategy.accumulate(is_last), strategy.split(batch):
             loss, extra = loss_fn(strategy.model, batch)
             if loss_hook is not None:
                 loss = loss_hook(loss)

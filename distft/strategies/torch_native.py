@@ -105,9 +105,14 @@ class TorchNativeStrategy(Strategy):
         if self.use_autocast:
             dtype = PRECISION_DTYPES[self.cfg.train.precision]
             stack.enter_context(torch.autocast(self.info.device.type, dtype=dtype))
-        if self.cp_size > 1:  # a training forward/backward: sequences split over the cp group
-            stack.enter_context(cp.active(self.mesh["cp"].get_group(), self.cp_size))
         return stack
+
+    def split(self, batch: dict):
+        """Around the forward (and backward) of a batch from `shard_batch`: the model runs on the
+        slices (Ulysses attention over the cp group); other forwards see whole sequences."""
+        if self.cp_size == 1:
+            return contextlib.nullcontext()
+        return cp.active(self.mesh["cp"].get_group(), self.cp_size)
 
     def backward(self, loss: torch.Tensor, is_last: bool) -> None:
         (self.scaler.scale(loss) if self.scaler else loss).backward()

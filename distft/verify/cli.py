@@ -140,7 +140,7 @@ def run_checks(cfg, small: list[str], wanted: list[str], work: Path, args) -> li
         out.append(checks.compare_losses("resume", run, ref, range(k + 1, steps + 1), tol, what))
     if "cp" in wanted:
         if not hasattr(cfg.strategy, "cp") or cfg.method.name != "sft":
-            why = f"strategy={cfg.strategy.name} method={cfg.method.name}: context parallelism is fsdp/hsdp with sft"
+            why = f"strategy={cfg.strategy.name} method={cfg.method.name}: cp needs fsdp or hsdp and sft"
             out.append(checks.Check("context parallel", None, "n/a", "-", why))
         else:
             run = train("cp", 2, "strategy.cp=2", f"train.micro_batch_size={m}", "train.grad_accum=2")
