@@ -45,9 +45,13 @@ def _run(root: Path, name: str, rank: int, *overrides: str) -> None:
     cfg, composed = load_config([*JOB, *overrides, f"output_dir={root / name}"])
     trainer = Trainer.build(cfg, composed)
     trainer.train()
-    sd = trainer.strategy.full_state_dict()  # a collective
+    st = trainer.strategy
+    sd = st.full_state_dict()  # a collective
     if rank == 0:
         torch.save({k: v.double() for k, v in sd.items()}, root / name / "final.pt")
+        layout = {"dp": trainer.geometry.dp, "cp": st.mesh["cp"].size() if st.mesh is not None else 1}
+        layout["attn"] = st.module.config._attn_implementation
+        (root / name / "layout.json").write_text(json.dumps(layout))
 
 
 def _worker(rank: int, world: int, port: int, root: str) -> None:
@@ -98,10 +102,12 @@ def loss_diff(a: Path, b: Path, steps) -> float:
 
 
 def param_diff(a: Path, b: Path) -> float:
-    """Largest relative difference of any final weight tensor (max |a-b| / max |b|)."""
+    """Largest relative difference ||a - b|| / ||b|| of any final weight tensor. (Element-wise
+    maxima are not a fair measure: Adam turns rounding noise on near-zero gradients into full-size
+    steps; plain dp=2 vs 1 rank differs by 1.4e-4 element-wise and 3e-6 by this measure.)"""
     sa, sb = torch.load(a / "final.pt"), torch.load(b / "final.pt")
     assert sa.keys() == sb.keys() and sa
-    return max(float((sa[k] - sb[k]).abs().max() / sb[k].abs().max().clamp_min(1e-12)) for k in sa)
+    return max(float((sa[k] - sb[k]).norm() / sb[k].norm().clamp_min(1e-12)) for k in sa)
 
 
 @pytest.mark.slow
@@ -111,6 +117,8 @@ def test_ulysses_cp2_equals_one_rank_packing_off_and_on(runs):
         cp, one = runs / f"cp_{packing}", runs / f"one_{packing}"
         report[packing] = (loss_diff(cp, one, range(1, STEPS + 1)), param_diff(cp, one))
     print("cp=2 vs 1 rank (loss rel, params rel):", report)
+    layout = json.loads((runs / "cp_pack" / "layout.json").read_text())
+    assert layout == {"dp": 1, "cp": 2, "attn": "distft_ulysses"}, layout  # the runs were context parallel
     for packing, (dl, dp) in report.items():
         assert dl <= TOL and dp <= TOL, f"packing {packing}: losses {dl:.2e}, params {dp:.2e} rel"
     # The runs really differ from each other (packing changes the batches): the check can fail.
