@@ -1,7 +1,9 @@
 """Per-rank peak memory of a 4k-token sequence with context parallelism (strategy.cp=2, Ulysses)
-against none (cp=1), both FSDP2 on 2 ranks, SFT on packed 4096-token rows, micro-batch 1.
+against none (cp=1), both FSDP2 on 2 ranks, SFT on one 4096-token example per row (generated
+rows of random letters; no packing, so attention is plain causal), micro-batch 1, a tiny Llama
+widened to 256 (4 layers, 8 heads) so activations, not the runtime, dominate.
 
-    .venv/bin/python bench/context_parallel.py                 # ~3-4 min on 2 CPU cores
+    .venv/bin/python bench/context_parallel.py                 # ~5 min on 2 idle CPU cores
     .venv/bin/python bench/context_parallel.py --length 8192
 
 cp=1: each rank trains on its own 4k row (dp=2); cp=2: both ranks share one row, 2k tokens each
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import shutil
 from pathlib import Path
 
@@ -24,22 +27,38 @@ from common import REPO, bench_env, launch
 def parse() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--length", type=int, default=4096, help="tokens per packed row")
-    p.add_argument("--steps", type=int, default=2)
+    p.add_argument("--steps", type=int, default=1)
+    p.add_argument(
+        "--shape",
+        default="model.hidden_size=256 model.num_layers=4 model.num_heads=8 "
+        "model.num_kv_heads=8 model.intermediate_size=768",
+    )
     p.add_argument("--extra", default="", help="extra overrides for every run, space separated")
     p.add_argument("--out", default=str(REPO / "outputs/bench/context_parallel"))
     return p.parse_args()
 
 
+def rows_file(path: Path, length: int, n: int = 24) -> Path:
+    """`n` SFT rows of about `length` characters (the tiny model's tokens are characters)."""
+    rng = random.Random(0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        for _ in range(n):
+            word = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(length - 40))
+            f.write(json.dumps({"prompt": word + "=", "completion": word[:16]}) + "\n")
+    return path
+
+
 def run(a, cp: int, length: int, out: Path) -> list[float]:
     shutil.rmtree(out, ignore_errors=True)
-    examples = max(400, length // 8)  # default SFT rows are ~25 tokens: enough for a few full rows
+    data = rows_file(out.parent / f"rows_{length}.jsonl", length)
     args = [
         f"output_dir={out}", "resume=never", "strategy=fsdp", f"strategy.cp={cp}", "train.precision=fp32",
-        f"train.max_steps={a.steps}", "train.micro_batch_size=1", "data.packing=true",
-        f"data.max_length={length}", f"model.max_position_embeddings={max(length, 256)}",
-        f"data.num_examples={examples}", "train.eval_every=0", "train.eval_generate=false",
-        "data.max_eval_generations=0", "eval.test=false", "train.progress=false", "train.export=none",
-        "logger=none", *a.extra.split(),
+        f"train.max_steps={a.steps}", "train.micro_batch_size=1", "data.packing=false",
+        f"data.path=[{data}]", f"data.max_length={length}",
+        f"model.max_position_embeddings={max(length, 256)}",
+        "train.eval_every=0", "train.eval_generate=false", "data.max_eval_generations=0", "eval.test=false",
+        "train.progress=false", "train.export=none", "logger=none", *a.shape.split(), *a.extra.split(),
     ]  # fmt: skip
     env = bench_env(MALLOC_MMAP_THRESHOLD_="65536")
     return launch("distft.train", args, 2, out / "rss", out / "run.log", env=env)["rss_gib"]
