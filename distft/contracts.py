@@ -31,6 +31,8 @@ class BatchGeometry:
     micro: int
     accum: int
     dp: int
+    group: int = 1
+    """Ranks per data-parallel index (context × tensor degree): neighbours in rank order."""
 
     @property
     def global_batch(self) -> int:
@@ -41,14 +43,20 @@ class BatchGeometry:
         """The smallest global batch with one example per micro-batch of every rank."""
         return self.accum * self.dp
 
+    def dp_rank(self, rank: int) -> int:
+        """The data-parallel index of `rank` (the mesh puts a context/tensor group's ranks together)."""
+        return rank // self.group
+
     def round_down(self, examples: int) -> int:
         """`examples` rounded down to a multiple of `unit` (at least one unit)."""
         return max(self.unit, examples - examples % self.unit)
 
     @classmethod
     def of(cls, cfg, info, micro: int | None = None) -> BatchGeometry:
-        t = cfg.train
-        return cls(int(t.micro_batch_size if micro is None else micro), int(t.grad_accum), info.world_size)
+        t, s = cfg.train, cfg.strategy
+        group = int(getattr(s, "cp", 1) or 1) * int(getattr(s, "tp", 1) or 1)  # FSDP2 family's mesh
+        micro = int(t.micro_batch_size if micro is None else micro)
+        return cls(micro, int(t.grad_accum), max(info.world_size // group, 1), group)
 
 
 @dataclass
@@ -121,6 +129,15 @@ class Strategy:
     def end_trial(self, micro: int) -> None:
         """After the planner's micro-batch trial: drop its gradients, adopt `micro`."""
 
+    def shard_batch(self, batch: dict) -> dict:
+        """This rank's part of a collated micro-batch (context parallelism splits each sequence);
+        its `num_targets` counts only the targets this rank scores."""
+        return batch
+
+    def split(self, batch: dict) -> contextlib.AbstractContextManager:
+        """Entered around the loss (forward and backward) of a batch that `shard_batch` returned."""
+        return contextlib.nullcontext()
+
 
 @runtime_checkable
 class StrategyOption(Protocol):
@@ -191,7 +208,7 @@ class MethodContext:
     def rank_examples(self, step: int) -> list[list[dict]]:
         """This rank's micro-batches of the step's global batch (examples, not yet collated)."""
         g = self.geometry
-        return self.sampler.rank_examples(step, self.info.rank, g.dp, g.accum, self.data.train)
+        return self.sampler.rank_examples(step, g.dp_rank(self.info.rank), g.dp, g.accum, self.data.train)
 
 
 class Method:

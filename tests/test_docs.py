@@ -130,6 +130,10 @@ README_COVERED: dict[str, str] = {
     "sbatch slurm/train.sbatch strategy=zero3 train.max_steps=1000": "tested-by: tests/test_slurm.py",
     "distft-launch -m tuning=lora train.lr=1e-4,3e-4 tuning.r=8,16": "tested-by: tests/test_launch.py",
     "distft-launch -m hydra/launcher=submitit_slurm train.lr=1e-4,3e-4": "tested-by: tests/test_slurm.py",
+    "torchrun --nproc_per_node 2 -m distft.train strategy=fsdp strategy.cp=2": (
+        "tested-by: tests/test_context_parallel.py"
+    ),
+    "distft-verify strategy=fsdp --only cp": "tested-by: tests/test_verify.py",
     "distft-launch -m hydra/sweeper=optuna hydra.sweeper.n_trials=20 'train.lr=interval(1e-5,1e-3)'": (
         "tested-by: tests/test_launch.py"
     ),

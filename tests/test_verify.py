@@ -27,6 +27,7 @@ def _table(out: str) -> dict[str, str]:
             "1 vs 2 ranks",
             "resume",
             "packing = no packing",
+            "context parallel",
             "EOS trained",
             "export loadable",
         ):
@@ -45,12 +46,13 @@ def test_verify_fsdp_lora_all_checks(tmp_path):
         "1 vs 2 ranks": "PASS",
         "resume": "PASS",
         "packing = no packing": "PASS",
+        "context parallel": "PASS",
         "EOS trained": "PASS",
         "export loadable": "PASS",
     }, out
     results = {r["name"]: r for r in json.loads((tmp_path / "verify.json").read_text())}
     assert "adapter:" in results["export loadable"]["detail"]
-    for name in ("grad accum", "1 vs 2 ranks", "resume"):
+    for name in ("grad accum", "1 vs 2 ranks", "resume", "context parallel"):
         assert float(results[name]["measured"].split()[0]) <= 1e-4
     # The shrunk runs kept the user's choices.
     cfg = (tmp_path / "reference" / "config.yaml").read_text()

@@ -148,7 +148,9 @@ def _explain_hydra_error(e: Exception, overrides: list[str]) -> str:
         parent = name.rsplit(".", 1)[0] if "." in name else ""
         option = next((o.split("=", 1)[1] for o in overrides if o.startswith(f"{parent}=")), None)
         valid = ", ".join(sorted(_valid_keys(parent, option))) or "(see conf/)"
-        return f"unknown config key '{name}'. Valid keys under '{parent or '<root>'}': {valid}"
+        elsewhere = _options_with_key(parent, name.rsplit(".", 1)[-1])
+        hint = f" ({name} is a key of {', '.join(f'{parent}={o}' for o in elsewhere)})" if elsewhere else ""
+        return f"unknown config key '{name}'{hint}. Valid keys under '{parent or '<root>'}': {valid}"
     first = str(e).strip().splitlines()[0]
     return f"config error: {first} (overrides: {' '.join(overrides)})"
 
@@ -186,6 +188,18 @@ def _valid_keys(parent: str, option: str | None = None) -> list[str]:
         entry = registry.get(option or default_options().get(parent, ""))
         cls = entry.config if entry is not None else None
     return [f.name for f in dataclasses.fields(cls)] if cls else []
+
+
+def _options_with_key(parent: str, key: str) -> list[str]:
+    """Options of group `parent` whose own dataclass has `key` (strategy.cp: fsdp, hsdp)."""
+    if parent not in ("tuning", "method", "strategy"):
+        return []
+    from distft.methods import METHODS
+    from distft.strategies import STRATEGIES
+    from distft.tuning import TUNINGS
+
+    registry = {"tuning": TUNINGS, "method": METHODS, "strategy": STRATEGIES}[parent]
+    return sorted(n for n, e in registry.items() if key in {f.name for f in dataclasses.fields(e.config)})
 
 
 def to_typed(cfg: DictConfig) -> RootConfig:

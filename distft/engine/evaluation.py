@@ -6,6 +6,7 @@ import math
 
 import torch
 
+from distft.contracts import BatchGeometry
 from distft.runtime import dist
 from distft.strategies.step import add_parts, reduce_parts, to_device
 
@@ -16,8 +17,10 @@ def held_out_loss(method, strategy, examples: list, info, micro: int, prefix: st
     loss metrics over `examples`; every rank runs the same number of forwards."""
     if not examples:
         return {}
-    mine = examples[info.rank :: info.world_size]
-    n_batches = math.ceil(math.ceil(len(examples) / info.world_size) / micro)
+    g = BatchGeometry.of(method.cfg, info)  # data-parallel ranks split the split; a cp group shares
+    dp, dp_rank = g.dp, g.dp_rank(info.rank)
+    mine = examples[dp_rank::dp]
+    n_batches = math.ceil(math.ceil(len(examples) / dp) / micro)
     model = strategy.model
     was_training = model.training
     model.eval()
@@ -26,8 +29,8 @@ def held_out_loss(method, strategy, examples: list, info, micro: int, prefix: st
     for b in range(n_batches):
         rows = mine[b * micro : (b + 1) * micro]
         # Sharded parameters need every rank in every forward: idle ranks run a dummy batch.
-        batch = to_device(method.collate(rows or examples[:1]), info.device)
-        with strategy.accumulate(True):
+        batch = to_device(strategy.shard_batch(method.collate(rows or examples[:1])), info.device)
+        with strategy.accumulate(True), strategy.split(batch):
             loss, parts = method.loss(model, batch)
         if rows:
             loss_sum += float(loss)

@@ -1,14 +1,20 @@
-"""FSDP2: `fully_shard` on every decoder layer, then the root, with a mixed-precision policy."""
+"""FSDP2: `fully_shard` on every decoder layer, then the root, with a mixed-precision policy, over
+the data-parallel dims of one device mesh (distft.parallel.mesh) that also carries context (cp)
+and tensor (tp) parallelism."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
 from distft.dtypes import PRECISION_DTYPES
 from distft.errors import ConfigError
 from distft.models.layers import decoder_layers
+from distft.parallel import mesh as meshes
+from distft.ranges import num
 from distft.strategies.memory import States, fully_sharded
 from distft.strategies.torch_native import TorchNativeStrategy
 
@@ -19,6 +25,12 @@ class FsdpConfig:
     """Strategy."""
     reshard_after_forward: bool = True
     """Free gathered layer weights after forward (ZeRO-3-like); false keeps them (ZeRO-2-like)."""
+    cp: int = num(1, ge=1)
+    """Context-parallel degree: each sequence split over this many ranks (they share one batch share)."""
+    cp_style: Literal["ulysses", "ring"] = "ulysses"
+    """Context parallelism: ulysses (all-to-all of heads; needs heads % cp == 0) or ring (GPU)."""
+    tp: int = num(1, ge=1)
+    """Tensor-parallel degree: attention and MLP projections split over this many ranks."""
 
 
 config = FsdpConfig
@@ -32,6 +44,81 @@ def validate(cfg, gpu: bool) -> None:
             "sharded loss scaler); use train.precision=bf16, or fp16 with strategy=ddp or "
             "zero1/zero2/zero3 on GPU"
         )
+    check_mesh(cfg, gpu)
+
+
+CP_METHODS = ("sft",)  # methods whose loss is a sum over the tokens of a slice (distft.parallel.cp)
+
+
+def check_mesh(cfg, gpu: bool, world: int | None = None) -> None:
+    """strategy.cp / tp: the mesh fits the job and the model, before any rank starts."""
+    s = cfg.strategy
+    cp, tp = meshes.degrees(s)
+    name = f"strategy={s.name}"
+    if world is None:  # a rank knows its job's size; the launcher plans cluster.nodes × nproc_per_node
+        world = int(os.environ.get("WORLD_SIZE") or cfg.cluster.nodes * cfg.cluster.nproc_per_node)
+    if cp * tp > 1 and world:
+        meshes.check_world(world, cp, tp)
+    if tp > 1 and not _has_tp():
+        raise ConfigError(
+            f"strategy.tp={tp}: tensor parallelism is not yet available in this build; use strategy.tp=1"
+        )
+    if cp == 1:
+        return
+    if cfg.method.name not in CP_METHODS:
+        raise ConfigError(
+            f"strategy.cp={cp} works with method={', '.join(CP_METHODS)} (not yet method={cfg.method.name}); "
+            "set strategy.cp=1"
+        )
+    heads = _heads(cfg)
+    if s.cp_style == "ulysses" and heads and heads % cp:
+        raise ConfigError(
+            f"strategy.cp={cp} with cp_style=ulysses needs the attention heads ({heads}) divisible by cp; "
+            f"pick a divisor of {heads}"
+        )
+    if tp > 1 and heads and heads % (tp * (cp if s.cp_style == "ulysses" else 1)):
+        raise ConfigError(f"strategy.tp={tp}: the model's {heads} attention heads are not divisible by it")
+    if s.cp_style == "ring":
+        if not gpu:
+            raise ConfigError(
+                f"{name} strategy.cp_style=ring needs a GPU (torch's ring attention has no CPU kernel); "
+                "use strategy.cp_style=ulysses on CPU"
+            )
+        raise ConfigError(
+            f"{name} strategy.cp_style=ring is not yet supported; use strategy.cp_style=ulysses"
+        )
+    if cfg.model.attn_implementation != "sdpa":
+        raise ConfigError(
+            f"strategy.cp={cp} replaces the attention kernel with Ulysses over sdpa; "
+            f"set model.attn_implementation=sdpa (got {cfg.model.attn_implementation})"
+        )
+    if cfg.train.compile:
+        raise ConfigError(
+            f"strategy.cp={cp} is not verified with train.compile=true; set train.compile=false"
+        )
+
+
+def _has_tp() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("distft.parallel.tp") is not None
+
+
+def _heads(cfg) -> int | None:
+    """Attention heads of the configured model (the tiny model's key, or a local config.json)."""
+    from pathlib import Path
+
+    path = cfg.model.name_or_path
+    if not path:
+        return int(cfg.model.num_heads)
+    config = Path(path) / "config.json"
+    if not config.is_file():
+        return None  # a hub id: checked when the model is built (distft.parallel.cp)
+    import json
+
+    data = json.loads(config.read_text())
+    data = data.get("text_config", data)
+    return data.get("num_attention_heads")
 
 
 def supports_tuning(tuning: str, strategy_cfg) -> str | None:
@@ -47,19 +134,24 @@ def memory(shape, strategy_cfg, job) -> States:
     return fully_sharded(shape, job, max(job.world, 1))
 
 
-def parallelize(model: torch.nn.Module, cfg, info, mesh=None) -> torch.nn.Module:
-    """Shard over all ranks (1-D mesh), or over `mesh` (2-D: replicate × shard is HSDP)."""
-    from torch.distributed.device_mesh import init_device_mesh
+def parallelize(model: torch.nn.Module, cfg, info, mesh, shape: meshes.MeshShape) -> torch.nn.Module:
+    """Tensor parallelism on mesh["tp"] first (it replaces the projections' weights by DTensor
+    shards), then FSDP2 over the data-parallel dims (dp_shard × cp, and replicas for HSDP)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    if mesh is None:
-        mesh = init_device_mesh(info.device.type, (info.world_size,))
+    if shape.tp > 1:  # the one place tensor parallelism is applied (distft.parallel.tp)
+        from distft.parallel.tp import apply_tp
+
+        apply_tp(model, mesh["tp"], cfg)
     mp = None
     if cfg.train.precision != "fp32":
         mp = MixedPrecisionPolicy(
             param_dtype=PRECISION_DTYPES[cfg.train.precision], reduce_dtype=torch.float32
         )
-    kwargs = {"mesh": mesh, "reshard_after_forward": cfg.strategy.reshard_after_forward}
+    kwargs = {
+        "mesh": meshes.fsdp_mesh(mesh, shape),
+        "reshard_after_forward": cfg.strategy.reshard_after_forward,
+    }
     if mp is not None:
         kwargs["mp_policy"] = mp
     # The root is the transformers model itself, not a PEFT wrapper: generate() is called on it
@@ -73,4 +165,6 @@ def parallelize(model: torch.nn.Module, cfg, info, mesh=None) -> torch.nn.Module
 
 def make(cfg, info) -> TorchNativeStrategy:
     # The mixed-precision policy casts parameters, so no autocast on top.
-    return TorchNativeStrategy(cfg, info, parallelize, sharded=True, autocast=False)
+    check_mesh(cfg, info.device.type == "cuda", info.world_size)
+    shape = meshes.shape_for(info.world_size, cfg.strategy)
+    return TorchNativeStrategy(cfg, info, parallelize, sharded=True, autocast=False, shape=shape)

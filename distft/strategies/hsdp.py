@@ -5,8 +5,10 @@ replicated across groups, so only gradient all-reduces cross the slower inter-no
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 from distft.errors import ConfigError
+from distft.parallel import mesh as meshes
 from distft.ranges import num
 from distft.strategies import fsdp
 from distft.strategies.memory import States, fully_sharded
@@ -21,6 +23,12 @@ class HsdpConfig:
     """Ranks per shard group (0: the ranks of one node). world size / shard_size replicas."""
     reshard_after_forward: bool = True
     """Free gathered layer weights after forward (ZeRO-3-like); false keeps them (ZeRO-2-like)."""
+    cp: int = num(1, ge=1)
+    """Context-parallel degree (inside a shard group): each sequence split over this many ranks."""
+    cp_style: Literal["ulysses", "ring"] = "ulysses"
+    """Context parallelism: ulysses (all-to-all of heads; needs heads % cp == 0) or ring (GPU)."""
+    tp: int = num(1, ge=1)
+    """Tensor-parallel degree (inside a shard group): projections split over this many ranks."""
 
 
 config = HsdpConfig
@@ -47,22 +55,24 @@ def memory(shape, strategy_cfg, job) -> States:
 
 
 def mesh_shape(cfg, info) -> tuple[int, int]:
-    """(replicas, shard group size) for this job."""
+    """(replicas, shard group size) for this job; a shard group holds whole cp × tp groups."""
     shard = cfg.strategy.shard_size or info.local_world_size
     if shard <= 0 or info.world_size % shard:
         raise ConfigError(
             f"strategy=hsdp: world size {info.world_size} is not a multiple of the shard group size "
             f"{shard}; set strategy.shard_size to a divisor of the world size"
         )
+    cp, tp = meshes.degrees(cfg.strategy)
+    if shard % (cp * tp):
+        raise ConfigError(
+            f"strategy=hsdp: strategy.cp={cp} × strategy.tp={tp} does not divide the shard group size "
+            f"{shard}; set strategy.shard_size to a multiple of {cp * tp}"
+        )
     return info.world_size // shard, shard
 
 
-def parallelize(model, cfg, info):
-    from torch.distributed.device_mesh import init_device_mesh
-
-    mesh = init_device_mesh(info.device.type, mesh_shape(cfg, info), mesh_dim_names=("replicate", "shard"))
-    return fsdp.parallelize(model, cfg, info, mesh=mesh)
-
-
 def make(cfg, info) -> TorchNativeStrategy:
-    return TorchNativeStrategy(cfg, info, parallelize, sharded=True, autocast=False)
+    fsdp.check_mesh(cfg, info.device.type == "cuda", info.world_size)
+    replicas, _ = mesh_shape(cfg, info)
+    shape = meshes.shape_for(info.world_size, cfg.strategy, replicate=replicas)
+    return TorchNativeStrategy(cfg, info, fsdp.parallelize, sharded=True, autocast=False, shape=shape)

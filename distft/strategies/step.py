@@ -65,6 +65,7 @@ def optimizer_step(
     `num_tokens`), then the strategy's step. `trial`: backward of a zero-scaled loss and no step
     (the planner's memory probe leaves exact-zero gradients). `loss_hook` sees each micro-batch's
     loss before backward (fault injection)."""
+    batches = [strategy.shard_batch(b) for b in batches]  # context parallelism: this rank's slices
     local_targets = sum(float(b["num_targets"]) for b in batches)
     local_tokens = sum(b.get("num_tokens", 0) for b in batches)
     global_targets, global_tokens = dist.all_reduce_sum([local_targets, local_tokens], device)
@@ -76,7 +77,7 @@ def optimizer_step(
     for i, batch in enumerate(batches):
         is_last = i == len(batches) - 1
         batch = to_device(batch, device)
-        with strategy.accumulate(is_last):
+        with strategy.accumulate(is_last), strategy.split(batch):
             loss, extra = loss_fn(strategy.model, batch)
             if loss_hook is not None:
                 loss = loss_hook(loss)

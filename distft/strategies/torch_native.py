@@ -19,17 +19,31 @@ from torch.distributed.checkpoint.state_dict import (
 
 from distft.contracts import Strategy
 from distft.dtypes import PRECISION_DTYPES
+from distft.parallel import cp
+from distft.parallel import mesh as meshes
 from distft.runtime import dist
 from distft.strategies.optim import build_adamw
 
 
 class TorchNativeStrategy(Strategy):
-    """DDP or FSDP2 around a model; `parallelize(model, cfg, info)` does the wrapping."""
+    """DDP or FSDP2 around a model; `parallelize(model, cfg, info)` does the wrapping, or
+    `parallelize(model, cfg, info, mesh, shape)` when the strategy has a device mesh of `shape`
+    (the FSDP2 family: `self.mesh`, built once, with dims dp_replicate, dp_shard, cp, tp)."""
 
-    def __init__(self, cfg, info, parallelize: Callable, sharded: bool, autocast: bool):
+    def __init__(
+        self,
+        cfg,
+        info,
+        parallelize: Callable,
+        sharded: bool,
+        autocast: bool,
+        shape: meshes.MeshShape | None = None,
+    ):
         self.cfg = cfg
         self.info = info
         self.parallelize = parallelize
+        self.shape = shape
+        self._mesh = None
         self.sharded_params = sharded
         self.use_autocast = autocast and cfg.train.precision != "fp32"
         self.loss_scale = float(info.world_size)  # gradient reduction averages over ranks
@@ -38,11 +52,36 @@ class TorchNativeStrategy(Strategy):
         self.checkpoint_format = "dcp"  # DDP and FSDP2 read each other's checkpoints, at any world size
         self._ckpt_group = None
 
+    @property
+    def mesh(self):
+        """The job's DeviceMesh (None for DDP); named dims dp_replicate, dp_shard, cp, tp and the
+        flattened dp, dp_shard_cp, dp_cp (distft.parallel.mesh)."""
+        if self._mesh is None and self.shape is not None:
+            self._mesh = meshes.build(self.info.device.type, self.shape)
+        return self._mesh
+
+    def _wrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        if self.shape is None:
+            return self.parallelize(model, self.cfg, self.info)
+        return self.parallelize(model, self.cfg, self.info, self.mesh, self.shape)
+
+    @property
+    def cp_size(self) -> int:
+        return self.shape.cp if self.shape is not None else 1
+
+    def shard_batch(self, batch: dict) -> dict:
+        """This rank's slice of each sequence under context parallelism (distft.parallel.cp)."""
+        if self.cp_size == 1:
+            return batch
+        return cp.shard_batch(batch, self.mesh["cp"].get_local_rank(), self.cp_size)
+
     def setup(self, model: torch.nn.Module) -> None:
         on_meta = any(p.is_meta for p in model.parameters())
         if not on_meta:
             model.to(self.info.device)
-        self.model = self.parallelize(model, self.cfg, self.info)
+        self.model = self._wrap(model)
+        if self.cp_size > 1:
+            cp.attach(self.model)
         if on_meta:  # built on the meta device (distft.models.sharded_load): read this rank's shards
             from distft.models.sharded_load import load_shards
 
@@ -67,6 +106,13 @@ class TorchNativeStrategy(Strategy):
             dtype = PRECISION_DTYPES[self.cfg.train.precision]
             stack.enter_context(torch.autocast(self.info.device.type, dtype=dtype))
         return stack
+
+    def split(self, batch: dict):
+        """Around the forward (and backward) of a batch from `shard_batch`: the model runs on the
+        slices (Ulysses attention over the cp group); other forwards see whole sequences."""
+        if self.cp_size == 1:
+            return contextlib.nullcontext()
+        return cp.active(self.mesh["cp"].get_group(), self.cp_size)
 
     def backward(self, loss: torch.Tensor, is_last: bool) -> None:
         (self.scaler.scale(loss) if self.scaler else loss).backward()
@@ -98,7 +144,7 @@ class TorchNativeStrategy(Strategy):
         """A frozen model on this rank's device; FSDP2 shards it with the policy's plan."""
         model.to(self.info.device)
         if self.sharded_params:
-            model = self.parallelize(model, self.cfg, self.info)
+            model = self._wrap(model)
         return model.eval()
 
     # Checkpoints: DCP writes one shard per rank and reshards on load (any world size).

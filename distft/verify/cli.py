@@ -6,6 +6,7 @@ equivalence checks, each by real runs (torchrun subprocesses) in a work dir:
   world size      1 rank × micro m × accum 2     vs  2 ranks × micro m        (same global batch)
   resume          stopped at step k, resumed      vs  uninterrupted
   packing         the same examples packed vs one per row: loss per token
+  cp              strategy.cp=2 (2 ranks × micro m × accum 2, dp=1) vs 2 ranks × micro m (fsdp/hsdp)
   EOS trained     greedy generation from export/ on training prompts ends with EOS
   export          export/ not empty, loadable, reproduces the trained model's logits
 
@@ -26,7 +27,7 @@ from pathlib import Path
 from distft.errors import DistftError
 from distft.verify import checks, runs
 
-ALL = ("grad_accum", "world_size", "resume", "packing", "eos", "export")
+ALL = ("grad_accum", "world_size", "resume", "packing", "cp", "eos", "export")
 
 
 def shrink(cfg, steps: int, micro: int) -> list[str]:
@@ -48,6 +49,8 @@ def shrink(cfg, steps: int, micro: int) -> list[str]:
         "logger=none",  # no dashboard runs for a self-check
         "resume=never",
     ]
+    if hasattr(cfg.strategy, "cp"):  # the data-parallel checks run data-parallel; `cp` adds its own
+        out += ["strategy.cp=1", "strategy.tp=1"]
     if not cfg.model.name_or_path:  # the generated tiny model: fewer layers
         out.append(f"model.num_layers={min(2, cfg.model.num_layers)}")
     if not cfg.data.path:  # embedded default data: fewer rows
@@ -117,7 +120,7 @@ def run_checks(cfg, small: list[str], wanted: list[str], work: Path, args) -> li
         runs.run(work / name, [*small, *extra], nproc, args.timeout)
         return work / name
 
-    needs_ref = {"grad_accum", "world_size", "resume", "export", "packing"} & set(wanted)
+    needs_ref = {"grad_accum", "world_size", "resume", "export", "packing", "cp"} & set(wanted)
     ref = None
     if needs_ref:
         export = "train.export=last" if "export" in wanted else "train.export=none"
@@ -135,6 +138,14 @@ def run_checks(cfg, small: list[str], wanted: list[str], work: Path, args) -> li
         run = train("resumed", 2, f"resume={start}")
         what = f"resumed from step {k} vs uninterrupted"
         out.append(checks.compare_losses("resume", run, ref, range(k + 1, steps + 1), tol, what))
+    if "cp" in wanted:
+        if not hasattr(cfg.strategy, "cp") or cfg.method.name != "sft":
+            why = f"strategy={cfg.strategy.name} method={cfg.method.name}: cp needs fsdp or hsdp and sft"
+            out.append(checks.Check("context parallel", None, "n/a", "-", why))
+        else:
+            run = train("cp", 2, "strategy.cp=2", f"train.micro_batch_size={m}", "train.grad_accum=2")
+            what = f"cp=2 (2 ranks × micro {m} × accum 2, dp=1) vs 2 ranks × micro {m} (dp=2)"
+            out.append(checks.compare_losses("context parallel", run, ref, range(1, steps + 1), tol, what))
     if "packing" in wanted:
         out.append(_guarded("packing = no packing", lambda: checks.check_packing(cfg, ref)))
     if "export" in wanted:

@@ -60,7 +60,7 @@ def sft_warmup(ctx: MethodContext) -> None:
     sampler = GlobalBatchSampler(len(examples), global_batch, cfg.train.seed)
     first = last = float("nan")
     for step in range(m.sft_warmup_steps):
-        shares = sampler.rank_micro_batches(step, info.rank, g.dp, g.accum)
+        shares = sampler.rank_micro_batches(step, g.dp_rank(info.rank), g.dp, g.accum)
         batches = [pad_batch([examples[i] for i in ids], tok.pad_token_id) for ids in shares]
         last = ctx.run_step(batches, reference_nll, m.sft_warmup_lr).loss
         first = last if step == 0 else first

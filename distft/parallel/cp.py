@@ -1,0 +1,188 @@
+"""Context parallelism, Ulysses style: each rank of a context-parallel group holds a contiguous
+1/cp slice of every sequence of the micro-batch; around attention an all-to-all trades the
+sequence split for a head split (each rank then attends over the full sequence for heads/cp
+heads, with the exact causal and packing mask), and a second all-to-all trades it back.
+Everything else (embeddings, MLPs, norms, the output projection and the loss) runs on the
+rank's slice, so activation memory per rank falls with cp.
+
+How a batch flows (`shard_batch` before the step, the hooks `attach` puts on the model):
+  - the batch is padded to a multiple of cp (padding continues the last position run and is never
+    a target, as distft.data.collate does) and each rank keeps its slice plus the next token, so
+    a method's usual shift (`logits[:, :-1]` against `labels[:, 1:]`) scores exactly the labels
+    of its slice: every target is counted once over the group, `num_targets` is the slice's;
+  - the model's forward drops that extra token, gathers the group's position ids (global, so
+    rotary embeddings and packing boundaries are those of the whole sequence), and returns
+    a zero logit row in its place (the method drops it with its shift);
+  - the loss is a sum over the slice's targets: the step sums losses and target counts over all
+    ranks (distft.strategies.step), and FSDP2 averages gradients over dp_shard × cp, so the update
+    is the one of the unsplit batch.
+
+Only inside `active()` (the strategy's `split(batch)` around the loss of a sharded batch: training
+steps and the held-out loss) is the model split; other forwards (generation, the export's probe)
+run plain sdpa over whole sequences on each rank.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from distft.data.sft_format import IGNORE
+from distft.errors import ConfigError
+
+ATTN = "distft_ulysses"
+"""The attention implementation name registered with transformers."""
+SPLIT_KEYS = ("input_ids", "labels", "position_ids")
+
+
+@dataclass
+class _State:
+    group: object = None  # the context-parallel process group while a training forward runs
+    size: int = 1
+    positions: torch.Tensor | None = None  # global position ids of the current forward (B, L)
+    masks: dict = field(default_factory=dict)  # sliding window (or None) -> mask of this forward
+
+
+_STATE = _State()
+
+
+# ----------------------------------------------------------------------------- batch
+def shard_batch(batch: dict, rank: int, size: int) -> dict:
+    """This rank's slice (plus one look-ahead token) of a collated batch with input_ids, labels
+    and position_ids; other keys are kept, num_targets is the slice's, num_tokens goes to rank 0."""
+    missing = [k for k in SPLIT_KEYS if k not in batch]
+    if missing:
+        raise ConfigError(
+            f"strategy.cp>1 needs token batches with {', '.join(SPLIT_KEYS)}; missing {missing}"
+        )
+    ids, labels, pos = (batch[k] for k in SPLIT_KEYS)
+    width = ids.size(1)
+    chunk = -(-width // size)
+    extra = chunk * size + 1 - width  # to a multiple of cp, plus the last rank's look-ahead token
+    ids = torch.cat([ids, ids[:, -1:].expand(-1, extra)], 1)
+    labels = torch.cat([labels, labels.new_full((labels.size(0), extra), IGNORE)], 1)
+    steps = torch.arange(1, extra + 1, dtype=pos.dtype, device=pos.device)
+    pos = torch.cat([pos, pos[:, -1:] + steps], 1)
+    lo, hi = rank * chunk, rank * chunk + chunk + 1
+    out = dict(batch)
+    out.update(input_ids=ids[:, lo:hi], labels=labels[:, lo:hi], position_ids=pos[:, lo:hi])
+    out["num_targets"] = int((out["labels"][:, 1:] != IGNORE).sum())
+    if "num_tokens" in batch:
+        out["num_tokens"] = batch["num_tokens"] if rank == 0 else 0
+    return out
+
+
+@contextlib.contextmanager
+def active(group, size: int):
+    """Split forwards of models `attach`ed to run inside this block (one training step's micro-batch)."""
+    _STATE.group, _STATE.size = group, size
+    try:
+        yield
+    finally:
+        _STATE.group, _STATE.positions, _STATE.masks = None, None, {}
+
+
+# ----------------------------------------------------------------------------- model
+def attach(model: torch.nn.Module) -> None:
+    """Route `model`'s attention through the Ulysses function and split its forward inside `active()`.
+    `model` is what training calls forward on (a PEFT wrapper or the transformers model)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(ATTN, ulysses_attention)
+    AttentionMaskInterface.register(ATTN, sdpa_mask)  # outside active(): sdpa's own masks
+    root = model.get_base_model() if hasattr(model, "get_base_model") else model
+    root.set_attn_implementation(ATTN)
+    model.register_forward_pre_hook(_split_inputs, with_kwargs=True, prepend=True)
+    model.register_forward_hook(_restore_length)
+
+
+def _split_inputs(module, args, kwargs):
+    if _STATE.group is None:
+        return None
+    if args or "input_ids" not in kwargs or kwargs.get("position_ids") is None:
+        raise RuntimeError("context parallelism needs forward(input_ids=..., position_ids=...) keywords")
+    kwargs = dict(kwargs)
+    kwargs["input_ids"] = kwargs["input_ids"][:, :-1]
+    local = kwargs["position_ids"][:, :-1].contiguous()
+    kwargs["position_ids"] = local
+    parts = [torch.empty_like(local) for _ in range(_STATE.size)]
+    torch.distributed.all_gather(parts, local, group=_STATE.group)
+    _STATE.positions, _STATE.masks = torch.cat(parts, 1), {}
+    return args, kwargs
+
+
+def _restore_length(module, args, output):
+    if _STATE.group is None:
+        return None
+    logits = output.logits
+    output.logits = torch.cat([logits, logits.new_zeros(logits.size(0), 1, logits.size(2))], 1)
+    return output
+
+
+def _mask(window: int | None) -> torch.Tensor | None:
+    """Causal mask over the whole sequence that keeps packed examples apart (a position-id reset
+    starts an example, as transformers detects packing), and a sliding window if the layer has
+    one; None when plain causal attention is exact (sdpa's is_causal)."""
+    if window in _STATE.masks:
+        return _STATE.masks[window]
+    pos = _STATE.positions
+    first = pos[:, :1] - 1
+    seg = (torch.diff(pos, prepend=first, dim=-1) != 1).cumsum(-1)
+    mask = None
+    if bool((seg[:, -1] != 0).any()) or window:
+        n = pos.size(1)
+        idx = torch.arange(n, device=pos.device)
+        keep = idx[None, :, None] >= idx[None, None, :]
+        if window:
+            keep = keep & (idx[None, :, None] - idx[None, None, :] < window)
+        mask = (keep & (seg[:, :, None] == seg[:, None, :]))[:, None]
+    _STATE.masks[window] = mask
+    return mask
+
+
+def _all_to_all(x: torch.Tensor) -> torch.Tensor:
+    """Chunk i of dim 0 goes to rank i; dim 0 of the result is indexed by source rank (autograd-aware)."""
+    from torch.distributed._functional_collectives import all_to_all_single_autograd, wait_tensor
+
+    return wait_tensor(all_to_all_single_autograd(x.contiguous(), None, None, _STATE.group))
+
+
+def seq_to_heads(x: torch.Tensor, n: int) -> torch.Tensor:
+    """(B, H, L/n, D) sequence slices → (B, H/n, L, D) whole sequences for this rank's heads."""
+    b, h, c, d = x.shape
+    y = _all_to_all(x.reshape(b, n, h // n, c, d).transpose(0, 1))
+    return y.permute(1, 2, 0, 3, 4).reshape(b, h // n, n * c, d)
+
+
+def heads_to_seq(x: torch.Tensor, n: int) -> torch.Tensor:
+    """Inverse of `seq_to_heads`: (B, H/n, L, D) → (B, H, L/n, D)."""
+    b, hn, length, d = x.shape
+    c = length // n
+    y = _all_to_all(x.reshape(b, hn, n, c, d).permute(2, 0, 1, 3, 4))
+    return y.transpose(0, 1).reshape(b, hn * n, c, d)
+
+
+def ulysses_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """transformers attention function: (B, H, L/cp, D) slices in, (B, L/cp, H, D) out."""
+    from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+
+    if _STATE.group is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
+    n = _STATE.size
+    heads, kv_heads = query.size(1), key.size(1)
+    if heads % n:
+        raise ConfigError(f"strategy.cp={n} must divide the model's {heads} attention heads (Ulysses)")
+    if kv_heads % n:  # too few key/value heads to split: repeat them to one per query head first
+        key, value = repeat_kv(key, heads // kv_heads), repeat_kv(value, heads // kv_heads)
+    q, k, v = (seq_to_heads(t, n) for t in (query, key, value))
+    if k.size(1) != q.size(1):
+        k, v = repeat_kv(k, q.size(1) // k.size(1)), repeat_kv(v, q.size(1) // v.size(1))
+    mask = _mask(getattr(module, "sliding_window", None))
+    out = F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=mask is None, scale=scaling
+    )
+    return heads_to_seq(out, n).transpose(1, 2).contiguous(), None
