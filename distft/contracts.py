@@ -48,7 +48,8 @@ class BatchGeometry:
     @classmethod
     def of(cls, cfg, info, micro: int | None = None) -> BatchGeometry:
         t = cfg.train
-        return cls(int(t.micro_batch_size if micro is None else micro), int(t.grad_accum), info.world_size)
+        dp = getattr(info, "dp_size", info.world_size)  # [tp] only data-parallel ranks split the batch
+        return cls(int(t.micro_batch_size if micro is None else micro), int(t.grad_accum), dp)
 
 
 @dataclass
@@ -191,7 +192,7 @@ class MethodContext:
     def rank_examples(self, step: int) -> list[list[dict]]:
         """This rank's micro-batches of the step's global batch (examples, not yet collated)."""
         g = self.geometry
-        shares = self.sampler.rank_micro_batches(step, self.info.rank, g.dp, g.accum)
+        shares = self.sampler.rank_micro_batches(step, self.info.dp_rank, g.dp, g.accum)
         return [[self.data.train[i] for i in ids] for ids in shares]
 
 

@@ -16,8 +16,8 @@ def held_out_loss(method, strategy, examples: list, info, micro: int, prefix: st
     loss metrics over `examples`; every rank runs the same number of forwards."""
     if not examples:
         return {}
-    mine = examples[info.rank :: info.world_size]
-    n_batches = math.ceil(math.ceil(len(examples) / info.world_size) / micro)
+    mine = examples[info.dp_rank :: info.dp_size]  # [tp] a replica's ranks see the same rows
+    n_batches = math.ceil(math.ceil(len(examples) / info.dp_size) / micro)
     model = strategy.model
     was_training = model.training
     model.eval()

@@ -9,6 +9,8 @@ import torch
 from distft.dtypes import PRECISION_DTYPES
 from distft.errors import ConfigError
 from distft.models.layers import decoder_layers
+from distft.parallel import tp as tensor_parallel
+from distft.ranges import num
 from distft.strategies.memory import States, fully_sharded
 from distft.strategies.torch_native import TorchNativeStrategy
 
@@ -19,6 +21,9 @@ class FsdpConfig:
     """Strategy."""
     reshard_after_forward: bool = True
     """Free gathered layer weights after forward (ZeRO-3-like); false keeps them (ZeRO-2-like)."""
+    tp: int = num(1, ge=1)
+    """Tensor-parallel degree: attention and MLP projections sharded over groups of `tp` ranks
+    (they see the same examples); FSDP2 shards over the world / tp data-parallel ranks."""
 
 
 config = FsdpConfig
@@ -32,6 +37,7 @@ def validate(cfg, gpu: bool) -> None:
             "sharded loss scaler); use train.precision=bf16, or fp16 with strategy=ddp or "
             "zero1/zero2/zero3 on GPU"
         )
+    tensor_parallel.validate(cfg)  # [tp]
 
 
 def supports_tuning(tuning: str, strategy_cfg) -> str | None:
@@ -52,6 +58,8 @@ def parallelize(model: torch.nn.Module, cfg, info, mesh=None) -> torch.nn.Module
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+    if mesh is None and tensor_parallel.degree(cfg) > 1:  # [tp] tensor-parallel first, FSDP2 over dp
+        mesh = tensor_parallel.parallelize(model, cfg, info)
     if mesh is None:
         mesh = init_device_mesh(info.device.type, (info.world_size,))
     mp = None

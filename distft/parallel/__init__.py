@@ -1,0 +1,1 @@
+"""Parallelism on one device mesh beyond data parallelism (tensor, context)."""
