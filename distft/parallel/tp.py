@@ -96,13 +96,13 @@ def validate(cfg, world: int | None = None, model_config=None) -> None:
         )
     if cfg.tuning.name not in TP_TUNINGS:
         raise ConfigError(
-            f"strategy.tp>1 is verified for tuning={'|'.join(TP_TUNINGS)} only, not tuning={cfg.tuning.name}; "
-            "set strategy.tp=1"
+            f"strategy.tp>1 is verified for tuning={'|'.join(TP_TUNINGS)} only, "
+            f"not tuning={cfg.tuning.name}; set strategy.tp=1"
         )
     if cfg.method.name not in TP_METHODS:
         raise ConfigError(
-            f"strategy.tp>1 is verified for method={'|'.join(TP_METHODS)} only, not method={cfg.method.name}; "
-            "set strategy.tp=1"
+            f"strategy.tp>1 is verified for method={'|'.join(TP_METHODS)} only, "
+            f"not method={cfg.method.name}; set strategy.tp=1"
         )
     if world is not None and world % tp:
         raise ConfigError(
@@ -215,7 +215,10 @@ def apply_tp(model: torch.nn.Module, tp_mesh, cfg) -> torch.nn.Module:
             )
     parallelize_module(base, tp_mesh, plan)
     _replicate_rest(root, tp_mesh)
+    # Attention whose q/k/v outputs stay sharded runs on its local heads; with gathered outputs
+    # (Phi-3's fused qkv) it runs every head on every rank and keeps its counts.
     for name, mod in named.items():
-        if name.endswith(("self_attn", "attention", "attn")) and any(n.startswith(name + ".") for n in found):
-            _split_heads(mod, tp)
+        if any(n.startswith(name + ".") and s == "colwise" for n, s in found.items()):
+            if name.endswith(("self_attn", "attention", "attn")):
+                _split_heads(mod, tp)
     return model
