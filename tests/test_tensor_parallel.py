@@ -242,3 +242,29 @@ def test_world_not_divisible_by_tp_is_refused():
     with pytest.raises(ConfigError, match="does not divide the world size 3"):
         tp.validate(cfg, world=3)
     tp.validate(cfg, world=4)
+
+
+@pytest.mark.slow
+def test_verify_tensor_parallel_check(runs):
+    """distft-verify's tensor-parallel check: the run it asks for (the same global batch at the
+    other tp degree) and its verdict, on this module's runs (tp=2 vs dp=2, same global batch)."""
+    from distft.config.load import load_config
+    from distft.verify.cli import _tensor_parallel
+
+    root, _ = runs
+    asked = []
+
+    def train(name, nproc, *extra):
+        asked.append((nproc, *extra))
+        return root / "tp2_full"
+
+    cfg, _ = load_config(["strategy=fsdp"])
+    check = _tensor_parallel(cfg, train, root / "dp2_full", 2, 5, 1e-4)
+    assert asked == [(2, "strategy.tp=2", "train.micro_batch_size=2", "train.grad_accum=2")]
+    assert check.passed, check
+    assert float(check.measured.split()[0]) <= 1e-4
+    check = _tensor_parallel(cfg, lambda *a: root / "one_lora", root / "dp2_full", 2, 5, 1e-4)
+    assert check.passed is False  # a different run does not pass
+    for other in (["strategy=zero2"], ["strategy=fsdp", "method=dpo"]):
+        cfg, _ = load_config(other)
+        assert _tensor_parallel(cfg, train, root, 2, 5, 1e-4).passed is None  # n/a
