@@ -52,14 +52,12 @@ def _placements(module) -> dict:
     from torch.distributed.tensor import DTensor
 
     root = module.get_base_model() if hasattr(module, "get_base_model") else module
-    attn = root.model.layers[0].self_attn
     out = {}
     for name, p in root.named_parameters():
         if ".layers.0." in name or "embed" in name or name.startswith("lm_head"):
             assert isinstance(p, DTensor), f"{name} is not a DTensor: parameters must share one mesh"
             tp_dim = p.device_mesh.mesh_dim_names.index("tp")
             out[name] = [str(p.placements[tp_dim]), p.requires_grad]
-    out["heads_seen"] = [getattr(attn, a, None) for a in ("num_heads", "num_key_value_heads")]
     return out
 
 
@@ -189,19 +187,19 @@ def test_sharding_follows_the_plan(runs):
     _, checks = runs
     full, lora = checks["tp2_full"], checks["tp2_lora"]
     layer = "model.layers.0."
-    assert full[layer + "self_attn.q_proj.weight"][0] == "Shard(dim=0)"  # colwise
-    assert full[layer + "self_attn.o_proj.weight"][0] == "Shard(dim=1)"  # rowwise
-    assert full[layer + "mlp.up_proj.weight"][0] == "Shard(dim=0)"
-    assert full[layer + "mlp.down_proj.weight"][0] == "Shard(dim=1)"
-    assert full[layer + "input_layernorm.weight"][0] == "Replicate()"
-    assert full["model.embed_tokens.weight"][0] == "Replicate()"
+    assert full[layer + "self_attn.q_proj.weight"][0] == "S(0)"  # colwise
+    assert full[layer + "self_attn.o_proj.weight"][0] == "S(1)"  # rowwise
+    assert full[layer + "mlp.up_proj.weight"][0] == "S(0)"
+    assert full[layer + "mlp.down_proj.weight"][0] == "S(1)"
+    assert full[layer + "input_layernorm.weight"][0] == "R"
+    assert full["model.embed_tokens.weight"][0] == "R"
     # LoRA: B column-sharded under a colwise base, A row-sharded under a rowwise base; base frozen.
     q, o = layer + "self_attn.q_proj.", layer + "self_attn.o_proj."
-    assert lora[q + "base_layer.weight"] == ["Shard(dim=0)", False]
-    assert lora[q + "lora_B.default.weight"] == ["Shard(dim=0)", True]
-    assert lora[q + "lora_A.default.weight"] == ["Replicate()", True]
-    assert lora[o + "lora_A.default.weight"] == ["Shard(dim=1)", True]
-    assert lora[o + "lora_B.default.weight"] == ["Replicate()", True]
+    assert lora[q + "base_layer.weight"] == ["S(0)", False]
+    assert lora[q + "lora_B.default.weight"] == ["S(0)", True]
+    assert lora[q + "lora_A.default.weight"] == ["R", True]
+    assert lora[o + "lora_A.default.weight"] == ["S(1)", True]
+    assert lora[o + "lora_B.default.weight"] == ["R", True]
 
 
 @pytest.mark.slow
