@@ -266,3 +266,15 @@ def test_verify_tensor_parallel_check(runs):
     for other in (["strategy=zero2"], ["strategy=fsdp", "method=dpo"]):
         cfg, _ = load_config(other)
         assert _tensor_parallel(cfg, train, root, 2, 5, 1e-4).passed is None  # n/a
+
+
+@pytest.mark.quick
+def test_attention_head_counts_become_local():
+    """Attention modules that keep head counts (remote-code and older families) get their local
+    share; Llama-style ones reshape with -1 and keep none."""
+    from distft.parallel.tp import _split_heads
+
+    attn = torch.nn.Module()
+    attn.num_heads, attn.num_key_value_heads, attn.head_dim = 8, 4, 16
+    _split_heads(attn, 2)
+    assert (attn.num_heads, attn.num_key_value_heads, attn.head_dim) == (4, 2, 16)
