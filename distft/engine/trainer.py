@@ -27,6 +27,7 @@ from distft.methods import METHODS
 from distft.methods.frozen import frozen_loader
 from distft.models import load_tokenizer, resolve_model_path
 from distft.models.tiny import random_base_warning
+from distft.parallel import tp
 from distft.perf import precision as matmul_precision
 from distft.perf.mfu import MfuMeter, peak_memory_gib
 from distft.runtime import dist, preflight, stop
@@ -67,6 +68,7 @@ class Trainer:
     @classmethod
     def build(cls, cfg, composed=None) -> Trainer:
         info = dist.init(cfg.cluster.timeout_s)
+        info = dataclasses.replace(info, replica_ranks=tp.degree(cfg))  # [tp] ranks of one replica
         run_dir, ckpt, resume_path, run_fingerprint = build.open_run(cfg, composed, info)
         preflight.run(cfg, info, run_dir)  # report, stop-signal handler, hang stack dumps
         build.seed(cfg.train.seed)

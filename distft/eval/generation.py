@@ -13,11 +13,11 @@ DEFAULT = ("exact_match",)
 
 def generate_pairs(model, tokenizer, rows: list[dict], cfg, info, sharded: bool) -> list[tuple[str, str]]:
     """(prediction, reference) for every row, in row order, on every rank."""
-    mine = rows[info.rank :: info.world_size]
+    mine = rows[info.dp_rank :: info.dp_size]  # [tp] a replica's ranks generate the same rows
     prompts = [prompt_text(r, tokenizer) for r in mine]
     outs = generate(model, tokenizer, prompts, cfg.train.max_new_tokens, info.device, sharded)
     pairs = [(o, reference_answer(r)) for o, r in zip(outs, mine)]
-    gathered = dist.all_gather_objects(pairs)
+    gathered = dist.all_gather_objects(pairs)[:: info.replica_ranks]  # [tp] one list per replica
     # Undo the round-robin so the order is the rows' order whatever the world size.
     out = []
     for i in range(max((len(g) for g in gathered), default=0)):

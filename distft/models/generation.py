@@ -44,7 +44,7 @@ def generate(
 
 
 def exact_match(model, tokenizer, rows: list[dict], cfg, info, sharded: bool) -> float:
-    mine = rows[info.rank :: info.world_size]
+    mine = rows[info.dp_rank :: info.dp_size]  # [tp] a replica's ranks generate the same rows
     prompts = [prompt_text(r, tokenizer) for r in mine]
     outs = generate(model, tokenizer, prompts, cfg.train.max_new_tokens, info.device, sharded)
     hits = sum(o.strip() == reference_answer(r).strip() for o, r in zip(outs, mine))

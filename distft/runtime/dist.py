@@ -23,10 +23,21 @@ class DistInfo:
     local_world_size: int
     device: torch.device
     backend: str
+    replica_ranks: int = 1
+    """Ranks that form one data-parallel replica (tensor-parallel degree): they see the same
+    examples; the data-parallel rank is rank // replica_ranks (the mesh's outer dimension)."""
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def dp_rank(self) -> int:
+        return self.rank // self.replica_ranks
+
+    @property
+    def dp_size(self) -> int:
+        return self.world_size // self.replica_ranks
 
 
 def _env_int(*names: str, default: int) -> int:

@@ -59,10 +59,10 @@ def check_mesh(cfg, gpu: bool, world: int | None = None) -> None:
         world = int(os.environ.get("WORLD_SIZE") or cfg.cluster.nodes * cfg.cluster.nproc_per_node)
     if cp * tp > 1 and world:
         meshes.check_world(world, cp, tp)
-    if tp > 1 and not _has_tp():
-        raise ConfigError(
-            f"strategy.tp={tp}: tensor parallelism is not yet available in this build; use strategy.tp=1"
-        )
+    if tp > 1:
+        from distft.parallel.tp import validate as validate_tp
+
+        validate_tp(cfg, world)
     if cp == 1:
         return
     if cfg.method.name not in CP_METHODS:
@@ -96,12 +96,6 @@ def check_mesh(cfg, gpu: bool, world: int | None = None) -> None:
         raise ConfigError(
             f"strategy.cp={cp} is not verified with train.compile=true; set train.compile=false"
         )
-
-
-def _has_tp() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("distft.parallel.tp") is not None
 
 
 def _heads(cfg) -> int | None:

@@ -9,6 +9,8 @@ equivalence checks, each by real runs (torchrun subprocesses) in a work dir:
   cp              strategy.cp=2 (2 ranks × micro m × accum 2, dp=1) vs 2 ranks × micro m (fsdp/hsdp)
   EOS trained     greedy generation from export/ on training prompts ends with EOS
   export          export/ not empty, loadable, reproduces the trained model's logits
+  tensor parallel 2 ranks × tp=2 vs the reference's tp (same global batch; strategy=fsdp; on by
+                  default when strategy.tp > 1, else ask with --only tensor_parallel)
 
 Prints a pass/fail table with the measured differences and tolerances (also verify.json in the
 work dir); exit 0 when every applicable check passed, 1 otherwise, 2 on a config error.
@@ -27,7 +29,8 @@ from pathlib import Path
 from distft.errors import DistftError
 from distft.verify import checks, runs
 
-ALL = ("grad_accum", "world_size", "resume", "packing", "cp", "eos", "export")
+ALL = ("grad_accum", "world_size", "resume", "packing", "cp", "eos", "export", "tensor_parallel")
+DEFAULT = ALL[:-1]  # tensor_parallel joins them when the config sets strategy.tp > 1
 
 
 def shrink(cfg, steps: int, micro: int) -> list[str]:
@@ -76,10 +79,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=6, help="optimizer steps of each run (even, >= 4)")
     parser.add_argument("--micro", type=int, default=4, help="micro-batch of the 2-rank reference run")
     parser.add_argument("--eos-steps", type=int, default=120, help="steps of the run that learns EOS")
-    parser.add_argument("--only", default=",".join(ALL), help=f"comma-separated subset of {','.join(ALL)}")
+    parser.add_argument("--only", default=None, help=f"comma-separated subset of {','.join(ALL)}")
     parser.add_argument("--timeout", type=int, default=1800, help="seconds per run")
     args, overrides = parser.parse_known_args(argv)
-    wanted = [c.strip() for c in args.only.split(",") if c.strip()]
+    wanted = [c.strip() for c in (args.only or ",".join(ALL)).split(",") if c.strip()]
     if unknown := set(wanted) - set(ALL):
         parser.error(f"--only: unknown checks {sorted(unknown)}; valid: {', '.join(ALL)}")
     try:
@@ -87,12 +90,15 @@ def main(argv: list[str] | None = None) -> int:
 
         cfg, _ = load_config(overrides)
         validate(cfg)
+        user_tp = getattr(cfg.strategy, "tp", 1)  # the shrunk config runs data-parallel
         small = [*overrides, *shrink(cfg, args.steps, args.micro)]
         cfg, _ = load_config(small)
         validate(cfg)
     except DistftError as e:
         print(f"distft-verify: error: {e}", file=sys.stderr)
         return 2
+    if args.only is None and user_tp <= 1:
+        wanted = list(DEFAULT)
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="distft-verify-")).resolve()
     work.mkdir(parents=True, exist_ok=True)
     print(
@@ -120,7 +126,8 @@ def run_checks(cfg, small: list[str], wanted: list[str], work: Path, args) -> li
         runs.run(work / name, [*small, *extra], nproc, args.timeout)
         return work / name
 
-    needs_ref = {"grad_accum", "world_size", "resume", "export", "packing", "cp"} & set(wanted)
+    needs_ref = {"grad_accum", "world_size", "resume", "export", "packing", "cp", "tensor_parallel"}
+    needs_ref &= set(wanted)
     ref = None
     if needs_ref:
         export = "train.export=last" if "export" in wanted else "train.export=none"
@@ -160,7 +167,30 @@ def run_checks(cfg, small: list[str], wanted: list[str], work: Path, args) -> li
 
         eos_cfg, _ = load_config([*small, *eos_overrides, f"output_dir={run}"])
         out.append(_guarded("EOS trained", lambda: checks.check_eos(eos_cfg, run)))
+    if "tensor_parallel" in wanted:
+        out.append(_tensor_parallel(cfg, train, ref, m, steps, tol))
     return out
+
+
+def _tensor_parallel(cfg, train, ref: Path, micro: int, steps: int, tol: float) -> checks.Check:
+    """2 ranks with the other tensor-parallel degree (2 if the config's is 1, else 1), grad accum
+    making up the global batch of the reference (2 ranks × micro × 1 at the config's tp)."""
+    name = "tensor parallel"
+    if cfg.strategy.name != "fsdp":
+        return checks.Check(name, None, "n/a", "-", "strategy.tp is a strategy=fsdp setting")
+    from distft.parallel import tp as tensor_parallel
+
+    if cfg.tuning.name not in tensor_parallel.TP_TUNINGS or cfg.method.name not in tensor_parallel.TP_METHODS:
+        why = f"tuning={cfg.tuning.name} method={cfg.method.name} refuse strategy.tp>1"
+        return checks.Check(name, None, "n/a", "-", why)
+    mine = tensor_parallel.degree(cfg)
+    if mine == 1:  # reference: 2 data-parallel ranks × micro; here 1 replica of 2 tp ranks × accum 2
+        other, shape = 2, [f"train.micro_batch_size={micro}", "train.grad_accum=2"]
+    else:  # reference: one replica × micro; here 2 data-parallel ranks × micro / 2
+        other, shape = 1, [f"train.micro_batch_size={max(1, micro // 2)}", "train.grad_accum=1"]
+    run = train("tensor_parallel", 2, f"strategy.tp={other}", *shape)
+    what = f"2 ranks at tp={other} ({', '.join(shape)}) vs 2 ranks at tp={mine}, micro {micro}"
+    return checks.compare_losses(name, run, ref, range(1, steps + 1), tol, what)
 
 
 def _guarded(name: str, fn) -> checks.Check:

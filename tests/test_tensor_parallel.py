@@ -1,0 +1,280 @@
+"""Tensor parallelism (`strategy=fsdp strategy.tp=N`, distft/parallel/tp.py) on real gloo ranks.
+
+Equivalences (fp32, dropout off, 5 steps, the same global batch of 4): tp=2 on 2 ranks equals one
+rank, and dp=2 × tp=2 on 4 ranks equals dp=2 on 2 ranks, in losses and exported weights, for full
+fine-tuning and LoRA. One in-process spawn per world size (1, 2, 4) runs all of its jobs, so the
+stack is imported once per world size; the 2-rank spawn also checks the sharding itself (placements,
+local heads, LoRA adapters following their base layer) and other families' plans (Qwen2, Mistral,
+Gemma, Phi-3's fused projections) against the unsharded model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.util import FAST, free_port, max_rel_diff, train_losses
+
+TOL = 1e-4  # relative
+JOB = [
+    *FAST,
+    "strategy=fsdp",
+    "data.num_examples=64",
+    "train.max_steps=5",
+    "train.precision=fp32",
+    "train.lr_scheduler=constant",
+    "train.lr=1e-3",
+    "train.eval_generate=false",
+    "data.max_eval_generations=0",
+    "eval.test=false",
+    "cluster.preflight=false",
+]
+LORA = ["tuning=lora"]
+RUNS = {  # name: (world, overrides); every job's global batch is 4 examples
+    "one_full": (1, ["train.micro_batch_size=4"]),
+    "one_lora": (1, [*LORA, "train.micro_batch_size=4"]),
+    "tp2_full": (2, ["strategy.tp=2", "train.micro_batch_size=4"]),
+    "tp2_lora": (2, [*LORA, "strategy.tp=2", "train.micro_batch_size=4"]),
+    "dp2_full": (2, ["train.micro_batch_size=2"]),
+    "dp2_lora": (2, [*LORA, "train.micro_batch_size=2"]),
+    "dp2tp2_full": (4, ["strategy.tp=2", "train.micro_batch_size=2"]),
+    "dp2tp2_lora": (4, [*LORA, "strategy.tp=2", "train.micro_batch_size=2"]),
+}
+SAME = [("tp2", "one"), ("dp2tp2", "dp2")]  # (tensor-parallel job, its reference)
+
+
+def _placements(module) -> dict:
+    """What the trained model's sharding looks like (rank 0's view)."""
+    from torch.distributed.tensor import DTensor
+
+    root = module.get_base_model() if hasattr(module, "get_base_model") else module
+    out = {}
+    for name, p in root.named_parameters():
+        if ".layers.0." in name or "embed" in name or name.startswith("lm_head"):
+            assert isinstance(p, DTensor), f"{name} is not a DTensor: parameters must share one mesh"
+            tp_dim = p.device_mesh.mesh_dim_names.index("tp")
+            out[name] = [str(p.placements[tp_dim]), p.requires_grad]
+    return out
+
+
+def _family_checks() -> dict:
+    """Other families' plans on 2 ranks: logits and a sharded weight's gradient as unsharded."""
+    import copy
+    from types import SimpleNamespace
+
+    from torch.distributed.device_mesh import init_device_mesh
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from distft.parallel.tp import apply_tp
+
+    shape = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2)
+    shape.update(num_attention_heads=4, num_key_value_heads=2, head_dim=8)
+    shape.update(pad_token_id=0, bos_token_id=1, eos_token_id=1)
+    cfg = SimpleNamespace(strategy=SimpleNamespace(tp=2), tuning=SimpleNamespace(name="full"))
+    cfg.method = SimpleNamespace(name="sft")
+    mesh = init_device_mesh("cpu", (2,), mesh_dim_names=("tp",))
+    out = {}
+    for kind, weight in (
+        ("qwen2", "q_proj"),
+        ("mistral", "k_proj"),
+        ("gemma", "o_proj"),
+        ("phi3", "qkv_proj"),
+    ):
+        torch.manual_seed(0)
+        config = AutoConfig.for_model(kind, **shape, attn_implementation="eager")
+        model = AutoModelForCausalLM.from_config(config)
+        ref = copy.deepcopy(model)
+        apply_tp(model, mesh, cfg)
+        ids = torch.randint(0, 64, (2, 12))
+        got, want = model(input_ids=ids, labels=ids), ref(input_ids=ids, labels=ids)
+        got.loss.backward()
+        want.loss.backward()
+        g = getattr(model.model.layers[1].self_attn, weight).weight
+        g_ref = getattr(ref.model.layers[1].self_attn, weight).weight.grad
+        out[kind] = {
+            "logits": float((got.logits - want.logits).detach().abs().max() / want.logits.abs().max()),
+            "grad": float((g.grad.full_tensor() - g_ref).abs().max() / g_ref.abs().max()),
+            "local_rows": g.to_local().shape[0] / g.shape[0],
+        }
+    return out
+
+
+def _worker(rank: int, world: int, port: int, root: str) -> None:
+    env = {"RANK": rank, "LOCAL_RANK": rank, "WORLD_SIZE": world, "LOCAL_WORLD_SIZE": world}
+    os.environ.update({k: str(v) for k, v in env.items()})
+    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"})
+    torch.set_num_threads(1)
+    from distft.config.load import load_config
+    from distft.engine.trainer import Trainer
+
+    out: dict = {}
+    for name, (w, overrides) in RUNS.items():
+        if w != world:
+            continue
+        cfg, composed = load_config([*JOB, *overrides, f"output_dir={Path(root) / name}"])
+        trainer = Trainer.build(cfg, composed)
+        trainer.train()  # exports: full weights, or the adapter
+        if "tp2" in name:
+            out[name] = _placements(trainer.strategy.module)
+    if world == 2:
+        out["families"] = _family_checks()
+    if rank == 0:
+        (Path(root) / f"checks_{world}.json").write_text(json.dumps(out))
+    torch.distributed.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    import torch.multiprocessing as mp
+
+    root = tmp_path_factory.mktemp("tp")
+    checks = {}
+    for world in (1, 2, 4):
+        mp.spawn(_worker, args=(world, free_port(), str(root)), nprocs=world, join=True)
+        checks.update(json.loads((root / f"checks_{world}.json").read_text()))
+    return root, checks
+
+
+def _exported(run_dir: Path) -> dict:
+    from safetensors.torch import load_file
+
+    export = run_dir / "export"
+    adapter = export / "adapter_model.safetensors"
+    return load_file(str(adapter if adapter.exists() else export / "model.safetensors"))
+
+
+def _differences(root: Path, tuning: str) -> dict[str, tuple[float, float]]:
+    """(largest relative loss difference, largest relative weight difference) per pair."""
+    out = {}
+    for job, ref in SAME:
+        a, b = root / f"{job}_{tuning}", root / f"{ref}_{tuning}"
+        la, lb = train_losses(a), train_losses(b)
+        assert sorted(la) == sorted(lb) == [1, 2, 3, 4, 5], (la, lb)
+        loss = max(abs(la[s] - lb[s]) / abs(lb[s]) for s in lb)
+        out[f"{job} vs {ref}"] = (loss, max_rel_diff(_exported(a), _exported(b)))
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tuning", ["full", "lora"])
+def test_tensor_parallel_equals_data_parallel(runs, tuning):
+    root, _ = runs
+    diffs = _differences(root, tuning)
+    print(tuning, diffs)
+    for pair, (loss, weights) in diffs.items():
+        assert loss <= TOL and weights <= TOL, f"{tuning} {pair}: losses {loss:.3g}, weights {weights:.3g}"
+    # The runs trained: losses fell and the exported weights moved from the base.
+    losses = train_losses(root / f"tp2_{tuning}")
+    assert losses[5] < losses[1]
+    exported = _exported(root / f"tp2_{tuning}")
+    assert all(not hasattr(v, "device_mesh") for v in exported.values())  # plain HF tensors
+    if tuning == "full":
+        from safetensors.torch import load_file
+
+        base = load_file(str(root / "tp2_full" / "base_model" / "model.safetensors"))
+        assert max_rel_diff(exported, {k: base[k] for k in exported}) > 1e-3
+        assert exported["model.layers.0.self_attn.q_proj.weight"].shape == (128, 128)  # gathered, not a shard
+    else:
+        assert any("lora_B" in k and v.abs().max() > 0 for k, v in exported.items())
+
+
+@pytest.mark.slow
+def test_sharding_follows_the_plan(runs):
+    _, checks = runs
+    full, lora = checks["tp2_full"], checks["tp2_lora"]
+    layer = "model.layers.0."
+    assert full[layer + "self_attn.q_proj.weight"][0] == "S(0)"  # colwise
+    assert full[layer + "self_attn.o_proj.weight"][0] == "S(1)"  # rowwise
+    assert full[layer + "mlp.up_proj.weight"][0] == "S(0)"
+    assert full[layer + "mlp.down_proj.weight"][0] == "S(1)"
+    assert full[layer + "input_layernorm.weight"][0] == "R"
+    assert full["model.embed_tokens.weight"][0] == "R"
+    # LoRA: B column-sharded under a colwise base, A row-sharded under a rowwise base; base frozen.
+    q, o = layer + "self_attn.q_proj.", layer + "self_attn.o_proj."
+    assert lora[q + "base_layer.weight"] == ["S(0)", False]
+    assert lora[q + "lora_B.default.weight"] == ["S(0)", True]
+    assert lora[q + "lora_A.default.weight"] == ["R", True]
+    assert lora[o + "lora_A.default.weight"] == ["S(1)", True]
+    assert lora[o + "lora_B.default.weight"] == ["R", True]
+
+
+@pytest.mark.slow
+def test_other_families_match_unsharded(runs):
+    _, checks = runs
+    for kind, c in checks["families"].items():
+        assert c["logits"] < 1e-5 and c["grad"] < 1e-5, (kind, c)
+        if kind != "gemma":  # o_proj is rowwise: its output rows are whole
+            assert c["local_rows"] == 0.5, (kind, c)
+
+
+@pytest.mark.quick
+@pytest.mark.parametrize(
+    "overrides, words",
+    [
+        (["tuning=qlora", "strategy.tp=2"], "NF4-quantized weights cannot be split"),
+        (["strategy.tp=3"], "does not divide the model's 4 attention heads"),
+        (["strategy.tp=2", "model.num_kv_heads=1"], "does not divide the model's 1 key/value heads"),
+        (["strategy.tp=2", "method=dpo"], "verified for method=sft only"),
+        (["strategy.tp=2", "tuning=dora"], "verified for tuning=full|lora only"),
+    ],
+)
+def test_impossible_tensor_parallel_setups_are_refused(overrides, words):
+    from distft.config.load import load_config
+    from distft.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=words):
+        load_config(["strategy=fsdp", *overrides])
+
+
+@pytest.mark.quick
+def test_world_not_divisible_by_tp_is_refused():
+    from distft.config.load import load_config
+    from distft.errors import ConfigError
+    from distft.parallel import tp
+
+    cfg, _ = load_config(["strategy=fsdp", "strategy.tp=2"])
+    with pytest.raises(ConfigError, match="does not divide the world size 3"):
+        tp.validate(cfg, world=3)
+    tp.validate(cfg, world=4)
+
+
+@pytest.mark.slow
+def test_verify_tensor_parallel_check(runs):
+    """distft-verify's tensor-parallel check: the run it asks for (the same global batch at the
+    other tp degree) and its verdict, on this module's runs (tp=2 vs dp=2, same global batch)."""
+    from distft.config.load import load_config
+    from distft.verify.cli import _tensor_parallel
+
+    root, _ = runs
+    asked = []
+
+    def train(name, nproc, *extra):
+        asked.append((nproc, *extra))
+        return root / "tp2_full"
+
+    cfg, _ = load_config(["strategy=fsdp"])
+    check = _tensor_parallel(cfg, train, root / "dp2_full", 2, 5, 1e-4)
+    assert asked == [(2, "strategy.tp=2", "train.micro_batch_size=2", "train.grad_accum=2")]
+    assert check.passed, check
+    assert float(check.measured.split()[0]) <= 1e-4
+    check = _tensor_parallel(cfg, lambda *a: root / "one_lora", root / "dp2_full", 2, 5, 1e-4)
+    assert check.passed is False  # a different run does not pass
+    for other in (["strategy=zero2"], ["strategy=fsdp", "method=dpo"]):
+        cfg, _ = load_config(other)
+        assert _tensor_parallel(cfg, train, root, 2, 5, 1e-4).passed is None  # n/a
+
+
+@pytest.mark.quick
+def test_attention_head_counts_become_local():
+    """Attention modules that keep head counts (remote-code and older families) get their local
+    share; Llama-style ones reshape with -1 and keep none."""
+    from distft.parallel.tp import _split_heads
+
+    attn = torch.nn.Module()
+    attn.num_heads, attn.num_key_value_heads, attn.head_dim = 8, 4, 16
+    _split_heads(attn, 2)
+    assert (attn.num_heads, attn.num_key_value_heads, attn.head_dim) == (4, 2, 16)
