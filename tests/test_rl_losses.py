@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import collections
 import json
+import math
 import os
 import types
 from pathlib import Path
@@ -40,7 +41,7 @@ def _tensors():
     return logp, old, ref, adv, mask
 
 
-def _ours(kind, logp, old, ref, adv, mask, beta, rows=slice(None)):
+def _ours(kind, logp, old, ref, adv, mask, beta, rows=slice(None), is_w=None):
     t = PolicyTerms(
         logp=logp[rows],
         old_logp=old[rows],
@@ -51,6 +52,7 @@ def _ours(kind, logp, old, ref, adv, mask, beta, rows=slice(None)):
         max_len=MAX_LEN,
         ref_logp=ref[rows],
         beta=beta,
+        is_weights=None if is_w is None else is_w[rows],
     )
     loss, _ = policy_loss(kind, t)
     return loss, normalizer(kind, mask[rows], MAX_LEN)
@@ -85,8 +87,9 @@ def _paper(kind, logp, old, ref, adv, mask, beta):
     return sum(tokens) / mask.sum()  # DAPO eq. 8, CISPO eq. 4: over all tokens of the batch
 
 
-def _trl(kind, logp, old, ref, adv, mask, beta):
-    """TRL 1.16's GRPOTrainer._compute_loss on the same tensors (one process, no accumulation)."""
+def _trl(kind, logp, old, ref, adv, mask, beta, is_ratio=None):
+    """TRL 1.16's GRPOTrainer._compute_loss on the same tensors (one process, no accumulation);
+    `is_ratio`: its vLLM importance-sampling correction (token_truncate weights)."""
     from trl.trainer.grpo_trainer import GRPOTrainer
 
     trl_kind = {"gspo": "grpo"}.get(kind, kind)
@@ -103,7 +106,8 @@ def _trl(kind, logp, old, ref, adv, mask, beta):
         loss_type=trl_kind,
         epsilon_low=EPS_LOW,
         epsilon_high=5.0 if kind == "cispo" else EPS_HIGH,  # TRL's cispo ε_max: the weight's cap
-        use_vllm=False,
+        use_vllm=is_ratio is not None,
+        vllm_importance_sampling_correction=True,
         model=types.SimpleNamespace(training=True),
         current_gradient_accumulation_steps=1,
         max_completion_length=MAX_LEN,
@@ -121,6 +125,7 @@ def _trl(kind, logp, old, ref, adv, mask, beta):
         "old_per_token_logps": old,
         "ref_per_token_logps": ref,
         "num_items_in_batch": mask.sum(),
+        "importance_sampling_ratio": is_ratio,
     }
     return GRPOTrainer._compute_loss(trainer, None, inputs)
 
@@ -159,6 +164,29 @@ def test_each_variant_equals_its_paper_and_trl(kind):
 
 
 @pytest.mark.quick
+def test_truncated_importance_sampling_weights_the_loss_as_trl():
+    """method.tis_cap: min(π_old/π_sampler, cap) multiplies each token's policy term, as TRL's
+    vLLM correction (token_truncate) does; the log-prob difference is summed for the metric."""
+    from distft.methods.rl.engines import tis_weights
+
+    logp, old, ref, adv, mask = _tensors()
+    g = torch.Generator().manual_seed(1)
+    sample = old - torch.rand(B, T, generator=g, dtype=torch.float64) * 2  # the sampler differs
+    w, diff, count = tis_weights(old, sample, mask, 2.0)
+    assert float(w.max()) == 2.0 and float(w.min()) >= 1.0 and not w.requires_grad
+    assert abs(float(diff) - float(((old - sample).abs() * mask).sum())) < 1e-12 and count == mask.sum()
+    assert tis_weights(old, sample, mask, None)[0] is None
+    for kind in VARIANTS:
+        loss, norm = _ours(kind, logp, old, ref, adv, mask, BETA, is_w=w)
+        mine, g_mine = float(loss / norm), torch.autograd.grad(loss / norm, logp)[0]
+        trl, g_trl = _value_and_grad(lambda lp, b, k=kind: _trl(k, lp, old, ref, adv, mask, b, w), logp, BETA)
+        assert abs(mine - trl) < 1e-6, (kind, mine, trl)
+        torch.testing.assert_close(g_mine, g_trl, atol=1e-6, rtol=0)
+        plain, _ = _ours(kind, logp.detach(), old, ref, adv, mask, BETA)
+        assert abs(float(plain / norm) - mine) > 1e-3, kind  # the weights changed the loss
+
+
+@pytest.mark.quick
 def test_variants_differ_and_defaults_and_validation():
     """The variants are different losses on the same tensors (the report's figures), the loss
     types' clip defaults, and config errors in one line."""
@@ -180,6 +208,13 @@ def test_variants_differ_and_defaults_and_validation():
         load_config(["method=grpo", "method.epsilon_low=1.5"])
     with pytest.raises(ConfigError, match="overlong_buffer=9 exceeds method.max_new_tokens=8"):
         load_config(["method=grpo", "method.overlong_buffer=9"])
+    for method in ("grpo", "ppo"):
+        with pytest.raises(ConfigError, match="engine=vllm runs only on GPUs .*use method.rollout.engine=hf"):
+            load_config([f"method={method}", "method.rollout.engine=vllm"])
+    with pytest.raises(ConfigError, match="method.rollout.engine='sglang'; valid: hf, vllm"):
+        load_config(["method=grpo", "method.rollout.engine=sglang"])
+    with pytest.raises(ConfigError, match="method.tis_cap=0.5 must be >= 1"):
+        load_config(["method=grpo", "method.tis_cap=0.5"])
 
 
 @pytest.mark.quick
@@ -213,6 +248,7 @@ RUN = [
     "method.mini_batches=2",
     "method.epochs=2",
     "method.lr_scale=1.0",
+    "method.beta=0.04",
     "train.micro_batch_size=2",
     "train.lr_scheduler=constant",
     "train.warmup_steps=0",
@@ -225,12 +261,12 @@ RUN = [
 ]
 # Per variant: extra options. dapo runs the whole recipe (dynamic sampling, overlong shaping).
 RUNS = {
-    "grpo": [],
-    "bnpo": [],
-    "dapo": ["method.dynamic_sampling=true", "method.overlong_buffer=2", "method.mask_truncated=true"],
-    "dr_grpo": ["method.scale_rewards=false"],
-    "gspo": [],
-    "cispo": [],
+    "grpo": {},
+    "bnpo": {},
+    "dapo": {"dynamic_sampling": True, "overlong_buffer": 2, "mask_truncated": True},
+    "dr_grpo": {"scale_rewards": False},
+    "gspo": {},
+    "cispo": {},
 }
 
 
@@ -259,36 +295,45 @@ def _worker(rank: int, world: int, port: int, root: str, accum: int) -> None:
     os.environ.update({k: str(v) for k, v in env.items()})
     os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"})
     torch.set_num_threads(1)
+    import dataclasses
+
     from distft.config.load import load_config
     from distft.engine.trainer import Trainer
 
-    out: dict = {"update": {}, "runs": {}}
+    cfg, composed = load_config([*RUN, f"train.grad_accum={accum}", f"output_dir={Path(root) / str(world)}"])
+    trainer = Trainer.build(cfg, composed)  # one policy for all variants: the method's config switches
+    method, ctx = trainer.method, trainer.ctx
+    base = dataclasses.replace(cfg.method)
+    out: dict = {"update": {}, "steps": {}}
+    # The update on fixed rollouts, each variant in turn on the same policy: 2 ranks × accum 1 vs
+    # 1 rank × accum 2 over the same global batch must give the same losses and weights.
     for kind in VARIANTS:
-        opts = [*RUN, f"method.loss_type={kind}", f"train.grad_accum={accum}", "method.beta=0.04"]
-        if world == 2:  # the variant trains on 2 ranks (real rollouts)
-            run_dir = Path(root) / kind
-            cfg, composed = load_config([*opts, *RUNS[kind], f"output_dir={run_dir}"])
-            trainer = Trainer.build(cfg, composed)
-            params = list(trainer.strategy.model.parameters())
-            before = [p.detach().clone() for p in params]
-            trainer.train()
-            moved = sum(float((p.detach() - b).abs().sum()) for p, b in zip(params, before))
-            out["runs"][kind] = {"moved": moved}
-        # The update on fixed rollouts: 2 ranks × accum 1 vs 1 rank × accum 2, same global batch.
-        fixed_dir = Path(root) / f"fixed_{world}_{kind}"
-        cfg, composed = load_config([*opts, f"output_dir={fixed_dir}", "train.max_steps=1"])
-        trainer = Trainer.build(cfg, composed)
-        batch = _fixed_batch(trainer.tokenizer, world, rank)
-        r = trainer.method.update(trainer.ctx, 0, batch)
+        cfg.method.loss_type = kind
+        r = method.update(ctx, 0, _fixed_batch(trainer.tokenizer, world, rank))
         sd = trainer.strategy.full_state_dict()
         out["update"][kind] = {
             "loss": r.loss,
             "kl": r.metrics["kl"],
             "fingerprint": float(sum((v.double() ** 2).sum() for v in sd.values())),
         }
+    if world == 2:  # then every variant trains on real rollouts for a step or two
+        for kind in VARIANTS:
+            cfg.method = dataclasses.replace(base, loss_type=kind, **RUNS[kind])
+            method.cfg = cfg
+            params = list(trainer.strategy.model.parameters())
+            before = [p.detach().clone() for p in params]
+            results = [method.train_step(ctx, step) for step in range(STEPS)]
+            rows = [r.metrics | {"loss": r.loss} for r in results]
+            moved = sum(float((p.detach() - b).abs().sum()) for p, b in zip(params, before))
+            out["steps"][kind] = {"moved": moved, "rows": rows}
+        # The rollout engine's log-probs against the trainer's, corrected by truncated IS.
+        cfg.method = dataclasses.replace(base, tis_cap=2.0, epochs=1, mini_batches=1)
+        method.cfg = cfg
+        out["steps"]["tis"] = method.train_step(ctx, 0).metrics
     if rank == 0:
         (Path(root) / f"world{world}.json").write_text(json.dumps(out))
-    torch.distributed.destroy_process_group()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 @pytest.fixture(scope="module")
@@ -303,16 +348,17 @@ def ranks(tmp_path_factory):
 
 @pytest.mark.slow
 def test_every_variant_trains_on_two_ranks(ranks):
-    checks = json.loads((ranks / "world2.json").read_text())["runs"]
+    steps = json.loads((ranks / "world2.json").read_text())["steps"]
     for kind in VARIANTS:
-        rows = [json.loads(line) for line in (ranks / kind / "metrics.jsonl").read_text().splitlines()]
-        rows = [r for r in rows if "reward" in r]
-        assert len(rows) == STEPS, kind
-        assert all(torch.isfinite(torch.tensor([r["loss"], r["reward"], r["clipfrac"]])).all() for r in rows)
-        assert checks[kind]["moved"] > 0, f"{kind}: the weights did not change"
-    dapo = [json.loads(line) for line in (ranks / "dapo" / "metrics.jsonl").read_text().splitlines()]
-    dapo = [r for r in dapo if "reward" in r]
+        assert steps[kind]["moved"] > 0, f"{kind}: the weights did not change"
+        for row in steps[kind]["rows"]:
+            for key in ("loss", "reward", "clipfrac", "kl", "kl_k3", "advantage_abs"):
+                assert math.isfinite(row[key]), (kind, key)
+    dapo = steps["dapo"]["rows"]
     assert all("dynamic_sampling/dropped_groups" in r and "rewards/overlong" in r for r in dapo)
+    # hf engine: the sampler's log-probs are the trainer's up to kernel differences (KV cache)
+    assert 0 <= steps["tis"]["rollout/logprob_diff"] < 1e-3
+    assert all(0 <= r["rollout/logprob_diff"] < 1e-3 for r in steps["grpo"]["rows"])
 
 
 @pytest.mark.slow

@@ -18,7 +18,7 @@ from typing import Literal
 import torch
 
 from distft.errors import ConfigError
-from distft.methods.rl import loop, sampling
+from distft.methods.rl import engines, loop, sampling
 from distft.methods.rl.advantages import group_advantages
 from distft.methods.rl.config import RLConfig, validate_rl
 from distft.methods.rl.losses import PolicyTerms, epsilons, normalizer, policy_loss
@@ -73,6 +73,7 @@ class GRPO(PromptMethod):
     @staticmethod
     def validate(cfg) -> None:
         validate_rl(cfg)
+        engines.validate(cfg)
         m = cfg.method
         if m.num_generations < 2:
             raise ConfigError(
@@ -114,7 +115,8 @@ class GRPO(PromptMethod):
 
         # With one update per batch, π_old is the policy of that update: its log-probs are the
         # detached ones of the update's own forward (no extra pass).
-        single = m.epochs == 1 and m.mini_batches == 1
+        sample_lp = roll.sample_logprobs
+        single = m.epochs == 1 and m.mini_batches == 1 and (m.tis_cap is None or sample_lp is None)
         old_lp = (
             None if single else loop.forward_logprobs(st.model, st, roll, batch.micro, m.temperature, dev)
         )
@@ -123,6 +125,11 @@ class GRPO(PromptMethod):
         kl_seq = torch.zeros(len(roll), dtype=torch.float64)
         if old_lp is not None and ref_lp is not None:
             kl_seq = ((old_lp - ref_lp) * mask).sum(1).double()
+        sums = loop.Sums()
+        is_w = None  # the rollout engine's mismatch: truncated importance weights (method.tis_cap)
+        if old_lp is not None and sample_lp is not None:
+            is_w, diff, count = engines.tis_weights(old_lp, sample_lp, mask, m.tis_cap)
+            sums.add("rollout/logprob_diff", diff, count)
 
         def terms(lp: torch.Tensor, sl: slice) -> PolicyTerms:
             return PolicyTerms(
@@ -135,6 +142,7 @@ class GRPO(PromptMethod):
                 max_len=m.max_new_tokens,
                 ref_logp=None if ref_lp is None else ref_lp[sl].to(dev),
                 beta=m.beta,
+                is_weights=None if is_w is None else is_w[sl].to(dev),
             )
 
         def loss_fn(model, b: dict) -> tuple[torch.Tensor, dict]:
@@ -147,7 +155,6 @@ class GRPO(PromptMethod):
             return loss, parts
 
         updates = loop.minibatches(len(roll), m.mini_batches, ctx.geometry.accum)
-        sums = loop.Sums()
         loss_total, grad_norm = 0.0, float("nan")
         for _ in range(m.epochs):
             for mb in updates:

@@ -47,6 +47,12 @@ class RLConfig:
     max_reward_failures: int = 16
     """Rollouts whose reward raised or was not finite that may be skipped (counted, logged) over
     the whole run before training stops with an error."""
+    # --- rollout engine and train/rollout mismatch (rlloss; distft/methods/rl/engines.py)
+    rollout: dict[str, Any] = field(default_factory=lambda: {"engine": "hf"})
+    """Rollout engine: {engine: hf} (transformers generate, CPU and GPU) or {engine: vllm} (GPU only)."""
+    tis_cap: float | None = None
+    """Truncated importance sampling of the rollout engine's mismatch: each token's policy term
+    × min(π_old/π_sampler, tis_cap) (null: no correction; rollout/logprob_diff is logged anyway)."""
 
 
 def validate_rl(cfg) -> None:

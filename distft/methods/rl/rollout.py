@@ -26,6 +26,9 @@ class Rollouts:
     completion_ids: list[list[int]]
     stopped: list[bool]
     """Whether the completion ended with EOS (not cut at max_new_tokens)."""
+    sample_logprobs: torch.Tensor | None = None
+    """[B, T-1] log-probs the rollout engine sampled each completion token with (laid out as
+    mask; 0 elsewhere), or None: the train/rollout mismatch correction (method.tis_cap) uses them."""
 
     def __len__(self) -> int:
         return len(self.completions)
@@ -64,11 +67,13 @@ def generate_rollouts(
             pad_token_id=pad,
             use_cache=True,
             synced_gpus=synced,
+            output_logits=not greedy,
+            return_dict_in_generate=True,
             **sampling,
         )
     finally:
         model.train(was_training)
-    new = out[:, width:].cpu().tolist()
+    new = out.sequences[:, width:].cpu().tolist()
     completion_ids, stopped = [], []
     for row in new:
         if eos in row:
@@ -77,7 +82,14 @@ def generate_rollouts(
         else:
             completion_ids.append(row)
             stopped.append(False)
-    return layout(tokenizer, prompts, prompt_ids, completion_ids, stopped)
+    roll = layout(tokenizer, prompts, prompt_ids, completion_ids, stopped)
+    if not greedy:  # the sampler's own log-probs (temperature applied, as it sampled)
+        steps = torch.stack(out.logits, 1).float().cpu()
+        lp = selective_log_softmax(steps, out.sequences[:, width:].cpu(), m.temperature)
+        roll.sample_logprobs = torch.zeros_like(roll.mask)
+        for i, (p, c) in enumerate(zip(prompt_ids, completion_ids)):
+            roll.sample_logprobs[i, len(p) - 1 : len(p) - 1 + len(c)] = lp[i, : len(c)]
+    return roll
 
 
 def layout(tokenizer, prompts, prompt_ids, completion_ids, stopped) -> Rollouts:
