@@ -89,9 +89,3 @@ def validate_rl(cfg) -> None:
             f"method.max_new_tokens={m.max_new_tokens} leaves no room for the prompt in "
             f"data.max_length={cfg.data.max_length}; raise data.max_length"
         )
-    if m.sft_warmup_steps and cfg.tuning.name != "full":
-        raise ConfigError(
-            f"method.sft_warmup_steps={m.sft_warmup_steps} with tuning={cfg.tuning.name}: the warm-up "
-            "trains full weights; start from an SFT export (model.name_or_path=<dir>) with "
-            "method.sft_warmup_steps=0, or use tuning=full"
-        )
