@@ -236,7 +236,7 @@ def test_overlong_shaping_and_informative_groups():
 
 
 # ---------------------------------------------------------------------- real ranks
-STEPS = 2
+STEPS = 1
 RUN = [
     *FAST,
     "method=grpo",
