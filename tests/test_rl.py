@@ -262,6 +262,9 @@ def test_rollout_logprobs_are_the_samplers(tiny):
         n = len(roll.completion_ids[i])
         assert roll.completion_ids[i] == sampled[i, :n].tolist()
         torch.testing.assert_close(lp[i][roll.mask[i].bool()], expected[i, :n], atol=1e-4, rtol=1e-4)
+        # The engine's own log-probs are kept (method.tis_cap, rollout/logprob_diff), laid out as mask.
+        torch.testing.assert_close(roll.sample_logprobs[i][roll.mask[i].bool()], expected[i, :n])
+        assert float(roll.sample_logprobs[i][~roll.mask[i].bool()].abs().sum()) == 0.0
 
 
 @pytest.mark.quick

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from distft.errors import ConfigError
-from distft.methods.rl import loop, models
+from distft.methods.rl import engines, loop, models
 from distft.methods.rl.advantages import gae, whiten
 from distft.methods.rl.config import RLConfig, validate_rl
 from distft.methods.rl.method import PromptMethod
@@ -56,6 +56,7 @@ class PPO(PromptMethod):
     @staticmethod
     def validate(cfg) -> None:
         validate_rl(cfg)
+        engines.validate(cfg)
         m = cfg.method
         if not 0 <= m.lam <= 1 or not 0 <= m.gamma <= 1:
             raise ConfigError(f"method.gamma and method.lam must be in [0, 1] (got {m.gamma}, {m.lam})")
@@ -99,6 +100,11 @@ class PPO(PromptMethod):
         adv, returns = gae(rewards, old_values, mask, m.gamma, m.lam)
         if m.whiten_advantages:
             adv = whiten(adv, mask, dev)
+        sums = loop.Sums()
+        is_w = None  # the rollout engine's mismatch: truncated importance weights (method.tis_cap)
+        if roll.sample_logprobs is not None:
+            is_w, diff, count = engines.tis_weights(old_lp, roll.sample_logprobs, mask, m.tis_cap)
+            sums.add("rollout/logprob_diff", diff, count)
 
         def policy_loss(model, b: dict) -> tuple[torch.Tensor, dict]:
             sl = b["sl"]
@@ -111,10 +117,12 @@ class PPO(PromptMethod):
                     "clipfrac": ((((ratio - 1).abs() > m.clip_range).float() * mk).sum(), mk.sum()),
                     "approx_kl": ((0.5 * (lp - old) ** 2 * mk).sum(), mk.sum()),
                 }
-            return (torch.maximum(-a * ratio, -a * clipped) * mk).sum(), parts
+            per_token = torch.maximum(-a * ratio, -a * clipped)
+            if is_w is not None:
+                per_token = per_token * is_w[sl].to(dev)
+            return (per_token * mk).sum(), parts
 
         updates = loop.minibatches(len(roll), m.mini_batches, ctx.geometry.accum)
-        sums = loop.Sums()
         loop.rollout_metrics(sums, batch, kl.sum(1))
         grad_norm = critic_norm = float("nan")
         loss_total = 0.0

@@ -60,6 +60,12 @@ class RLConfig:
     background thread with a snapshot of the policy; unsharded strategies). Rollouts are at most
     N updates old (logged as staleness) and the update's ratio is against the generating policy's
     log-probs. 0: the synchronous loop."""
+    # --- rollout engine and train/rollout mismatch (rlloss; distft/methods/rl/engines.py)
+    rollout: dict[str, Any] = field(default_factory=lambda: {"engine": "hf"})
+    """Rollout engine: {engine: hf} (transformers generate, CPU and GPU) or {engine: vllm} (GPU only)."""
+    tis_cap: float | None = None
+    """Truncated importance sampling of the rollout engine's mismatch: each token's policy term
+    × min(π_old/π_sampler, tis_cap) (null: no correction; rollout/logprob_diff is logged anyway)."""
 
 
 def validate_rl(cfg) -> None:
@@ -100,10 +106,4 @@ def validate_rl(cfg) -> None:
         raise ConfigError(
             f"method.max_new_tokens={m.max_new_tokens} leaves no room for the prompt in "
             f"data.max_length={cfg.data.max_length}; raise data.max_length"
-        )
-    if m.sft_warmup_steps and cfg.tuning.name != "full":
-        raise ConfigError(
-            f"method.sft_warmup_steps={m.sft_warmup_steps} with tuning={cfg.tuning.name}: the warm-up "
-            "trains full weights; start from an SFT export (model.name_or_path=<dir>) with "
-            "method.sft_warmup_steps=0, or use tuning=full"
         )

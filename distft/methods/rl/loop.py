@@ -77,17 +77,19 @@ def micro_slices(n: int, micro: int) -> list[slice]:
 
 
 def minibatches(n: int, mini_batches: int, accum: int) -> list[list[slice]]:
-    """The optimizer steps of one epoch over `n` rollouts: `mini_batches` contiguous minibatches,
-    each split into `accum` micro-batches (train.grad_accum, as every optimizer step is)."""
+    """The optimizer steps of one epoch over `n` rollouts: the rank's rollouts are its `accum`
+    micro-batch shares of the global batch (contiguous, as the sampler lays them out); minibatch
+    k takes the k-th chunk of each share, so every optimizer step sees the same global rows on any
+    world size × grad-accum split (each rank's share is a share too)."""
     if n % (mini_batches * accum):
         raise ConfigError(
             f"method.mini_batches={mini_batches} does not divide a rank's {n} rollouts into "
             f"train.grad_accum={accum} equal micro-batches; pick a divisor of train.micro_batch_size"
         )
-    size = n // mini_batches
-    micro = size // accum
+    share = n // accum
+    chunk = share // mini_batches
     return [
-        [slice(k * size + j * micro, k * size + (j + 1) * micro) for j in range(accum)]
+        [slice(j * share + k * chunk, j * share + (k + 1) * chunk) for j in range(accum)]
         for k in range(mini_batches)
     ]
 

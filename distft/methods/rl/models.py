@@ -1,13 +1,15 @@
 """The models around an RL policy: the SFT warm start, the frozen reference, and the critic.
 
 - Warm start: a random-init policy earns no reward, so `method.sft_warmup_steps` of SFT on the
-  default task run on the already-wrapped policy before RL; the result is written to
-  `<run>/sft_warmup/` (Hugging Face format) and is the reference model and the critic's init.
+  default task run on the already-wrapped policy before RL. Full tuning: the result is written
+  to `<run>/sft_warmup/` (Hugging Face format) and is the reference model and the critic's init.
+  Adapter tunings (LoRA, QLoRA, ...): the warm-up trains the adapter, which RL goes on training.
 - Reference: a frozen copy of the RL start policy, placed by the strategy like the policy
-  (sharded where it shards parameters; distft.methods.frozen); with LoRA/QLoRA (and no
-  warm-up) the policy itself with its adapters disabled, so no second copy of the weights.
+  (sharded where it shards parameters; distft.methods.frozen); with adapter tunings the base:
+  the policy itself with its adapter disabled, so no second copy of the weights.
 - Critic (PPO): a token-classification model with one output (a value per position) initialized
-  from the start policy, wrapped by its own strategy object (sharded like the policy).
+  from the start policy, wrapped by its own strategy object (sharded like the policy). With
+  adapter tunings it is the base with its own LoRA adapter and a trainable value head.
 """
 
 from __future__ import annotations
@@ -44,6 +46,8 @@ def start_policy(ctx: MethodContext) -> str:
     if cfg.method.sft_warmup_steps <= 0:
         return ctx.model_path
     sft_warmup(ctx)
+    if ctx.tuning.adapter:  # the adapter holds the warm start; the base stays the reference
+        return ctx.model_path
     out = ctx.run_dir / WARMUP_DIR
     save_hf(ctx.strategy, ctx.model_path, out, ctx.tokenizer, cfg, ctx.info, causal=True)
     return str(out)
@@ -83,7 +87,12 @@ def save_hf(strategy, base_path: str, out: Path, tokenizer, cfg, info, causal: b
             fresh = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
         else:
             fresh = _critic_class(base_path, cfg, AutoModelForTokenClassification)
-        fresh.load_state_dict(state, strict=True)
+        if any(k.startswith("base_model.model.") for k in state):  # an adapter critic: merged
+            fresh = _critic_adapter(fresh, cfg)
+            fresh.load_state_dict(state, strict=True)
+            fresh = fresh.merge_and_unload()
+        else:
+            fresh.load_state_dict(state, strict=True)
         fresh.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         shutil.rmtree(out, ignore_errors=True)
@@ -133,11 +142,32 @@ def build_critic(ctx: MethodContext, path: str):
         if head.bias is not None:
             head.bias.zero_()
     critic.config.use_cache = False
+    if ctx.tuning.adapter:
+        critic = _critic_adapter(critic, cfg)
     if cfg.train.gradient_checkpointing:
         critic.gradient_checkpointing_enable({"use_reentrant": False})
     strategy = STRATEGIES[cfg.strategy.name].make(cfg, info)
     strategy.setup(critic)
     return strategy
+
+
+def _critic_adapter(critic, cfg):
+    """The critic's own LoRA adapter (rank and targets of tuning= where it has them) and a
+    trainable value head (PEFT's token-classification task saves it as `modules_to_save`)."""
+    from peft import LoraConfig, get_peft_model
+
+    from distft.tuning.peft_common import fp32_trainable
+
+    t = cfg.tuning
+    targets = getattr(t, "target_modules", ["all-linear"])
+    peft_cfg = LoraConfig(
+        r=getattr(t, "r", 8),
+        lora_alpha=getattr(t, "alpha", 16),
+        target_modules="all-linear" if targets == ["all-linear"] else list(targets),
+        exclude_modules=["score"],  # the value head is trained whole (modules_to_save)
+        task_type="TOKEN_CLS",
+    )
+    return fp32_trainable(get_peft_model(critic, peft_cfg))
 
 
 def write_state(path: Path, state: dict, info) -> None:

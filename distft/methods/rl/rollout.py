@@ -27,6 +27,9 @@ class Rollouts:
     completion_ids: list[list[int]]
     stopped: list[bool]
     """Whether the completion ended with EOS (not cut at max_new_tokens)."""
+    sample_logprobs: torch.Tensor | None = None
+    """[B, T-1] log-probs the rollout engine sampled each completion token with (laid out as
+    mask; 0 elsewhere), or None: the train/rollout mismatch correction (method.tis_cap) uses them."""
 
     def __len__(self) -> int:
         return len(self.completions)
@@ -43,15 +46,32 @@ def generate_rollouts(
     synced: bool,
     greedy: bool = False,
 ) -> Rollouts:
-    completion_ids, stopped = sample(model, tokenizer, prompt_ids, cfg, device, synced, greedy)
-    return layout(tokenizer, prompts, prompt_ids, completion_ids, stopped)
+    completion_ids, stopped, lps = sample_with_logprobs(
+        model, tokenizer, prompt_ids, cfg, device, synced, greedy
+    )
+    roll = layout(tokenizer, prompts, prompt_ids, completion_ids, stopped)
+    if lps is not None:  # laid out as the mask: the completion's tokens, 0 elsewhere
+        roll.sample_logprobs = torch.zeros_like(roll.mask)
+        for i, (p, lp) in enumerate(zip(prompt_ids, lps)):
+            roll.sample_logprobs[i, len(p) - 1 : len(p) - 1 + len(lp)] = lp
+    return roll
 
 
-@torch.no_grad()
 def sample(
     model, tokenizer, prompt_ids: list[list[int]], cfg, device, synced: bool, greedy: bool = False
 ) -> tuple[list[list[int]], list[bool]]:
     """Completions of `prompt_ids` (each cut after its first EOS) and whether each stopped there."""
+    completion_ids, stopped, _ = sample_with_logprobs(
+        model, tokenizer, prompt_ids, cfg, device, synced, greedy
+    )
+    return completion_ids, stopped
+
+
+@torch.no_grad()
+def sample_with_logprobs(
+    model, tokenizer, prompt_ids: list[list[int]], cfg, device, synced: bool, greedy: bool = False
+) -> tuple[list[list[int]], list[bool], list[torch.Tensor] | None]:
+    """`sample`, plus each completion's log-probs under the sampler (None when greedy)."""
     m = cfg.method
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
     width = max(len(p) for p in prompt_ids)
@@ -74,11 +94,13 @@ def sample(
             pad_token_id=pad,
             use_cache=True,
             synced_gpus=synced,
+            output_logits=not greedy,
+            return_dict_in_generate=True,
             **sampling,
         )
     finally:
         model.train(was_training)
-    new = out[:, width:].cpu().tolist()
+    new = out.sequences[:, width:].cpu().tolist()
     completion_ids, stopped = [], []
     for row in new:
         if eos in row:
@@ -87,7 +109,12 @@ def sample(
         else:
             completion_ids.append(row)
             stopped.append(False)
-    return completion_ids, stopped
+    lps = None
+    if not greedy:  # the sampler's own log-probs (temperature applied, as it sampled)
+        steps = torch.stack(out.logits, 1).float().cpu()
+        lp = selective_log_softmax(steps, out.sequences[:, width:].cpu(), m.temperature)
+        lps = [lp[i, : len(c)] for i, c in enumerate(completion_ids)]
+    return completion_ids, stopped, lps
 
 
 def layout(tokenizer, prompts, prompt_ids, completion_ids, stopped, actions=None, texts=None) -> Rollouts:
