@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from distft.contracts import Method
 from distft.data.collate import as_row, pack, pad_batch
@@ -13,6 +12,7 @@ from distft.data.default_tasks import sft_rows
 from distft.data.sft_format import IGNORE, tokenize_sft
 from distft.eval import GENERATION_METRICS
 from distft.eval.generation import generation_metrics
+from distft.methods.logprobs import model_nll
 
 
 @dataclass
@@ -63,16 +63,7 @@ class SFT(Method):
     def loss(self, model, batch: dict) -> tuple[torch.Tensor, dict]:
         """Summed token loss over the batch's targets (the engine normalizes it by the global target
         count) and extra metrics as {name: (sum, count)}, averaged over the step by the engine."""
-        out = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
-        logits = out.logits[:, :-1].float()
-        labels = batch["labels"][:, 1:]
-        loss = F.cross_entropy(
-            logits.reshape(-1, logits.size(-1)),
-            labels.reshape(-1),
-            ignore_index=IGNORE,
-            reduction="sum",
-        )
-        return loss, {}
+        return model_nll(model, batch, self.cfg.train.loss_chunks), {}
 
     def evaluate(self, model, rows: list[dict], info, sharded: bool) -> dict:
         """eval.metrics (default exact match) of greedy generations on held-out rows."""
