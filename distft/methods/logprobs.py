@@ -72,6 +72,24 @@ def _causal_lm(model: torch.nn.Module) -> torch.nn.Module:
             return model
 
 
+def _fsdp_owner(lm: torch.nn.Module, head: torch.nn.Module) -> torch.nn.Module | None:
+    """The FSDP2 module whose parameter group holds the head's weight when the head is not its own
+    FSDP2 module (distft shards the root with the embedding, norm and head: tied weights cannot be
+    split). The root gathers them only around its own forward, so the chunks, which run after it
+    and again in backward, gather them explicitly; the root's post-backward reduces and reshards."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if isinstance(head, FSDPModule):
+        return None  # its own hooks gather it on every call
+    path = next(name for name, module in lm.named_modules() if module is head)
+    owners = [
+        (name, module)
+        for name, module in lm.named_modules()
+        if isinstance(module, FSDPModule) and (not name or path.startswith(name + "."))
+    ]
+    return max(owners, key=lambda nm: len(nm[0]))[1] if owners else None
+
+
 def model_hidden(
     model: torch.nn.Module, input_ids: torch.Tensor, position_ids: torch.Tensor | None
 ) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
@@ -104,8 +122,11 @@ def model_hidden(
     finally:
         handle.remove()
     cap = getattr(config, "final_logit_softcapping", None)
+    owner = _fsdp_owner(lm, head)
 
     def project(h: torch.Tensor) -> torch.Tensor:
+        if owner is not None:  # gather the head with its FSDP2 group (a no-op while gathered)
+            owner.unshard()
         logits = head(h)
         if logits.dtype not in (torch.float32, torch.float64):  # normalize half precision in fp32
             logits = logits.float()
