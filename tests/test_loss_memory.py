@@ -92,3 +92,59 @@ def test_chunked_loss_through_peft_and_softcap():
     t0, _ = model_token_logps(gemma, batch["input_ids"], None, batch["labels"], 0, temperature=0.7)
     t1, _ = model_token_logps(gemma, batch["input_ids"], None, batch["labels"], 3, temperature=0.7)
     torch.testing.assert_close(t1, t0, rtol=1e-5, atol=1e-8)
+
+
+class _OneProcess:
+    """The parts of a strategy `optimizer_step` uses, on one process with plain autograd."""
+
+    loss_scale = 1.0
+
+    def __init__(self, model, offload: bool):
+        from types import SimpleNamespace
+
+        self.model = model
+        self.cfg = SimpleNamespace(train=SimpleNamespace(activation_offload=offload))
+        self.info = SimpleNamespace(device=torch.device("cpu"))
+
+    def accumulate(self, is_last: bool):
+        from contextlib import nullcontext
+
+        return nullcontext()
+
+    def backward(self, loss, is_last: bool) -> None:
+        loss.backward()
+
+    def set_lr(self, lr) -> None:
+        pass
+
+    def step(self) -> float:
+        return 0.0
+
+
+@pytest.mark.quick
+def test_activation_offload_engages_hooks_and_keeps_losses_and_grads():
+    from distft.strategies.offload import ActivationOffload
+    from distft.strategies.step import optimizer_step
+
+    model, batch = _llama(), _batch()
+    batch["num_targets"] = int((batch["labels"][:, 1:] != -100).sum())
+    results, grads = {}, {}
+    for offload in (False, True):
+        model.zero_grad(set_to_none=True)
+        strategy = _OneProcess(model, offload)
+        results[offload] = optimizer_step(strategy, [batch], lambda m, b: (model_nll(m, b), {}), "cpu", None)
+        grads[offload] = {k: p.grad.clone() for k, p in model.named_parameters()}
+    assert results[True].loss == pytest.approx(results[False].loss, rel=1e-12)
+    for k in grads[False]:
+        torch.testing.assert_close(grads[True][k], grads[False][k], rtol=1e-12, atol=0)
+    assert "offload/tensors" not in results[False].parts
+    assert results[True].parts["offload/tensors"][0] > 20  # every block's saved activations went through
+    assert results[True].parts["offload/host_gib"][0] == 0  # CPU: host memory is the device memory
+    # Under gradient checkpointing and chunked loss only the checkpoints' inputs pass the hooks.
+    model.gradient_checkpointing_enable({"use_reentrant": False})
+    offload = ActivationOffload("cpu")
+    with offload:
+        loss = model_nll(model, batch, 2)
+    loss.backward()
+    assert 0 < offload.packed < results[True].parts["offload/tensors"][0]
+    assert loss.item() / batch["num_targets"] == pytest.approx(results[False].loss, rel=1e-6)
