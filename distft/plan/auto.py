@@ -74,6 +74,8 @@ def plan_one(cfg, shape: ModelShape, strategy_cfg, world: int, micro: int, seq: 
         checkpointing=cfg.train.gradient_checkpointing,
         gpu=cfg.cluster.gpus_per_node > 0,
         ranks_per_node=ranks_per_node(cfg),
+        loss_chunks=cfg.train.loss_chunks,
+        activation_offload=cfg.train.activation_offload,
     )
 
 
