@@ -121,3 +121,29 @@ def _with(strategy_cfg, **degrees):
     for k, v in degrees.items():
         object.__setattr__(out, k, v)
     return out
+
+
+def test_mesh_suggestion_prefers_cp_for_long_sequences_and_tp_for_large_models(shapes):
+    from distft.plan.mesh import mesh_of, suggest_mesh
+
+    shape, fsdp = shapes["llama-3.1-8b"], shipped_config("fsdp")
+    assert str(mesh_of(fsdp, 8)) == "dp=8 × cp=1 × tp=1"
+
+    def plan(seq):
+        return lambda s: estimate(shape, s, 8, 1, seq, precision="bf16", gpu=True, checkpointing=False)
+
+    long_seq = 65536
+    base = plan(long_seq)(fsdp)
+    mesh, est = suggest_mesh(plan(long_seq), fsdp, shape, 8, long_seq, 0.6 * base.total)
+    assert mesh.cp > 1 and mesh.tp == 1 and est.total <= 0.6 * base.total  # activations dominate: cp
+    assert mesh.dp * mesh.cp * mesh.tp == 8 and mesh.overrides() == f"strategy.cp={mesh.cp} strategy.tp=1"
+    big = shapes["llama-3.1-70b"]
+
+    def plan70(s):
+        return estimate(big, s, 8, 1, 1024, precision="bf16", gpu=True, checkpointing=True)
+
+    base70 = plan70(fsdp)
+    assert base70.states > base70.activations_ckpt
+    found = suggest_mesh(plan70, fsdp, big, 8, 1024, base70.total - 0.4 * base70.buffers)
+    assert found is not None and found[0].tp > 1 and found[0].cp == 1  # states and buffers dominate: tp
+    assert suggest_mesh(plan70, fsdp, big, 8, 1024, 1.0) is None  # nothing fits 1 byte

@@ -114,7 +114,9 @@ def fully_sharded(shape, job: Job, n: int) -> States:
         # final norm) gathered for the whole forward, and a block's unsharded gradients.
         # Full tuning also holds the root's unsharded gradients (embedding and head) until the
         # root's reduce-scatter at the end of backward.
-        root = root_params(shape) * job.compute_bytes
-        grads = 4.0 * (shape.largest_layer / max(job.tp, 1) + root_params(shape)) * psi_t / max(psi, 1)
+        # Tensor parallelism splits the blocks and the embedding / head (vocabulary-parallel) alike.
+        tp = max(job.tp, 1)
+        root = root_params(shape) * job.compute_bytes / tp
+        grads = 4.0 * (shape.largest_layer + root_params(shape)) / tp * psi_t / max(psi, 1)
         buffers += 2 * block_bytes(shape, job) + root + grads
     return States(weight_bytes(shape, job) / n, 4.0 * psi_t / n, 8.0 * psi_t / n, buffers)
