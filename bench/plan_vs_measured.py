@@ -3,6 +3,8 @@ sizes and 1 / 2 ranks, with DeepSpeed's own model-state estimators beside it.
 
     .venv/bin/python bench/plan_vs_measured.py
     .venv/bin/python bench/plan_vs_measured.py --sizes 20M --strategies ddp,fsdp
+    .venv/bin/python bench/plan_vs_measured.py --sizes 20M --strategies fsdp --tunings full,lora,qlora \
+        --no-ddp1
 
 Measured: rank 0's peak RSS through the last training step (`mem_gib` in metrics.jsonl), glibc's
 mmap threshold pinned as in bench/memory_scaling.py. Estimated: `distft-plan`'s total for the same
@@ -36,6 +38,8 @@ def parse() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", default="20M,70M")
     p.add_argument("--strategies", default="ddp,zero2,zero3,fsdp", help="run at 2 ranks (ddp also at 1)")
+    p.add_argument("--tunings", default="full", help="tuning options, each run with every strategy")
+    p.add_argument("--no-ddp1", action="store_true", help="skip the 1-rank DDP reference run")
     p.add_argument("--micro", type=int, default=4)
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--precision", default="fp32")
@@ -45,12 +49,14 @@ def parse() -> argparse.Namespace:
     return p.parse_args()
 
 
-def planner(shape: dict, strategy: str, nproc: int, a, seq: int):
+def planner(shape: dict, strategy: str, nproc: int, a, seq: int, tuning: str = "full"):
     from distft.config.load import load_config
     from distft.plan.auto import plan_one, strategy_config
     from distft.plan.shape import model_shape
 
-    cfg = load_config([*overrides(shape), f"strategy={strategy}", f"train.precision={a.precision}"])[0]
+    cfg = load_config(
+        [*overrides(shape), f"strategy={strategy}", f"train.precision={a.precision}", f"tuning={tuning}"]
+    )[0]
     ms = model_shape(cfg)
     return ms, plan_one(cfg, ms, strategy_config(strategy), nproc, a.micro, seq), cfg
 
@@ -74,23 +80,39 @@ def main() -> None:
     a = parse()
     out = Path(a.out)
     cases = []
+    extra = a.extra
     for size in a.sizes.split(","):
-        cases.append((size, "ddp", 1))
-        cases += [(size, s, 2) for s in a.strategies.split(",")]
+        for tuning in a.tunings.split(","):
+            if not a.no_ddp1:
+                cases.append((size, "ddp", 1, tuning))
+            cases += [(size, s, 2, tuning) for s in a.strategies.split(",")]
     results = []
-    for size, strategy, nproc in cases:
+    for size, strategy, nproc, tuning in cases:
         shape = SIZES[size]
         a.nproc = nproc
-        r = run(a, strategy, shape, out / f"{size}-{strategy}-{nproc}")
-        seq = json.loads((out / f"{size}-{strategy}-{nproc}" / "data_report.json").read_text())["splits"]
+        a.extra = f"{extra} tuning={tuning}"
+        name = f"{size}-{tuning}-{strategy}-{nproc}"
+        r = run(a, strategy, shape, out / name)
+        seq = json.loads((out / name / "data_report.json").read_text())["splits"]
         seq = seq["train"]["tokens_max"]
-        ms, est, _ = planner(shape, strategy, nproc, a, seq)
+        ms, est, _ = planner(shape, strategy, nproc, a, seq, tuning)
         ds = deepspeed_states(ms, strategy, nproc)
-        ours_bf16 = estimate(ms, strategy, nproc, a.micro, seq, precision="bf16", gpu=True).states
+        ours_bf16 = estimate(
+            ms,
+            strategy,
+            nproc,
+            a.micro,
+            seq,
+            precision="bf16",
+            gpu=True,
+            tuning=tuning,
+            adapter=tuning != "full",
+        ).states
         row = {
             "size": size,
             "params": ms.params,
             "strategy": strategy,
+            "tuning": tuning,
             "ranks": nproc,
             "measured_gib": r["train_peak_rank0_gib"],
             "estimate_gib": est.total / GIB,
@@ -106,14 +128,14 @@ def main() -> None:
         f"{a.precision}, micro {a.micro}, CPU ranks (gloo), MALLOC_MMAP_THRESHOLD_={a.mmap_threshold}; "
         "peak RSS of rank 0 through the last step",
         "",
-        "| model | strategy | ranks | measured (GiB) | planner (GiB) | planner / measured "
+        "| model | tuning | strategy | ranks | measured (GiB) | planner (GiB) | planner / measured "
         "| DeepSpeed estimator, bf16 GPU states (GiB) | planner, same setting (GiB) |",
-        "|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         ds = f"{r['deepspeed_bf16_states_gib']:.3f}" if r["deepspeed_bf16_states_gib"] else "-"
         lines.append(
-            f"| {r['size']} ({r['params'] / 1e6:.1f}M) | {r['strategy']} | {r['ranks']} | "
+            f"| {r['size']} ({r['params'] / 1e6:.1f}M) | {r['tuning']} | {r['strategy']} | {r['ranks']} | "
             f"{r['measured_gib']:.3f} | {r['estimate_gib']:.3f} | {r['ratio']:.2f} | {ds} | "
             f"{r['planner_bf16_states_gib']:.3f} |"
         )

@@ -137,6 +137,10 @@ README_COVERED: dict[str, str] = {
     "distft-launch -m hydra/sweeper=optuna hydra.sweeper.n_trials=20 'train.lr=interval(1e-5,1e-3)'": (
         "tested-by: tests/test_launch.py"
     ),
+    "python -m distft.train model=hf model.name_or_path=meta-llama/Llama-3.1-8B data.max_length=16384 "
+    "train.loss_chunks=16 train.gradient_checkpointing=true train.activation_offload=true strategy=fsdp": (
+        "needs: gpu, network"
+    ),
 }
 
 

@@ -169,6 +169,14 @@ class TrainConfig:
     10-bit mantissa inputs; ~7x the fp32 rate on H100). false: full IEEE fp32. No effect on CPU."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward to save memory."""
+    loss_chunks: int = num(0, ge=1, off=0, off_means="to compute the logits of the whole sequence at once")
+    """Compute the output projection and the token loss in this many chunks along the sequence,
+    each recomputed in backward, so full-vocabulary logits of the whole sequence never exist at
+    once (SFT, DPO, KTO and reference log-probs). 0: off."""
+    activation_offload: bool = False
+    """Move the activations saved for backward to host memory (pinned on GPU) during forward and
+    back when backward needs them; with gradient_checkpointing only the checkpoints move. No
+    memory change on CPU, where host memory is the device memory."""
     compile: bool = False
     """torch.compile each decoder block (the whole model if it has none) before sharding: faster
     steps after a one-off compile at the start (CPU: inductor's C++ backend; GPU: Triton)."""

@@ -140,7 +140,7 @@ class DPO(PairRows, Method):
 
     def loss(self, model, batch: dict) -> tuple[torch.Tensor, dict]:
         ref = self._ref_logps(batch)  # first: no other forward between the policy's and its backward
-        logps, counts = model_logps(model, batch)
+        logps, counts = model_logps(model, batch, self.cfg.train.loss_chunks)
         loss, chosen, rejected = pair_rewards(logps, ref, counts, self.cfg)
         parts = reward_metrics(chosen, rejected)
         n = chosen.numel()
@@ -158,7 +158,7 @@ class DPO(PairRows, Method):
 
         def rewards(chunk: list[dict]) -> list:
             batch = to_device(self.collate(chunk), info.device)
-            logps, counts = model_logps(model, batch)
+            logps, counts = model_logps(model, batch, self.cfg.train.loss_chunks)
             _, c, r = pair_rewards(logps, self._ref_logps(batch), counts, self.cfg)
             return list(zip(c.tolist(), r.tolist()))
 

@@ -178,7 +178,7 @@ class KTO(Method):
 
     def _logratios(self, model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         ref = self.ref.logps(batch)
-        logps, _ = model_logps(model, batch)
+        logps, _ = model_logps(model, batch, self.cfg.train.loss_chunks)
         n = batch["num_targets"]
         ratio = logps - ref
         return ratio[:n], ratio[n:].detach()

@@ -1,20 +1,34 @@
-"""Log-probabilities of target tokens under a causal LM, shared by the preference and RL methods.
+"""Log-probabilities and losses of target tokens under a causal LM: the one place where the output
+projection meets the labels (SFT's loss, the preference methods' log-probs, reference models).
 
 Labels follow the SFT convention: a row of token ids where `-100` marks positions that are not
 scored; the logit at position t predicts the label at t+1. Built on TRL's
 `selective_log_softmax` (gathers before normalizing, so the full log-softmax over the vocabulary
 is never materialized).
 
-    from distft.methods.logprobs import token_logps, sequence_logps, model_logps
+`chunks` > 0 (`train.loss_chunks`) computes the output projection and the per-token loss chunk by
+chunk over the sequence, each chunk under `torch.utils.checkpoint`: the model returns its final
+hidden states (the head runs on zero positions), and a chunk's full-vocabulary logits exist only
+while that chunk is computed, in forward and again in backward. The head is called as a module,
+so FSDP2's and ZeRO-3's hooks gather its weight.
+
+    from distft.methods.logprobs import token_logps, sequence_logps, model_logps, model_nll
 
     per_token, mask = token_logps(logits, labels)    # [N, T-1] each; mask is 1.0 on scored tokens
     total, count = sequence_logps(logits, labels)    # [N] summed log-prob and scored-token count
-    total, count = model_logps(model, batch)         # forward of batch["input_ids"/"position_ids"]
+    total, count = model_logps(model, batch, chunks) # forward of batch["input_ids"/"position_ids"]
+    loss = model_nll(model, batch, chunks)           # summed cross-entropy of the scored tokens
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from distft.errors import ConfigError
 
 IGNORE = -100
 
@@ -47,7 +61,149 @@ def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
     return logps.sum(-1), mask.sum(-1)
 
 
-def model_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+def _causal_lm(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers causal LM behind DeepSpeed / DDP (`.module`) and PEFT wrappers."""
+    while True:
+        if hasattr(model, "get_base_model"):  # PEFT
+            model = model.get_base_model()
+        elif isinstance(getattr(model, "module", None), torch.nn.Module):  # DeepSpeed engine, DDP
+            model = model.module
+        else:
+            return model
+
+
+def _fsdp_owner(lm: torch.nn.Module, head: torch.nn.Module) -> torch.nn.Module | None:
+    """The FSDP2 module whose parameter group holds the head's weight when the head is not its own
+    FSDP2 module (distft shards the root with the embedding, norm and head: tied weights cannot be
+    split). The root gathers them only around its own forward, so the chunks, which run after it
+    and again in backward, gather them explicitly; the root's post-backward reduces and reshards."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if isinstance(head, FSDPModule):
+        return None  # its own hooks gather it on every call
+    path = next(name for name, module in lm.named_modules() if module is head)
+    owners = [
+        (name, module)
+        for name, module in lm.named_modules()
+        if isinstance(module, FSDPModule) and (not name or path.startswith(name + "."))
+    ]
+    return max(owners, key=lambda nm: len(nm[0]))[1] if owners else None
+
+
+def model_hidden(
+    model: torch.nn.Module, input_ids: torch.Tensor, position_ids: torch.Tensor | None
+) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
+    """Final hidden states [N, T, H] of a forward through the outermost wrapper (so every
+    strategy's and adapter's hooks run), and `project(h)`: the model's logits of `h` (at least
+    float32).
+
+    The head runs on zero positions (`logits_to_keep` = an empty index); the decoder's output is
+    taken by a forward hook on the transformers base model."""
+    lm = _causal_lm(model)
+    config = lm.config
+    for key in ("logit_scale", "logits_scaling"):  # Cohere / Granite rescale logits after the head
+        if getattr(config, key, None) not in (None, 1, 1.0):
+            raise ConfigError(
+                f"train.loss_chunks: {type(lm).__name__} rescales its logits ({key}); set train.loss_chunks=0"
+            )
+    head = lm.get_output_embeddings()
+    decoder = lm.base_model
+    if head is None or decoder is lm:
+        raise ConfigError(f"train.loss_chunks needs a causal LM with an output head, not {type(lm).__name__}")
+    captured: list[torch.Tensor] = []
+
+    def grab(_module, _args, out):
+        captured.append(out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0])
+
+    handle = decoder.register_forward_hook(grab)
+    try:
+        empty = torch.empty(0, dtype=torch.long, device=input_ids.device)
+        model(input_ids=input_ids, position_ids=position_ids, use_cache=False, logits_to_keep=empty)
+    finally:
+        handle.remove()
+    cap = getattr(config, "final_logit_softcapping", None)
+    owner = _fsdp_owner(lm, head)
+
+    def project(h: torch.Tensor) -> torch.Tensor:
+        if owner is not None:  # gather the head with its FSDP2 group (a no-op while gathered)
+            owner.unshard()
+        logits = head(h)
+        if logits.dtype not in (torch.float32, torch.float64):  # normalize half precision in fp32
+            logits = logits.float()
+        if cap:  # Gemma 2/3 soft-cap their logits after the head
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+    return captured[-1], project
+
+
+def _chunked(
+    project: Callable, hidden: torch.Tensor, targets: torch.Tensor, chunks: int, fn: Callable
+) -> list[torch.Tensor]:
+    """`fn(logits, targets)` over `chunks` slices of the sequence; each slice's logits are
+    recomputed in backward instead of saved."""
+
+    def run(h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return fn(project(h), t)
+
+    return [
+        checkpoint(run, h, t, use_reentrant=False)
+        for h, t in zip(hidden.chunk(chunks, dim=1), targets.chunk(chunks, dim=1))
+    ]
+
+
+def model_token_logps(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    position_ids: torch.Tensor | None,
+    labels: torch.Tensor,
+    chunks: int = 0,
+    temperature: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`token_logps` of a forward pass, chunked over the sequence when `chunks` > 0."""
+    if not chunks:
+        out = model(input_ids=input_ids, position_ids=position_ids, use_cache=False)
+        return token_logps(out.logits, labels, temperature)
+    from trl.trainer.utils import selective_log_softmax
+
+    hidden, project = model_hidden(model, input_ids, position_ids)
+    targets = labels[:, 1:]
+    mask = (targets != IGNORE).float()
+
+    def logps(logits: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        return selective_log_softmax(logits, index, temperature=temperature)
+
+    parts = _chunked(project, hidden[:, :-1], targets.clamp(min=0), chunks, logps)
+    return torch.cat(parts, dim=1).float() * mask, mask
+
+
+def model_logps(model, batch: dict, chunks: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """`sequence_logps` of a forward pass over a padded batch (input_ids, position_ids, labels)."""
-    out = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
-    return sequence_logps(out.logits, batch["labels"])
+    logps, mask = model_token_logps(
+        model, batch["input_ids"], batch.get("position_ids"), batch["labels"], chunks
+    )
+    return logps.sum(-1), mask.sum(-1)
+
+
+def _nll_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    logits = logits.float()
+    return F.cross_entropy(
+        logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE, reduction="sum"
+    )
+
+
+def model_nll(model, batch: dict, chunks: int = 0, inputs: dict | None = None) -> torch.Tensor:
+    """Summed next-token cross-entropy (float32) of the batch's scored labels. `inputs`: the
+    forward's arguments when the batch carries more than text (images); default ids and positions."""
+    targets = batch["labels"][:, 1:]
+    if not chunks:
+        if inputs is None:
+            inputs = {
+                "input_ids": batch["input_ids"],
+                "position_ids": batch.get("position_ids"),
+                "use_cache": False,
+            }
+        out = model(**inputs)
+        return _nll_sum(out.logits[:, :-1], targets)
+    hidden, project = model_hidden(model, batch["input_ids"], batch.get("position_ids"))
+    return torch.stack(_chunked(project, hidden[:, :-1], targets, chunks, _nll_sum)).sum()

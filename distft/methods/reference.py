@@ -35,6 +35,7 @@ class Reference:
         self.info = ctx.info
         self.precomputed = precompute
         self.autocast_dtype = None
+        self.loss_chunks = ctx.cfg.train.loss_chunks
         # A run that continues a saved adapter (tuning.init_adapter) starts from that adapter, so
         # the bare base is not its reference: it needs precompute_ref (checked by the methods).
         continued = bool(getattr(ctx.cfg.tuning, "init_adapter", None))
@@ -66,7 +67,7 @@ class Reference:
         if self.precomputed:
             raise RuntimeError("reference log-probs were precomputed for the train/val/test examples only")
         with self._context():
-            return model_logps(self.model, batch)[0].float()
+            return model_logps(self.model, batch, self.loss_chunks)[0].float()
 
     def precompute(self, examples: list[dict], collate: Callable, assign: Callable, batch_size: int) -> None:
         """Fill every example's reference values in place (`assign(example, row_logps)`), sharded
@@ -78,7 +79,7 @@ class Reference:
         def run(chunk: list[dict]) -> list:
             batch = to_device(collate(chunk), self.info.device)
             with self._context():
-                logps = model_logps(model, batch)[0].float().cpu()
+                logps = model_logps(model, batch, self.loss_chunks)[0].float().cpu()
             n = len(chunk)
             return [logps[i::n].tolist() for i in range(n)]  # rows i, n+i, ... belong to example i
 

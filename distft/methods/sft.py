@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from distft.contracts import Method
 from distft.data import vision
@@ -16,6 +15,7 @@ from distft.eval import GENERATION_METRICS
 from distft.eval.generation import generation_metrics
 from distft.eval.vision import generation_metrics as vision_generation_metrics
 from distft.models import vlm
+from distft.methods.logprobs import model_nll
 
 
 @dataclass
@@ -71,16 +71,11 @@ class SFT(Method):
     def loss(self, model, batch: dict) -> tuple[torch.Tensor, dict]:
         """Summed token loss over the batch's targets (the engine normalizes it by the global target
         count) and extra metrics as {name: (sum, count)}, averaged over the step by the engine."""
-        out = model(**vision.model_inputs(batch))  # input_ids, position_ids (+ image tensors)
-        logits = out.logits[:, :-1].float()
-        labels = batch["labels"][:, 1:]
-        loss = F.cross_entropy(
-            logits.reshape(-1, logits.size(-1)),
-            labels.reshape(-1),
-            ignore_index=IGNORE,
-            reduction="sum",
-        )
-        return loss, {}
+        inputs = vision.model_inputs(batch)  # input_ids, position_ids (+ image tensors)
+        # Image batches take the model's own forward: the chunked path runs the decoder on text only.
+        images = any(k in batch for k in vision.IMAGE_INPUTS)
+        chunks = 0 if images else self.cfg.train.loss_chunks
+        return model_nll(model, batch, chunks, inputs), {}
 
     def evaluate(self, model, rows: list[dict], info, sharded: bool) -> dict:
         """eval.metrics (default exact match) of greedy generations on held-out rows."""

@@ -74,6 +74,8 @@ def plan_one(cfg, shape: ModelShape, strategy_cfg, world: int, micro: int, seq: 
         checkpointing=cfg.train.gradient_checkpointing,
         gpu=cfg.cluster.gpus_per_node > 0,
         ranks_per_node=ranks_per_node(cfg),
+        loss_chunks=cfg.train.loss_chunks,
+        activation_offload=cfg.train.activation_offload,
     )
 
 
@@ -108,10 +110,21 @@ def pick_strategy(cfg, shape: ModelShape, world: int, seq: int) -> tuple[object,
         if e.total <= HEADROOM * limit:
             return s, estimates
     smallest = min(estimates, key=lambda e: e.total)
+    hint = ""
+    if "fsdp" in STRATEGIES:  # context / tensor parallelism on the FSDP2 mesh
+        from distft.plan.mesh import suggest_mesh
+
+        micro = _micro_for_planning(cfg)
+        found = suggest_mesh(
+            lambda s: plan_one(cfg, shape, s, world, micro, seq), strategy_config("fsdp"), shape, world, seq,
+            HEADROOM * limit,
+        )  # fmt: skip
+        if found:
+            hint = f"strategy=fsdp {found[0].overrides()} (mesh {found[0]}: {found[1].total / GIB:.1f} GiB), "
     raise ConfigError(
         f"strategy=auto: no strategy fits {limit / GIB:.1f} GiB per rank ({source}) at {world} ranks; the "
-        f"smallest estimate is {smallest.total / GIB:.1f} GiB ({smallest.strategy}). Add ranks, set "
-        "train.gradient_checkpointing=true, use tuning=lora or qlora, or lower train.micro_batch_size"
+        f"smallest estimate is {smallest.total / GIB:.1f} GiB ({smallest.strategy}). Use {hint}add ranks, "
+        "set train.gradient_checkpointing=true, use tuning=lora or qlora, or lower train.micro_batch_size"
     )
 
 

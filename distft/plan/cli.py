@@ -75,6 +75,8 @@ def render(rows: list[dict], meta: dict, cfg, chosen: str | None, micro_auto: in
             f"recommended at {meta['world']} ranks: strategy={chosen} "
             "(*: the fastest that fits in 90% of the budget)"
         )
+        if meta.get("mesh"):
+            out += f"\nmesh: {meta['mesh']}"
     if micro_auto:
         out += f"\nlargest micro-batch that fits by the estimate: train.micro_batch_size={micro_auto}"
     return out + "\n"
@@ -103,6 +105,9 @@ def main(argv: list[str] | None = None) -> int:
         rows, meta = table(cfg, worlds)
         shape = model_shape(cfg)
         chosen_cfg, _ = pick_strategy(cfg, shape, world, cfg.data.max_length)
+        from distft.plan.mesh import mesh_of
+
+        meta["mesh"] = str(mesh_of(chosen_cfg, world))
         micro_auto = None
         if cfg.train.micro_batch_size == "auto":
             from dataclasses import replace

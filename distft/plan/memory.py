@@ -69,20 +69,53 @@ class Estimate:
         return out
 
 
-def activation_bytes(shape: ModelShape, micro: int, seq: int, act_bytes: float, checkpointing: bool) -> float:
-    tokens = micro * seq
+def activation_bytes(
+    shape: ModelShape,
+    micro: int,
+    seq: int,
+    act_bytes: float,
+    checkpointing: bool,
+    loss_chunks: int = 0,
+    cp: int = 1,
+    tp: int = 1,
+) -> float:
+    """Saved activations of one micro-batch on one rank. Context parallelism splits the sequence
+    over `cp` ranks and tensor parallelism (with sequence parallelism on norms) a block's
+    activations and the vocabulary-sharded logits over `tp`; `loss_chunks` keeps one chunk's logits."""
+    tokens = micro * seq / max(cp, 1)
     kv = shape.kv_heads / max(shape.heads, 1)
     per_layer = tokens * (ACT_PER_HIDDEN * shape.hidden + 2 * kv * shape.hidden) + tokens * (
         ACT_PER_MLP * shape.intermediate
     )
-    per_layer *= act_bytes
+    per_layer *= act_bytes / max(tp, 1)
     if checkpointing:  # each block keeps its input; one block's activations live during recompute
-        blocks = shape.layers * tokens * shape.hidden * act_bytes + per_layer
+        blocks = shape.layers * tokens * shape.hidden * act_bytes / max(tp, 1) + per_layer
     else:
         blocks = shape.layers * per_layer
-    # Logits (model dtype), their fp32 copy, log-softmax saved by the loss, and the logits' gradient.
-    logits = tokens * shape.vocab * (act_bytes + 4 + 4 + 4)
-    return blocks + logits
+    return blocks + logits_bytes(shape, tokens, act_bytes, loss_chunks) / max(tp, 1)
+
+
+def logits_bytes(shape: ModelShape, tokens: float, act_bytes: float, loss_chunks: int = 0) -> float:
+    """Logits (model dtype), their fp32 copy, log-softmax saved by the loss, and the logits'
+    gradient; chunked (`train.loss_chunks`), one chunk's worth at a time plus the final hidden
+    states the chunks project."""
+    full = tokens * shape.vocab * (act_bytes + 4 + 4 + 4)
+    if not loss_chunks:
+        return full
+    return full / loss_chunks + tokens * shape.hidden * act_bytes
+
+
+def offload_split(
+    shape: ModelShape, micro: int, seq: int, act_bytes: float, checkpointing: bool, **mesh
+) -> float:
+    """Bytes `train.activation_offload` moves to host memory: the saved block activations (each
+    block's input under checkpointing; the recomputed block and the logits stay on the device)."""
+    tokens = micro * seq / max(mesh.get("cp", 1), 1)
+    if checkpointing:
+        return shape.layers * tokens * shape.hidden * act_bytes / max(mesh.get("tp", 1), 1)
+    chunks = mesh.get("loss_chunks", 0)
+    full = activation_bytes(shape, micro, seq, act_bytes, False, **mesh)
+    return full - logits_bytes(shape, tokens, act_bytes, chunks) / max(mesh.get("tp", 1), 1)
 
 
 def estimate(
@@ -97,13 +130,27 @@ def estimate(
     checkpointing: bool = False,
     gpu: bool = False,
     ranks_per_node: int = 0,
+    loss_chunks: int = 0,
+    activation_offload: bool = False,
 ) -> Estimate:
     """Per-rank bytes of a job under `strategy`: a strategy config (its dataclass) or the name of
-    a shipped option."""
+    a shipped option. The strategy's `cp` / `tp` degrees (FSDP2 family; 1 when it has none)
+    divide the activations and, for tp, the gathered blocks."""
     strategy_cfg = shipped_config(strategy) if isinstance(strategy, str) else strategy
-    job = Job(world, micro, seq, precision, tuning, adapter, checkpointing, gpu, ranks_per_node)
+    cp, tp = mesh_degrees(strategy_cfg)
+    job = Job(world, micro, seq, precision, tuning, adapter, checkpointing, gpu, ranks_per_node, tp)
     states = STRATEGIES[strategy_cfg.name].memory(shape, strategy_cfg, job)
     act_bytes = job.compute_bytes
+    mesh = {"loss_chunks": loss_chunks, "cp": cp, "tp": tp}
+    act = {ckpt: activation_bytes(shape, micro, seq, act_bytes, ckpt, **mesh) for ckpt in (False, True)}
+    host, notes = states.host_offload, list(states.notes)
+    if activation_offload and gpu:  # on CPU host memory is the device memory: nothing moves
+        moved = {ckpt: offload_split(shape, micro, seq, act_bytes, ckpt, **mesh) for ckpt in act}
+        act = {ckpt: act[ckpt] - moved[ckpt] for ckpt in act}
+        host += moved[checkpointing]
+        notes.append(
+            f"activation offload: {moved[checkpointing] / GIB:.2f} GiB of saved activations in host RAM"
+        )
     return Estimate(
         strategy_cfg.name,
         max(world, 1),
@@ -111,11 +158,16 @@ def estimate(
         states.params,
         states.grads,
         states.optimizer,
-        activation_bytes(shape, micro, seq, act_bytes, checkpointing=False),
-        activation_bytes(shape, micro, seq, act_bytes, checkpointing=True),
+        act[False],
+        act[True],
         states.buffers,
         RUNTIME_GPU if gpu else RUNTIME_CPU,
         checkpointing,
-        states.host_offload,
-        states.notes,
+        host,
+        notes,
     )
+
+
+def mesh_degrees(strategy_cfg) -> tuple[int, int]:
+    """(cp, tp) of a strategy config; 1 where the strategy has no such dimension."""
+    return int(getattr(strategy_cfg, "cp", 1) or 1), int(getattr(strategy_cfg, "tp", 1) or 1)

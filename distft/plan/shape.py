@@ -21,6 +21,9 @@ class ModelShape:
     """Input embedding parameters."""
     largest_layer: int
     """Parameters of the biggest repeated block (what FSDP / ZeRO-3 gather at once)."""
+    largest_module: int
+    """Parameters held directly by one module, the largest (usually the embedding or the LM head):
+    ZeRO-3 gathers a module's parameters whole, the way DeepSpeed's estimator counts."""
     layers: int
     hidden: int
     intermediate: int
@@ -112,6 +115,7 @@ def model_shape(cfg) -> ModelShape:
     )
     blocks = decoder_layers(model)
     largest = max((sum(p.numel() for p in b.parameters()) for b in blocks), default=total)
+    largest_module = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
     trainable = _trainable_after_tuning(cfg, model)
     if trainable is None:
         trainable = _lora_count(model, getattr(cfg.tuning, "r", 8), head)
@@ -126,6 +130,7 @@ def model_shape(cfg) -> ModelShape:
         quantizable=quantizable,
         embedding=embed.weight.numel() if embed is not None else 0,
         largest_layer=largest,
+        largest_module=largest_module,
         layers=int(config.num_hidden_layers),
         hidden=int(config.hidden_size),
         intermediate=int(getattr(config, "intermediate_size", 4 * config.hidden_size)),

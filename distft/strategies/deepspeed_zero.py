@@ -14,7 +14,7 @@ import torch
 from distft.contracts import Strategy
 from distft.errors import ConfigError, DistftError
 from distft.ranges import num
-from distft.strategies.memory import States, block_bytes, frozen_bytes
+from distft.strategies.memory import States, frozen_bytes, zero3_gathered
 from distft.strategies.optim import build_adamw
 from distft.strategies.step import BatchGeometry
 
@@ -111,8 +111,8 @@ def memory(shape, s, job) -> States:
     # full gradients are released bucket by bucket): measured equal here.
     grads = 4.0 * psi_t / n
     buffers = min(sizes["bucket"], psi_t) * 4.0  # the contiguous gradient reduction bucket
-    if s.stage == 3:  # gathered and prefetched weights, up to stage3_max_live_parameters
-        buffers += max(2 * block_bytes(shape, job), min(sizes["live"], psi) * job.compute_bytes)
+    if s.stage == 3:  # gathered and prefetched weights (stage3_max_live_parameters), embedding, head
+        buffers += zero3_gathered(shape, job, sizes["live"])
     out = States(params, grads, optimizer, buffers, notes=notes)
     if s.offload_params and job.gpu:
         out.host_offload = params + grads + optimizer

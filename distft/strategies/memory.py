@@ -5,7 +5,8 @@ gradients, optimizer states, its own buffers); distft.plan adds activations and 
 Model states follow what distft's strategies actually allocate (not only the ZeRO paper's 16 B per
 parameter): fp32 weights for full fine-tuning (autocast or FSDP2's policy makes the bf16 copies),
 DeepSpeed's fp32 master partition (in fp32 the model's own partition: distft shares it) and its
-reduction bucket, FSDP2 / ZeRO-3 gathering a block (and prefetching the next).
+reduction bucket, FSDP2 / ZeRO-3 gathering a block (and prefetching the next), and the embedding
+and LM head gathered whole (FSDP2's root group; ZeRO-3's largest module).
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ class Job:
     gpu: bool = False
     ranks_per_node: int = 0
     """Ranks of one node (0: all ranks on one node); a hybrid-sharding group's default size."""
+    tp: int = 1
+    """Tensor-parallel degree (FSDP2 family): a gathered block is 1/tp of the block."""
 
     @property
     def half(self) -> bool:
@@ -73,8 +76,24 @@ def weight_bytes(shape, job: Job) -> float:
 
 
 def block_bytes(shape, job: Job) -> float:
-    """One gathered block (what FSDP2 / ZeRO-3 hold unsharded at a time)."""
-    return shape.largest_layer * (NF4_BYTES if job.quantized else job.compute_bytes)
+    """One gathered block (what FSDP2 / ZeRO-3 hold unsharded at a time; 1/tp of it under TP)."""
+    return shape.largest_layer * (NF4_BYTES if job.quantized else job.compute_bytes) / max(job.tp, 1)
+
+
+def root_params(shape) -> int:
+    """Parameters outside the repeated blocks: the embedding, the LM head (when not tied), the final
+    norm. FSDP2 gathers them as the root's group for the whole forward."""
+    return max(shape.params - shape.layers * shape.largest_layer, 0)
+
+
+def zero3_gathered(shape, job: Job, live: int) -> float:
+    """ZeRO-3's gathered parameters: prefetched blocks up to `live` elements, or the largest
+    single module (the embedding or LM head, gathered whole) with its unpartitioned gradient
+    while the head runs in backward (trainable in full tuning) - DeepSpeed's estimator counts
+    the latter as 4 bytes per parameter of that module."""
+    blocks = max(2 * block_bytes(shape, job), min(live, shape.params) * job.compute_bytes)
+    grad = job.compute_bytes if not job.adapter else 0.0
+    return max(blocks, shape.largest_module * (job.compute_bytes + grad))
 
 
 def replicated(shape, job: Job) -> States:
@@ -93,6 +112,11 @@ def fully_sharded(shape, job: Job, n: int) -> States:
     if n > 1 or job.half:
         # Gathered blocks (the current one and the prefetched next), the root (embedding, head,
         # final norm) gathered for the whole forward, and a block's unsharded gradients.
-        root = max(psi - shape.layers * shape.largest_layer, 0) * job.compute_bytes
-        buffers += 2 * block_bytes(shape, job) + root + 4.0 * shape.largest_layer * psi_t / max(psi, 1)
+        # Full tuning also holds the root's unsharded gradients (embedding and head) until the
+        # root's reduce-scatter at the end of backward.
+        # Tensor parallelism splits the blocks and the embedding / head (vocabulary-parallel) alike.
+        tp = max(job.tp, 1)
+        root = root_params(shape) * job.compute_bytes / tp
+        grads = 4.0 * (shape.largest_layer + root_params(shape)) / tp * psi_t / max(psi, 1)
+        buffers += 2 * block_bytes(shape, job) + root + grads
     return States(weight_bytes(shape, job) / n, 4.0 * psi_t / n, 8.0 * psi_t / n, buffers)

@@ -10,12 +10,14 @@ so the update does not depend on the world size or the accumulation steps.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 
 import torch
 
 from distft.contracts import BatchGeometry, StepResult
 from distft.runtime import dist
+from distft.strategies.offload import activation_offload
 
 __all__ = [
     "BatchGeometry",
@@ -78,7 +80,11 @@ def optimizer_step(
         is_last = i == len(batches) - 1
         batch = to_device(batch, device)
         with strategy.accumulate(is_last), strategy.split(batch):
-            loss, extra = loss_fn(strategy.model, batch)
+            offload = activation_offload(strategy)  # train.activation_offload; backward unpacks
+            with offload or contextlib.nullcontext():
+                loss, extra = loss_fn(strategy.model, batch)
+            if offload is not None:
+                extra = {**extra, **offload.parts()}
             if loss_hook is not None:
                 loss = loss_hook(loss)
             strategy.backward(loss * scale, is_last)
