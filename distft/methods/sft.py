@@ -14,8 +14,8 @@ from distft.data.sft_format import IGNORE, tokenize_sft
 from distft.eval import GENERATION_METRICS
 from distft.eval.generation import generation_metrics
 from distft.eval.vision import generation_metrics as vision_generation_metrics
-from distft.models import vlm
 from distft.methods.logprobs import model_nll
+from distft.models import vlm
 
 
 @dataclass
