@@ -9,7 +9,7 @@ longest examples with the real strategy (its peak memory is measured; it halves 
 from __future__ import annotations
 
 import os
-from dataclasses import replace
+from dataclasses import fields, replace
 
 import torch
 
@@ -101,6 +101,10 @@ def _micro_for_planning(cfg) -> int:
     return 1 if m == "auto" else int(m)
 
 
+def fields_of(cls) -> list[str]:
+    return [f.name for f in fields(cls)]
+
+
 def pick_strategy(cfg, shape: ModelShape, world: int, seq: int) -> tuple[object, list[Estimate]]:
     limit, source = budget(cfg)
     estimates = []
@@ -111,16 +115,19 @@ def pick_strategy(cfg, shape: ModelShape, world: int, seq: int) -> tuple[object,
             return s, estimates
     smallest = min(estimates, key=lambda e: e.total)
     hint = ""
-    if "fsdp" in STRATEGIES:  # context / tensor parallelism on the FSDP2 mesh
+    # Context / tensor parallelism: the first strategy in AUTO_ORDER whose config has the mesh degrees.
+    meshed = next((n for n in AUTO_ORDER if {"cp", "tp"} <= set(fields_of(STRATEGIES[n].config))), None)
+    if meshed is not None:
         from distft.plan.mesh import suggest_mesh
 
         micro = _micro_for_planning(cfg)
         found = suggest_mesh(
-            lambda s: plan_one(cfg, shape, s, world, micro, seq), strategy_config("fsdp"), shape, world, seq,
+            lambda s: plan_one(cfg, shape, s, world, micro, seq), strategy_config(meshed), shape, world, seq,
             HEADROOM * limit,
         )  # fmt: skip
         if found:
-            hint = f"strategy=fsdp {found[0].overrides()} (mesh {found[0]}: {found[1].total / GIB:.1f} GiB), "
+            mesh, est = found
+            hint = f"strategy={meshed} {mesh.overrides()} (mesh {mesh}: {est.total / GIB:.1f} GiB), "
     raise ConfigError(
         f"strategy=auto: no strategy fits {limit / GIB:.1f} GiB per rank ({source}) at {world} ranks; the "
         f"smallest estimate is {smallest.total / GIB:.1f} GiB ({smallest.strategy}). Use {hint}add ranks, "
