@@ -1,10 +1,12 @@
 """Work rank 0 does alone must not leave the other ranks in a collective (issue 19.5): DeepSpeed's
 universal-checkpoint conversion and RL's save_hf, on 2 gloo ranks whose collectives time out
-after 5 s while rank 0 is stalled 8 s (DISTFT_FAULT_RANK0_SLEEP) before its work. A barrier
-afterwards checks the group is still healthy."""
+after 5 s during those calls while rank 0's work is stalled 8 s (loading the model to write, or
+starting the conversion). A barrier afterwards checks the group is still healthy."""
 
 from __future__ import annotations
 
+import contextlib
+import datetime
 import json
 import os
 from pathlib import Path
@@ -18,11 +20,40 @@ TIMEOUT_S = 5
 STALL_S = 8
 
 
+@contextlib.contextmanager
+def _slow_rank0_short_timeout(is_main: bool):
+    """Inside: the default group's collectives time out after TIMEOUT_S (only around the calls under
+    test: set-up collectives may be skewed by a loaded machine), and rank 0's model loads and
+    subprocesses (what it does alone) start STALL_S late."""
+    import subprocess
+    import time
+
+    from torch.distributed.distributed_c10d import _set_pg_timeout
+    from transformers import AutoModelForCausalLM
+
+    def stalled(fn):
+        def call(*args, **kwargs):
+            time.sleep(STALL_S)
+            return fn(*args, **kwargs)
+
+        return call
+
+    saved = (AutoModelForCausalLM.from_pretrained, subprocess.run)
+    if is_main:
+        AutoModelForCausalLM.from_pretrained = stalled(saved[0])
+        subprocess.run = stalled(saved[1])
+    _set_pg_timeout(datetime.timedelta(seconds=TIMEOUT_S))
+    try:
+        yield
+    finally:
+        _set_pg_timeout(datetime.timedelta(seconds=600))
+        AutoModelForCausalLM.from_pretrained, subprocess.run = saved
+
+
 def _worker(rank: int, world: int, port: int, root: str) -> None:
     env = {"RANK": rank, "LOCAL_RANK": rank, "WORLD_SIZE": world, "LOCAL_WORLD_SIZE": world}
     os.environ.update({k: str(v) for k, v in env.items()})
     os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"})
-    os.environ["DISTFT_FAULT_RANK0_SLEEP"] = str(STALL_S)
     from distft.config.load import load_config
     from distft.methods.rl.models import save_hf
     from distft.models.loader import load_model, load_tokenizer
@@ -30,7 +61,7 @@ def _worker(rank: int, world: int, port: int, root: str) -> None:
     from distft.runtime import dist
     from distft.strategies.deepspeed_zero import DeepSpeedStrategy
 
-    info = dist.init(TIMEOUT_S)
+    info = dist.init(600)
     root_dir = Path(root)
     cfg = load_config(
         ["strategy=zero2", "train.precision=fp32", "train.micro_batch_size=1", "train.grad_accum=1"]
@@ -47,7 +78,8 @@ def _worker(rank: int, world: int, port: int, root: str) -> None:
             return load_model(str(base), cfg, torch.float32, {}).state_dict() if info.is_main else {}
 
     tok = load_tokenizer(str(base), cfg)
-    save_hf(Whole(), str(base), root_dir / "policy", tok, cfg, info, causal=True)
+    with _slow_rank0_short_timeout(info.is_main):
+        save_hf(Whole(), str(base), root_dir / "policy", tok, cfg, info, causal=True)
     dist.barrier()
     out["save_hf"] = (root_dir / "policy" / "model.safetensors").is_file()
 
@@ -58,7 +90,8 @@ def _worker(rank: int, world: int, port: int, root: str) -> None:
     strategy.save(ckpt)
     dist.barrier()
     again = DeepSpeedStrategy(cfg, info)
-    again.prepare_resume(ckpt, {"world_size": 1, "strategy": "zero2"})
+    with _slow_rank0_short_timeout(info.is_main):
+        again.prepare_resume(ckpt, {"world_size": 1, "strategy": "zero2"})
     dist.barrier()
     out["universal"] = (
         ckpt / "deepspeed_universal" / "zero"

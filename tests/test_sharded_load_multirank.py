@@ -16,7 +16,14 @@ import torch
 
 from tests.util import FAST, free_port
 
-JOB = [*FAST, "train.max_steps=2", "train.eval_generate=false", "train.export=none", "eval.test=false"]
+JOB = [
+    *FAST,
+    "data.num_examples=64",
+    "train.max_steps=2",
+    "train.eval_generate=false",
+    "train.export=none",
+    "eval.test=false",
+]
 JOB += ["cluster.preflight=false", "train.eval_every=0", "train.save_every=0"]
 # (strategy, tuning, source): each strategy sees full and LoRA, and both sources.
 MEMORY = [
@@ -29,6 +36,7 @@ MEMORY = [
 ]
 # Trained again with sharded loading switched off: the losses must match.
 EQUIVALENCE = [("fsdp", "lora", "hub"), ("hsdp", "full", "hub"), ("zero3", "lora", "hub")]
+GENERATION = [("fsdp", "lora", "hub"), ("zero3", "lora", "hub")]  # checked on the sharded runs
 
 
 def _held_bytes(model: torch.nn.Module) -> int:
@@ -51,6 +59,51 @@ def _full_bytes(model: torch.nn.Module) -> int:
         if id(p) not in seen:
             seen.add(id(p))
             out += int(getattr(p, "ds_numel", p.numel())) * p.element_size()
+    return out
+
+
+@contextlib.contextmanager
+def _counting_all_gathers():
+    """Counts every all-gather launched inside: torch's (FSDP2) and DeepSpeed's backend (ZeRO-3)."""
+    import deepspeed.comm.comm as ds_comm
+
+    calls = [0]
+    targets = [(torch.distributed, n) for n in ("all_gather_single", "all_gather_into_tensor", "all_gather")]
+    if ds_comm.cdb is not None:
+        targets += [(ds_comm.cdb, n) for n in dir(ds_comm.cdb) if n.startswith(("all_gather", "allgather"))]
+    saved = [(obj, name, getattr(obj, name)) for obj, name in targets if callable(getattr(obj, name, None))]
+
+    def counted(fn):
+        def call(*args, **kwargs):
+            calls[0] += 1
+            return fn(*args, **kwargs)
+
+        return call
+
+    for obj, name, fn in saved:
+        setattr(obj, name, counted(fn))
+    try:
+        yield calls
+    finally:
+        for obj, name, fn in saved:
+            setattr(obj, name, fn)
+
+
+def _generation_check(trainer) -> dict:
+    """All-gathers and tokens of generate for 2 and 6 new tokens, gathered once and per layer."""
+    from distft.models.generation import generation_mode
+
+    model, tok = trainer.strategy.module, trainer.tokenizer
+    enc = tok(["abc", "hello"], return_tensors="pt", padding=True)
+    out: dict = {}
+    for gather in (True, False):
+        for n in (2, 6):
+            with _counting_all_gathers() as calls, torch.no_grad(), generation_mode(model, None, gather):
+                ids = model.generate(
+                    **enc, max_new_tokens=n, min_new_tokens=n, do_sample=False, synced_gpus=True,
+                    pad_token_id=tok.pad_token_id,
+                )  # fmt: skip
+            out[f"{gather}-{n}"] = {"all_gathers": calls[0], "tokens": ids.tolist()}
     return out
 
 
@@ -81,23 +134,26 @@ def _worker(rank: int, world: int, port: int, root: str, sources: dict) -> None:
 
     build.model = recording
 
-    def run(strategy: str, tuning: str, source: str, tag: str) -> dict:
+    def run(strategy: str, tuning: str, source: str, tag: str, steps: bool = True) -> dict:
         path = sources["dir"] if source == "dir" else "distft/tiny"
         overrides = [*JOB, f"strategy={strategy}", f"tuning={tuning}", f"model.name_or_path={path}"]
         cfg, composed = load_config([*overrides, f"output_dir={Path(root) / tag}"])
         trainer = Trainer.build(cfg, composed)
         module = trainer.strategy.module
         held, full = _held_bytes(module), _full_bytes(module)
-        trainer.train()
-        rows = [json.loads(x) for x in (Path(root) / tag / "metrics.jsonl").read_text().splitlines()]
-        losses = [r["loss"] for r in rows if "loss" in r]
-        out = {"held": held, "full": full, "losses": losses, **seen}
+        out = {"held": held, "full": full, **seen}
+        if steps:
+            trainer.train()
+            rows = [json.loads(x) for x in (Path(root) / tag / "metrics.jsonl").read_text().splitlines()]
+            out["losses"] = [r["loss"] for r in rows if "loss" in r]
+        if (strategy, tuning, source) in GENERATION:
+            out["generation"] = _generation_check(trainer)
         del trainer, module
         return out
 
     results: dict = {}
     for combo in MEMORY:
-        results["sharded/" + "-".join(combo)] = run(*combo, "-".join(combo))
+        results["sharded/" + "-".join(combo)] = run(*combo, "-".join(combo), combo in EQUIVALENCE)
     # The same jobs with every rank loading the whole model (the path before sharded loading).
     sharded_load.meta_model = lambda *a, **k: None
     DeepSpeedStrategy.load_context = lambda self: contextlib.nullcontext()
@@ -130,7 +186,7 @@ def test_each_rank_holds_about_half_the_parameters_while_loading_and_after(shard
         # rank; LoRA's adapters exist whole on each rank until the strategy shards them.
         assert r["held"] <= 1.1 * r["full"] / 2, f"rank {rank}: {r} (bytes after setup)"
         assert r["loaded"] <= 1.1 * r["loaded_full"] / 2, f"rank {rank}: {r} (bytes while loading)"
-        assert len(r["losses"]) == 2
+        assert len(r.get("losses", [0, 0])) == 2
 
 
 @pytest.mark.slow
@@ -142,3 +198,15 @@ def test_sharded_load_trains_like_a_whole_load(sharded_runs, combo):
         assert whole["loaded"] >= whole["loaded_full"] * 0.99  # the comparison really loaded everything
         sharded = results["sharded/" + name]["losses"]
         assert sharded == pytest.approx(whole["losses"], abs=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("combo", GENERATION, ids=["-".join(c) for c in GENERATION])
+def test_generation_gathers_once_per_call(sharded_runs, combo):
+    for results in sharded_runs:
+        g = results["sharded/" + "-".join(combo)]["generation"]
+        once_2, once_6 = g["True-2"]["all_gathers"], g["True-6"]["all_gathers"]
+        per_2, per_6 = g["False-2"]["all_gathers"], g["False-6"]["all_gathers"]
+        assert once_2 == once_6 > 0, g  # gathered once, whatever the number of tokens
+        assert per_6 > per_2 > once_2, g  # per layer per token before
+        assert g["True-6"]["tokens"] == g["False-6"]["tokens"]  # the same generations

@@ -3,13 +3,10 @@ the other ranks wait for it on a key of the process group's store, with no colle
 collective would time out (cluster.timeout_s, NCCL's watchdog) however legitimately slow rank 0
 is. A failure on rank 0 is raised on every rank; if rank 0 dies, its store goes away and the
 waiting ranks' check() raises.
-
-Fault injection: DISTFT_FAULT_RANK0_SLEEP=<seconds> stalls rank 0 that long before the work.
 """
 
 from __future__ import annotations
 
-import os
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -20,7 +17,6 @@ from torch import distributed as tdist
 from distft.errors import DistftError
 from distft.runtime import dist
 
-SLEEP_ENV = "DISTFT_FAULT_RANK0_SLEEP"
 _CALLS: Counter = Counter()  # calls per name in this process: every rank makes the same ones
 T = TypeVar("T")
 
@@ -33,8 +29,6 @@ def on_rank0(name: str, work: Callable[[], T], is_main: bool, poll_s: float = 0.
         wait(key, poll_s)
         return None
     try:
-        if os.environ.get(SLEEP_ENV):
-            time.sleep(float(os.environ[SLEEP_ENV]))
         out = work()
     except BaseException as e:
         signal(key, f"rank 0 failed ({name}): {e}")
