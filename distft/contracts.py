@@ -119,7 +119,15 @@ class Strategy:
         policy: sharded where it shards parameters, a replica on each rank otherwise."""
         raise NotImplementedError
 
+    loads_sharded: bool = False
+    """The model (and frozen models) may come on the meta device: setup / place_frozen read only
+    this rank's shards (distft.models.sharded_load)."""
+
     # ---- optional hooks (defaults: nothing to do)
+    def load_context(self) -> contextlib.AbstractContextManager:
+        """The context models are loaded in (ZeRO-3: partitioned at construction)."""
+        return contextlib.nullcontext()
+
     def prepare_resume(self, path: Path, state: dict) -> None:
         """Before `setup` when resuming from `path` (e.g. a checkpoint format conversion)."""
 

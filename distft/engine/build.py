@@ -13,8 +13,8 @@ from omegaconf import OmegaConf
 
 from distft.dtypes import PRECISION_DTYPES
 from distft.engine import checkpoint, fingerprint, runlock
-from distft.models import base_dtype, load_model, vlm
-from distft.models.sharded_load import meta_model
+from distft.models import base_dtype, vlm
+from distft.models.sharded_load import host_stubs, load_for, meta_tuning
 from distft.perf.mfu import MfuMeter, mean_length
 from distft.runtime import dist
 
@@ -58,21 +58,19 @@ def seed(value: int) -> None:
     torch.manual_seed(value)
 
 
-def model(cfg, info, method, tuning, model_path: str, loads_sharded: bool) -> torch.nn.Module:
-    """The model to train, before the strategy wraps it: loaded (on the meta device when the
-    strategy reads each rank's shards itself), tuned, optionally compiled."""
+def model(cfg, info, method, tuning, model_path: str, strategy) -> torch.nn.Module:
+    """The model to train, before the strategy wraps it: loaded sharded where the strategy shards
+    parameters (distft.models.sharded_load.load_for), tuned, optionally compiled."""
     dtype = base_dtype(cfg, tuning.adapter)  # adapters: the frozen base in the compute precision
-    out = None
+    extra = tuning.load_kwargs(cfg, dtype)
     image_text = vlm.is_vlm(model_path, cfg.model.trust_remote_code)  # AutoModelForImageTextToText, whole
-    sharded = loads_sharded and info.world_size > 1 and not tuning.adapter and not image_text
-    if sharded and method.auto_class is None:
-        out = meta_model(model_path, cfg)  # each rank reads only its shards (strategy.setup)
-    if out is None:
-        out = load_model(model_path, cfg, dtype, tuning.load_kwargs(cfg, dtype), method.auto_class)
+    meta = meta_tuning(cfg) and not image_text
+    out = load_for(strategy, model_path, cfg, info, dtype, extra, method.auto_class, meta)
     if cfg.train.gradient_checkpointing:
         out.gradient_checkpointing_enable({"use_reentrant": False})
     out.config.use_cache = False
-    out = tuning.apply(out, cfg)
+    with host_stubs(out):  # a meta-device base: PEFT's adapters are created real, as on a full load
+        out = tuning.apply(out, cfg)
     if image_text and not tuning.adapter:
         vlm.freeze(out, cfg)  # model.freeze_vision / freeze_projector (adapters: distft.tuning.lora)
     if cfg.train.compile:

@@ -30,13 +30,12 @@ from distft.data import vision
 from distft.dtypes import PRECISION_DTYPES
 from distft.errors import DistftError
 from distft.models import vlm
-from distft.runtime import dist
+from distft.runtime.rank0 import on_rank0
 
 # Largest |trained - exported| logit difference accepted, relative to the logits' scale.
 TOLERANCE = {"fp32": 1e-4, "bf16": 5e-2, "fp16": 5e-2}
 BASE_DIR = "base"  # the generated tiny base inside an adapter export
 SLEEP_ENV = "DISTFT_FAULT_EXPORT_SLEEP"
-_EXPORTS = [0]  # exports so far in this process: one store key each
 
 
 def export(trainer) -> Path:
@@ -45,17 +44,7 @@ def export(trainer) -> Path:
     trained_logits = probe_logits(trainer.strategy.model, trainer.strategy, method, probe_batch, info)
     state = trainer.strategy.full_state_dict()  # collective: every rank takes part
     out = trainer.run_dir / "export"
-    _EXPORTS[0] += 1
-    key = f"distft/export/{_EXPORTS[0]}"
-    if not info.is_main:
-        _wait_for_main(key)
-        return out
-    try:
-        _write(trainer, out, probe_batch, trained_logits, state)
-    except BaseException as e:
-        _signal(key, f"rank 0 failed to write the export: {e}")
-        raise
-    _signal(key, "ok")
+    on_rank0("export", lambda: _write(trainer, out, probe_batch, trained_logits, state), info.is_main)
     return out
 
 
@@ -121,28 +110,6 @@ def embed_base(export_dir: Path, base_dir: Path) -> None:
         weights = f.name.startswith("model") and f.name.endswith((".safetensors", ".safetensors.index.json"))
         if weights or f.name in ("config.json", "generation_config.json"):
             shutil.copy2(f, export_dir / f.name)
-
-
-def _signal(key: str, value: str) -> None:
-    from torch import distributed as tdist
-
-    if dist.active():
-        tdist.distributed_c10d._get_default_store().set(key, value)
-
-
-def _wait_for_main(key: str, poll_s: float = 0.5) -> None:
-    """Wait for rank 0's export outside any collective (a store key), however long it takes; a
-    rank-0 failure is raised here too. If rank 0 dies, its store goes away and check() raises."""
-    from torch import distributed as tdist
-
-    if not dist.active():
-        return
-    store = tdist.distributed_c10d._get_default_store()
-    while not store.check([key]):
-        time.sleep(poll_s)
-    status = store.get(key).decode()
-    if status != "ok":
-        raise DistftError(status)
 
 
 @torch.no_grad()

@@ -79,7 +79,8 @@ def of_config(cfg) -> dict:
 
 def trainable_shapes(model) -> dict[str, list[int]]:
     """Names and shapes of the parameters that train (the unwrapped model, before sharding)."""
-    return {n: list(p.shape) for n, p in model.named_parameters() if p.requires_grad}
+    # ds_shape: a weight ZeRO-3 partitioned at construction (its data is empty)
+    return {n: list(getattr(p, "ds_shape", p.shape)) for n, p in model.named_parameters() if p.requires_grad}
 
 
 def _flat(d: dict, prefix: str = "") -> dict:

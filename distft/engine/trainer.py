@@ -88,11 +88,11 @@ class Trainer:
 
             cfg.train.micro_batch_size = estimate_micro_batch(cfg, data.train, info.world_size)
         option = STRATEGIES[cfg.strategy.name]
-        model = build.model(cfg, info, method, tuning, model_path, option.loads_sharded)
+        strategy = option.make(cfg, info)
+        model = build.model(cfg, info, method, tuning, model_path, strategy)  # sharded where it can be
         saved = checkpoint.read_state(resume_path) if resume_path is not None else {}
         run_fingerprint["params"] = fingerprint.check_params(model, saved, resume_path, run_dir)
         perf = build.mfu_meter(cfg, info, model, data)
-        strategy = option.make(cfg, info)
         if resume_path is not None:
             checkpoint.check_compatible(strategy, saved, resume_path, cfg.strategy.name)
             strategy.prepare_resume(resume_path, saved)

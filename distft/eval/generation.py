@@ -4,6 +4,7 @@ once (corpus BLEU/chrF need every pair), the same result on every rank."""
 from __future__ import annotations
 
 from distft.data.sft_format import prompt_text, reference_answer
+from distft.dtypes import PRECISION_DTYPES
 from distft.eval.text_metrics import score_texts
 from distft.models.generation import generate
 from distft.runtime import dist
@@ -15,7 +16,8 @@ def generate_pairs(model, tokenizer, rows: list[dict], cfg, info, sharded: bool)
     """(prediction, reference) for every row, in row order, on every rank."""
     mine = rows[info.dp_rank :: info.dp_size]  # [tp] a replica's ranks generate the same rows
     prompts = [prompt_text(r, tokenizer) for r in mine]
-    outs = generate(model, tokenizer, prompts, cfg.train.max_new_tokens, info.device, sharded)
+    dtype = PRECISION_DTYPES[cfg.train.precision]  # DDP generates in the compute dtype, as it trains
+    outs = generate(model, tokenizer, prompts, cfg.train.max_new_tokens, info.device, sharded, dtype=dtype)
     pairs = [(o, reference_answer(r)) for o, r in zip(outs, mine)]
     gathered = dist.all_gather_objects(pairs)[:: info.replica_ranks]  # [tp] one list per replica
     # Undo the round-robin so the order is the rows' order whatever the world size.

@@ -77,8 +77,9 @@ def matmul_params(model: torch.nn.Module) -> tuple[int, int]:
             trainable += n if p.requires_grad else 0
     head = _output_head(model)
     if head is not None and id(head.weight) in embeddings:
-        total += head.weight.numel()
-        trainable += head.weight.numel() if head.weight.requires_grad else 0
+        n = int(getattr(head.weight, "ds_numel", head.weight.numel()))
+        total += n
+        trainable += n if head.weight.requires_grad else 0
     return total, trainable
 
 
@@ -89,7 +90,7 @@ def _logical_numel(module: torch.nn.Module, p: torch.nn.Parameter) -> int:
         and hasattr(module, "out_features")
     ):
         return int(module.in_features) * int(module.out_features)  # bitsandbytes packs 4-bit weights
-    return p.numel()
+    return int(getattr(p, "ds_numel", p.numel()))  # ZeRO-3 partitioned at construction: data is empty
 
 
 def _output_head(model: torch.nn.Module):

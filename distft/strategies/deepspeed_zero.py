@@ -3,6 +3,7 @@ written to the run dir; there is no second hand-kept JSON."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from dataclasses import dataclass, field
@@ -76,8 +77,31 @@ def bucket_sizes(s, model: torch.nn.Module | None) -> dict[str, int]:
         return sized_buckets(s, hidden, 0)
     from distft.models.layers import decoder_layers
 
-    block = max((sum(p.numel() for p in b.parameters()) for b in decoder_layers(model)), default=0)
+    block = max((sum(numel(p) for p in b.parameters()) for b in decoder_layers(model)), default=0)
     return sized_buckets(s, hidden, block)
+
+
+def numel(p: torch.Tensor) -> int:
+    """Elements of a parameter, also of one ZeRO-3 partitioned at construction (its data is empty)."""
+    return int(getattr(p, "ds_numel", p.numel()))
+
+
+@contextlib.contextmanager
+def partitioned_load(config: dict):
+    """Models loaded inside are built under deepspeed.zero.Init (transformers' HfDeepSpeedConfig
+    path): every weight is partitioned over the ranks as it is created and only rank 0 reads the
+    checkpoint's values (memory-mapped), so no rank holds the whole model in host or device memory.
+    Scoped: a model loaded later (the export check on rank 0) must not start collectives."""
+    import deepspeed
+    from transformers.integrations import HfDeepSpeedConfig
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    deepspeed.init_distributed()  # zero.Init checks the batch sizes against DeepSpeed's world size
+    alive = HfDeepSpeedConfig(config)  # transformers keeps only a weak reference
+    try:
+        yield alive
+    finally:
+        unset_hf_deepspeed_config()
 
 
 def sized_buckets(s, hidden: int | None, block: int) -> dict[str, int]:
@@ -217,29 +241,34 @@ class DeepSpeedStrategy(Strategy):
                 "resume=never model.name_or_path=<the run's export/ directory>"
             )
         universal = path / "deepspeed_universal"
-        if self.info.is_main and not (universal / "zero").is_dir():
-            import subprocess
-            import sys
+        from distft.runtime.rank0 import on_rank0
 
-            print(
-                f"distft: {path.name} was saved with {state.get('world_size')} ranks "
-                f"(strategy={state.get('strategy')}); converting it to a DeepSpeed universal checkpoint "
-                f"for {self.info.world_size} ranks",
-                flush=True,
-            )
-            cmd = [sys.executable, "-m", "distft.engine.safe_load", "deepspeed.checkpoint.ds_to_universal"]
-            cmd += ["--input_folder", str(path / "deepspeed"), "--output_folder", str(universal)]
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            if proc.returncode != 0:
-                raise ConfigError(
-                    f"resume: converting {path} to a universal checkpoint failed "
-                    f"({' '.join(cmd)}):\n{proc.stderr[-2000:]}"
-                )
-        from distft.runtime import dist
-
-        dist.barrier()
+        # Rank 0 converts (minutes for a large model) while the others wait on a store key: a
+        # barrier would trip the collective timeout.
+        on_rank0("universal", lambda: self._convert(path, universal, state), self.info.is_main)
         self.load_tag = "deepspeed_universal"
         self.cfg.strategy.extra = {**self.cfg.strategy.extra, "checkpoint": {"load_universal": True}}
+
+    def _convert(self, path: Path, universal: Path, state: dict) -> None:
+        if (universal / "zero").is_dir():
+            return
+        import subprocess
+        import sys
+
+        print(
+            f"distft: {path.name} was saved with {state.get('world_size')} ranks "
+            f"(strategy={state.get('strategy')}); converting it to a DeepSpeed universal checkpoint "
+            f"for {self.info.world_size} ranks",
+            flush=True,
+        )
+        cmd = [sys.executable, "-m", "distft.engine.safe_load", "deepspeed.checkpoint.ds_to_universal"]
+        cmd += ["--input_folder", str(path / "deepspeed"), "--output_folder", str(universal)]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise ConfigError(
+                f"resume: converting {path} to a universal checkpoint failed "
+                f"({' '.join(cmd)}):\n{proc.stderr[-2000:]}"
+            )
 
     def setup(self, model: torch.nn.Module) -> None:
         import deepspeed
@@ -253,6 +282,10 @@ class DeepSpeedStrategy(Strategy):
         self.base_optimizer = optimizer
         self.model = self.engine
         self.module = self.engine.module
+        if self.sharded_params:  # generation gathers the weights once per call (not per token)
+            from distft.models.generation import register_zero3
+
+            register_zero3(self.module, self.engine)
         if self.cfg.train.precision == "fp32" and not self.cfg.strategy.offload_optimizer:
             share_fp32_master(self.engine.optimizer)
 
@@ -266,6 +299,12 @@ class DeepSpeedStrategy(Strategy):
         geometry = BatchGeometry.of(self.cfg, self.info, micro)
         self.config["train_micro_batch_size_per_gpu"] = geometry.micro
         self.config["train_batch_size"] = geometry.global_batch
+
+    def load_context(self) -> contextlib.AbstractContextManager:
+        """ZeRO-3 on several ranks: models are partitioned as they are built (`partitioned_load`)."""
+        if not self.sharded_params or self.info.world_size < 2:
+            return contextlib.nullcontext()
+        return partitioned_load(ds_config(self.cfg, BatchGeometry.of(self.cfg, self.info)))
 
     def place_frozen(self, model: torch.nn.Module) -> torch.nn.Module:
         """ZeRO-3: an optimizer-free engine partitions the frozen model over ranks and gathers it
@@ -285,8 +324,6 @@ class DeepSpeedStrategy(Strategy):
         return engine
 
     def accumulate(self, is_last: bool):
-        import contextlib
-
         return contextlib.nullcontext()
 
     def backward(self, loss: torch.Tensor, is_last: bool) -> None:

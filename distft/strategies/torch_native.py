@@ -45,12 +45,14 @@ class TorchNativeStrategy(Strategy):
         self.shape = shape
         self._mesh = None
         self.sharded_params = sharded
+        self.loads_sharded = sharded  # FSDP2 reads each rank's shards of a meta-device model
         self.use_autocast = autocast and cfg.train.precision != "fp32"
         self.loss_scale = float(info.world_size)  # gradient reduction averages over ranks
         self.scaler = None
         self.async_save = True
         self.checkpoint_format = "dcp"  # DDP and FSDP2 read each other's checkpoints, at any world size
         self._ckpt_group = None
+        self._stager = None
 
     @property
     def mesh(self):
@@ -76,16 +78,9 @@ class TorchNativeStrategy(Strategy):
         return cp.shard_batch(batch, self.mesh["cp"].get_local_rank(), self.cp_size)
 
     def setup(self, model: torch.nn.Module) -> None:
-        on_meta = any(p.is_meta for p in model.parameters())
-        if not on_meta:
-            model.to(self.info.device)
-        self.model = self._wrap(model)
+        self.model = self._placed(model)
         if self.cp_size > 1:
             cp.attach(self.model)
-        if on_meta:  # built on the meta device (distft.models.sharded_load): read this rank's shards
-            from distft.models.sharded_load import load_shards
-
-            load_shards(self.model, self.info.device)
         self.module = getattr(self.model, "module", self.model)  # DDP wraps, FSDP2 does not
         self.optimizer = build_adamw(self.module, self.cfg)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
@@ -140,12 +135,26 @@ class TorchNativeStrategy(Strategy):
         """Drop the planner's trial gradients (exact zeros) so the first real step starts clean."""
         self.optimizer.zero_grad(set_to_none=True)
 
+    def _placed(self, model: torch.nn.Module) -> torch.nn.Module:
+        """DDP: a replica on this rank's device. FSDP2: fully_shard moves each layer to the device
+        as it shards it (never the whole model at once); a model built on the meta device
+        (distft.models.sharded_load) then reads only this rank's shards."""
+        from distft.models.sharded_load import is_meta, load_shards
+
+        on_meta = is_meta(model)
+        if not self.sharded_params:
+            model.to(self.info.device)
+        model = self._wrap(model)
+        if on_meta:
+            load_shards(model, self.info.device)
+        return model
+
     def place_frozen(self, model: torch.nn.Module) -> torch.nn.Module:
-        """A frozen model on this rank's device; FSDP2 shards it with the policy's plan."""
-        model.to(self.info.device)
-        if self.sharded_params:
-            model = self._wrap(model)
-        return model.eval()
+        """A frozen model placed like the policy: FSDP2 shards it with the policy's plan; DDP keeps a
+        plain copy on this rank's device (nothing to all-reduce)."""
+        if not self.sharded_params:
+            return model.to(self.info.device).eval()
+        return self._placed(model).eval()
 
     # Checkpoints: DCP writes one shard per rank and reshards on load (any world size).
     def _options(self) -> StateDictOptions:
@@ -167,7 +176,16 @@ class TorchNativeStrategy(Strategy):
         with training's collectives (FSDP2 all-gathers) and abort with a collective mismatch."""
         if self._ckpt_group is None and dist.active():
             self._ckpt_group = torch.distributed.new_group(backend="gloo")
-        return dcp.async_save(self._state(), checkpoint_id=str(path / "dcp"), process_group=self._ckpt_group)
+        if self._stager is None:  # pinned host buffers on GPU, reused by every save
+            from distft.strategies.staging import stager
+
+            self._stager = stager(self.info.device)
+        return dcp.async_save(
+            self._state(),
+            checkpoint_id=str(path / "dcp"),
+            process_group=self._ckpt_group,
+            async_stager=self._stager,
+        )
 
     def load(self, path: Path) -> None:
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer, options=self._options())

@@ -76,8 +76,8 @@ def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
     """(trainable, total) parameters; 4-bit weights count as the values they hold."""
     if hasattr(model, "get_nb_trainable_parameters"):
         return model.get_nb_trainable_parameters()
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return trainable, sum(p.numel() for p in model.parameters())
+    sizes = [(int(getattr(p, "ds_numel", p.numel())), p.requires_grad) for p in model.parameters()]  # ZeRO-3
+    return sum(n for n, t in sizes if t), sum(n for n, _ in sizes)
 
 
 def report(model: torch.nn.Module, cfg, extra: str = "") -> tuple[int, int]:

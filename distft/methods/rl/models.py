@@ -26,7 +26,7 @@ from distft.data.sampler import GlobalBatchSampler
 from distft.data.sft_format import tokenize_sft
 from distft.dtypes import PRECISION_DTYPES
 from distft.methods.rl.prompts import reference_nll, warmup_rows
-from distft.runtime import dist
+from distft.runtime.rank0 import on_rank0
 from distft.strategies import STRATEGIES
 
 WARMUP_DIR = "sft_warmup"
@@ -80,7 +80,8 @@ def save_hf(strategy, base_path: str, out: Path, tokenizer, cfg, info, causal: b
     from transformers import AutoModelForCausalLM, AutoModelForTokenClassification
 
     state = strategy.full_state_dict()
-    if info.is_main:
+
+    def write() -> None:
         tmp = out.with_name(out.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         if causal:
@@ -97,7 +98,8 @@ def save_hf(strategy, base_path: str, out: Path, tokenizer, cfg, info, causal: b
         tokenizer.save_pretrained(tmp)
         shutil.rmtree(out, ignore_errors=True)
         tmp.rename(out)
-    dist.barrier()
+
+    on_rank0("save_hf", write, info.is_main)  # the others wait on a store key, not in a barrier
     return out
 
 

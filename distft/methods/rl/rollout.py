@@ -14,6 +14,9 @@ from dataclasses import dataclass
 import torch
 from trl.trainer.utils import selective_log_softmax
 
+from distft.dtypes import PRECISION_DTYPES
+from distft.models.generation import generation_mode
+
 
 @dataclass
 class Rollouts:
@@ -86,18 +89,19 @@ def sample_with_logprobs(
     was_training = model.training
     model.eval()
     try:
-        out = model.generate(
-            input_ids=ids.to(device),
-            attention_mask=attn.to(device),
-            max_new_tokens=m.max_new_tokens,
-            eos_token_id=eos,
-            pad_token_id=pad,
-            use_cache=True,
-            synced_gpus=synced,
-            output_logits=not greedy,
-            return_dict_in_generate=True,
-            **sampling,
-        )
+        with generation_mode(model, PRECISION_DTYPES[cfg.train.precision]):  # sharded weights gathered once
+            out = model.generate(
+                input_ids=ids.to(device),
+                attention_mask=attn.to(device),
+                max_new_tokens=m.max_new_tokens,
+                eos_token_id=eos,
+                pad_token_id=pad,
+                use_cache=True,
+                synced_gpus=synced,
+                output_logits=not greedy,
+                return_dict_in_generate=True,
+                **sampling,
+            )
     finally:
         model.train(was_training)
     new = out.sequences[:, width:].cpu().tolist()
