@@ -7,6 +7,7 @@ import pytest
 import torch
 from transformers import Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForCausalLM
 
+from distft.contracts import Strategy
 from distft.methods.logprobs import model_logps, model_nll, model_token_logps
 
 
@@ -94,8 +95,8 @@ def test_chunked_loss_through_peft_and_softcap():
     torch.testing.assert_close(t1, t0, rtol=1e-5, atol=1e-8)
 
 
-class _OneProcess:
-    """The parts of a strategy `optimizer_step` uses, on one process with plain autograd."""
+class _OneProcess(Strategy):
+    """A strategy on one process with plain autograd (the contract's no-op hooks for the rest)."""
 
     loss_scale = 1.0
 

@@ -254,7 +254,7 @@ def test_adapter_disabled_reference_is_the_base_model(tiny):
         tuning=SimpleNamespace(adapter=True),
         strategy=SimpleNamespace(module=policy, model=policy),
         cfg=SimpleNamespace(
-            train=SimpleNamespace(precision="fp32"), tuning=SimpleNamespace(init_adapter=None)
+            train=SimpleNamespace(precision="fp32", loss_chunks=0), tuning=SimpleNamespace(init_adapter=None)
         ),
     )
     ref = Reference(trainer, precompute=False)

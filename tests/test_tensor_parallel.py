@@ -216,7 +216,10 @@ def test_other_families_match_unsharded(runs):
     "overrides, words",
     [
         (["tuning=qlora", "strategy.tp=2"], "NF4-quantized weights cannot be split"),
-        (["strategy.tp=3"], "does not divide the model's 4 attention heads"),
+        (
+            ["strategy.tp=4", "model.num_heads=2", "model.num_kv_heads=2"],
+            "does not divide the model's 3 attention heads",
+        ),
         (["strategy.tp=2", "model.num_kv_heads=1"], "does not divide the model's 1 key/value heads"),
         (["strategy.tp=2", "method=dpo"], "verified for method=sft only"),
         (["strategy.tp=2", "tuning=dora"], "verified for tuning=full|lora only"),

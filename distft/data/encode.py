@@ -21,6 +21,7 @@ from pathlib import Path
 from distft.data.collate import pack_bins
 from distft.data.preference import Skips
 from distft.data.rows import Rows, RowWriter, write_rows
+from distft.data.schemas import length_text
 from distft.errors import DataError
 
 CHUNK = 2000
@@ -139,3 +140,17 @@ def encode_split(
     (folder / f"{name}.unpacked.arrow").unlink()
     stats["packed_sequences"] = len(bins)
     return out, stats
+
+
+def token_lengths(tokenizer, chunk: int = 10_000):
+    def lengths(rows: list[dict]) -> list[int]:
+        eos = tokenizer.eos_token_id is not None
+        out: list[int] = []
+        for i in range(0, len(rows), chunk):  # token lists of one chunk at a time
+            part = rows[i : i + chunk]
+            ids = tokenizer([length_text(r, tokenizer) for r in part], add_special_tokens=True)["input_ids"]
+            # prompt/completion rows get an EOS appended by the SFT encoder
+            out += [len(x) + (eos and "completion" in r) for x, r in zip(ids, part)]
+        return out
+
+    return lengths

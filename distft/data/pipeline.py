@@ -12,8 +12,6 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from distft.continual import mix_replay
@@ -21,36 +19,13 @@ from distft.data import cache as data_cache
 from distft.data import report as data_report
 from distft.data.clean import clean
 from distft.data.collate import packing_efficiency
-from distft.data.encode import encode_split
+from distft.data.encode import encode_split, token_lengths
+from distft.data.prepared import PreparedData
 from distft.data.rows import Rows, write_rows
-from distft.data.schemas import length_text, method_kind, to_canonical
+from distft.data.schemas import method_kind, to_canonical
 from distft.data.sources import Source, mix, read_sources
 from distft.data.split import split_rows
 from distft.errors import DataError
-
-
-@dataclass
-class PreparedData:
-    """Encoded examples per split and the canonical val/test rows (for generation eval): Python
-    lists while rank 0 prepares, memory-mapped `Rows` (read-only sequences) once cached."""
-
-    train: Sequence[dict]
-    val: Sequence[dict]
-    test: Sequence[dict]
-    val_rows: Sequence[dict]
-    test_rows: Sequence[dict]
-    report: dict = field(default_factory=dict)
-    split_rows: dict = field(default_factory=dict)
-    """Cleaned rows per split (written to data/*.jsonl of the cache entry; not loaded back)."""
-    stream: object = None
-    """data.streaming: opens the train stream for a number of lanes (distft.data.stream.Stream.open);
-    `train` is then a sample of it."""
-
-    @property
-    def metrics(self) -> dict[str, float]:
-        """Constant per run, logged with every step: packing/efficiency when packing."""
-        packing = self.report.get("packing")
-        return {"packing/efficiency": packing["efficiency"]} if packing else {}
 
 
 def load_sources(cfg, method) -> list[Source]:
@@ -68,20 +43,6 @@ def load_sources(cfg, method) -> list[Source]:
         extra = f" ({bad} malformed lines skipped)" if bad else ""
         raise DataError(f"no rows in {where}{extra}; check data.path")
     return sources
-
-
-def token_lengths(tokenizer, chunk: int = 10_000):
-    def lengths(rows: list[dict]) -> list[int]:
-        eos = tokenizer.eos_token_id is not None
-        out: list[int] = []
-        for i in range(0, len(rows), chunk):  # token lists of one chunk at a time
-            part = rows[i : i + chunk]
-            ids = tokenizer([length_text(r, tokenizer) for r in part], add_special_tokens=True)["input_ids"]
-            # prompt/completion rows get an EOS appended by the SFT encoder
-            out += [len(x) + (eos and "completion" in r) for x, r in zip(ids, part)]
-        return out
-
-    return lengths
 
 
 def encode_in_memory(name: str, part: list[dict], train: bool, cfg, method, tokenizer):

@@ -120,7 +120,7 @@ class Stream:
     def block(self, shard_id: int, pos: int, epoch: int) -> Block:
         """Read, map, clean, split and encode the block at `pos` of shard `shard_id`; the train
         examples come shuffled by (seed, epoch, shard, pos)."""
-        from distft.data.pipeline import token_lengths
+        from distft.data.encode import token_lengths
 
         cfg, d = self.cfg, self.cfg.data
         bad: list[dict] = []
@@ -243,7 +243,7 @@ def prepare(cfg, method, tokenizer, output_dir: Path, is_main: bool, quiet: bool
     """Every rank: the held-out rows (a deterministic scan of one lane's plan, no collective);
     rank 0 writes data_report.json and data/{val,test}.jsonl. `data.stream(lanes)` opens the
     train stream once the global batch is known."""
-    from distft.data.pipeline import PreparedData
+    from distft.data.prepared import PreparedData
 
     stream = Stream.open(cfg, method, tokenizer, lanes=1, block=min(cfg.data.stream_buffer, SCAN_BLOCK))
     cap = cfg.data.max_eval_examples or STREAM_EVAL

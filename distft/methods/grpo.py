@@ -20,6 +20,7 @@ import torch
 from distft.errors import ConfigError
 from distft.methods.rl import engines, loop, sampling
 from distft.methods.rl.advantages import group_advantages
+from distft.methods.rl.async_rollouts import AsyncRollouts
 from distft.methods.rl.config import RLConfig, validate_rl
 from distft.methods.rl.losses import PolicyTerms, epsilons, normalizer, policy_loss
 from distft.methods.rl.method import PromptMethod
@@ -101,12 +102,15 @@ class GRPO(PromptMethod):
     # ------------------------------------------------------------------ hooks
     def setup(self, ctx) -> None:
         self.setup_policy(ctx, with_reference=self.cfg.method.beta > 0)
+        self.async_rollouts: AsyncRollouts | None = None  # method.async_steps > 0: built at the first step
 
     # ------------------------------------------------------------------ step
     def train_step(self, ctx, step: int) -> StepResult:
         m = self.cfg.method
         if m.async_steps:  # rlenv: rollouts from the background generator, at most async_steps old
-            batch = loop.step_batch(self, ctx, step, copies=m.num_generations)
+            if self.async_rollouts is None:
+                self.async_rollouts = AsyncRollouts(ctx, self.scorer, m.num_generations)
+            batch = self.async_rollouts.take(step)
             extra = {
                 "reward_failures": self.failures.add(self.scorer, batch.scores.failures, ctx.info.device)
             }

@@ -20,11 +20,11 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 
 from distft.errors import ConfigError
+from distft.methods.rl import loop
 
 
 class AsyncRollouts:
     def __init__(self, ctx, scorer, copies: int):
-        from distft.methods.rl import loop
 
         self.loop, self.ctx, self.scorer, self.copies = loop, ctx, scorer, copies
         self.n = int(ctx.cfg.method.async_steps)

@@ -35,19 +35,6 @@ def step_examples(ctx: MethodContext, step: int) -> tuple[list[dict], int]:
     return [e for share in shares for e in share], len(shares[0])
 
 
-def step_batch(owner, ctx: MethodContext, step: int, copies: int) -> Batch:
-    """The step's rollouts: generated now (method.async_steps=0, the synchronous loop), or taken
-    from the asynchronous generator that `owner` (the method) holds."""
-    if not getattr(ctx.cfg.method, "async_steps", 0):
-        examples, micro = step_examples(ctx, step)
-        return rollout_batch(ctx, owner.scorer, examples, copies=copies, micro=micro)
-    if getattr(owner, "async_rollouts", None) is None:
-        from distft.methods.rl.async_rollouts import AsyncRollouts
-
-        owner.async_rollouts = AsyncRollouts(ctx, owner.scorer, copies)
-    return owner.async_rollouts.take(step)
-
-
 def rollout_batch(
     ctx: MethodContext, scorer: RewardScorer, examples: list[dict], copies: int, micro: int, model=None
 ) -> Batch:
