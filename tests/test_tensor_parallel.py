@@ -217,7 +217,7 @@ def test_other_families_match_unsharded(runs):
     [
         (["tuning=qlora", "strategy.tp=2"], "NF4-quantized weights cannot be split"),
         (
-            ["strategy.tp=4", "model.num_heads=2", "model.num_kv_heads=2"],
+            ["strategy.tp=2", "model.hidden_size=96", "model.num_heads=3", "model.num_kv_heads=3"],
             "does not divide the model's 3 attention heads",
         ),
         (["strategy.tp=2", "model.num_kv_heads=1"], "does not divide the model's 1 key/value heads"),
