@@ -108,7 +108,9 @@ def load_for(
     elsewhere)."""
     from distft.models.loader import load_model
 
-    if meta and strategy.loads_sharded and info.world_size > 1 and not extra:
+    # A method's own model class (the reward method's ScoreModel) has no from_config: load it whole.
+    buildable = auto_class is None or hasattr(auto_class, "from_config")
+    if meta and buildable and strategy.loads_sharded and info.world_size > 1 and not extra:
         model = meta_model(model_path, cfg, auto_class, dtype)
         if model is not None:
             return model
