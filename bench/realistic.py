@@ -36,7 +36,7 @@ import statistics
 from pathlib import Path
 
 from common import REPO, launch, load_average, metrics, spread
-from trl_compare import steady
+from trl_compare import distft_stamps, steady, trl_stamps
 
 SIDES = ("distft", "trl-default", "trl-best")
 
@@ -143,11 +143,7 @@ def run_distft(a, work: dict, out: Path) -> dict:
     ]  # fmt: skip
     res = launch("distft.train", args, a.nproc, out / "rss", out / "run.log")
     rows = [r for r in metrics(out) if "loss" in r]
-    stamps, prev = [], None
-    for r in rows:  # tokens in a logged step: tokens/s × the time since the previous row
-        stamps.append((r["step"], r["time"], r["tokens_per_s"] * (r["time"] - prev) if prev else 0.0))
-        prev = r["time"]
-    tps, first = steady(stamps)
+    tps, first = steady(distft_stamps(rows))
     losses = [r["loss"] for r in rows]
     mfu = [r["mfu"] for r in rows[len(rows) // 10 :] if r.get("mfu")]
     return {
@@ -166,10 +162,7 @@ def run_trl(a, work: dict, out: Path, packing: str) -> dict:
     ]  # fmt: skip
     res = launch("trl_sft", args, a.nproc, out / "rss", out / "run.log")
     t = json.loads((out / "bench_timing.json").read_text())
-    stamps, prev = [], 0
-    for s in t["steps"]:
-        stamps.append((s["step"], s["time"], s["tokens"] - prev))
-        prev = s["tokens"]
+    stamps = trl_stamps(t["steps"])
     tps, first = steady(stamps)
     return {
         **res, "tokens_per_s": tps, "first_step_s": first - res["t0"], "final_loss": t["last_logged_loss"],

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import shutil
 from pathlib import Path
 
@@ -49,6 +48,27 @@ def steady(stamps: list[tuple[int, float, float]]) -> tuple[float, float]:
     return tokens / max(stamps[-1][1] - stamps[w - 1][1], 1e-9), stamps[0][1]
 
 
+def distft_stamps(rows: list[dict]) -> list[tuple[int, float, float]]:
+    """(step, time, tokens in that step) from distft's logged rows: tokens/s × the time since the
+    previous row (the first row counts none)."""
+    stamps, prev = [], None
+    for r in rows:
+        stamps.append(
+            (r["step"], r["time"], r["tokens_per_s"] * (r["time"] - prev) if prev is not None else 0.0)
+        )
+        prev = r["time"]
+    return stamps
+
+
+def trl_stamps(steps: list[dict]) -> list[tuple[int, float, float]]:
+    """(step, time, tokens in that step) from bench/trl_sft.py's cumulative token counts."""
+    stamps, prev = [], 0
+    for s in steps:
+        stamps.append((s["step"], s["time"], s["tokens"] - prev))
+        prev = s["tokens"]
+    return stamps
+
+
 def run_distft(a, tuning: str, model_dir: Path, out: Path, warmup: int) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     args = [
@@ -61,12 +81,7 @@ def run_distft(a, tuning: str, model_dir: Path, out: Path, warmup: int) -> dict:
     ]  # fmt: skip
     res = launch("distft.train", args, a.nproc, out / "rss", out / "run.log")
     rows = [r for r in metrics(out) if "loss" in r]
-    stamps, prev = [], None
-    for r in rows:  # tokens in a logged step: tokens/s × the time since the previous row
-        dt = r["time"] - prev if prev is not None else math.nan
-        stamps.append((r["step"], r["time"], r["tokens_per_s"] * dt if prev is not None else 0.0))
-        prev = r["time"]
-    tps, first = steady(stamps)
+    tps, first = steady(distft_stamps(rows))
     losses = [r["loss"] for r in rows]
     return {
         **res,
@@ -88,10 +103,7 @@ def run_trl(a, tuning: str, model_dir: Path, out: Path, warmup: int) -> dict:
     ]  # fmt: skip
     res = launch("trl_sft", args, a.nproc, out / "rss", out / "run.log")
     t = json.loads((out / "bench_timing.json").read_text())
-    stamps, prev = [], 0
-    for s in t["steps"]:
-        stamps.append((s["step"], s["time"], s["tokens"] - prev))
-        prev = s["tokens"]
+    stamps = trl_stamps(t["steps"])
     tps, first = steady(stamps)
     return {
         **res,
