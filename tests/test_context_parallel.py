@@ -36,6 +36,20 @@ JOB = [
     "logger=none",
 ]
 CP = ["strategy=fsdp", "strategy.cp=2"]
+# Whole-row losses under cp (distft.parallel.cp.WHOLE): DPO's pair sums; GRPO's policy loss on
+# prompt+completion rows (generation unsplit; two epochs × two minibatches: π_old from its own pass).
+DPO = ["method=dpo", "data.num_examples=60"]
+GRPO = [
+    "method=grpo",
+    "method.sft_warmup_steps=2",
+    "method.sft_warmup_batch=8",
+    "method.num_prompts=64",
+    "method.max_new_tokens=4",
+    "method.num_generations=2",
+    "method.mini_batches=2",
+    "method.epochs=2",
+    "train.max_steps=3",
+]
 
 
 def _run(root: Path, name: str, rank: int, *overrides: str) -> None:
@@ -74,11 +88,15 @@ def _worker(rank: int, world: int, port: int, root: str) -> None:
     )
     step3 = root_p / "dp2" / "checkpoints" / "step_3"
     _run(root_p, "cp_resumed", rank, *CP, "data.packing=false", f"resume={step3}")
+    _run(root_p, "cp_dpo", rank, *CP, *DPO)
+    _run(root_p, "cp_grpo", rank, *CP, *GRPO)
     torch.distributed.destroy_process_group()
     if rank == 0:  # the 1-rank references, in this process (the stack is imported already)
         os.environ.update({"WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1"})
         _run(root_p, "one_nopack", 0, "strategy=ddp", "data.packing=false")
         _run(root_p, "one_pack", 0, "strategy=ddp", "data.packing=true")
+        _run(root_p, "one_dpo", 0, "strategy=ddp", *DPO)
+        _run(root_p, "one_grpo", 0, "strategy=ddp", *GRPO)
 
 
 @pytest.fixture(scope="module")
@@ -139,6 +157,24 @@ def test_checkpoint_of_dp2_resumes_with_cp2_through_dcp(runs):
     assert dl <= TOL and dp <= TOL
 
 
+@pytest.mark.slow
+def test_dpo_and_grpo_under_cp2_equal_one_rank(runs):
+    """Both sequences of each DPO pair and GRPO's prompt+completion rows are split along the
+    sequence (the logits gathered back): same losses, rewards and final weights as 1 rank."""
+    report = {}
+    for name, steps, keys in (("dpo", STEPS, ("loss", "logps/chosen")), ("grpo", 3, ("loss", "reward"))):
+        cp, one = runs / f"cp_{name}", runs / f"one_{name}"
+        diffs = [loss_diff(cp, one, range(1, steps + 1), k) for k in keys]
+        report[name] = (*diffs, param_diff(cp, one))
+        layout = json.loads((cp / "layout.json").read_text())
+        assert layout == {"dp": 1, "cp": 2, "attn": "distft_ulysses"}, layout
+    print("cp=2 vs 1 rank, whole-row methods (loss, metric, params; rel):", report)
+    for name, diffs in report.items():
+        assert max(diffs) <= TOL, f"{name}: {diffs}"
+    # Each GRPO step really updated (losses are not all zero, the policy moved).
+    assert any(abs(v) > 0 for v in _losses(runs / "cp_grpo").values())
+
+
 # ------------------------------------------------------------------ single process, quick
 @pytest.mark.quick
 def test_shard_batch_scores_every_target_once_with_global_positions():
@@ -169,7 +205,8 @@ def test_cp_config_errors_are_one_line():
         ("strategy.cp=3",): "does not divide the world size 2",
         ("strategy.cp=2", "model.num_heads=3", "model.num_kv_heads=3"): "divisible by cp",
         ("strategy.cp=2", "strategy.cp_style=ring"): "needs a GPU",
-        ("strategy.cp=2", "method=dpo"): "not yet method=dpo",
+        ("strategy.cp=2", "method=kto"): "not yet method=kto",
+        ("strategy.cp=2", "method=dpo", "train.loss_chunks=2"): "set train.loss_chunks=0",
     }
     for extra, words in cases.items():
         with pytest.raises(ConfigError, match=words) as e:

@@ -47,7 +47,9 @@ def validate(cfg, gpu: bool) -> None:
     check_mesh(cfg, gpu)
 
 
-CP_METHODS = ("sft",)  # methods whose loss is a sum over the tokens of a slice (distft.parallel.cp)
+# SFT's loss is a sum over a slice's tokens; DPO and the RL methods' losses read whole rows
+# (distft.parallel.cp: the model splits them and gathers the logits).
+CP_METHODS = ("sft", "dpo", "grpo", "ppo")
 
 
 def check_mesh(cfg, gpu: bool, world: int | None = None) -> None:
@@ -86,6 +88,11 @@ def check_mesh(cfg, gpu: bool, world: int | None = None) -> None:
             )
         raise ConfigError(
             f"{name} strategy.cp_style=ring is not yet supported; use strategy.cp_style=ulysses"
+        )
+    if cfg.method.name != "sft" and cfg.train.loss_chunks:
+        raise ConfigError(
+            f"strategy.cp={cp} with method={cfg.method.name} gathers whole rows' logits; "
+            "train.loss_chunks applies to method=sft only under cp: set train.loss_chunks=0"
         )
     if cfg.model.attn_implementation != "sdpa":
         raise ConfigError(

@@ -107,7 +107,7 @@ class TorchNativeStrategy(Strategy):
         slices (Ulysses attention over the cp group); other forwards see whole sequences."""
         if self.cp_size == 1:
             return contextlib.nullcontext()
-        return cp.active(self.mesh["cp"].get_group(), self.cp_size)
+        return cp.active(self.mesh["cp"].get_group(), self.cp_size, whole=cp.is_whole(batch))
 
     def backward(self, loss: torch.Tensor, is_last: bool) -> None:
         (self.scaler.scale(loss) if self.scaler else loss).backward()
@@ -154,7 +154,10 @@ class TorchNativeStrategy(Strategy):
         plain copy on this rank's device (nothing to all-reduce)."""
         if not self.sharded_params:
             return model.to(self.info.device).eval()
-        return self._placed(model).eval()
+        model = self._placed(model).eval()
+        if self.cp_size > 1:  # a reference's forward inside the policy's split runs split too
+            cp.attach(model)
+        return model
 
     # Checkpoints: DCP writes one shard per rank and reshards on load (any world size).
     def _options(self) -> StateDictOptions:
