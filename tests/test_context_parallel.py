@@ -50,6 +50,11 @@ GRPO = [
     "method.epochs=2",
     "train.max_steps=3",
 ]
+PPO = [
+    "method=ppo",
+    *(o for o in GRPO[1:] if "num_generations" not in o),
+    "method.kl_coef=0.05",
+]  # PPO's critic (its own strategy) runs split too
 
 
 def _run(root: Path, name: str, rank: int, *overrides: str) -> None:
@@ -179,7 +184,7 @@ def test_dpo_and_grpo_under_cp2_equal_one_rank(runs):
 @pytest.mark.quick
 def test_shard_batch_scores_every_target_once_with_global_positions():
     from distft.data.collate import pad_batch
-    from distft.parallel.cp import shard_batch
+    from distft.parallel.cp import WHOLE, shard_batch
 
     rows = [
         {"input_ids": [5, 6, 7, 8, 9], "labels": [-100, -100, 7, 8, 9], "position_ids": [0, 1, 0, 1, 2]},
@@ -193,7 +198,21 @@ def test_shard_batch_scores_every_target_once_with_global_positions():
     scored = torch.cat([p["labels"][:, 1:] for p in parts], 1)[:, : batch["labels"].shape[1] - 1]
     assert torch.equal(scored, batch["labels"][:, 1:])
     assert parts[1]["position_ids"][0].tolist() == [1, 2, 3, 4]  # global, continuing the last run
-    assert [p["num_tokens"] for p in parts] == [batch["num_tokens"], 0]
+    assert [p["num_tokens"] for p in parts] == [batch["num_tokens"]] * 2  # the strategy counts once
+    # A whole-row batch (DPO's pairs) stays whole on every rank of the group.
+    whole = shard_batch({**batch, WHOLE: True}, 1, 2)
+    assert torch.equal(whole["input_ids"], batch["input_ids"]) and whole["num_targets"] == 5
+
+
+@pytest.mark.quick
+def test_a_context_or_tensor_group_counts_its_tokens_once():
+    """tokens/s: the ranks of one cp × tp group hold the same examples; only the first counts them."""
+    from distft.parallel.mesh import MeshShape
+
+    for shape in (MeshShape(1, 2, 1, 2), MeshShape(1, 1, 2, 1), MeshShape(2, 1, 2, 2), MeshShape(1, 4, 1, 1)):
+        counting = [r for r in range(shape.world) if shape.counts_tokens(r)]
+        assert len(counting) == shape.dp, (shape, counting)
+        assert sorted({shape.dp_rank(r) for r in counting}) == list(range(shape.dp))  # one per dp rank
 
 
 @pytest.mark.quick
@@ -204,7 +223,8 @@ def test_cp_config_errors_are_one_line():
     cases = {
         ("strategy.cp=3",): "does not divide the world size 2",
         ("strategy.cp=2", "model.num_heads=3", "model.num_kv_heads=3"): "divisible by cp",
-        ("strategy.cp=2", "strategy.cp_style=ring"): "needs a GPU",
+        ("strategy.cp=2", "strategy.cp_style=ring"): "needs a GPU.*use strategy.cp_style=ulysses",
+        ("strategy.cp=2", "strategy.cp_style=ring", "data.max_length=66"): "must be divisible by 4",
         ("strategy.cp=2", "method=kto"): "not yet method=kto",
         ("strategy.cp=2", "method=dpo", "train.loss_chunks=2"): "set train.loss_chunks=0",
     }

@@ -141,6 +141,7 @@ class PPO(PromptMethod):
         (seq_tokens,) = dist.all_reduce_sum(
             [float((roll.input_ids != self.tokenizer.pad_token_id).sum())], dev
         )
+        seq_tokens *= ctx.geometry.dp / ctx.info.world_size  # a cp group's ranks hold the same rollouts
         n_updates = m.epochs * len(updates)
         return StepResult(loss_total / n_updates, int(seq_tokens) * m.epochs, grad_norm, metrics)
 

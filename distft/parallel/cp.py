@@ -74,13 +74,11 @@ def is_whole(batch: dict) -> bool:
 
 def shard_batch(batch: dict, rank: int, size: int) -> dict:
     """This rank's slice (plus one look-ahead token) of a collated batch with input_ids, labels
-    and position_ids; other keys are kept, num_targets is the slice's, num_tokens goes to rank 0.
-    A whole-row batch (`is_whole`) is kept whole; only its num_tokens go to rank 0."""
+    and position_ids; other keys are kept (num_tokens too: the strategy counts them once per
+    group, distft.parallel.mesh.MeshShape.counts_tokens), num_targets is the slice's. A whole-row
+    batch (`is_whole`) is kept whole."""
     if is_whole(batch):
-        out = dict(batch)
-        if "num_tokens" in batch:
-            out["num_tokens"] = batch["num_tokens"] if rank == 0 else 0
-        return out
+        return dict(batch)
     missing = [k for k in SPLIT_KEYS if k not in batch]
     if missing:
         raise ConfigError(
@@ -98,8 +96,6 @@ def shard_batch(batch: dict, rank: int, size: int) -> dict:
     out = dict(batch)
     out.update(input_ids=ids[:, lo:hi], labels=labels[:, lo:hi], position_ids=pos[:, lo:hi])
     out["num_targets"] = int((out["labels"][:, 1:] != IGNORE).sum())
-    if "num_tokens" in batch:
-        out["num_tokens"] = batch["num_tokens"] if rank == 0 else 0
     return out
 
 

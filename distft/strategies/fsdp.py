@@ -81,9 +81,16 @@ def check_mesh(cfg, gpu: bool, world: int | None = None) -> None:
     if tp > 1 and heads and heads % (tp * (cp if s.cp_style == "ulysses" else 1)):
         raise ConfigError(f"strategy.tp={tp}: the model's {heads} attention heads are not divisible by it")
     if s.cp_style == "ring":
+        length = int(cfg.data.max_length)
+        if length % (2 * cp):
+            raise ConfigError(
+                f"{name} strategy.cp_style=ring splits each sequence into 2·cp={2 * cp} load-balanced "
+                f"chunks: data.max_length={length} must be divisible by {2 * cp}"
+            )
         if not gpu:
             raise ConfigError(
-                f"{name} strategy.cp_style=ring needs a GPU (torch's ring attention has no CPU kernel); "
+                f"{name} strategy.cp_style=ring needs a GPU: torch's context-parallel attention shards "
+                "only the CUDA sdpa kernels (flash/efficient/cudnn), not the CPU one; "
                 "use strategy.cp_style=ulysses on CPU"
             )
         raise ConfigError(

@@ -72,10 +72,15 @@ class TorchNativeStrategy(Strategy):
         return self.shape.cp if self.shape is not None else 1
 
     def shard_batch(self, batch: dict) -> dict:
-        """This rank's slice of each sequence under context parallelism (distft.parallel.cp)."""
-        if self.cp_size == 1:
+        """This rank's slice of each sequence under context parallelism (distft.parallel.cp);
+        under cp or tp, a group's tokens are counted by its first rank only (tokens/s)."""
+        if self.shape is None or self.shape.cp * self.shape.tp == 1:
             return batch
-        return cp.shard_batch(batch, self.mesh["cp"].get_local_rank(), self.cp_size)
+        if self.cp_size > 1:
+            batch = cp.shard_batch(batch, self.mesh["cp"].get_local_rank(), self.cp_size)
+        if "num_tokens" in batch and not self.shape.counts_tokens(self.info.rank):
+            batch = {**batch, "num_tokens": 0}
+        return batch
 
     def setup(self, model: torch.nn.Module) -> None:
         self.model = self._placed(model)
