@@ -143,7 +143,8 @@ def describe(strategy_cfg, world: int) -> str:
     cp, tp = (int(getattr(strategy_cfg, k, 1) or 1) for k in ("cp", "tp"))
     if cp * tp == 1:
         return f"strategy={strategy_cfg.name}"
-    return f"strategy={strategy_cfg.name} strategy.cp={cp} strategy.tp={tp} (mesh {mesh_of(strategy_cfg, world)})"
+    mesh = mesh_of(strategy_cfg, world)
+    return f"strategy={strategy_cfg.name} strategy.cp={cp} strategy.tp={tp} (mesh {mesh})"
 
 
 def pick_micro(cfg, shape: ModelShape, world: int, seq: int, max_micro: int | None = None) -> int:
