@@ -139,7 +139,8 @@ class Strategy:
 
     def shard_batch(self, batch: dict) -> dict:
         """This rank's part of a collated micro-batch (context parallelism splits each sequence);
-        its `num_targets` counts only the targets this rank scores."""
+        its `num_targets` counts only the targets this rank scores (a whole-row batch, kept whole,
+        keeps its count on every rank of the group: distft.parallel.cp)."""
         return batch
 
     def split(self, batch: dict) -> contextlib.AbstractContextManager:

@@ -1,10 +1,10 @@
 """Context parallelism (strategy.cp, Ulysses) and the FSDP2 family's device mesh.
 
 One pair of real gloo processes spawned inside pytest runs, in turn: cp=2 on 2 ranks with packing
-off and on; dp=2 saving a checkpoint that cp=2 (dp=1) resumes through DCP; then rank 0 alone runs
-the 1-rank references. fp32, dropout off, 5 steps, the same global batch: losses and final
-parameters must agree within 1e-4 relative. Quick single-process tests cover the batch slicing,
-the mask and the one-line config errors.
+off and on; dp=2 saving a checkpoint that cp=2 (dp=1) resumes through DCP; DPO, GRPO and PPO
+under cp=2 (whole-row losses); then rank 0 alone runs the 1-rank references. fp32, dropout
+off, the same global batch: losses and final parameters must agree within 1e-4 relative. Quick
+single-process tests cover the batch slicing, token counting and the one-line config errors.
 """
 
 from __future__ import annotations
@@ -36,6 +36,25 @@ JOB = [
     "logger=none",
 ]
 CP = ["strategy=fsdp", "strategy.cp=2"]
+# Whole-row losses under cp (distft.parallel.cp.WHOLE): DPO's pair sums; GRPO's policy loss on
+# prompt+completion rows (generation unsplit; two epochs × two minibatches: π_old from its own pass).
+DPO = ["method=dpo", "data.num_examples=60"]
+GRPO = [
+    "method=grpo",
+    "method.sft_warmup_steps=2",
+    "method.sft_warmup_batch=8",
+    "method.num_prompts=64",
+    "method.max_new_tokens=4",
+    "method.num_generations=2",
+    "method.mini_batches=2",
+    "method.epochs=2",
+    "train.max_steps=3",
+]
+PPO = [
+    "method=ppo",
+    *(o for o in GRPO[1:] if "num_generations" not in o),
+    "method.kl_coef=0.05",
+]  # PPO's critic (its own strategy) runs split too
 
 
 def _run(root: Path, name: str, rank: int, *overrides: str) -> None:
@@ -74,11 +93,17 @@ def _worker(rank: int, world: int, port: int, root: str) -> None:
     )
     step3 = root_p / "dp2" / "checkpoints" / "step_3"
     _run(root_p, "cp_resumed", rank, *CP, "data.packing=false", f"resume={step3}")
+    _run(root_p, "cp_dpo", rank, *CP, *DPO)
+    _run(root_p, "cp_grpo", rank, *CP, *GRPO)
+    _run(root_p, "cp_ppo", rank, *CP, *PPO)
     torch.distributed.destroy_process_group()
     if rank == 0:  # the 1-rank references, in this process (the stack is imported already)
         os.environ.update({"WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1"})
         _run(root_p, "one_nopack", 0, "strategy=ddp", "data.packing=false")
         _run(root_p, "one_pack", 0, "strategy=ddp", "data.packing=true")
+        _run(root_p, "one_dpo", 0, "strategy=ddp", *DPO)
+        _run(root_p, "one_grpo", 0, "strategy=ddp", *GRPO)
+        _run(root_p, "one_ppo", 0, "strategy=ddp", *PPO)
 
 
 @pytest.fixture(scope="module")
@@ -139,11 +164,36 @@ def test_checkpoint_of_dp2_resumes_with_cp2_through_dcp(runs):
     assert dl <= TOL and dp <= TOL
 
 
+@pytest.mark.slow
+def test_dpo_grpo_and_ppo_under_cp2_equal_one_rank(runs):
+    """Both sequences of each DPO pair and the RL methods' prompt+completion rows are split along
+    the sequence (logits gathered back; generation unsplit): the same losses, metrics, gradient
+    norms and final weights as 1 rank. (The weights move little in 3-5 steps; the losses and
+    gradient norms are the sharper check.)"""
+    report = {}
+    cases = {
+        "dpo": (STEPS, ("loss", "logps/chosen", "grad_norm")),
+        "grpo": (3, ("loss", "reward", "grad_norm")),
+        "ppo": (3, ("loss", "value_loss", "grad_norm", "critic_grad_norm")),
+    }
+    for name, (steps, keys) in cases.items():
+        cp, one = runs / f"cp_{name}", runs / f"one_{name}"
+        report[name] = {k: loss_diff(cp, one, range(1, steps + 1), k) for k in keys}
+        report[name]["params"] = param_diff(cp, one)
+        layout = json.loads((cp / "layout.json").read_text())
+        assert layout == {"dp": 1, "cp": 2, "attn": "distft_ulysses"}, layout
+    print("cp=2 vs 1 rank, whole-row methods (rel):", report)
+    for name, diffs in report.items():
+        assert max(diffs.values()) <= TOL, f"{name}: {diffs}"
+    # The RL steps really updated (non-zero losses).
+    assert all(any(abs(v) > 0 for v in _losses(runs / f"cp_{n}").values()) for n in ("grpo", "ppo"))
+
+
 # ------------------------------------------------------------------ single process, quick
 @pytest.mark.quick
 def test_shard_batch_scores_every_target_once_with_global_positions():
     from distft.data.collate import pad_batch
-    from distft.parallel.cp import shard_batch
+    from distft.parallel.cp import WHOLE, shard_batch
 
     rows = [
         {"input_ids": [5, 6, 7, 8, 9], "labels": [-100, -100, 7, 8, 9], "position_ids": [0, 1, 0, 1, 2]},
@@ -157,7 +207,21 @@ def test_shard_batch_scores_every_target_once_with_global_positions():
     scored = torch.cat([p["labels"][:, 1:] for p in parts], 1)[:, : batch["labels"].shape[1] - 1]
     assert torch.equal(scored, batch["labels"][:, 1:])
     assert parts[1]["position_ids"][0].tolist() == [1, 2, 3, 4]  # global, continuing the last run
-    assert [p["num_tokens"] for p in parts] == [batch["num_tokens"], 0]
+    assert [p["num_tokens"] for p in parts] == [batch["num_tokens"]] * 2  # the strategy counts once
+    # A whole-row batch (DPO's pairs) stays whole on every rank of the group.
+    whole = shard_batch({**batch, WHOLE: True}, 1, 2)
+    assert torch.equal(whole["input_ids"], batch["input_ids"]) and whole["num_targets"] == 5
+
+
+@pytest.mark.quick
+def test_a_context_or_tensor_group_counts_its_tokens_once():
+    """tokens/s: the ranks of one cp × tp group hold the same examples; only the first counts them."""
+    from distft.parallel.mesh import MeshShape
+
+    for shape in (MeshShape(1, 2, 1, 2), MeshShape(1, 1, 2, 1), MeshShape(2, 1, 2, 2), MeshShape(1, 4, 1, 1)):
+        counting = [r for r in range(shape.world) if shape.counts_tokens(r)]
+        assert len(counting) == shape.dp, (shape, counting)
+        assert sorted({shape.dp_rank(r) for r in counting}) == list(range(shape.dp))  # one per dp rank
 
 
 @pytest.mark.quick
@@ -168,8 +232,10 @@ def test_cp_config_errors_are_one_line():
     cases = {
         ("strategy.cp=3",): "does not divide the world size 2",
         ("strategy.cp=2", "model.num_heads=3", "model.num_kv_heads=3"): "divisible by cp",
-        ("strategy.cp=2", "strategy.cp_style=ring"): "needs a GPU",
-        ("strategy.cp=2", "method=dpo"): "not yet method=dpo",
+        ("strategy.cp=2", "strategy.cp_style=ring"): "needs a GPU.*use strategy.cp_style=ulysses",
+        ("strategy.cp=2", "strategy.cp_style=ring", "data.max_length=66"): "must be divisible by 4",
+        ("strategy.cp=2", "method=kto"): "not yet method=kto",
+        ("strategy.cp=2", "method=dpo", "train.loss_chunks=2"): "set train.loss_chunks=0",
     }
     for extra, words in cases.items():
         with pytest.raises(ConfigError, match=words) as e:

@@ -182,3 +182,28 @@ def test_auto_run_equals_the_explicit_run(tmp_path):
     for k in a:
         assert a[k] == pytest.approx(b[k], rel=1e-6)
     assert metrics(tmp_path / "auto")[-1]["step"] == 3
+
+
+@pytest.mark.quick
+def test_strategy_auto_chooses_a_context_parallel_mesh_when_only_that_fits(monkeypatch, capsys):
+    """Long sequences that no data-parallel strategy fits: auto picks fsdp with cp itself, says so,
+    and config.yaml records the mesh; a budget nothing fits is still one clear line."""
+    from distft.plan.mesh import with_degrees
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    base = [*BIG, "data.max_length=4096", "train.micro_batch_size=2"]
+    cfg = cfg_for(*base)
+    shape = model_shape(cfg)
+    fsdp = auto.strategy_config("fsdp")
+    plain = min(auto.plan_one(cfg, shape, s, 2, 2, 4096).total for s in auto.valid_strategies(cfg))
+    cp2 = auto.plan_one(cfg, shape, with_degrees(fsdp, 2, 1), 2, 2, 4096).total
+    assert cp2 < plain
+    budget_gib = (cp2 + plain) / 2 / auto.HEADROOM / GIB  # between the two
+    typed, composed = load_config([*base, "strategy=auto", f"train.memory_gib={budget_gib}"])
+    assert (typed.strategy.name, typed.strategy.cp, typed.strategy.tp) == ("fsdp", 2, 1)
+    assert (composed.strategy.name, composed.strategy.cp) == ("fsdp", 2)  # config.yaml records it
+    out = capsys.readouterr().out
+    assert "chose strategy=fsdp strategy.cp=2 strategy.tp=1 (mesh dp=1 × cp=2 × tp=1)" in out
+    with pytest.raises(ConfigError, match="with or without context/tensor parallelism") as e:
+        load_config([*base, "strategy=auto", f"train.memory_gib={cp2 / 4 / GIB}"])
+    assert "\n" not in str(e.value)

@@ -36,6 +36,7 @@ from distft.methods.reference import (
     to_device,
 )
 from distft.models.generation import exact_match
+from distft.parallel.cp import WHOLE
 from distft.ranges import num
 
 LossType = Literal["sigmoid", "hinge", "ipo", "simpo", "orpo"]
@@ -134,6 +135,10 @@ class DPO(PairRows, Method):
         self.data = ctx.data
         needed = self.cfg.method.loss_type not in REFERENCE_FREE
         self.ref = setup_reference(ctx, self, _assign_pair, needed)
+
+    def collate(self, examples: list[dict]) -> dict:
+        # Under context parallelism the pair sums need whole rows (distft.parallel.cp.WHOLE).
+        return {**super().collate(examples), WHOLE: True}
 
     def _ref_logps(self, batch: dict) -> torch.Tensor | None:
         return None if self.ref is None else self.ref.logps(batch)

@@ -189,6 +189,7 @@ class GRPO(PromptMethod):
         (seq_tokens,) = dist.all_reduce_sum(
             [float((roll.input_ids != self.tokenizer.pad_token_id).sum())], dev
         )
+        seq_tokens *= ctx.geometry.dp / ctx.info.world_size  # a cp group's ranks hold the same rollouts
         return StepResult(
             loss_total / (m.epochs * len(updates)), int(seq_tokens) * m.epochs, grad_norm, metrics
         )

@@ -99,7 +99,7 @@ class PPO(PromptMethod):
         rewards = -m.kl_coef * kl + last.float() * scores.total.float()[:, None]
         adv, returns = gae(rewards, old_values, mask, m.gamma, m.lam)
         if m.whiten_advantages:
-            adv = whiten(adv, mask, dev)
+            adv = whiten(adv, mask, dev, copies=ctx.info.world_size // ctx.geometry.dp)  # cp: same rollouts
         sums = loop.Sums()
         is_w = None  # the rollout engine's mismatch: truncated importance weights (method.tis_cap)
         if roll.sample_logprobs is not None:
@@ -141,6 +141,7 @@ class PPO(PromptMethod):
         (seq_tokens,) = dist.all_reduce_sum(
             [float((roll.input_ids != self.tokenizer.pad_token_id).sum())], dev
         )
+        seq_tokens *= ctx.geometry.dp / ctx.info.world_size  # a cp group's ranks hold the same rollouts
         n_updates = m.epochs * len(updates)
         return StepResult(loss_total / n_updates, int(seq_tokens) * m.epochs, grad_norm, metrics)
 

@@ -17,6 +17,17 @@ How a batch flows (`shard_batch` before the step, the hooks `attach` puts on the
     ranks (distft.strategies.step), and FSDP2 averages gradients over dp_shard × cp, so the update
     is the one of the unsplit batch.
 
+Whole-row losses (DPO's pair log-prob sums, the RL methods' policy loss on prompt+completion
+rows) need every token's log-prob of a row: their batches are marked `WHOLE` (or carry no token
+keys, as the RL update's row slices) and stay whole on every rank of a cp group. Inside
+`active(..., whole=True)` the model's forward splits its inputs itself (this rank's contiguous
+1/cp of each row), runs the decoder split as above, and all-gathers the logits along the
+sequence (autograd-aware: backward reduce-scatters, summing what every rank's loss asks of
+this rank's slice). Every rank of the group then computes the same whole-row loss and counts
+the same `num_targets`; the step sums both over all ranks, so the normalized loss is that of
+one rank, and the gradient (cp equal losses, FSDP2's average over dp_shard × cp) is exact.
+Attention and MLP activations fall with cp; the logits of these methods do not.
+
 Only inside `active()` (the strategy's `split(batch)` around the loss of a sharded batch: training
 steps and the held-out loss) is the model split; other forwards (generation, the export's probe)
 run plain sdpa over whole sequences on each rank.
@@ -36,12 +47,17 @@ from distft.errors import ConfigError
 ATTN = "distft_ulysses"
 """The attention implementation name registered with transformers."""
 SPLIT_KEYS = ("input_ids", "labels", "position_ids")
+WHOLE = "cp_whole_rows"
+"""Batch key (True): the method's loss needs whole rows (the model splits and gathers itself)."""
 
 
 @dataclass
 class _State:
     group: object = None  # the context-parallel process group while a training forward runs
     size: int = 1
+    rank: int = 0
+    whole: bool = False  # inputs come whole: split in the forward, logits gathered after it
+    width: int = 0  # whole mode: the row length of the current forward
     positions: torch.Tensor | None = None  # global position ids of the current forward (B, L)
     masks: dict = field(default_factory=dict)  # sliding window (or None) -> mask of this forward
 
@@ -50,9 +66,19 @@ _STATE = _State()
 
 
 # ----------------------------------------------------------------------------- batch
+def is_whole(batch: dict) -> bool:
+    """A batch whose loss needs whole rows: marked `WHOLE`, or without token ids (the RL update's
+    micro-batches are row slices of rollouts the loss reads itself)."""
+    return bool(batch.get(WHOLE)) or "input_ids" not in batch
+
+
 def shard_batch(batch: dict, rank: int, size: int) -> dict:
     """This rank's slice (plus one look-ahead token) of a collated batch with input_ids, labels
-    and position_ids; other keys are kept, num_targets is the slice's, num_tokens goes to rank 0."""
+    and position_ids; other keys are kept (num_tokens too: the strategy counts them once per
+    group, distft.parallel.mesh.MeshShape.counts_tokens), num_targets is the slice's. A whole-row
+    batch (`is_whole`) is kept whole."""
+    if is_whole(batch):
+        return dict(batch)
     missing = [k for k in SPLIT_KEYS if k not in batch]
     if missing:
         raise ConfigError(
@@ -70,19 +96,19 @@ def shard_batch(batch: dict, rank: int, size: int) -> dict:
     out = dict(batch)
     out.update(input_ids=ids[:, lo:hi], labels=labels[:, lo:hi], position_ids=pos[:, lo:hi])
     out["num_targets"] = int((out["labels"][:, 1:] != IGNORE).sum())
-    if "num_tokens" in batch:
-        out["num_tokens"] = batch["num_tokens"] if rank == 0 else 0
     return out
 
 
 @contextlib.contextmanager
-def active(group, size: int):
-    """Split forwards of models `attach`ed to run inside this block (one training step's micro-batch)."""
-    _STATE.group, _STATE.size = group, size
+def active(group, size: int, whole: bool = False):
+    """Split forwards of models `attach`ed to run inside this block (one training step's
+    micro-batch); `whole`: their inputs are whole rows (split here, logits gathered back)."""
+    _STATE.group, _STATE.size, _STATE.whole = group, size, whole
+    _STATE.rank = torch.distributed.get_rank(group)
     try:
         yield
     finally:
-        _STATE.group, _STATE.positions, _STATE.masks = None, None, {}
+        _STATE.group, _STATE.positions, _STATE.masks, _STATE.whole = None, None, {}, False
 
 
 # ----------------------------------------------------------------------------- model
@@ -103,21 +129,55 @@ def attach(model: torch.nn.Module) -> None:
 def _split_inputs(module, args, kwargs):
     if _STATE.group is None:
         return None
-    if args or "input_ids" not in kwargs or kwargs.get("position_ids") is None:
+    if args or "input_ids" not in kwargs or (kwargs.get("position_ids") is None and not _STATE.whole):
         raise RuntimeError("context parallelism needs forward(input_ids=..., position_ids=...) keywords")
     kwargs = dict(kwargs)
-    kwargs["input_ids"] = kwargs["input_ids"][:, :-1]
-    local = kwargs["position_ids"][:, :-1].contiguous()
-    kwargs["position_ids"] = local
+    if _STATE.whole:
+        ids, local = _whole_slice(kwargs["input_ids"], kwargs.get("position_ids"))
+        kwargs["input_ids"], kwargs["position_ids"] = ids, local
+        kwargs.pop("attention_mask", None)  # the mask is built from the gathered positions
+    else:
+        kwargs["input_ids"] = kwargs["input_ids"][:, :-1]
+        local = kwargs["position_ids"][:, :-1].contiguous()
+        kwargs["position_ids"] = local
     parts = [torch.empty_like(local) for _ in range(_STATE.size)]
     torch.distributed.all_gather(parts, local, group=_STATE.group)
     _STATE.positions, _STATE.masks = torch.cat(parts, 1), {}
     return args, kwargs
 
 
+def _whole_slice(ids: torch.Tensor, pos: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's contiguous 1/cp of whole rows (padded to a multiple of cp by repeating the last
+    token with continuing positions; the padding's logits are cut after the gather)."""
+    b, width = ids.shape
+    if pos is None:
+        pos = torch.arange(width, device=ids.device).expand(b, width)
+    n = _STATE.size
+    chunk = -(-width // n)
+    extra = chunk * n - width
+    if extra:
+        ids = torch.cat([ids, ids[:, -1:].expand(-1, extra)], 1)
+        steps = torch.arange(1, extra + 1, dtype=pos.dtype, device=pos.device)
+        pos = torch.cat([pos, pos[:, -1:] + steps], 1)
+    _STATE.width = width
+    lo = _STATE.rank * chunk
+    return ids[:, lo : lo + chunk], pos[:, lo : lo + chunk].contiguous()
+
+
+def _gather_seq(x: torch.Tensor) -> torch.Tensor:
+    """(B, L/n, ...) slices of the group → (B, L, ...) (autograd: backward sums and scatters)."""
+    from torch.distributed._functional_collectives import all_gather_single_autograd, wait_tensor
+
+    y = wait_tensor(all_gather_single_autograd(x.transpose(0, 1).contiguous(), 0, _STATE.group))
+    return y.transpose(0, 1)
+
+
 def _restore_length(module, args, output):
     if _STATE.group is None:
         return None
+    if _STATE.whole:
+        output.logits = _gather_seq(output.logits)[:, : _STATE.width]
+        return output
     logits = output.logits
     output.logits = torch.cat([logits, logits.new_zeros(logits.size(0), 1, logits.size(2))], 1)
     return output

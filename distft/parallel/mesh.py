@@ -43,6 +43,11 @@ class MeshShape:
         """This rank's index among the data-parallel ranks (context/tensor ranks share it)."""
         return rank // (self.cp * self.tp)
 
+    def counts_tokens(self, rank: int) -> bool:
+        """Whether this rank's batch tokens count toward the job's tokens (tokens/s): every rank
+        of a context/tensor group holds the same examples, so only its first rank counts them."""
+        return rank % (self.cp * self.tp) == 0
+
 
 def degrees(strategy_cfg) -> tuple[int, int]:
     """(cp, tp) of a strategy config; strategies without those keys are pure data parallel."""

@@ -79,21 +79,20 @@ def plan_one(cfg, shape: ModelShape, strategy_cfg, world: int, micro: int, seq: 
     )
 
 
+def usable(cfg, s) -> bool:
+    """Whether strategy config `s` may run this job: its option's own validate (mesh degrees
+    included) and whether it supports the tuning mode."""
+    option = STRATEGIES[s.name]
+    try:
+        option.validate(replace(cfg, strategy=s), cfg.cluster.gpus_per_node > 0)
+    except ConfigError:
+        return False
+    return option.supports_tuning(cfg.tuning.name, s) is None
+
+
 def valid_strategies(cfg) -> list:
-    """Shipped strategies this config may use, fastest first (each option decides: its own
-    validate, and whether it supports the tuning mode)."""
-    gpu = cfg.cluster.gpus_per_node > 0
-    out = []
-    for name in AUTO_ORDER:
-        s = strategy_config(name)
-        option = STRATEGIES[name]
-        try:
-            option.validate(replace(cfg, strategy=s), gpu)
-        except ConfigError:
-            continue
-        if option.supports_tuning(cfg.tuning.name, s) is None:
-            out.append(s)
-    return out
+    """Shipped strategies this config may use, fastest first."""
+    return [s for s in map(strategy_config, AUTO_ORDER) if usable(cfg, s)]
 
 
 def _micro_for_planning(cfg) -> int:
@@ -106,6 +105,8 @@ def fields_of(cls) -> list[str]:
 
 
 def pick_strategy(cfg, shape: ModelShape, world: int, seq: int) -> tuple[object, list[Estimate]]:
+    """The first strategy in AUTO_ORDER whose estimate fits; when none does, the smallest context /
+    tensor-parallel mesh of the first meshed strategy (fsdp) that fits and the job can run."""
     limit, source = budget(cfg)
     estimates = []
     for s in valid_strategies(cfg):
@@ -113,26 +114,37 @@ def pick_strategy(cfg, shape: ModelShape, world: int, seq: int) -> tuple[object,
         estimates.append(e)
         if e.total <= HEADROOM * limit:
             return s, estimates
-    smallest = min(estimates, key=lambda e: e.total)
-    hint = ""
-    # Context / tensor parallelism: the first strategy in AUTO_ORDER whose config has the mesh degrees.
     meshed = next((n for n in AUTO_ORDER if {"cp", "tp"} <= set(fields_of(STRATEGIES[n].config))), None)
     if meshed is not None:
-        from distft.plan.mesh import suggest_mesh
+        from distft.plan.mesh import suggest_mesh, with_degrees
 
         micro = _micro_for_planning(cfg)
         found = suggest_mesh(
             lambda s: plan_one(cfg, shape, s, world, micro, seq), strategy_config(meshed), shape, world, seq,
-            HEADROOM * limit,
+            HEADROOM * limit, lambda s: usable(cfg, s),
         )  # fmt: skip
         if found:
             mesh, est = found
-            hint = f"strategy={meshed} {mesh.overrides()} (mesh {mesh}: {est.total / GIB:.1f} GiB), "
+            chosen = with_degrees(strategy_config(meshed), mesh.cp, mesh.tp)
+            return chosen, [*estimates, est]
+    smallest = min(estimates, key=lambda e: e.total)
     raise ConfigError(
-        f"strategy=auto: no strategy fits {limit / GIB:.1f} GiB per rank ({source}) at {world} ranks; the "
-        f"smallest estimate is {smallest.total / GIB:.1f} GiB ({smallest.strategy}). Use {hint}add ranks, "
-        "set train.gradient_checkpointing=true, use tuning=lora or qlora, or lower train.micro_batch_size"
+        f"strategy=auto: no strategy fits {limit / GIB:.1f} GiB per rank ({source}) at {world} ranks, with "
+        f"or without context/tensor parallelism; the smallest estimate is {smallest.total / GIB:.1f} GiB "
+        f"({smallest.strategy}). Add ranks, set train.gradient_checkpointing=true, use tuning=lora or qlora, "
+        "or lower train.micro_batch_size"
     )
+
+
+def describe(strategy_cfg, world: int) -> str:
+    """The choice as a user would write it, with its mesh when it has one."""
+    from distft.plan.mesh import mesh_of
+
+    cp, tp = (int(getattr(strategy_cfg, k, 1) or 1) for k in ("cp", "tp"))
+    if cp * tp == 1:
+        return f"strategy={strategy_cfg.name}"
+    mesh = mesh_of(strategy_cfg, world)
+    return f"strategy={strategy_cfg.name} strategy.cp={cp} strategy.tp={tp} (mesh {mesh})"
 
 
 def pick_micro(cfg, shape: ModelShape, world: int, seq: int, max_micro: int | None = None) -> int:
@@ -159,7 +171,17 @@ def resolve_strategy(cfg):
     if cfg.strategy.name != PLANNED:
         return cfg
     shape = model_shape(cfg)
-    chosen, _ = pick_strategy(cfg, shape, world_size(cfg), cfg.data.max_length)
+    world = world_size(cfg)
+    chosen, _ = pick_strategy(cfg, shape, world, cfg.data.max_length)
+    if (
+        os.environ.get("RANK", "0") == "0"
+        and int(getattr(chosen, "cp", 1) or 1) * int(getattr(chosen, "tp", 1) or 1) > 1
+    ):
+        # Only a meshed choice is announced: no data-parallel strategy fits, so the job changes shape.
+        print(
+            f"distft: strategy=auto: no data-parallel strategy fits; chose {describe(chosen, world)}",
+            flush=True,
+        )
     return replace(cfg, strategy=chosen)
 
 

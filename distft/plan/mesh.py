@@ -58,13 +58,17 @@ def candidates(shape: ModelShape, world: int, seq: int, activation_heavy: bool) 
     return sorted(out, key=lambda d: (d[0] * d[1], d[1] if activation_heavy else d[0]))
 
 
-def suggest_mesh(plan, strategy_cfg, shape: ModelShape, world: int, seq: int, limit: float):
+def suggest_mesh(plan, strategy_cfg, shape: ModelShape, world: int, seq: int, limit: float, valid=None):
     """The smallest (cp, tp) mesh whose estimate fits `limit`, as (Mesh, Estimate), or None.
-    `plan(strategy_cfg) -> Estimate` prices one configuration."""
+    `plan(strategy_cfg) -> Estimate` prices one configuration; `valid(strategy_cfg) -> bool`, if
+    given, skips meshes the job cannot run (the strategy's own validation)."""
     base: Estimate = plan(with_degrees(strategy_cfg, 1, 1))
     heavy = max(base.activations_ckpt if base.checkpointing else base.activations, 0) > base.states
     for cp, tp in candidates(shape, world, seq, heavy):
-        est = plan(with_degrees(strategy_cfg, cp, tp))
+        meshed = with_degrees(strategy_cfg, cp, tp)
+        if valid is not None and not valid(meshed):
+            continue
+        est = plan(meshed)
         if est.total <= limit:
             return Mesh(world // (cp * tp), cp, tp), est
     return None

@@ -47,7 +47,9 @@ def validate(cfg, gpu: bool) -> None:
     check_mesh(cfg, gpu)
 
 
-CP_METHODS = ("sft",)  # methods whose loss is a sum over the tokens of a slice (distft.parallel.cp)
+# SFT's loss is a sum over a slice's tokens; DPO and the RL methods' losses read whole rows
+# (distft.parallel.cp: the model splits them and gathers the logits).
+CP_METHODS = ("sft", "dpo", "grpo", "ppo")
 
 
 def check_mesh(cfg, gpu: bool, world: int | None = None) -> None:
@@ -79,13 +81,25 @@ def check_mesh(cfg, gpu: bool, world: int | None = None) -> None:
     if tp > 1 and heads and heads % (tp * (cp if s.cp_style == "ulysses" else 1)):
         raise ConfigError(f"strategy.tp={tp}: the model's {heads} attention heads are not divisible by it")
     if s.cp_style == "ring":
+        length = int(cfg.data.max_length)
+        if length % (2 * cp):
+            raise ConfigError(
+                f"{name} strategy.cp_style=ring splits each sequence into 2·cp={2 * cp} load-balanced "
+                f"chunks: data.max_length={length} must be divisible by {2 * cp}"
+            )
         if not gpu:
             raise ConfigError(
-                f"{name} strategy.cp_style=ring needs a GPU (torch's ring attention has no CPU kernel); "
+                f"{name} strategy.cp_style=ring needs a GPU: torch's context-parallel attention shards "
+                "only the CUDA sdpa kernels (flash/efficient/cudnn), not the CPU one; "
                 "use strategy.cp_style=ulysses on CPU"
             )
         raise ConfigError(
             f"{name} strategy.cp_style=ring is not yet supported; use strategy.cp_style=ulysses"
+        )
+    if cfg.method.name != "sft" and cfg.train.loss_chunks:
+        raise ConfigError(
+            f"strategy.cp={cp} with method={cfg.method.name} gathers whole rows' logits; "
+            "train.loss_chunks applies to method=sft only under cp: set train.loss_chunks=0"
         )
     if cfg.model.attn_implementation != "sdpa":
         raise ConfigError(

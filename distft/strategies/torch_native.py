@@ -72,10 +72,15 @@ class TorchNativeStrategy(Strategy):
         return self.shape.cp if self.shape is not None else 1
 
     def shard_batch(self, batch: dict) -> dict:
-        """This rank's slice of each sequence under context parallelism (distft.parallel.cp)."""
-        if self.cp_size == 1:
+        """This rank's slice of each sequence under context parallelism (distft.parallel.cp);
+        under cp or tp, a group's tokens are counted by its first rank only (tokens/s)."""
+        if self.shape is None or self.shape.cp * self.shape.tp == 1:
             return batch
-        return cp.shard_batch(batch, self.mesh["cp"].get_local_rank(), self.cp_size)
+        if self.cp_size > 1:
+            batch = cp.shard_batch(batch, self.mesh["cp"].get_local_rank(), self.cp_size)
+        if "num_tokens" in batch and not self.shape.counts_tokens(self.info.rank):
+            batch = {**batch, "num_tokens": 0}
+        return batch
 
     def setup(self, model: torch.nn.Module) -> None:
         self.model = self._placed(model)
@@ -107,7 +112,7 @@ class TorchNativeStrategy(Strategy):
         slices (Ulysses attention over the cp group); other forwards see whole sequences."""
         if self.cp_size == 1:
             return contextlib.nullcontext()
-        return cp.active(self.mesh["cp"].get_group(), self.cp_size)
+        return cp.active(self.mesh["cp"].get_group(), self.cp_size, whole=cp.is_whole(batch))
 
     def backward(self, loss: torch.Tensor, is_last: bool) -> None:
         (self.scaler.scale(loss) if self.scaler else loss).backward()
@@ -154,7 +159,10 @@ class TorchNativeStrategy(Strategy):
         plain copy on this rank's device (nothing to all-reduce)."""
         if not self.sharded_params:
             return model.to(self.info.device).eval()
-        return self._placed(model).eval()
+        model = self._placed(model).eval()
+        if self.cp_size > 1:  # a reference's forward inside the policy's split runs split too
+            cp.attach(model)
+        return model
 
     # Checkpoints: DCP writes one shard per rank and reshards on load (any world size).
     def _options(self) -> StateDictOptions:

@@ -146,8 +146,13 @@ def run_checks(cfg, small: list[str], wanted: list[str], work: Path, args) -> li
         what = f"resumed from step {k} vs uninterrupted"
         out.append(checks.compare_losses("resume", run, ref, range(k + 1, steps + 1), tol, what))
     if "cp" in wanted:
-        if not hasattr(cfg.strategy, "cp") or cfg.method.name != "sft":
-            why = f"strategy={cfg.strategy.name} method={cfg.method.name}: cp needs fsdp or hsdp and sft"
+        from distft.strategies.fsdp import CP_METHODS
+
+        if not hasattr(cfg.strategy, "cp") or cfg.method.name not in CP_METHODS:
+            why = (
+                f"strategy={cfg.strategy.name} method={cfg.method.name}: cp needs fsdp or hsdp and "
+                f"method={'|'.join(CP_METHODS)}"
+            )
             out.append(checks.Check("context parallel", None, "n/a", "-", why))
         else:
             run = train("cp", 2, "strategy.cp=2", f"train.micro_batch_size={m}", "train.grad_accum=2")

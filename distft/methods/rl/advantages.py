@@ -35,8 +35,11 @@ def gae(
     return adv, (adv + values) * mask
 
 
-def masked_global_mean_var(x: torch.Tensor, mask: torch.Tensor, device) -> tuple[float, float]:
-    """Mean and (unbiased) variance of x over mask, across all ranks."""
+def masked_global_mean_var(
+    x: torch.Tensor, mask: torch.Tensor, device, copies: int = 1
+) -> tuple[float, float]:
+    """Mean and (unbiased) variance of x over mask, across all ranks (`copies`: ranks holding the
+    same rollouts, a context-parallel group's)."""
     m = mask.to(torch.float64)
     xd = x.to(torch.float64)
     n, s, ss = dist.all_reduce_sum(
@@ -45,12 +48,14 @@ def masked_global_mean_var(x: torch.Tensor, mask: torch.Tensor, device) -> tuple
     if n < 1:
         return 0.0, 1.0
     mean = s / n
-    var = max(ss / n - mean * mean, 0.0) * (n / max(n - 1, 1))
+    var = max(ss / n - mean * mean, 0.0) * (n / max(n - copies, 1))
     return mean, var
 
 
-def whiten(x: torch.Tensor, mask: torch.Tensor, device, shift_mean: bool = True) -> torch.Tensor:
-    mean, var = masked_global_mean_var(x, mask, device)
+def whiten(
+    x: torch.Tensor, mask: torch.Tensor, device, shift_mean: bool = True, copies: int = 1
+) -> torch.Tensor:
+    mean, var = masked_global_mean_var(x, mask, device, copies)
     out = (x - mean) / math.sqrt(var + 1e-8)
     if not shift_mean:
         out = out + mean
