@@ -144,13 +144,15 @@ def _like(p: torch.nn.Parameter, data: torch.Tensor) -> torch.nn.Parameter:
     return type(p)(data, requires_grad=p.requires_grad, bnb_quantized=True, **attrs)
 
 
-# Tunings whose transform never reads the base weights' values (DoRA's magnitudes and a saved
-# adapter's load do): they can be applied to a meta-device model.
-META_TUNINGS = ("full", "lora", "ia3", "qlora")
+# Tunings that can be applied to a meta-device model: their transform never reads the base
+# weights' values, or reads them only for DoRA's magnitudes, which `load_shards` computes again from
+# the weights it read (`dora_magnitudes`). A saved adapter (tuning.init_adapter) is loaded on the
+# host stand-ins and its values kept.
+META_TUNINGS = ("full", "lora", "ia3", "qlora", "dora")
 
 
 def meta_tuning(cfg) -> bool:
-    return cfg.tuning.name in META_TUNINGS and not getattr(cfg.tuning, "init_adapter", None)
+    return cfg.tuning.name in META_TUNINGS
 
 
 def load_for(
@@ -245,6 +247,32 @@ def _quantized_rows(layer, weight: torch.Tensor, index: tuple, device: torch.dev
     return packed[index].clone()
 
 
+DORA_ATTR = "_distft_dora_init"  # fresh DoRA adapters on a meta base: magnitudes still to compute
+
+
+def _whole(p: torch.Tensor) -> torch.Tensor:
+    return p.full_tensor() if hasattr(p, "full_tensor") else p
+
+
+def dora_magnitudes(model: torch.nn.Module) -> None:
+    """DoRA's magnitude vectors as PEFT initializes them (the norm of each output row of the base
+    weight plus the scaled LoRA product, DoraLinearLayer.get_weight_norm), from the shards just
+    read: each layer's weight is gathered whole once (one layer at a time, in the same order on
+    every rank) and each rank keeps its own rows of the norms. On the host stand-ins PEFT saw zeros."""
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    for m in model.modules():
+        for name, dora in getattr(m, "lora_magnitude_vector", {}).items():
+            weight = _whole(m.get_base_layer().weight)
+            lora_a, lora_b = _whole(m.lora_A[name].weight), _whole(m.lora_B[name].weight)
+            norm = dora.get_weight_norm(weight=weight, lora_weight=lora_b @ lora_a, scaling=m.scaling[name])
+            p = dora.weight
+            if hasattr(p, "to_local"):
+                shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+                norm = norm[offset[0] : offset[0] + shape[0]]
+            _local(p).copy_(norm.to(p.dtype))
+
+
 def load_shards(model: torch.nn.Module, device: torch.device) -> None:
     """After the strategy sharded the meta model: allocate this rank's shards and read them. Real
     parameters (adapters made by the tuning) keep their values."""
@@ -284,5 +312,7 @@ def load_shards(model: torch.nn.Module, device: torch.device) -> None:
                     part = f.get_slice(key)[index] if index else f.get_tensor(key)
             local.copy_(part.to(local.dtype))
             del part
+        if getattr(model, DORA_ATTR, False):
+            dora_magnitudes(model)
     if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
         print(f"distft: sharded load: each rank read only its shards of {files[key]}", flush=True)
