@@ -285,17 +285,3 @@ def test_adapter_base_loads_in_the_compute_precision(tmp_path, tuning, method, p
     trainable = {p.dtype for p in model.parameters() if p.requires_grad}
     assert frozen == {dtype} and trainable == {torch.float32}
     assert model.get_input_embeddings().weight.dtype == dtype
-
-
-@pytest.mark.slow
-def test_lora_bf16_on_fsdp_trains_with_a_bf16_base(tmp_path):
-    """FSDP2 needs one dtype among a unit's trainable weights: a bf16 base with fp32 LoRA and an
-    fp32 classification head trains (one torchrun rank: fully_shard applies at any size)."""
-    run = tmp_path / "run"
-    overrides = [
-        "strategy=fsdp", "tuning=lora", "method=classify", "train.precision=bf16", "train.max_steps=2",
-        "train.eval_generate=false", "train.export=none",
-    ]  # fmt: skip
-    train(run, *overrides, nproc=1)
-    rows = [r for r in metrics(run) if "loss" in r]
-    assert [r["step"] for r in rows] == [1, 2] and all(math.isfinite(r["loss"]) for r in rows)

@@ -144,9 +144,14 @@ def _worker(rank: int, world: int, port: int, root: str, sources: dict) -> None:
 
     def run(strategy: str, tuning: str, source: str, tag: str, steps: bool = True) -> dict:
         path = sources["dir"] if source == "dir" else "distft/tiny"
-        name, _, init = tuning.partition("+")  # lora+init: continue from a saved adapter
+        name, _, variant = tuning.partition("+")
+        variants = {
+            "": [],
+            "init": [f"tuning.init_adapter={sources['adapter']}"],  # continue from a saved adapter
+            "cls": ["method=classify", "train.precision=bf16"],  # a bf16 base, fp32 LoRA and head
+        }
         overrides = [*JOB, f"strategy={strategy}", f"tuning={name}", f"model.name_or_path={path}"]
-        overrides += [f"tuning.init_adapter={sources['adapter']}"] if init else []
+        overrides += variants[variant]
         cfg, composed = load_config([*overrides, f"output_dir={Path(root) / tag}"])
         trainer = Trainer.build(cfg, composed)
         module = trainer.strategy.module
@@ -164,6 +169,7 @@ def _worker(rank: int, world: int, port: int, root: str, sources: dict) -> None:
     results: dict = {}
     for combo in MEMORY:
         results["sharded/" + "-".join(combo)] = run(*combo, "-".join(combo), combo in EQUIVALENCE)
+    results["bf16-classify"] = run("fsdp", "lora+cls", "dir", "bf16-classify")
     # The same jobs with every rank loading the whole model (the path before sharded loading).
     sharded_load.meta_model = lambda *a, **k: None
     DeepSpeedStrategy.load_context = lambda self: contextlib.nullcontext()
@@ -241,3 +247,14 @@ def test_generation_gathers_once_per_call(sharded_runs, combo):
         assert per_6 > per_2 > once_2 > 0, g  # per layer per token without gathering
         assert once_2 == once_6, g  # gathered once, whatever the number of tokens
         assert g["True-6"]["tokens"] == g["False-6"]["tokens"]  # the same generations
+
+
+@pytest.mark.slow
+def test_lora_bf16_on_fsdp_trains_with_a_bf16_base(sharded_runs):
+    """FSDP2 needs one dtype among a unit's trainable weights: a bf16 base with fp32 LoRA and an
+    fp32 classification head trains (moved here from tests/test_gpu_paths.py: one spawn fewer)."""
+    import math
+
+    for results in sharded_runs:
+        losses = results["bf16-classify"]["losses"]
+        assert len(losses) == 2 and all(math.isfinite(x) for x in losses), losses
