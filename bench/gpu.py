@@ -8,6 +8,7 @@
 
     .venv/bin/python bench/gpu.py                 # both, on all visible GPUs for the MFU run
     .venv/bin/python bench/gpu.py --only mfu --gpus 8 --micro 2
+    .venv/bin/python bench/gpu.py --only kernels  # the MFU run without, then with Liger + flash-attn
     .venv/bin/python bench/gpu.py --smoke         # CPU, shrunken shapes: checks the script itself
 
 Both run distft's own training entry (`python -m distft.train`) on a model directory written
@@ -47,7 +48,7 @@ LLAMA_8B = dict(
 
 def parse() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--only", choices=["mfu", "qlora"], default=None)
+    p.add_argument("--only", choices=["mfu", "qlora", "kernels"], default=None)
     p.add_argument("--gpus", type=int, default=0, help="GPUs for the MFU run (0: all visible)")
     p.add_argument("--micro", type=int, default=4, help="micro-batch of the MFU run")
     p.add_argument("--steps", type=int, default=30)
@@ -176,19 +177,24 @@ def run_job(a, run: Path, args: list[str], nproc: int, steps: int) -> list[dict]
     return rows
 
 
-def run_mfu(a, out: Path, gpus: int) -> dict:
+KERNELS = ["model.kernels=liger", "model.attn_implementation=flash_attention_2"]
+
+
+def run_mfu(a, out: Path, gpus: int, kernels: bool = False) -> dict:
     model = write_model(out / "llama-1b", shrink(LLAMA_1B) if a.smoke else LLAMA_1B)
     rows = write_rows(out / "rows-1b.jsonl", max(64, a.micro * gpus * (a.steps + RESUME_STEPS + 2)), a.seq)
     args = [
         *common_overrides(model, rows, a.seq), "strategy=fsdp", "tuning=full",
         f"train.micro_batch_size={a.micro}", f"cluster.gpus_per_node={gpus}",
         f"cluster.nproc_per_node={gpus}", *(["train.compile=true"] if a.compile else []),
-        *(["cluster.gpus_per_node=0"] if a.smoke else []),
+        *(["cluster.gpus_per_node=0"] if a.smoke else []), *(KERNELS if kernels else []),
     ]  # fmt: skip
-    m = run_job(a, out / "mfu", args, gpus, a.steps)
+    m = run_job(a, out / ("mfu-kernels" if kernels else "mfu"), args, gpus, a.steps)
     first = [r for r in m if r["step"] <= a.steps]
     return {
-        "what": f"Llama-1B shape, FSDP2 bf16, seq {a.seq}, micro {a.micro}, {gpus} GPU(s)" + SMOKE * a.smoke,
+        "what": f"Llama-1B shape, FSDP2 bf16, seq {a.seq}, micro {a.micro}, {gpus} GPU(s)"
+        + (", Liger + flash-attention 2" if kernels else "")
+        + SMOKE * a.smoke,
         "mfu": steady(first, "mfu"),
         "tokens_per_s": steady(first, "tokens_per_s"),
         "peak_gib": max(r["mem_gib"] for r in m),
@@ -236,6 +242,15 @@ def main() -> None:
         results.append(run_mfu(a, out, gpus))
     if a.only in (None, "qlora"):
         results.append(run_qlora(a, out))
+    if a.only in (None, "kernels") and not a.smoke:  # with and without Liger and flash-attention
+        import importlib.util
+
+        if all(importlib.util.find_spec(m) for m in ("liger_kernel", "flash_attn")):
+            if a.only == "kernels":
+                results.append(run_mfu(a, out, gpus))
+            results.append(run_mfu(a, out, gpus, kernels=True))
+        else:
+            print("kernels: skipped (pip install liger-kernel flash-attn to compare)")
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu (--smoke: shapes shrunk)"
     lines = [
         f"device: {device}",

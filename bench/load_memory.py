@@ -88,7 +88,7 @@ def main() -> None:
         f"70.9M-parameter Llama shape ({4 * 70.9e6 / 2**30:.2f} GiB in fp32), {a.checkpoint_dtype} "
         f"checkpoint, train.precision={a.precision}; Trainer.build + one read of every held parameter",
         "",
-        "| tuning | strategy | ranks | peak RSS per rank (GiB) | load share per node (GiB) | 2 ranks / 1 rank |"  # noqa: E501
+        "| tuning | strategy | ranks | peak RSS per rank (GiB) | load share per node (GiB) | 2 ranks / 1 rank |",  # noqa: E501
         "|---|---|---|---|---|---|",
     ]
     for tuning, strategy in combos:

@@ -287,15 +287,68 @@ def test_adapter_base_loads_in_the_compute_precision(tmp_path, tuning, method, p
     assert model.get_input_embeddings().weight.dtype == dtype
 
 
-@pytest.mark.slow
-def test_lora_bf16_on_fsdp_trains_with_a_bf16_base(tmp_path):
-    """FSDP2 needs one dtype among a unit's trainable weights: a bf16 base with fp32 LoRA and an
-    fp32 classification head trains (one torchrun rank: fully_shard applies at any size)."""
-    run = tmp_path / "run"
-    overrides = [
-        "strategy=fsdp", "tuning=lora", "method=classify", "train.precision=bf16", "train.max_steps=2",
-        "train.eval_generate=false", "train.export=none",
-    ]  # fmt: skip
-    train(run, *overrides, nproc=1)
-    rows = [r for r in metrics(run) if "loss" in r]
-    assert [r["step"] for r in rows] == [1, 2] and all(math.isfinite(r["loss"]) for r in rows)
+@pytest.mark.quick
+def test_fast_kernels_are_refused_on_cpu_and_named_when_missing(monkeypatch):
+    """model.kernels=liger and flash-attention are CUDA kernels: refused in one line on CPU, and
+    on GPU nodes a missing package is named with its install command."""
+    from distft.config.load import load_config
+    from distft.errors import ConfigError
+    from distft.models import kernels
+
+    def refused(overrides: list[str]) -> str:
+        with pytest.raises(ConfigError) as e:
+            load_config(overrides)
+        assert "\n" not in str(e.value)
+        return str(e.value)
+
+    assert load_config([])[0].model.kernels == "none"
+    assert "model.kernels=liger needs CUDA GPUs" in refused(["model.kernels=liger"])
+    msg = refused(["model.attn_implementation=flash_attention_2"])
+    assert "is a CUDA kernel" in msg and "model.attn_implementation=sdpa on CPU" in msg
+    assert "is a CUDA kernel" in refused(["model.attn_implementation=kernels-community/flash-attn"])
+    monkeypatch.setattr(kernels, "_installed", lambda module: False)
+    gpu = ["cluster.gpus_per_node=1"]
+    assert "pip install liger-kernel" in refused([*gpu, "model.kernels=liger"])
+    assert "pip install flash-attn" in refused([*gpu, "model.attn_implementation=flash_attention_2"])
+    assert "pip install kernels" in refused([*gpu, "model.attn_implementation=kernels-community/flash-attn"])
+    monkeypatch.setattr(kernels, "_installed", lambda module: True)
+    load_config([*gpu, "model.kernels=liger", "model.attn_implementation=flash_attention_2"])
+
+
+@pytest.mark.gpu
+@requires_gpu
+def test_liger_and_flash_attention_train_like_the_plain_kernels(tmp_path):
+    """On a GPU with liger-kernel and flash-attn installed: the same job with and without them
+    trains to losses within bf16 noise, and Liger's modules are in the model."""
+    pytest.importorskip("liger_kernel")
+    pytest.importorskip("flash_attn")
+    base = ["cluster.gpus_per_node=1", "train.precision=bf16", "train.max_steps=4", "train.export=none"]
+    base += ["train.eval_generate=false"]
+    train(tmp_path / "plain", *base, nproc=1)
+    train(
+        tmp_path / "fast",
+        *base,
+        "model.kernels=liger",
+        "model.attn_implementation=flash_attention_2",
+        nproc=1,
+    )
+    plain = [r["loss"] for r in metrics(tmp_path / "plain") if "loss" in r]
+    fast = [r["loss"] for r in metrics(tmp_path / "fast") if "loss" in r]
+    assert len(plain) == len(fast) == 4
+    assert all(abs(a - b) <= 0.05 * max(1.0, abs(a)) for a, b in zip(plain, fast)), (plain, fast)
+
+
+@pytest.mark.gpu
+@requires_gpu
+def test_liger_patches_the_model_instance(tmp_path):
+    pytest.importorskip("liger_kernel")
+    from transformers import AutoModelForCausalLM
+
+    from distft.models import kernels
+    from distft.models.tiny import build_tiny
+
+    cfg = load_config(["cluster.gpus_per_node=1", "model.kernels=liger"])[0]
+    model = AutoModelForCausalLM.from_pretrained(build_tiny(tmp_path / "m", cfg.model)).cuda()
+    assert kernels.apply(model, cfg.model) == ["liger (llama)"]
+    ids = torch.randint(0, 50, (2, 16), device="cuda")
+    assert torch.isfinite(model(input_ids=ids, labels=ids).loss)

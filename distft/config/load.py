@@ -260,6 +260,7 @@ def validate(cfg: RootConfig) -> None:
     """Cross-field rules, checked before any process group exists."""
     from distft.data.stream import check_config as check_streaming
     from distft.methods import METHODS
+    from distft.models import kernels
     from distft.strategies import STRATEGIES
     from distft.tuning import TUNINGS
 
@@ -295,6 +296,7 @@ def validate(cfg: RootConfig) -> None:
     TUNINGS[cfg.tuning.name].validate(cfg)
     METHODS[cfg.method.name].validate(cfg)
     STRATEGIES[cfg.strategy.name].validate(cfg, gpu)
+    kernels.validate(cfg.model, gpu)
     for key in ("tuning", "method", "strategy"):  # after the options' own checks, whose words are kept
         check_ranges(getattr(cfg, key), key)
 

@@ -39,7 +39,11 @@ class ModelConfig:
     trust_remote_code: bool = False
     """Allow model code from the hub repository. Off unless you trust the repository."""
     attn_implementation: str = "sdpa"
-    """transformers attention kernel: sdpa, eager or flash_attention_2 (GPU, when installed)."""
+    """transformers attention kernel: sdpa, eager, flash_attention_2 or a hub kernel such as
+    kernels-community/flash-attn (GPU only, when installed; refused on CPU)."""
+    kernels: Literal["none", "liger"] = "none"
+    """Fused training kernels: liger applies Liger's RMSNorm, SwiGLU, RoPE and fused linear
+    cross-entropy to the model's family (GPU only, `pip install liger-kernel`; refused on CPU)."""
     freeze_vision: bool = True
     """Vision-language models: keep the vision tower frozen (full tuning; adapter tunings train it
     in full beside the adapters when false)."""

@@ -50,13 +50,31 @@ def _fsdp_gathered(modules: list):
                 g.post_forward_mesh_info = info
 
 
+def _zero3_fits(engine) -> bool:
+    """Whether the whole model, gathered, fits in half of the device's free memory (host RAM on
+    CPU); else generation keeps ZeRO-3's per-layer gathers."""
+    full = sum(int(getattr(p, "ds_numel", p.numel())) * p.element_size() for p in engine.module.parameters())
+    device = next(engine.module.parameters()).device
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+    else:
+        import psutil
+
+        free = psutil.virtual_memory().available
+    return full <= free // 2
+
+
 @contextlib.contextmanager
 def _zero3_gathered(engine):
     """ZeRO-3: all weights gathered once for the call and its forward hooks taken off (what TRL's
-    unwrap_model_for_generation does), instead of a gather per layer per token."""
+    unwrap_model_for_generation does), instead of a gather per layer per token. Weights a previous
+    forward left gathered are released first, so that every call gathers the same set once."""
     import deepspeed
     from trl.models.utils import add_hooks, remove_hooks
 
+    offload = getattr(engine.optimizer, "parameter_offload", None)
+    if offload is not None:
+        offload.partition_all_parameters()
     with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
         remove_hooks(engine)
         try:
@@ -77,7 +95,12 @@ def generation_mode(model: torch.nn.Module, dtype: torch.dtype | None = None, ga
         fsdp = _fsdp_modules(model)
         if gather and fsdp:
             stack.enter_context(_fsdp_gathered(fsdp))
-        elif gather and engine is not None and getattr(engine, "optimizer", None) is not None:
+        elif (
+            gather
+            and engine is not None
+            and getattr(engine, "optimizer", None) is not None
+            and _zero3_fits(engine)
+        ):
             stack.enter_context(_zero3_gathered(engine))
         weights = [p for p in model.parameters() if p.is_floating_point()]
         fp32 = any(p.dtype == torch.float32 for p in weights) and not fsdp

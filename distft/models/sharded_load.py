@@ -64,9 +64,11 @@ def _names(model: torch.nn.Module) -> dict[int, list[str]]:
     return out
 
 
-def meta_model(model_path: str, cfg, auto_class=None, dtype: torch.dtype = torch.float32):
+def meta_model(model_path: str, cfg, auto_class=None, dtype: torch.dtype = torch.float32, quantization=None):
     """The model with parameters on the meta device in `dtype` (buffers computed as usual), or None
-    when its checkpoint cannot be read shard by shard."""
+    when its checkpoint cannot be read shard by shard. With a bitsandbytes 4-bit `quantization`
+    (QLoRA), its linear layers are transformers' Linear4bit with packed meta weights
+    (`quantize_meta`), which `load_shards` quantizes rank by rank."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -75,6 +77,8 @@ def meta_model(model_path: str, cfg, auto_class=None, dtype: torch.dtype = torch
         return None
     model_path = str(local_dir(model_path))  # a hub id: its cached snapshot, read with no network
     config = AutoConfig.from_pretrained(model_path, trust_remote_code=cfg.model.trust_remote_code)
+    if getattr(config, "quantization_config", None) is not None:
+        return None  # a pre-quantized checkpoint: from_pretrained deserializes it
     auto_class = auto_class or AutoModelForCausalLM
     with init_empty_weights(include_buffers=False):
         model = auto_class.from_config(
@@ -84,19 +88,71 @@ def meta_model(model_path: str, cfg, auto_class=None, dtype: torch.dtype = torch
             trust_remote_code=cfg.model.trust_remote_code,
         )
     model.tie_weights()  # the meta patch re-creates parameters, untying the head from the embedding
+    if quantization is not None:
+        quantize_meta(model, quantization)
     if not all(any(n in files for n in names) for names in _names(model).values()):
         return None  # renamed or missing keys: leave it to from_pretrained
     setattr(model, CHECKPOINT_ATTR, model_path)
     return model
 
 
-# Tunings whose transform never reads the base weights' values (DoRA's magnitudes and a saved
-# adapter's load do): they can be applied to a meta-device model.
-META_TUNINGS = ("full", "lora", "ia3")
+def _packed_rows(numel: int, storage: torch.dtype) -> int:
+    """Rows of bitsandbytes' packed 4-bit weight (shape (rows, 1), two values a byte, stored in
+    `storage`), as bitsandbytes.functional.quantize_4bit allocates it."""
+    return (numel + 1) // (2 * torch.empty((), dtype=storage).element_size())
+
+
+def quantize_meta(model: torch.nn.Module, quantization) -> None:
+    """The meta model as transformers quantizes it on load (the same quantizer picks the layers,
+    skipping the head; the same model attributes PEFT and the export read), with each Linear4bit's
+    weight a meta Params4bit of the packed shape: the strategy shards the packed rows, and
+    `load_shards` quantizes each weight and keeps only this rank's rows (never a full-precision
+    model, nor the whole 4-bit one, on any rank)."""
+    from bitsandbytes.nn import Linear4bit, Params4bit
+    from transformers.quantizers import AutoHfQuantizer
+
+    quantizer = AutoHfQuantizer.from_config(quantization, pre_quantized=False)
+    quantizer.preprocess_model(model, device_map={"": "cpu"})
+    quantizer.postprocess_model(model)
+    model.hf_quantizer = quantizer
+    storage = quantization.bnb_4bit_quant_storage
+    for m in model.modules():
+        if isinstance(m, Linear4bit):
+            w = m.weight
+            rows = _packed_rows(w.numel(), storage)
+            m.weight = Params4bit(
+                torch.empty((rows, 1), dtype=storage, device="meta"),
+                requires_grad=False,
+                **{k: v for k, v in w.__dict__.items() if k in _PARAMS4BIT},
+            )
+            m.weight.module, m.weight.quant_storage, m.weight.bnb_quantized = m, storage, True
+            m.quant_storage = storage
+            # How to quantize the checkpoint's weight (the strategy replaces the Params4bit).
+            m._distft_quant = {k: getattr(w, k) for k in _PARAMS4BIT} | {"quant_storage": storage}
+
+
+_PARAMS4BIT = ("blocksize", "compress_statistics", "quant_type")
+
+
+def _like(p: torch.nn.Parameter, data: torch.Tensor) -> torch.nn.Parameter:
+    """A parameter of `data` of p's class: a bitsandbytes Params4bit keeps its quantization
+    attributes (PEFT reads them to build its 4-bit LoRA layer)."""
+    if type(p) is torch.nn.Parameter or not hasattr(p, "quant_storage"):
+        return torch.nn.Parameter(data, requires_grad=p.requires_grad)
+    keep = (*_PARAMS4BIT, "quant_state", "quant_storage", "module")
+    attrs = {k: v for k, v in p.__dict__.items() if k in keep}
+    return type(p)(data, requires_grad=p.requires_grad, bnb_quantized=True, **attrs)
+
+
+# Tunings that can be applied to a meta-device model: their transform never reads the base
+# weights' values, or reads them only for DoRA's magnitudes, which `load_shards` computes again from
+# the weights it read (`dora_magnitudes`). A saved adapter (tuning.init_adapter) is loaded on the
+# host stand-ins and its values kept.
+META_TUNINGS = ("full", "lora", "ia3", "qlora", "dora")
 
 
 def meta_tuning(cfg) -> bool:
-    return cfg.tuning.name in META_TUNINGS and not getattr(cfg.tuning, "init_adapter", None)
+    return cfg.tuning.name in META_TUNINGS
 
 
 def load_for(
@@ -110,12 +166,18 @@ def load_for(
 
     # A method's own model class (the reward method's ScoreModel) has no from_config: load it whole.
     buildable = auto_class is None or hasattr(auto_class, "from_config")
-    if meta and buildable and strategy.loads_sharded and info.world_size > 1 and not extra:
-        model = meta_model(model_path, cfg, auto_class, dtype)
+    quantization = extra.get("quantization_config")
+    plain = not extra or (set(extra) == {"quantization_config"} and _bnb_4bit(quantization))
+    if meta and buildable and strategy.loads_sharded and info.world_size > 1 and plain:
+        model = meta_model(model_path, cfg, auto_class, dtype, quantization)
         if model is not None:
             return model
     with strategy.load_context():
         return load_model(model_path, cfg, dtype, extra, auto_class)
+
+
+def _bnb_4bit(quantization) -> bool:
+    return bool(getattr(quantization, "load_in_4bit", False))
 
 
 def is_meta(model: torch.nn.Module) -> bool:
@@ -131,7 +193,7 @@ def _swap_params(model: torch.nn.Module, swap) -> None:
                 continue
             if id(p) not in done:
                 new = swap(p)
-                done[id(p)] = p if new is None else torch.nn.Parameter(new, requires_grad=p.requires_grad)
+                done[id(p)] = p if new is None else _like(p, new)
             module._parameters[name] = done[id(p)]
 
 
@@ -169,6 +231,48 @@ def _local(p: torch.Tensor) -> torch.Tensor:
     return p.to_local() if hasattr(p, "to_local") else p
 
 
+def _quantized_rows(layer, weight: torch.Tensor, index: tuple, device: torch.device) -> torch.Tensor:
+    """This rank's rows of a Linear4bit's packed 4-bit weight: the whole weight quantized as
+    transformers quantizes it on load (one tensor at a time, then dropped), its quantization state
+    kept on the layer (bitsandbytes gives it back to the gathered weight in forward)."""
+    import bitsandbytes.functional as bnbf
+    from transformers.pytorch_utils import Conv1D
+
+    if issubclass(getattr(layer, "source_cls", torch.nn.Linear), Conv1D):
+        weight = weight.T  # GPT-2's Conv1D stores the transpose, as transformers' Bnb4bitQuantize
+    how = layer._distft_quant
+    weight = weight.to(device=device, dtype=how["quant_storage"]).contiguous()
+    packed, state = bnbf.quantize_4bit(weight, **how)
+    layer.quant_state = state
+    return packed[index].clone()
+
+
+DORA_ATTR = "_distft_dora_init"  # fresh DoRA adapters on a meta base: magnitudes still to compute
+
+
+def _whole(p: torch.Tensor) -> torch.Tensor:
+    return p.full_tensor() if hasattr(p, "full_tensor") else p
+
+
+def dora_magnitudes(model: torch.nn.Module) -> None:
+    """DoRA's magnitude vectors as PEFT initializes them (the norm of each output row of the base
+    weight plus the scaled LoRA product, DoraLinearLayer.get_weight_norm), from the shards just
+    read: each layer's weight is gathered whole once (one layer at a time, in the same order on
+    every rank) and each rank keeps its own rows of the norms. On the host stand-ins PEFT saw zeros."""
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    for m in model.modules():
+        for name, dora in getattr(m, "lora_magnitude_vector", {}).items():
+            weight = _whole(m.get_base_layer().weight)
+            lora_a, lora_b = _whole(m.lora_A[name].weight), _whole(m.lora_B[name].weight)
+            norm = dora.get_weight_norm(weight=weight, lora_weight=lora_b @ lora_a, scaling=m.scaling[name])
+            p = dora.weight
+            if hasattr(p, "to_local"):
+                shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+                norm = norm[offset[0] : offset[0] + shape[0]]
+            _local(p).copy_(norm.to(p.dtype))
+
+
 def load_shards(model: torch.nn.Module, device: torch.device) -> None:
     """After the strategy sharded the meta model: allocate this rank's shards and read them. Real
     parameters (adapters made by the tuning) keep their values."""
@@ -184,6 +288,7 @@ def load_shards(model: torch.nn.Module, device: torch.device) -> None:
         for n, b in model.named_buffers():
             b.copy_(buffers[n])
         names = _names(model)
+        quantized = {id(m.weight): m for m in model.modules() if hasattr(m, "_distft_quant")}
         for name, p in model.named_parameters():
             if name in kept:
                 _local(p).copy_(kept[name])
@@ -199,9 +304,15 @@ def load_shards(model: torch.nn.Module, device: torch.device) -> None:
                 local, index = p, tuple(slice(0, s) for s in p.shape)
             if local.numel() == 0:
                 continue
+            layer = quantized.get(id(p))
             with safe_open(files[key], framework="pt") as f:  # reopened: mapped pages go per tensor
-                part = f.get_slice(key)[index] if index else f.get_tensor(key)
+                if layer is not None:
+                    part = _quantized_rows(layer, f.get_tensor(key), index, device)
+                else:
+                    part = f.get_slice(key)[index] if index else f.get_tensor(key)
             local.copy_(part.to(local.dtype))
             del part
+        if getattr(model, DORA_ATTR, False):
+            dora_magnitudes(model)
     if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
         print(f"distft: sharded load: each rank read only its shards of {files[key]}", flush=True)

@@ -38,6 +38,11 @@ def peft_config(cfg, task_type: str = "CAUSAL_LM"):
 
 
 def apply(model: torch.nn.Module, cfg) -> torch.nn.Module:
+    from distft.models import sharded_load
+
+    fresh = not cfg.tuning.init_adapter and hasattr(model, sharded_load.CHECKPOINT_ATTR)
     model = peft_common.wrap(model, cfg, peft_config(cfg, peft_common.task_type(model)))
+    if fresh:  # a meta-device base: the magnitudes are computed from the shards once read
+        setattr(model, sharded_load.DORA_ATTR, True)
     peft_common.report(model, cfg, f"r={cfg.tuning.r}, DoRA magnitudes")
     return model
