@@ -33,10 +33,11 @@ def runs(tmp_path_factory):
     out["resumed"] = root / "resumed"
     train(root / "full", *common, "train.micro_batch_size=4", "train.max_steps=10")
     out["full"] = root / "full"
-    train(root / "accum2", *common, "train.micro_batch_size=2", "train.grad_accum=2", "train.max_steps=5")
+    # Grad accumulation and the chunked loss (train.loss_chunks) in one run: either one off by
+    # more than TOL shows.
+    accum2 = ["train.micro_batch_size=2", "train.grad_accum=2", "train.loss_chunks=3"]
+    train(root / "accum2", *common, *accum2, "train.max_steps=5")
     out["accum2"] = root / "accum2"
-    train(root / "chunked", *common, "train.micro_batch_size=4", "train.max_steps=5", "train.loss_chunks=3")
-    out["chunked"] = root / "chunked"
     train(
         root / "one_rank",
         *common,
@@ -56,7 +57,7 @@ def _close(a: dict[int, float], b: dict[int, float], steps) -> None:
 
 def test_grad_accum_and_world_size_give_same_losses_and_params(runs):
     losses5, weights5 = runs["five"]
-    for name in ("accum2", "one_rank", "chunked"):  # chunked: train.loss_chunks=3
+    for name in ("accum2", "one_rank"):
         _close(train_losses(runs[name]), losses5, range(1, 6))
         assert max_rel_diff(exported_weights(runs[name]), weights5) < TOL, name
     # The run really trained: losses moved and weights changed from the start.

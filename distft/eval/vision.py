@@ -8,6 +8,7 @@ import torch
 from distft.data.vision import load_images, to_parts
 from distft.eval.generation import DEFAULT
 from distft.eval.text_metrics import score_texts
+from distft.models.generation import generation_mode
 from distft.runtime import dist
 
 
@@ -24,47 +25,40 @@ def generate(model, processor, rows: list[dict], max_new_tokens: int, device, sy
     if synced:
         n_batches = int(max(dist.all_gather_objects(n_batches)))
     outs: list[str] = []
-    # generate() runs the vision tower outside a forward (get_image_features), where FSDP2's root
-    # hooks do not gather the root-level weights (vision norms, projector): after one forward
-    # through the root (FSDP2 initializes there), they are gathered for the whole generation.
-    root = model.get_base_model() if hasattr(model, "get_base_model") else model
-    fsdp_root = synced and hasattr(root, "unshard")
-    gathered = False
     try:
-        for b in range(n_batches):
-            chunk = rows[b * batch_size : (b + 1) * batch_size]
-            texts, images = [], []
-            if not chunk:  # a rank out of rows still takes part in the synced generate
-                texts.append(tok.eos_token or "")
-            for r in chunk:
-                last = max(i for i, m in enumerate(r["messages"]) if m["role"] == "assistant")
-                msgs, paths = to_parts(r["messages"][:last])
-                texts.append(processor.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True))
-                images += paths
-            enc = processor(
-                text=texts,
-                images=load_images(images) or None,
-                padding=True,
-                add_special_tokens=False,
-                return_tensors="pt",
-            ).to(device)
-            if fsdp_root and not gathered:
-                model(**enc)
-                root.unshard()
-                gathered = True
-            gen = model.generate(
-                **enc,
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                eos_token_id=tok.eos_token_id,
-                pad_token_id=tok.pad_token_id,
-                synced_gpus=synced,
-            )
-            if b * batch_size < len(rows):
-                outs += tok.batch_decode(gen[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+        # Sharded weights gathered once for the whole call (generation_mode): generate() also runs
+        # the vision tower outside a forward, where FSDP2's hooks would not gather root-level weights.
+        with generation_mode(model, gather=synced):
+            for b in range(n_batches):
+                chunk = rows[b * batch_size : (b + 1) * batch_size]
+                texts, images = [], []
+                if not chunk:  # a rank out of rows still takes part in the synced generate
+                    texts.append(tok.eos_token or "")
+                for r in chunk:
+                    last = max(i for i, m in enumerate(r["messages"]) if m["role"] == "assistant")
+                    msgs, paths = to_parts(r["messages"][:last])
+                    texts.append(
+                        processor.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+                    )
+                    images += paths
+                enc = processor(
+                    text=texts,
+                    images=load_images(images) or None,
+                    padding=True,
+                    add_special_tokens=False,
+                    return_tensors="pt",
+                ).to(device)
+                gen = model.generate(
+                    **enc,
+                    max_new_tokens=max_new_tokens,
+                    do_sample=False,
+                    eos_token_id=tok.eos_token_id,
+                    pad_token_id=tok.pad_token_id,
+                    synced_gpus=synced,
+                )
+                if b * batch_size < len(rows):
+                    outs += tok.batch_decode(gen[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
     finally:
-        if gathered:
-            root.reshard()
         tok.padding_side = side
         model.train(was_training)
     return outs

@@ -31,6 +31,9 @@ def _fsdp_gathered(modules: list):
     tokens of the call, instead of an all-gather per layer per token; resharded after."""
     # set_reshard_after_forward has no getter: keep each module's own setting (the root's is
     # chosen by FSDP2 at lazy init) to put back as it was.
+    # The root's lazy init first, as its first forward would do: generate() may run a submodule
+    # outside the root's forward (a VLM's vision tower), which would make that submodule a root.
+    modules[0]._get_fsdp_state()._lazy_init()
     saved = []
     for m in modules:
         state = m._get_fsdp_state()
