@@ -107,7 +107,7 @@ def save_hf(strategy, base_path: str, out: Path, tokenizer, cfg, info, causal: b
 def load_reference(ctx: MethodContext, path: str):
     """A frozen copy of the start policy (in the compute dtype, placed by the strategy), or None:
     use the policy itself (adapter tunings)."""
-    if ctx.tuning.adapter and path == ctx.model_path:
+    if ctx.tuning.adapter:  # (a resumed run's recorded base path may name the first run's copy)
         return None
     return ctx.load_frozen(path, None, PRECISION_DTYPES[ctx.cfg.train.precision])
 
