@@ -59,13 +59,13 @@ DISTILL_STEPS = 60
 @pytest.mark.slow
 def test_distill_runs_on_two_ranks(tmp_path, tiny_model_dir):
     """2 steps of a smaller student against the tiny model as teacher on 2 real ranks: on- and
-    off-policy batches both occur (lmbda=0.5 over 2 steps × 2 ranks is seeded), the loss is the
-    GJSD, the student exports."""
+    off-policy rows both occur (lmbda=0.5, seeded), the loss is the GJSD, the student exports."""
     run = tmp_path / "student"
     train(run, "method=distill", f"method.teacher={tiny_model_dir}", *STUDENT, "train.max_steps=2",
           "train.micro_batch_size=8", "method.max_new_tokens=4", "data.max_eval_generations=8")  # fmt: skip
     rows = [r for r in metrics(run) if "on_policy" in r]
     assert len(rows) == 2 and all(math.isfinite(r["loss"]) and r["loss"] >= 0 for r in rows)
+    assert 0 < sum(r["on_policy"] for r in rows) / 2 < 1
     evals = [r for r in metrics(run) if "eval/reward_greedy" in r]
     assert evals[0]["step"] == 0 and evals[-1]["step"] == 2 and "eval/exact_match" in evals[-1]
     assert (run / "export" / "model.safetensors").is_file()
