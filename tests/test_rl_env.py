@@ -193,7 +193,8 @@ def _check_learned(rows: list[dict], name: str) -> None:
     calls = [r["env/tool_calls"] for r in rows]
     rewards = [r["reward"] for r in rows]
     last_calls, last_reward = sum(calls[-3:]) / 3, sum(rewards[-3:]) / 3
-    print(f"{name}: tool calls {calls[0]:.3f} -> {last_calls:.3f}, reward {rewards[0]:.3f} -> {last_reward:.3f}")
+    print(f"{name}: tool calls {calls[0]:.3f} -> {last_calls:.3f}, ", end="")
+    print(f"reward {rewards[0]:.3f} -> {last_reward:.3f}")
     assert last_calls >= calls[0] + 0.25, calls
     assert last_reward >= 1.1 * rewards[0], rewards
 
