@@ -14,3 +14,25 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     from distft.models.tiny import build_tiny
 
     return Path(build_tiny(tmp_path_factory.mktemp("tiny") / "base", load_config([])[0].model))
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Torch on one thread for a module (`pytestmark = pytest.mark.usefixtures("one_thread")`):
+    tiny models run fastest so, and the machine's cores are shared."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    """The tiny default model (eval mode) and its tokenizer, loaded in this process."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval(), AutoTokenizer.from_pretrained(
+        tiny_model_dir
+    )

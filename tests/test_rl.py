@@ -1,12 +1,8 @@
-"""RL methods (PPO, GRPO/RLOO): advantage estimators against plain per-sequence references, the
-graded default reward, reward failures that are isolated and counted, rollout log-probs equal to
-the sampler's, and real 2-rank runs on zero2, fsdp and zero3 that learn, checkpoint, resume and
-export."""
+"""RL methods (PPO, GRPO/RLOO), in process: advantage estimators against plain per-sequence
+references, the graded default reward, reward failures that are isolated and counted, and rollout
+log-probs equal to the sampler's. The real 2-rank runs are in tests/test_rl_runs.py."""
 
 from __future__ import annotations
-
-import json
-import math
 
 import pytest
 import torch
@@ -18,43 +14,8 @@ from distft.methods.rl.loop import FailureBudget
 from distft.methods.rl.prompts import encode
 from distft.methods.rl.rewards import RewardScorer, char_match
 from distft.methods.rl.rollout import generate_rollouts, layout, token_logprobs
-from tests.util import metrics, train
 
-
-# ---------------------------------------------------------------------- helpers for tests
-def flaky_reward(completions, prompts, **kw):
-    """A user reward that raises on some rows and returns NaN on others (deterministic by prompt)."""
-    out = []
-    for p in prompts:
-        if "z" in p:
-            raise RuntimeError("boom")
-        out.append(float("nan") if "q" in p else 0.0)
-    return out
-
-
-def always_raises(completions, **kw):
-    raise RuntimeError("reward service unavailable")
-
-
-def length_reward(completions, **kw):
-    return [float(len(c)) for c in completions]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, and the machine's cores are shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def tiny(tiny_model_dir):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    path = tiny_model_dir
-    return AutoModelForCausalLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---------------------------------------------------------------------- advantages
@@ -148,7 +109,7 @@ def _scorer(funcs, **method):
 def test_reward_failures_are_isolated_counted_and_limited(capsys):
     scorer = _scorer(
         "[{_target_: distft.methods.rl.rewards.char_match, weight: 2.0},"
-        " {_target_: tests.test_rl.flaky_reward, weight: 1.0}]"
+        " {_target_: tests.rl_util.flaky_reward, weight: 1.0}]"
     )
     prompts = ["sort abc=", "sort zab=", "sort qab=", "sort bca="]
     s = scorer(prompts, ["abc", "abz", "abq", "abc"], [[1]] * 4, [True] * 4, [{"completion": "abc"}] * 4)
@@ -191,7 +152,7 @@ def test_reward_model_scores_are_added(tmp_path, tiny):
     rm.save_pretrained(tmp_path / "rm")
     tok.save_pretrained(tmp_path / "rm")
     scorer = _scorer(
-        "[{_target_: tests.test_rl.length_reward}]",
+        "[{_target_: tests.rl_util.length_reward}]",
         reward_model=str(tmp_path / "rm"),
         reward_model_weight=0.5,
     )
@@ -275,256 +236,3 @@ def test_layout_marks_completion_tokens_only(tiny):
     assert roll.input_ids.tolist() == [[10, 11, 20, eos], [12, 21, 22, 23]]
     assert roll.mask.tolist() == [[0, 1, 1], [1, 1, 1]]
     assert roll.completions == [tok.decode([20]), tok.decode([21, 22, 23])]
-
-
-# ---------------------------------------------------------------------- real runs (2 ranks)
-# Each learning run: a short SFT warm start, then RL on the default task. The threshold (issue 4):
-# mean reward of the last tenth of the steps at least 20% above the first tenth.
-LEARN_STEPS = 60  # PPO; GRPO's steps are cheaper (no critic): it gets more
-GRPO_STEPS = 80
-WARMUP_STEPS = 100  # a partial warm start (greedy char-match reward about 0.45): room to improve
-RL_FAST = [
-    "train.progress=false",
-    "train.lr_scheduler=constant",
-    "train.warmup_steps=0",
-    "data.max_eval_generations=64",
-    "method.max_new_tokens=6",
-    "method.num_prompts=1200",
-]
-# 64 rollouts per step over the 2 ranks; policy lr = train.lr (3e-3) × lr_scale.
-PPO_LEARN = ["method=ppo", "train.micro_batch_size=32", "method.lr_scale=0.1", "method.kl_coef=0.01"]
-GRPO_LEARN = ["method=grpo", "train.micro_batch_size=8", "method.num_generations=4", "method.lr_scale=0.2"]
-
-
-def _rewards(run_dir) -> list[float]:
-    return [r["reward"] for r in metrics(run_dir) if "reward" in r]
-
-
-def _tenths(values: list[float]) -> tuple[float, float]:
-    n = max(1, len(values) // 10)
-    return sum(values[:n]) / n, sum(values[-n:]) / n
-
-
-@pytest.fixture(scope="module")
-def ppo_zero2(tmp_path_factory):
-    """The demo path: method=ppo with its SFT warm-up, ZeRO-2, 2 ranks; checkpoints mid-run."""
-    run = tmp_path_factory.mktemp("rl") / "ppo_zero2"
-    train(
-        run,
-        *RL_FAST,
-        *PPO_LEARN,
-        "strategy=zero2",
-        f"method.sft_warmup_steps={WARMUP_STEPS}",
-        f"train.max_steps={LEARN_STEPS}",
-        f"train.save_every={LEARN_STEPS // 2}",
-    )
-    return run
-
-
-@pytest.fixture(scope="module")
-def warm(ppo_zero2):
-    """The warm start the PPO demo wrote (Hugging Face format): other runs start from it."""
-    return ppo_zero2 / "sft_warmup"
-
-
-@pytest.mark.slow
-def test_ppo_learns_on_zero2_and_logs_rl_metrics(ppo_zero2):
-    rewards = _rewards(ppo_zero2)
-    assert len(rewards) == LEARN_STEPS
-    first, last = _tenths(rewards)
-    print(f"PPO zero2 reward: first tenth {first:.3f} -> last tenth {last:.3f}")
-    assert last >= 1.2 * first, (first, last)
-    row = [r for r in metrics(ppo_zero2) if "reward" in r][-1]
-    for key in (
-        "loss",
-        "reward",
-        "kl",
-        "value_loss",
-        "clipfrac",
-        "approx_kl",
-        "critic_grad_norm",
-        "completion_length",
-        "reward_failures",
-        "grad_norm",
-        "lr",
-    ):
-        assert key in row and math.isfinite(row[key]), key
-    assert rows_with(ppo_zero2, "reward")[0]["kl"] == pytest.approx(0.0, abs=1e-6)  # π = π_ref at first
-    evals = rows_with(ppo_zero2, "eval/reward")  # held-out prompts, before and after
-    assert evals[0]["step"] == 0 and evals[-1]["step"] == LEARN_STEPS and "eval/reward_greedy" in evals[-1]
-    assert evals[-1]["eval/reward"] > evals[0]["eval/reward"]  # sampled as in training, fixed seed
-
-
-def rows_with(run_dir, key: str) -> list[dict]:
-    return [r for r in metrics(run_dir) if key in r]
-
-
-@pytest.mark.slow
-def test_ppo_checkpoint_holds_critic_and_export_has_policy_and_critic(ppo_zero2):
-    from transformers import AutoModelForCausalLM, AutoModelForTokenClassification, AutoTokenizer
-
-    ckpt = ppo_zero2 / "checkpoints" / f"step_{LEARN_STEPS}"
-    assert (ckpt / "critic").is_dir() and any((ckpt / "critic").rglob("*.pt"))
-    state = json.loads((ckpt / "rl_state.json").read_text())
-    assert state["start_policy"] == str(ppo_zero2 / "sft_warmup")
-    export = ppo_zero2 / "export"
-    tok = AutoTokenizer.from_pretrained(export)
-    policy = AutoModelForCausalLM.from_pretrained(export)
-    critic = AutoModelForTokenClassification.from_pretrained(export / "critic")
-    assert critic.config.num_labels == 1
-    ids = tok(["sort cab="], return_tensors="pt")["input_ids"]
-    with torch.no_grad():
-        values = critic(input_ids=ids).logits
-        out = policy.generate(ids, max_new_tokens=6, do_sample=False)
-    assert values.shape == (1, ids.shape[1], 1) and float(values.abs().sum()) > 0  # trained head
-    assert out.shape[1] > ids.shape[1]
-
-
-@pytest.fixture(scope="module")
-def grpo_fsdp(tmp_path_factory, warm):
-    run = tmp_path_factory.mktemp("rl") / "grpo_fsdp"
-    train(
-        run,
-        *RL_FAST,
-        *GRPO_LEARN,
-        "strategy=fsdp",
-        f"model.name_or_path={warm}",
-        "method.sft_warmup_steps=0",
-        f"train.max_steps={GRPO_STEPS}",
-    )
-    return run
-
-
-@pytest.mark.slow
-def test_grpo_learns_on_fsdp_and_exports(grpo_fsdp):
-    from transformers import AutoModelForCausalLM
-
-    rewards = _rewards(grpo_fsdp)
-    first, last = _tenths(rewards)
-    print(f"GRPO fsdp reward: first tenth {first:.3f} -> last tenth {last:.3f}")
-    assert last >= 1.2 * first, (first, last)
-    rows = rows_with(grpo_fsdp, "kl_k3")
-    assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-6)  # the first rollouts: π = π_ref
-    assert rows[-1]["kl"] > 0 and rows[-1]["kl_k3"] > 0  # then the policy moved away from it
-    evals = rows_with(grpo_fsdp, "eval/reward")
-    assert evals[-1]["eval/reward"] > evals[0]["eval/reward"]
-    assert AutoModelForCausalLM.from_pretrained(grpo_fsdp / "export").config.model_type == "llama"
-
-
-# Short runs: a user reward that fails on some rows (isolated, counted, logged, training goes on).
-FLAKY = (
-    "method.reward_funcs=[{_target_: distft.methods.rl.rewards.char_match},"
-    " {_target_: tests.test_rl.flaky_reward, weight: 0.5}]"
-)
-SHORT = [*RL_FAST, "method.sft_warmup_steps=0", "train.micro_batch_size=8", "method.max_reward_failures=1000"]
-
-
-@pytest.fixture(scope="module")
-def ppo_fsdp(tmp_path_factory, warm):
-    """PPO on FSDP2, 4 steps with checkpoints at 2 and 4, then a resume from step 2 elsewhere."""
-    root = tmp_path_factory.mktemp("rl")
-    common = [*SHORT, "method=ppo", "strategy=fsdp", f"model.name_or_path={warm}", FLAKY, "train.max_steps=4"]
-    train(root / "full", *common, "train.save_every=2")
-    train(root / "resumed", *common, f"resume={root / 'full' / 'checkpoints' / 'step_2'}")
-    return root
-
-
-@pytest.mark.slow
-def test_ppo_fsdp_resume_restores_policy_critic_and_sampling(ppo_fsdp):
-    full = {r["step"]: r for r in rows_with(ppo_fsdp / "full", "reward")}
-    resumed = {r["step"]: r for r in rows_with(ppo_fsdp / "resumed", "reward")}
-    assert sorted(resumed) == [3, 4]
-    for step in (3, 4):
-        for key in ("reward", "kl", "value_loss", "loss", "completion_length"):
-            assert resumed[step][key] == pytest.approx(full[step][key], rel=1e-5, abs=1e-7), (step, key)
-    assert (ppo_fsdp / "full" / "checkpoints" / "step_2" / "critic").is_dir()
-
-
-@pytest.mark.slow
-def test_failing_reward_rows_are_skipped_counted_and_logged(ppo_fsdp):
-    rows = rows_with(ppo_fsdp / "full", "reward_failures")
-    assert sum(r["reward_failures"] for r in rows) > 0  # 'z' or 'q' in some prompts of every step
-    assert all(math.isfinite(r["reward"]) and math.isfinite(r["loss"]) for r in rows)
-    assert all("rewards/flaky_reward" in r for r in rows)
-
-
-@pytest.fixture(scope="module")
-def grpo_zero2(tmp_path_factory, warm):
-    run = tmp_path_factory.mktemp("rl") / "grpo_zero2"
-    proc = train(
-        run,
-        *SHORT,
-        "method=grpo",
-        "strategy=zero2",
-        f"model.name_or_path={warm}",
-        FLAKY,
-        "train.max_steps=2",
-        "method.epochs=2",
-    )
-    return run, proc
-
-
-@pytest.mark.slow
-def test_grpo_zero2_runs_with_failing_rewards_and_warns_once(grpo_zero2):
-    run, proc = grpo_zero2
-    rows = rows_with(run, "reward")
-    assert len(rows) == 2 and sum(r["reward_failures"] for r in rows) > 0
-    out = proc.stdout + proc.stderr
-    assert out.count("reward function flaky_reward failed (RuntimeError: boom)") <= 2  # once per rank
-    assert (run / "export" / "model.safetensors").is_file()
-
-
-@pytest.mark.slow
-def test_zero3_and_ddp_generation_match_fsdp(tmp_path, ppo_fsdp, grpo_fsdp, warm):
-    """Under ZeRO-3 every rank gathers the sharded weights for each generation step (synced
-    ranks): the first steps' rollouts, from the same start policy and seed, match FSDP2's; so do
-    DDP's (PPO on its plain replicas)."""
-    ref = rows_with(ppo_fsdp / "full", "reward")
-    for strategy, steps in (("zero3", 2), ("ddp", 1)):
-        ppo = tmp_path / f"ppo_{strategy}"
-        train(
-            ppo,
-            *SHORT,
-            "method=ppo",
-            f"strategy={strategy}",
-            f"model.name_or_path={warm}",
-            FLAKY,
-            f"train.max_steps={steps}",
-        )
-        mine_rows = rows_with(ppo, "reward")
-        assert len(mine_rows) == steps and all("value_loss" in r for r in mine_rows)
-        for mine, theirs in zip(mine_rows, ref[:steps]):
-            assert mine["reward"] == pytest.approx(theirs["reward"], abs=1e-6), strategy
-            assert mine["completion_length"] == pytest.approx(theirs["completion_length"], abs=1e-6)
-    grpo = tmp_path / "grpo_zero3"
-    train(
-        grpo,
-        *RL_FAST,
-        *GRPO_LEARN,
-        "strategy=zero3",
-        f"model.name_or_path={warm}",
-        "method.sft_warmup_steps=0",
-        "train.max_steps=1",
-        "method.advantage=rloo",
-    )
-    first = rows_with(grpo, "reward")[0]
-    assert first["reward"] == pytest.approx(rows_with(grpo_fsdp, "reward")[0]["reward"], abs=1e-6)
-    assert math.isfinite(first["loss"]) and first["advantage_abs"] > 0
-
-
-@pytest.mark.slow
-def test_reward_failures_over_the_limit_stop_with_a_clear_error(tmp_path):
-    proc = train(
-        tmp_path / "run",
-        *SHORT,
-        "method=grpo",
-        "method.max_reward_failures=3",
-        "train.max_steps=2",
-        "method.reward_funcs=[{_target_: tests.test_rl.always_raises}]",
-        "train.eval_generate=false",
-        plain=True,
-        check=False,
-    )
-    assert proc.returncode == 2, proc.stderr[-3000:]
-    assert "distft: error: reward failed on" in proc.stderr and "max_reward_failures=3" in proc.stderr
-    assert "failing: always_raises" in proc.stderr and "Traceback" not in proc.stderr

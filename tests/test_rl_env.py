@@ -1,11 +1,12 @@
 """Multi-turn environments and reward servers: episodes whose observation tokens are masked out
 of the loss, tool calls parsed through the chat template, an HTTP reward server (batches,
 timeouts, retries, the failure budget) against a real local server, and the calculator demo that
-learns to call its tool."""
+learns to call its tool (extended tier; CI runs its path for 2 steps on 2 ranks)."""
 
 from __future__ import annotations
 
 import json
+import math
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -21,22 +22,7 @@ from distft.methods.rl.loop import FailureBudget
 from distft.methods.rl.rewards import RewardScorer
 from tests.util import metrics, train
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def tiny(tiny_model_dir):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    return AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval(), AutoTokenizer.from_pretrained(
-        tiny_model_dir
-    )
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class EchoEnv(Environment):
@@ -201,7 +187,20 @@ CALC_STEPS = 8
 CALC_RUN = ["method.sft_warmup_steps=150", f"train.max_steps={CALC_STEPS}", "train.eval_generate=false"]
 
 
+def _check_learned(rows: list[dict], name: str) -> None:
+    """The demo's thresholds: the last three steps' tool-call rate at least 0.25 above the first
+    step's, their mean reward at least 10% above it."""
+    calls = [r["env/tool_calls"] for r in rows]
+    rewards = [r["reward"] for r in rows]
+    last_calls, last_reward = sum(calls[-3:]) / 3, sum(rewards[-3:]) / 3
+    print(f"{name}: tool calls {calls[0]:.3f} -> {last_calls:.3f}, ", end="")
+    print(f"reward {rewards[0]:.3f} -> {last_reward:.3f}")
+    assert last_calls >= calls[0] + 0.25, calls
+    assert last_reward >= 1.1 * rewards[0], rewards
+
+
 @pytest.mark.slow
+@pytest.mark.extended
 def test_calculator_policy_learns_to_call_its_tool(tmp_path):
     """One process: the SFT warm-up on the environment's demonstrations (half call the tool, half
     answer at once), then GRPO over 3-turn episodes. Thresholds: the tool-call rate of the last
@@ -210,15 +209,7 @@ def test_calculator_policy_learns_to_call_its_tool(tmp_path):
     train(run, *CALC, *CALC_RUN, plain=True)
     rows = [r for r in metrics(run) if "reward" in r]
     assert len(rows) == CALC_STEPS
-    calls = [r["env/tool_calls"] for r in rows]
-    rewards = [r["reward"] for r in rows]
-    last_calls, last_reward = sum(calls[-3:]) / 3, sum(rewards[-3:]) / 3
-    print(
-        f"calculator env: tool calls {calls[0]:.3f} -> {last_calls:.3f}, "
-        f"reward {rewards[0]:.3f} -> {last_reward:.3f}"
-    )
-    assert last_calls >= calls[0] + 0.25, calls
-    assert last_reward >= 1.1 * rewards[0], rewards
+    _check_learned(rows, "calculator env")
     assert all(r["rewards/env"] == pytest.approx(r["reward"]) for r in rows)  # the env's reward only
     assert all(r["env/turns"] <= 3 and r["env/tool_failures"] >= 0 for r in rows)
 
@@ -247,6 +238,7 @@ def test_async_steps_0_is_the_synchronous_loop_bit_for_bit(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.extended
 def test_async_rollouts_learn_with_bounded_staleness(tmp_path):
     """The calculator demo with method.async_steps=1: the next step's episodes are generated while
     this step trains; staleness is 0 on the first step and 1 after; the policy still learns."""
@@ -254,14 +246,26 @@ def test_async_rollouts_learn_with_bounded_staleness(tmp_path):
     train(run, *CALC, *CALC_RUN, "method.async_steps=1", plain=True)
     rows = [r for r in metrics(run) if "reward" in r]
     assert [r["staleness"] for r in rows] == [0.0] + [1.0] * (CALC_STEPS - 1)
-    calls = [r["env/tool_calls"] for r in rows]
-    rewards = [r["reward"] for r in rows]
-    last_calls, last_reward = sum(calls[-3:]) / 3, sum(rewards[-3:]) / 3
-    print(
-        f"calculator env, async_steps=1: tool calls {calls[0]:.3f} -> {last_calls:.3f}, "
-        f"reward {rewards[0]:.3f} -> {last_reward:.3f}"
-    )
-    assert last_calls >= calls[0] + 0.25, calls
-    assert last_reward >= 1.1 * rewards[0], rewards
+    _check_learned(rows, "calculator env, async_steps=1")
+
+
+@pytest.mark.slow
+def test_calculator_episodes_with_async_rollouts_run_on_two_ranks(tmp_path):
+    """CI's run of the demo's path: the calculator environment (tool calls, 3-turn episodes) with
+    method.async_steps=1 on 2 real ranks, 2 steps after a short warm-up: staleness 0 then 1, the
+    environment's reward is the reward, and its metrics are logged."""
+    run = tmp_path / "calc"
+    train(run, *CALC, "method.sft_warmup_steps=4", "train.max_steps=2", "train.eval_generate=false",
+          "method.async_steps=1", "method.num_prompts=64")  # fmt: skip
+    rows = [r for r in metrics(run) if "reward" in r]
+    assert [r["staleness"] for r in rows] == [0.0, 1.0]
+    for r in rows:
+        assert r["rewards/env"] == pytest.approx(r["reward"]) and 1 <= r["env/turns"] <= 3
+        assert 0 <= r["env/tool_calls"] <= 1 and r["env/tool_failures"] >= 0 and math.isfinite(r["loss"])
+    assert (run / "export" / "model.safetensors").is_file()
+
+
+@pytest.mark.quick
+def test_async_steps_need_grpo():
     with pytest.raises(ConfigError, match=r"method.async_steps=1 works with method=grpo"):
         load_config(["method=ppo", "method.async_steps=1"])

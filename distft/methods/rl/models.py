@@ -5,8 +5,9 @@
   to `<run>/sft_warmup/` (Hugging Face format) and is the reference model and the critic's init.
   Adapter tunings (LoRA, QLoRA, ...): the warm-up trains the adapter, which RL goes on training.
 - Reference: a frozen copy of the RL start policy, placed by the strategy like the policy
-  (sharded where it shards parameters; distft.methods.frozen); with adapter tunings the base:
-  the policy itself with its adapter disabled, so no second copy of the weights.
+  (sharded where it shards parameters; distft.methods.frozen); with adapter tunings the policy
+  itself with the warm-up adapter swapped in (distft.methods.rl.warm_adapter), or without a
+  warm-up with its adapter disabled: no second copy of the weights.
 - Critic (PPO): a token-classification model with one output (a value per position) initialized
   from the start policy, wrapped by its own strategy object (sharded like the policy). With
   adapter tunings it is the base with its own LoRA adapter and a trainable value head.
@@ -46,7 +47,7 @@ def start_policy(ctx: MethodContext) -> str:
     if cfg.method.sft_warmup_steps <= 0:
         return ctx.model_path
     sft_warmup(ctx)
-    if ctx.tuning.adapter:  # the adapter holds the warm start; the base stays the reference
+    if ctx.tuning.adapter:  # the adapter holds the warm start (kept for the reference: WarmAdapter)
         return ctx.model_path
     out = ctx.run_dir / WARMUP_DIR
     save_hf(ctx.strategy, ctx.model_path, out, ctx.tokenizer, cfg, ctx.info, causal=True)
@@ -105,8 +106,8 @@ def save_hf(strategy, base_path: str, out: Path, tokenizer, cfg, info, causal: b
 
 def load_reference(ctx: MethodContext, path: str):
     """A frozen copy of the start policy (in the compute dtype, placed by the strategy), or None:
-    use the policy with adapters disabled."""
-    if ctx.tuning.adapter and path == ctx.model_path:
+    use the policy itself (adapter tunings)."""
+    if ctx.tuning.adapter:  # (a resumed run's recorded base path may name the first run's copy)
         return None
     return ctx.load_frozen(path, None, PRECISION_DTYPES[ctx.cfg.train.precision])
 
