@@ -111,7 +111,8 @@ def table(path: Path, launched: float) -> str:
     lines.append(f"heavy modules imported on rank 0: {', '.join(d['heavy_modules']) or 'none'}")
     if steps:
         lines.append(
-            f"before the first step: {steps[0][1] - launched:.2f} s; after the last: {d['end'] - steps[-1][2]:.2f} s"
+            f"before the first step: {steps[0][1] - launched:.2f} s; "
+            f"after the last: {d['end'] - steps[-1][2]:.2f} s"
         )
     return "\n".join(lines)
 
