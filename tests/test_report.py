@@ -104,3 +104,28 @@ def test_eval_plot_has_legend_and_y_label_and_summary_keys_are_not_doubled(tmp_p
     page = write_report(tmp_path).read_text()
     assert "<th>test/loss</th>" in page and "<th>after/exact_match</th>" in page
     assert "test/test/" not in page
+
+
+@pytest.mark.quick
+def test_background_report_draws_the_rows_logged_before_plot_and_fails_loudly(tmp_path):
+    from distft.report import BackgroundReport
+
+    log = tmp_path / "metrics.jsonl"
+    log.write_text("".join(json.dumps({"step": s, "loss": 1.0 / s, "lr": 1e-3}) + "\n" for s in (1, 2)))
+    report = BackgroundReport(tmp_path)  # imports matplotlib while the run still logs
+    with open(log, "a") as f:
+        f.write(json.dumps({"step": 2, "eval/loss": 0.9, "eval/exact_match": 0.5}) + "\n")
+    report.plot()
+    page = report.finish().read_text()
+    names = sorted(p.name for p in (tmp_path / "report").glob("*.png"))
+    assert names == ["eval.png", "loss.png", "lr.png"]  # the eval row logged before plot() is drawn
+    assert all((tmp_path / "report" / n).read_bytes()[:8] == PNG for n in names)
+    assert "src='eval.png'" in page and "<th>eval/exact_match</th>" in page
+
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "metrics.jsonl").write_text(log.read_text())
+    (tmp_path / "broken" / "report").write_text("a file where the report directory should go")
+    failing = BackgroundReport(tmp_path / "broken")
+    failing.plot()
+    with pytest.raises(OSError):
+        failing.finish()

