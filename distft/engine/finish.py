@@ -15,7 +15,6 @@ def finish(trainer, summary: dict, last_loss: float) -> dict:
     """Everything after the last step; returns the run summary (also written to summary.json)."""
     info, t = trainer.info, trainer.cfg.train
     tracker = trainer.tracker
-    report = start_report(trainer.run_dir) if info.is_main else None  # plots drawn beside the export
     end = tracker.stopped_step or trainer.total_steps
     summary["train_loss"] = last_loss
     if tracker.stopped_step is not None:
@@ -26,8 +25,9 @@ def finish(trainer, summary: dict, last_loss: float) -> dict:
         final_eval, after = trainer.eval_split(trainer.data.val, trainer.data.val_rows, "eval/")
         trainer.logger.log(end, final_eval)
         improved = trainer.track(end, final_eval)
-    if report is not None:
-        report.plot()  # every plotted series is in metrics.jsonl now (test/* rows are not plotted)
+    # Every plotted series is in metrics.jsonl now (test/* rows are not plotted): the plots are
+    # drawn in a thread beside the save and the export.
+    report = start_report(trainer.run_dir) if info.is_main else None
     summary.update(final_eval)
     summary["after"] = after
     if trainer.start_step < end or checkpoint.latest(trainer.run_dir) is None:

@@ -68,36 +68,29 @@ def _throughput_summary(rows: list[dict]) -> dict:
 
 
 class BackgroundReport:
-    """The end of a run draws its plots in a thread while rank 0 saves and exports (the other ranks
-    wait then, so a core is free): `start` at once (matplotlib imports), `plot` once the last
-    plotted row (the final eval) is in metrics.jsonl, `finish` when summary.json is written: it
-    waits for the plots and writes index.html. A failure is raised by `finish`, never lost."""
+    """The end of a run draws its plots in a thread while rank 0 saves and exports (checkpoint I/O,
+    collectives and tensor work release the GIL; the other ranks wait on rank 0's export, so a core
+    is free). Start it once the last plotted row (the final eval) is in metrics.jsonl; `finish`,
+    once summary.json is written, waits for the plots and writes index.html. A failure is raised
+    by `finish`, never lost. (Started earlier, during the final eval, it slowed that eval on
+    every rank: matplotlib's import holds the GIL.)"""
 
     def __init__(self, run_dir: str | Path):
         self.run_dir = Path(run_dir)
         self.images: list[Path] | None = None
         self.error: BaseException | None = None
-        self._go = threading.Event()
         self._thread = threading.Thread(target=self._work, name="distft-report", daemon=True)
         self._thread.start()
 
     def _work(self) -> None:
         try:
-            from distft.report import plots
-
-            plots.import_matplotlib()
-            self._go.wait()
             out = self.run_dir / "report"
             out.mkdir(parents=True, exist_ok=True)
-            self.images = plots.plot_all(read_metrics(self.run_dir), out)
+            self.images = plot_all(read_metrics(self.run_dir), out)
         except BaseException as e:  # noqa: BLE001  raised again by finish()
             self.error = e
 
-    def plot(self) -> None:
-        self._go.set()
-
     def finish(self) -> Path:
-        self._go.set()
         self._thread.join()
         if self.error is not None:
             raise self.error

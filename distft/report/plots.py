@@ -47,13 +47,6 @@ def eval_figure(rows: list[dict]) -> tuple | None:
     )
 
 
-def import_matplotlib() -> None:
-    """What figures() imports, on its own (BackgroundReport imports it before the rows are in)."""
-    import matplotlib.backends.backend_agg  # noqa: F401
-    import matplotlib.figure  # noqa: F401
-    import matplotlib.ticker  # noqa: F401
-
-
 def figures(rows: list[dict]) -> list[tuple]:
     """(file stem, matplotlib figure) for every topic the rows have a series of."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
