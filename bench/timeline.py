@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/timeline.py                                  # the default job, 2 ranks
     .venv/bin/python bench/timeline.py --overrides "train.epochs=1 strategy=zero2"
+    .venv/bin/python bench/timeline.py --commit main     # that commit's code (git archive, as ab.py)
 
 Each rank runs `distft.train` through this file (as bench/rss.py does), which wraps the engine's
 phase functions (PHASES) with wall-clock stamps and writes them, with the import time of the stack
@@ -124,6 +125,7 @@ def main() -> None:
     p.add_argument("--nproc", type=int, default=2)
     p.add_argument("--overrides", default="", help="distft overrides, space separated")
     p.add_argument("--out", default=str(REPO / "outputs/bench/timeline"))
+    p.add_argument("--commit", default="", help="run this commit's distft (default: the working tree)")
     a = p.parse_args()
     import shutil
     import subprocess
@@ -135,7 +137,12 @@ def main() -> None:
         sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={a.nproc}",
         f"--master_port={free_port()}", __file__, "--rank-wrapper", "distft.train", *args,
     ]  # fmt: skip
-    env = bench_env(TIMELINE_DIR=str(out / "timeline"), PYTHONPATH=str(REPO))
+    tree = REPO
+    if a.commit:
+        from ab import export
+
+        tree = export(a.commit, REPO / "outputs/bench/ab/src")
+    env = bench_env(TIMELINE_DIR=str(out / "timeline"), PYTHONPATH=str(tree))
     load = load_average()
     launched = time.time()
     out.mkdir(parents=True)
@@ -143,7 +150,10 @@ def main() -> None:
         rc = subprocess.call(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
     wall = time.time() - launched
     print(table(out / "timeline" / "rank0.json", launched))
-    print(f"whole job {wall:.2f} s (rc {rc}); 1-minute load before {load:.1f}; overrides: {a.overrides}")
+    print(
+        f"whole job {wall:.2f} s (rc {rc}); 1-minute load before {load:.1f}; "
+        f"code {a.commit or 'working tree'}; overrides: {a.overrides}"
+    )
 
 
 if __name__ == "__main__":
