@@ -40,3 +40,24 @@ def test_engine_and_schedule_import_no_peft_or_bitsandbytes():
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_fast_exit_keeps_what_the_interpreter_exit_guarantees(tmp_path):
+    """exit_now: the exit code, atexit handlers, a non-daemon thread's work and a still-open
+    file's buffered writes all survive; only the teardown is skipped."""
+    code = f"""
+import atexit, threading, time
+from distft.runtime.fast_exit import exit_now
+d = {str(tmp_path)!r}
+atexit.register(lambda: open(d + "/atexit", "w").write("ran"))
+f = open(d + "/buffered", "w")
+f.write("not flushed yet")
+threading.Thread(target=lambda: (time.sleep(0.3), open(d + "/thread", "w").write("done"))).start()
+print("stdout kept", end="")
+exit_now(3)
+"""
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 3 and proc.stdout == "stdout kept"
+    assert (tmp_path / "atexit").read_text() == "ran"
+    assert (tmp_path / "buffered").read_text() == "not flushed yet"
+    assert (tmp_path / "thread").read_text() == "done"
