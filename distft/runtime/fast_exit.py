@@ -35,9 +35,14 @@ def exit_now(code: int) -> None:
     os._exit(code)
 
 
+# The buffered writers; type(obj), not isinstance: isinstance reads `__class__` of every object on
+# the heap, and some warn when touched (torch.distributed.reduce_op's FutureWarning).
+WRITERS = (io.BufferedWriter, io.BufferedRandom, io.TextIOWrapper)
+
+
 def flush_open_files() -> None:
     for obj in gc.get_objects():
-        if isinstance(obj, io.IOBase):
+        if issubclass(type(obj), WRITERS):
             try:
                 if not obj.closed and obj.writable():
                     obj.flush()
