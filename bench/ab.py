@@ -2,10 +2,14 @@
 
     .venv/bin/python bench/ab.py 11c1b3b 4341672                  # the default job, 1 epoch
     .venv/bin/python bench/ab.py HEAD~1 HEAD --overrides "strategy=fsdp"
+    .venv/bin/python bench/ab.py HEAD~1 HEAD --whole-job --overrides "data.num_examples=400"
 
 Each commit is exported (git archive) to outputs/bench/ab/<commit> and run from there with the
 same venv (PYTHONPATH points at the export). Reported: steady-state tokens/s (after the first 10%
-of steps) of each run and the after/before ratio, min / median / max over the repeats.
+of steps), whole-job wall time (launch to exit) and time to the end of the first step of each run,
+and the after/before ratios, min / median / max over the repeats. By default the job's evals,
+generation and export are off (the loop's speed); --whole-job keeps the job's own defaults (evals
+before and after, export with its check, report), so the fixed costs of a start and an end count.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import subprocess
 from pathlib import Path
 
 from common import REPO, bench_env, launch, load_average, metrics, spread
+from trl_compare import distft_stamps, steady
 
 
 def export(commit: str, root: Path) -> Path:
@@ -36,6 +41,11 @@ def steady_tokens_per_s(run_dir: Path) -> float:
     return statistics.median(r["tokens_per_s"] for r in rows)
 
 
+def first_step_s(run_dir: Path, t0: float) -> float:
+    """Launch to the end of the first optimizer step (its logged row's time)."""
+    return steady(distft_stamps([r for r in metrics(run_dir) if "loss" in r]))[1] - t0
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("before")
@@ -44,11 +54,16 @@ def main() -> None:
     p.add_argument("--nproc", type=int, default=2)
     p.add_argument("--overrides", default="", help="extra distft overrides, space separated")
     p.add_argument("--out", default=str(REPO / "outputs/bench/ab"))
+    p.add_argument("--whole-job", action="store_true", help="keep the job's evals, export and report")
     a = p.parse_args()
     out = Path(a.out)
     trees = {"before": export(a.before, out / "src"), "after": export(a.after, out / "src")}
     base = ["train.epochs=1", "train.eval_generate=false", "train.progress=false", "train.export=none"]
-    res: dict[str, list[float]] = {"before": [], "after": []}
+    if a.whole_job:
+        base = ["train.progress=false"]
+    keys = ("tokens_per_s", "wall_s", "first_step_s")
+    res: dict[str, dict[str, list[float]]] = {side: {k: [] for k in keys} for side in ("before", "after")}
+    loads: list[float] = []
     for rep in range(a.repeats):
         for side in ("before", "after") if rep % 2 == 0 else ("after", "before"):
             run = out / f"{side}-{rep}"
@@ -56,17 +71,30 @@ def main() -> None:
             env = bench_env(PYTHONPATH=str(trees[side]))
             args = [f"output_dir={run}", "resume=never", *base, *a.overrides.split()]
             load = load_average()
-            launch("distft.train", args, a.nproc, run / "rss", run / "run.log", env=env)
-            res[side].append(steady_tokens_per_s(run))
-            print(f"[{rep}] {side:6s} {res[side][-1]:8.0f} tokens/s (load {load:.1f})", flush=True)
-    ratios = [x / y for x, y in zip(res["after"], res["before"])]
-    text = (
-        f"{a.before} → {a.after}, {a.nproc} ranks, overrides: {a.overrides or '(default job)'}\n"
-        f"before tokens/s {spread(res['before'])}; after {spread(res['after'])}; "
-        f"after/before {spread(ratios)} (min / median / max over {a.repeats})\n"
-    )
+            loads.append(load)
+            r = launch("distft.train", args, a.nproc, run / "rss", run / "run.log", env=env)
+            got = {"tokens_per_s": steady_tokens_per_s(run), "wall_s": r["wall_s"]}
+            got["first_step_s"] = first_step_s(run, r["t0"])
+            for k in keys:
+                res[side][k].append(got[k])
+            print(
+                f"[{rep}] {side:6s} {got['tokens_per_s']:8.0f} tokens/s, whole job {got['wall_s']:6.1f} s, "
+                f"first step {got['first_step_s']:5.1f} s (load {load:.1f})",
+                flush=True,
+            )
+    ratios = {k: [x / y for x, y in zip(res["after"][k], res["before"][k])] for k in keys}
+    lines = [
+        f"{a.before} → {a.after}, {a.nproc} ranks, {'whole job' if a.whole_job else 'loop only'}, "
+        f"overrides: {a.overrides or '(default job)'}; min / median / max over {a.repeats}; "
+        f"1-minute load {spread(loads)}"
+    ]
+    for k in keys:
+        lines.append(
+            f"{k:13s} before {spread(res['before'][k])}; after {spread(res['after'][k])}; "
+            f"after/before {spread(ratios[k])}"
+        )
     (out / "results.json").write_text(json.dumps({"args": vars(a), **res, "ratios": ratios}, indent=1))
-    print(text)
+    print("\n".join(lines))
 
 
 if __name__ == "__main__":

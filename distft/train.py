@@ -62,4 +62,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from distft.runtime.fast_exit import exit_now
+
+    exit_now(main())  # the run is complete: skip the interpreter's seconds-long teardown

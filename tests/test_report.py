@@ -104,3 +104,27 @@ def test_eval_plot_has_legend_and_y_label_and_summary_keys_are_not_doubled(tmp_p
     page = write_report(tmp_path).read_text()
     assert "<th>test/loss</th>" in page and "<th>after/exact_match</th>" in page
     assert "test/test/" not in page
+
+
+@pytest.mark.quick
+def test_background_report_draws_every_plot_and_writes_the_page_and_fails_loudly(tmp_path):
+    from distft.report import BackgroundReport
+
+    rows = [{"step": s, "loss": 1.0 / s, "lr": 1e-3} for s in (1, 2)]
+    rows.append({"step": 2, "eval/loss": 0.9, "eval/exact_match": 0.5})
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    report = BackgroundReport(tmp_path)
+    (tmp_path / "summary.json").write_text(json.dumps({"export": "written while the plots are drawn"}))
+    page = report.finish().read_text()
+    names = sorted(p.name for p in (tmp_path / "report").glob("*.png"))
+    assert names == ["eval.png", "loss.png", "lr.png"]
+    assert "written while the plots are drawn" in page  # the page reads summary.json at finish()
+    assert all((tmp_path / "report" / n).read_bytes()[:8] == PNG for n in names)
+    assert "src='eval.png'" in page and "<th>eval/exact_match</th>" in page
+
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "metrics.jsonl").write_text((tmp_path / "metrics.jsonl").read_text())
+    (tmp_path / "broken" / "report").write_text("a file where the report directory should go")
+    failing = BackgroundReport(tmp_path / "broken")
+    with pytest.raises(OSError):
+        failing.finish()

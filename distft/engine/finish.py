@@ -25,6 +25,9 @@ def finish(trainer, summary: dict, last_loss: float) -> dict:
         final_eval, after = trainer.eval_split(trainer.data.val, trainer.data.val_rows, "eval/")
         trainer.logger.log(end, final_eval)
         improved = trainer.track(end, final_eval)
+    # Every plotted series is in metrics.jsonl now (test/* rows are not plotted): the plots are
+    # drawn in a thread beside the save and the export.
+    report = start_report(trainer.run_dir) if info.is_main else None
     summary.update(final_eval)
     summary["after"] = after
     if trainer.start_step < end or checkpoint.latest(trainer.run_dir) is None:
@@ -47,7 +50,7 @@ def finish(trainer, summary: dict, last_loss: float) -> dict:
     if info.is_main:
         (trainer.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         print_summary(summary, trainer.notes)
-        write_report(trainer.run_dir)
+        write_report(trainer.run_dir, report)
     return summary
 
 
@@ -76,12 +79,24 @@ def test_eval(trainer, step: int, weights: str) -> dict:
     return out
 
 
-def write_report(run_dir: Path) -> None:
-    """Plots and report/index.html; a plotting failure must never fail a finished training run."""
+def start_report(run_dir: Path):
+    """The report's plots, drawn in a thread from here on (None if that cannot even start)."""
+    try:
+        from distft.report import BackgroundReport
+
+        return BackgroundReport(run_dir)
+    except Exception:  # noqa: BLE001  write_report draws them in line then, and says why it fails
+        return None
+
+
+def write_report(run_dir: Path, report=None) -> None:
+    """Plots and report/index.html (the plots from `report`, a BackgroundReport, where given);
+    complete when this returns. A plotting failure must never fail a finished training run."""
     try:
         from distft.report import write_report as write
 
-        print(f"  report           : {write(run_dir)}", flush=True)
+        page = report.finish() if report is not None else write(run_dir)
+        print(f"  report           : {page}", flush=True)
     except Exception as e:  # noqa: BLE001
         print(f"distft: run report not written ({type(e).__name__}: {e})", flush=True)
 

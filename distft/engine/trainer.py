@@ -29,6 +29,7 @@ from distft.models import load_tokenizer, resolve_model_path
 from distft.models.tiny import random_base_warning
 from distft.parallel import tp
 from distft.perf import precision as matmul_precision
+from distft.perf import warm
 from distft.perf.mfu import MfuMeter, peak_memory_gib
 from distft.runtime import dist, preflight, stop
 from distft.strategies import STRATEGIES
@@ -74,6 +75,7 @@ class Trainer:
         build.seed(cfg.train.seed)
         matmul_precision.configure(cfg.train.tf32, info.device)  # TF32 for fp32 on CUDA
 
+        warm.model_stack(cfg)  # every rank imports in parallel, not after rank 0 built the tiny base
         model_path = resolve_model_path(cfg, run_dir, info)
         tokenizer = load_tokenizer(model_path, cfg)
         method: Method = METHODS[cfg.method.name](cfg, tokenizer)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import html
 import json
+import threading
 from pathlib import Path
 
 from distft.report.plots import plot_all
@@ -66,13 +67,45 @@ def _throughput_summary(rows: list[dict]) -> dict:
     return out
 
 
-def write_report(run_dir: str | Path) -> Path:
-    """Plots and index.html under <run dir>/report/; returns the HTML path."""
+class BackgroundReport:
+    """The end of a run draws its plots in a thread while rank 0 saves and exports (checkpoint I/O,
+    collectives and tensor work release the GIL; the other ranks wait on rank 0's export, so a core
+    is free). Start it once the last plotted row (the final eval) is in metrics.jsonl; `finish`,
+    once summary.json is written, waits for the plots and writes index.html. A failure is raised
+    by `finish`, never lost. (Started earlier, during the final eval, it slowed that eval on
+    every rank: matplotlib's import holds the GIL.)"""
+
+    def __init__(self, run_dir: str | Path):
+        self.run_dir = Path(run_dir)
+        self.images: list[Path] | None = None
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._work, name="distft-report", daemon=True)
+        self._thread.start()
+
+    def _work(self) -> None:
+        try:
+            out = self.run_dir / "report"
+            out.mkdir(parents=True, exist_ok=True)
+            self.images = plot_all(read_metrics(self.run_dir), out)
+        except BaseException as e:  # noqa: BLE001  raised again by finish()
+            self.error = e
+
+    def finish(self) -> Path:
+        self._thread.join()
+        if self.error is not None:
+            raise self.error
+        return write_report(self.run_dir, self.images)
+
+
+def write_report(run_dir: str | Path, images: list[Path] | None = None) -> Path:
+    """Plots (unless already drawn: `images`) and index.html under <run dir>/report/; returns the
+    HTML path."""
     run_dir = Path(run_dir)
     out = run_dir / "report"
     out.mkdir(parents=True, exist_ok=True)
     rows = read_metrics(run_dir)
-    images = plot_all(rows, out)
+    if images is None:
+        images = plot_all(rows, out)
     summary = {}
     if (run_dir / "summary.json").is_file():
         summary = json.loads((run_dir / "summary.json").read_text())
