@@ -44,21 +44,25 @@ def test_engine_and_schedule_import_no_peft_or_bitsandbytes():
 
 def test_fast_exit_keeps_what_the_interpreter_exit_guarantees(tmp_path):
     """exit_now: the exit code, atexit handlers, a non-daemon thread's work and a still-open
-    file's buffered writes all survive; only the teardown is skipped. Looking for open files
-    touches no object that warns (torch.distributed.reduce_op does when its class is read)."""
+    file's buffered writes all survive; only the teardown is skipped. An executor's idle worker
+    (GRPO's async rollouts keep one) does not hang the exit. Looking for open files touches no
+    object that warns (torch.distributed.reduce_op does when its class is read)."""
     code = f"""
 import atexit, threading, time
+from concurrent.futures import ThreadPoolExecutor
 import torch.distributed
 from distft.runtime.fast_exit import exit_now
 d = {str(tmp_path)!r}
 atexit.register(lambda: open(d + "/atexit", "w").write("ran"))
+pool = ThreadPoolExecutor(1)
+pool.submit(int).result()  # its worker, still referenced, waits for work: never shut down
 f = open(d + "/buffered", "w")
 f.write("not flushed yet")
 threading.Thread(target=lambda: (time.sleep(0.3), open(d + "/thread", "w").write("done"))).start()
 print("stdout kept", end="")
 exit_now(3)
 """
-    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 3 and proc.stdout == "stdout kept"
     assert "Warning" not in proc.stderr, proc.stderr
     assert (tmp_path / "atexit").read_text() == "ran"

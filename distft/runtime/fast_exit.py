@@ -5,7 +5,7 @@ transformers / DeepSpeed stack before the process ends: 2-7 seconds on a loaded 
 paid by every rank of every job (and every test that runs one), after all the work is done and the
 run dir is complete. `exit_now` does what that teardown does that anyone can observe, then ends the
 process at once (os._exit):
-- waits for non-daemon threads, as the interpreter does before its exit;
+- threading's exit hooks, then waits for non-daemon threads, as the interpreter does first;
 - runs the atexit handlers (logging's flush and close, W&B, wrappers such as bench/rss.py);
 - flushes every still-open writable file object, which the teardown would flush when it
   collected them (the engine closes its own files; this is for anyone else's);
@@ -26,10 +26,10 @@ import threading
 def exit_now(code: int) -> None:
     if os.environ.get("DISTFT_SLOW_EXIT") == "1":
         sys.exit(code)
-    me = threading.current_thread()
-    for t in threading.enumerate():
-        if t is not me and not t.daemon:
-            t.join()
+    # The interpreter's own first step of exiting: threading's exit hooks (e.g. concurrent.futures
+    # tells its idle pool workers to stop), then every non-daemon thread joined. Joining first
+    # would wait forever on an executor's idle worker.
+    threading._shutdown()
     atexit._run_exitfuncs()
     flush_open_files()
     os._exit(code)
