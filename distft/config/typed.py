@@ -49,6 +49,8 @@ def _omega_type(hint: Any) -> Any:
         return list[_omega_type(args[0])] if args else list
     if origin is dict:
         return dict[args[0], _omega_type(args[1])] if args else dict
+    if dataclasses.is_dataclass(hint):  # a nested block (rlaif's model): its twin, Literals and all
+        return schema_of(hint)
     return hint
 
 
@@ -56,14 +58,18 @@ def _omega_type(hint: Any) -> Any:
 def schema_of(cls: type) -> type:
     """A twin of dataclass `cls` that OmegaConf accepts as a structured config."""
     hints = typing.get_type_hints(cls)
-    fields = [
-        (
-            f.name,
-            _omega_type(hints[f.name]),
-            dataclasses.field(default=f.default, default_factory=f.default_factory),
+    fields = []
+    for f in dataclasses.fields(cls):
+        factory = f.default_factory
+        if dataclasses.is_dataclass(factory) and factory is hints[f.name]:
+            factory = schema_of(factory)  # the nested block's default, built from its twin
+        fields.append(
+            (
+                f.name,
+                _omega_type(hints[f.name]),
+                dataclasses.field(default=f.default, default_factory=factory),
+            )
         )
-        for f in dataclasses.fields(cls)
-    ]
     return dataclasses.make_dataclass(cls.__name__, fields)
 
 
