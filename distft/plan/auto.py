@@ -8,12 +8,14 @@ longest examples with the real strategy (its peak memory is measured; it halves 
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import fields, replace
 
 import torch
 
 from distft.errors import ConfigError
+from distft.parallel.mesh import degrees
 from distft.plan.memory import GIB, Estimate, estimate
 from distft.plan.shape import ModelShape, model_shape
 from distft.strategies import AUTO_ORDER, PLANNED, STRATEGIES, shipped_config
@@ -140,7 +142,7 @@ def describe(strategy_cfg, world: int) -> str:
     """The choice as a user would write it, with its mesh when it has one."""
     from distft.plan.mesh import mesh_of
 
-    cp, tp = (int(getattr(strategy_cfg, k, 1) or 1) for k in ("cp", "tp"))
+    cp, tp = degrees(strategy_cfg)
     if cp * tp == 1:
         return f"strategy={strategy_cfg.name}"
     mesh = mesh_of(strategy_cfg, world)
@@ -173,10 +175,7 @@ def resolve_strategy(cfg):
     shape = model_shape(cfg)
     world = world_size(cfg)
     chosen, _ = pick_strategy(cfg, shape, world, cfg.data.max_length)
-    if (
-        os.environ.get("RANK", "0") == "0"
-        and int(getattr(chosen, "cp", 1) or 1) * int(getattr(chosen, "tp", 1) or 1) > 1
-    ):
+    if os.environ.get("RANK", "0") == "0" and math.prod(degrees(chosen)) > 1:
         # Only a meshed choice is announced: no data-parallel strategy fits, so the job changes shape.
         print(
             f"distft: strategy=auto: no data-parallel strategy fits; chose {describe(chosen, world)}",

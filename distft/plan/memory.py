@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from distft.parallel.mesh import degrees
 from distft.plan.shape import ModelShape
 from distft.strategies import AUTO_ORDER, STRATEGIES, shipped_config
 from distft.strategies.memory import NF4_BYTES, Job  # noqa: F401 - NF4_BYTES: part of this module's API
@@ -137,7 +138,7 @@ def estimate(
     a shipped option. The strategy's `cp` / `tp` degrees (FSDP2 family; 1 when it has none)
     divide the activations and, for tp, the gathered blocks."""
     strategy_cfg = shipped_config(strategy) if isinstance(strategy, str) else strategy
-    cp, tp = mesh_degrees(strategy_cfg)
+    cp, tp = degrees(strategy_cfg)
     job = Job(world, micro, seq, precision, tuning, adapter, checkpointing, gpu, ranks_per_node, tp)
     states = STRATEGIES[strategy_cfg.name].memory(shape, strategy_cfg, job)
     act_bytes = job.compute_bytes
@@ -166,8 +167,3 @@ def estimate(
         host,
         notes,
     )
-
-
-def mesh_degrees(strategy_cfg) -> tuple[int, int]:
-    """(cp, tp) of a strategy config; 1 where the strategy has no such dimension."""
-    return int(getattr(strategy_cfg, "cp", 1) or 1), int(getattr(strategy_cfg, "tp", 1) or 1)

@@ -13,7 +13,8 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass
 
-from distft.plan.memory import Estimate, mesh_degrees
+from distft.parallel.mesh import degrees
+from distft.plan.memory import Estimate
 from distft.plan.shape import ModelShape
 
 
@@ -32,7 +33,7 @@ class Mesh:
 
 def mesh_of(strategy_cfg, world: int) -> Mesh:
     """The mesh a strategy config asks for (cp and tp default to 1 where it has none)."""
-    cp, tp = mesh_degrees(strategy_cfg)
+    cp, tp = degrees(strategy_cfg)
     return Mesh(max(world // max(cp * tp, 1), 1), cp, tp)
 
 
