@@ -114,6 +114,50 @@ def generation_mode(model: torch.nn.Module, dtype: torch.dtype | None = None, ga
 
 
 @torch.no_grad()
+def greedy(
+    model,
+    tokenizer,
+    n: int,
+    encode,
+    max_new_tokens: int,
+    synced: bool,
+    batch_size: int,
+    dtype: torch.dtype | None = None,
+    gather: bool = True,
+) -> list[str]:
+    """Greedy completions (text after the input, up to EOS) of `n` inputs, batch by batch:
+    `encode(lo, hi)` gives the model inputs of inputs lo..hi, left-padded (for an empty range, on a
+    rank out of inputs, a dummy batch). `synced` keeps ranks in lock-step when parameters are
+    sharded; `generation_mode` gathers them once per batch."""
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    was_training = model.training
+    model.eval()
+    outs: list[str] = []
+    n_batches = (n + batch_size - 1) // batch_size
+    if synced:  # every rank must run the same number of generate calls
+        n_batches = int(max(dist.all_gather_objects(n_batches)))
+    try:
+        for b in range(n_batches):
+            enc = encode(b * batch_size, min((b + 1) * batch_size, n))
+            with generation_mode(model, dtype, gather):
+                gen = model.generate(
+                    **enc,
+                    max_new_tokens=max_new_tokens,
+                    do_sample=False,
+                    eos_token_id=tokenizer.eos_token_id,
+                    pad_token_id=tokenizer.pad_token_id,
+                    synced_gpus=synced,
+                )
+            if b * batch_size < n:
+                new = gen[:, enc["input_ids"].shape[1] :]
+                outs += tokenizer.batch_decode(new, skip_special_tokens=True)
+    finally:
+        tokenizer.padding_side = side
+        model.train(was_training)
+    return outs
+
+
 def generate(
     model,
     tokenizer,
@@ -125,36 +169,13 @@ def generate(
     dtype: torch.dtype | None = None,
     gather: bool = True,
 ) -> list[str]:
-    """Greedy completions (text after the prompt, up to EOS). `synced` keeps ranks in lock-step
-    when parameters are sharded; `generation_mode` gathers them once per batch of prompts."""
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    was_training = model.training
-    model.eval()
-    outs: list[str] = []
-    n_batches = (len(prompts) + batch_size - 1) // batch_size
-    if synced:  # every rank must run the same number of generate calls
-        n_batches = int(max(dist.all_gather_objects(n_batches)))
-    try:
-        for b in range(n_batches):
-            chunk = prompts[b * batch_size : (b + 1) * batch_size] or [tokenizer.eos_token or ""]
-            enc = tokenizer(chunk, return_tensors="pt", padding=True).to(device)
-            with generation_mode(model, dtype, gather):
-                gen = model.generate(
-                    **enc,
-                    max_new_tokens=max_new_tokens,
-                    do_sample=False,
-                    eos_token_id=tokenizer.eos_token_id,
-                    pad_token_id=tokenizer.pad_token_id,
-                    synced_gpus=synced,
-                )
-            if b * batch_size < len(prompts):
-                new = gen[:, enc["input_ids"].shape[1] :]
-                outs += tokenizer.batch_decode(new, skip_special_tokens=True)
-    finally:
-        tokenizer.padding_side = side
-        model.train(was_training)
-    return outs
+    """Greedy completions of text prompts (`greedy`)."""
+
+    def encode(lo: int, hi: int) -> dict:
+        chunk = prompts[lo:hi] or [tokenizer.eos_token or ""]
+        return tokenizer(chunk, return_tensors="pt", padding=True).to(device)
+
+    return greedy(model, tokenizer, len(prompts), encode, max_new_tokens, synced, batch_size, dtype, gather)
 
 
 def exact_match(model, tokenizer, rows: list[dict], cfg, info, sharded: bool) -> float:
