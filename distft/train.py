@@ -43,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
         from distft.engine.trainer import Trainer
 
         Trainer.build(cfg, composed).train()
+        dist.shutdown()  # rank 0 stays until every rank is done with the store it may host
     except DistftError as e:
         line = f"distft: error: {e}"
         stop.write_status({"status": "error", "message": line})
@@ -57,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         from distft.runtime import dist
 
-        dist.shutdown()
+        dist.shutdown(linger_s=0)  # after an error: no waiting on ranks that may be stuck
     return 0
 
 

@@ -1,7 +1,8 @@
 """Work rank 0 does alone must not leave the other ranks in a collective (issue 19.5): DeepSpeed's
 universal-checkpoint conversion and RL's save_hf, on 2 gloo ranks whose collectives time out
 after 5 s during those calls while rank 0's work is stalled 8 s (loading the model to write, or
-starting the conversion). A barrier afterwards checks the group is still healthy."""
+starting the conversion). A barrier afterwards checks the group is still healthy. Last, rank 0
+leaves first while rank 1 still reads the store rank 0's process hosts (CI stop 13 failed there)."""
 
 from __future__ import annotations
 
@@ -96,8 +97,20 @@ def _worker(rank: int, world: int, port: int, root: str) -> None:
     out["universal"] = (
         ckpt / "deepspeed_universal" / "zero"
     ).is_dir() and again.load_tag == "deepspeed_universal"
+    # Rank 0 finishes first and leaves while rank 1, slower, has yet to read rank 0's key: here
+    # rank 0's process hosts the store (as under the deepspeed launcher or srun), so it must stay.
+    import time
+
+    from distft.runtime import rank0
+
+    rank0.signal("distft/test/last", "ok") if info.is_main else time.sleep(3)
+    rank0.wait("distft/test/last")  # on rank 1, 3 s after rank 0 went to shut down
+    out["left_last"] = True
     (root_dir / f"rank{rank}.json").write_text(json.dumps(out))
     dist.shutdown()
+    from distft.runtime.fast_exit import exit_now
+
+    exit_now(0)  # as distft.train ends: rank 0's process (the store's host) goes at once
 
 
 @pytest.mark.slow
@@ -105,5 +118,6 @@ def test_rank0_work_does_not_trip_the_collective_timeout(tmp_path):
     import torch.multiprocessing as mp
 
     mp.spawn(_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    want = {"save_hf": True, "universal": True, "left_last": True}
     for r in range(2):
-        assert json.loads((tmp_path / f"rank{r}.json").read_text()) == {"save_hf": True, "universal": True}
+        assert json.loads((tmp_path / f"rank{r}.json").read_text()) == want

@@ -243,12 +243,13 @@ def main(argv: list[str] | None = None) -> int:
                 flush=True,
             )
         dist.barrier()
+        dist.shutdown()
     except DistftError as e:
         if os.environ.get("RANK", "0") == "0":
             print(f"distft-rlaif: error: {secrets.redact(str(e))}", file=sys.stderr, flush=True)
         return 2
     finally:
-        dist.shutdown()
+        dist.shutdown(linger_s=0)  # after an error: no waiting on ranks that may be stuck
     return 0
 
 

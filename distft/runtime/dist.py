@@ -7,6 +7,7 @@ import os
 import re
 import shutil
 import subprocess
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -231,6 +232,26 @@ def all_gather_objects(obj: Any) -> list[Any]:
     return out
 
 
-def shutdown() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+def shutdown(linger_s: float = 300.0) -> None:
+    """Leave the process group. Where rank 0's process hosts the group's store (any launcher but
+    torchrun, whose agent hosts it: `deepspeed`, srun, mp.spawn), rank 0 stays until every rank has
+    left: a rank still waiting on a store key (on_rank0) would otherwise lose the store
+    mid-wait and fail a finished run. Bounded by `linger_s` for ranks that died."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    hosted_here = (
+        active() and dist.get_rank() == 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True"
+    )
+    store = dist.distributed_c10d._get_default_store() if active() else None
+    world = dist.get_world_size()
+    dist.destroy_process_group()
+    if store is None:
+        return
+    try:
+        left = store.add("distft/left", 1)
+        deadline = time.monotonic() + linger_s
+        while hosted_here and left < world and time.monotonic() < deadline:
+            time.sleep(0.05)
+            left = store.add("distft/left", 0)
+    except RuntimeError:  # DistNetworkError, DistStoreError: the host is gone, nothing to wait for
+        pass
