@@ -84,9 +84,7 @@ class BackgroundReport:
 
     def _work(self) -> None:
         try:
-            out = self.run_dir / "report"
-            out.mkdir(parents=True, exist_ok=True)
-            self.images = plot_all(read_metrics(self.run_dir), out)
+            self.images = draw_plots(self.run_dir, read_metrics(self.run_dir))
         except BaseException as e:  # noqa: BLE001  raised again by finish()
             self.error = e
 
@@ -97,15 +95,19 @@ class BackgroundReport:
         return write_report(self.run_dir, self.images)
 
 
+def draw_plots(run_dir: Path, rows: list[dict]) -> list[Path]:
+    out = run_dir / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    return plot_all(rows, out)
+
+
 def write_report(run_dir: str | Path, images: list[Path] | None = None) -> Path:
     """Plots (unless already drawn: `images`) and index.html under <run dir>/report/; returns the
     HTML path."""
     run_dir = Path(run_dir)
-    out = run_dir / "report"
-    out.mkdir(parents=True, exist_ok=True)
     rows = read_metrics(run_dir)
     if images is None:
-        images = plot_all(rows, out)
+        images = draw_plots(run_dir, rows)
     summary = {}
     if (run_dir / "summary.json").is_file():
         summary = json.loads((run_dir / "summary.json").read_text())
@@ -137,6 +139,6 @@ def write_report(run_dir: str | Path, images: list[Path] | None = None) -> Path:
     parts.append("<h2>Plots</h2>")
     parts += [f"<img src='{p.name}' alt='{p.stem}'>" for p in images] or ["<p>(no metrics logged)</p>"]
     parts += ["<h2>Config (config.yaml)</h2>", f"<pre>{html.escape(config)}</pre>", "</body></html>"]
-    index = out / "index.html"
+    index = run_dir / "report" / "index.html"
     index.write_text("\n".join(parts))
     return index
