@@ -8,70 +8,18 @@ import glob
 import json
 import subprocess
 import sys
-import textwrap
 
 import pytest
 
 from distft.models.tiny import build_tiny
-from tests.util import REPO, env, metrics, train
+from tests.util import REPO, env, metrics, reload_exports, train
 
 pytestmark = pytest.mark.slow
 
 
-def _python(code: str, **extra_env) -> dict:
-    """Run code in a fresh, offline process; it prints one JSON object."""
-    proc = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)],
-        cwd=REPO,
-        env=env(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", **extra_env),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-CHECK_EXPORT = """
-import json, os, torch
-exp = {exp!r}
-meta = json.load(open({meta!r} + "/distft_export.json"))
-ids = torch.tensor(meta["probe_input_ids"])
-pos = torch.arange(ids.shape[1]).expand_as(ids)
-out = {{}}
-if os.path.exists(exp + "/adapter_config.json"):
-    from peft import AutoPeftModelForCausalLM
-    from transformers import BitsAndBytesConfig
-    kw = {{}}
-    if meta["quantized_base"]:
-        kw["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.float32, bnb_4bit_quant_storage=torch.float32)
-    model = AutoPeftModelForCausalLM.from_pretrained(exp, dtype=torch.float32, **kw).eval()
-    for m in model.modules():
-        if hasattr(m, "support_avx512bf16_for_cpu"):
-            m.support_avx512bf16_for_cpu = False
-    out["lora_b_abs_sum"] = sum(float(p.abs().sum()) for n, p in model.named_parameters() if "lora_B" in n)
-    with torch.no_grad(), model.disable_adapter():
-        base = model(input_ids=ids, position_ids=pos, use_cache=False).logits.flatten()[:512]
-else:
-    from transformers import AutoModelForCausalLM
-    model = AutoModelForCausalLM.from_pretrained(exp, dtype=torch.float32).eval()
-    base = None
-with torch.no_grad():
-    got = model(input_ids=ids, position_ids=pos, use_cache=False).logits.flatten()[:512]
-want = torch.tensor(meta["probe_logits"])
-out["max_diff"] = float((got - want).abs().max())
-out["scale"] = float(want.abs().max())
-if base is not None:
-    out["diff_from_base"] = float((got - base).abs().max())
-print(json.dumps(out))
-"""
-
-
 def check_export(exp, meta_dir=None) -> dict:
     """Load an export offline in a fresh process and compare with the recorded trained logits."""
-    return _python(CHECK_EXPORT.format(exp=str(exp), meta=str(meta_dir or exp)))
+    return reload_exports([(exp, meta_dir or exp)])[str(exp)]
 
 
 # ---------------------------------------------------------------- the default job

@@ -10,15 +10,12 @@ Qwen2 + LoRA in one plain process stays in the quick tier. Nothing is downloaded
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-import textwrap
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.util import REPO, env, metrics, train
+from tests.util import metrics, reload_exports, train
 
 SPECIAL = ["<pad>", "<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 # Qwen2's ChatML form: the SFT data of the Qwen2 cells is chat messages, rendered by this template.
@@ -135,57 +132,6 @@ def _overrides(zoo: dict, arch: str, tuning: str, strategy: str) -> list[str]:
     ]
 
 
-# One fresh, offline process loads every export given and compares with its recorded trained
-# logits (the export's own probe); a QLoRA export's base is quantized again as in training.
-RELOAD = """
-import json, os, sys, torch
-out = {}
-for exp in json.loads(sys.argv[1]):
-    meta = json.load(open(exp + "/distft_export.json"))
-    ids = torch.tensor(meta["probe_input_ids"])
-    pos = torch.arange(ids.shape[1]).expand_as(ids)
-    row = {}
-    if os.path.exists(exp + "/adapter_config.json"):
-        from peft import AutoPeftModelForCausalLM
-        from transformers import BitsAndBytesConfig
-        kw = {}
-        if meta["quantized_base"]:
-            kw["quantization_config"] = BitsAndBytesConfig(
-                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                bnb_4bit_compute_dtype=torch.float32, bnb_4bit_quant_storage=torch.float32)
-        model = AutoPeftModelForCausalLM.from_pretrained(exp, dtype=torch.float32, **kw).eval()
-        for m in model.modules():
-            if hasattr(m, "support_avx512bf16_for_cpu"):
-                m.support_avx512bf16_for_cpu = False
-        lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
-        row["lora_b_abs_sum"] = sum(float(p.abs().sum()) for p in lora_b)
-        row["quantized"] = any(type(m).__name__ == "Linear4bit" for m in model.modules())
-    else:
-        from transformers import AutoModelForCausalLM
-        model = AutoModelForCausalLM.from_pretrained(exp, dtype=torch.float32).eval()
-    with torch.no_grad():
-        got = model(input_ids=ids, position_ids=pos, use_cache=False).logits.flatten()[:512]
-    want = torch.tensor(meta["probe_logits"])
-    row["rel_diff"] = float((got - want).abs().max()) / float(want.abs().max())
-    row["arch"] = type(model.get_base_model() if hasattr(model, "get_base_model") else model).__name__
-    out[exp] = row
-print(json.dumps(out))
-"""
-
-
-def reload_fresh(exports: list[Path]) -> dict:
-    proc = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(RELOAD), json.dumps([str(e) for e in exports])],
-        cwd=REPO,
-        env=env(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1"),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
 ARCH = {
     "gpt2": "GPT2LMHeadModel",
     "qwen2": "Qwen2ForCausalLM",
@@ -245,7 +191,7 @@ def test_cell_trains_and_exports(zoo, cell):
 @pytest.mark.slow
 def test_every_export_reloads_offline_in_a_fresh_process(zoo):
     exports = {cell: run_cell(zoo, cell) / "export" for cell in CELLS}
-    got = reload_fresh(list(exports.values()))
+    got = reload_exports([(e, e) for e in exports.values()])
     for (arch, tuning, _), exp in exports.items():
         row = got[str(exp)]
         assert row["rel_diff"] <= 1e-4, (arch, row)  # fp32: the export's own tolerance
@@ -261,5 +207,6 @@ def test_qwen2_lora_single_process(zoo, tmp_path):
     run_dir = tmp_path / "run"
     train(run_dir, *_overrides(zoo, "qwen2", "lora", "ddp"), plain=True)
     check_run(run_dir, "qwen2", "lora")
-    row = reload_fresh([run_dir / "export"])[str(run_dir / "export")]
+    exp = run_dir / "export"
+    row = reload_exports([(exp, exp)])[str(exp)]
     assert row["rel_diff"] <= 1e-4 and row["lora_b_abs_sum"] > 0 and row["arch"] == ARCH["qwen2"]

@@ -88,3 +88,20 @@ def max_rel_diff(a: dict, b: dict) -> float:
     diff = max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
     scale = max(float(a[k].float().abs().max()) for k in a)
     return diff / scale
+
+
+def reload_exports(exports: list[tuple[Path, Path]]) -> dict[str, dict]:
+    """(export dir, dir holding its distft_export.json) pairs loaded in one fresh, offline process
+    (tests/reload_export.py): per export dir, its logits' max_diff / rel_diff from the recorded
+    trained logits, plus adapter facts."""
+    pairs = [[str(e), str(m)] for e, m in exports]
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "tests" / "reload_export.py"), json.dumps(pairs)],
+        cwd=REPO,
+        env=env(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
