@@ -161,9 +161,9 @@ def load_for(
     strategy, model_path: str, cfg, info, dtype: torch.dtype, extra: dict, auto_class=None, meta: bool = True
 ):
     """The model as `strategy` places it: on the meta device where the strategy reads each rank's
-    shards itself (FSDP2, safetensors checkpoints, no quantization, `meta` allowed), else loaded
-    inside the strategy's load context (ZeRO-3 partitions every weight as it is built; a no-op
-    elsewhere)."""
+    shards itself (FSDP2, and ZeRO-3 for 4-bit QLoRA; safetensors checkpoints, `meta` allowed),
+    else loaded inside the strategy's load context (ZeRO-3 partitions every weight as it is built;
+    a no-op elsewhere)."""
     from distft.models.loader import load_model
 
     # A method's own model class (the reward method's ScoreModel) has no from_config: load it whole.
