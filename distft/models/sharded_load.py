@@ -324,9 +324,10 @@ def load_shards(model: torch.nn.Module, device: torch.device) -> None:
         print(f"distft: sharded load: each rank read only its shards of {files[key]}", flush=True)
 
 
-def _read_whole(p: torch.nn.Parameter, names: list[str], files: dict, layer) -> torch.nn.Parameter:
-    """A meta parameter's whole value from the checkpoint: quantized where it is a Linear4bit's
-    weight (`layer`), with the layer's quantization state."""
+def _read_whole(p: torch.nn.Parameter, names: list[str], files: dict, layer, device) -> torch.nn.Parameter:
+    """A meta parameter's whole value from the checkpoint: quantized on `device` where it is a
+    Linear4bit's weight (`layer`), with the layer's quantization state (kept on `device`, where
+    bitsandbytes reads it beside the gathered weight)."""
     from safetensors import safe_open
 
     key = _checkpoint_key(names, files)
@@ -335,14 +336,14 @@ def _read_whole(p: torch.nn.Parameter, names: list[str], files: dict, layer) -> 
     with safe_open(files[key], framework="pt") as f:  # reopened: mapped pages go per tensor
         value = f.get_tensor(key)
     if layer is not None:
-        value = _quantized_rows(layer, value, (slice(None),), torch.device("cpu"))
+        value = _quantized_rows(layer, value, (slice(None),), device)
     out = _like(p, value.to(p.dtype))
     if layer is not None:
         out.quant_state = layer.quant_state
     return out
 
 
-def load_partitioned(model: torch.nn.Module, ds_config: dict) -> None:
+def load_partitioned(model: torch.nn.Module, ds_config: dict, device: torch.device) -> None:
     """ZeRO-3's `load_shards` for a meta-device model (QLoRA: transformers builds quantized models
     outside zero.Init, so every rank would hold the whole base). One module's weights at a time:
     every rank reads them, quantizes a Linear4bit's (the same quantization state on every rank, as
@@ -365,7 +366,7 @@ def load_partitioned(model: torch.nn.Module, ds_config: dict) -> None:
                 if p is None:
                     continue
                 if id(p) not in done and p.is_meta:
-                    done[id(p)] = _read_whole(p, names[id(p)], files, quantized.get(id(p)))
+                    done[id(p)] = _read_whole(p, names[id(p)], files, quantized.get(id(p)), device)
                     fresh.append(done[id(p)])
                 module._parameters[name] = done.setdefault(id(p), p)
             if fresh and first is None:

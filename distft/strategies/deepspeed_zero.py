@@ -279,7 +279,8 @@ class DeepSpeedStrategy(Strategy):
         from distft.models.sharded_load import is_meta, load_partitioned
 
         if is_meta(model):
-            load_partitioned(model, ds_config(self.cfg, BatchGeometry.of(self.cfg, self.info)))
+            geometry = BatchGeometry.of(self.cfg, self.info)
+            load_partitioned(model, ds_config(self.cfg, geometry), self.info.device)
         self.adapter_only = any(not p.requires_grad for p in model.parameters())
         optimizer = build_adamw(model, self.cfg, cpu_adam=self.cfg.strategy.offload_optimizer)
         self.config = ds_config(self.cfg, BatchGeometry.of(self.cfg, self.info), model)
