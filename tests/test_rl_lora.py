@@ -122,55 +122,50 @@ def test_grpo_lora_with_a_kl_to_the_warm_start_learns(tmp_path):
     assert (run / "export" / "adapter_config.json").is_file()
 
 
-def _swap_worker(rank: int, port: int, root: str) -> None:
-    """2 gloo ranks, an FSDP2-sharded stand-in for the adapter: swapping the warm-up adapter in and
-    out launches no collective, and the forwards see the right values, also after a reload."""
+def test_warm_adapter_swaps_local_shards_without_collectives(tmp_path):
+    """An FSDP2-sharded stand-in for the adapter on a one-rank gloo group in this process (the
+    2-rank GRPO test above covers sharded values and resume): swapping the warm-up adapter in and
+    out launches no collective (it gathered and scattered the trained adapter on every reference
+    forward before), and the forwards see the right values, also after a reload."""
     import os
-    from pathlib import Path
 
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor.debug import CommDebugMode
 
     from distft.methods.rl.warm_adapter import WarmAdapter
+    from tests.util import free_port
 
-    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(6, 4), torch.nn.Linear(4, 3))
-    for layer in model:
-        fully_shard(layer)
-    fully_shard(model)
-    x = torch.randn(5, 6)
-    warm = WarmAdapter(model)
-    with torch.no_grad():
-        y_warm = model(x)
-        for p in model.parameters():
-            p.to_local().add_(0.5 + rank)  # "training": each rank changes its own shard
-        y_trained = model(x)
-    with CommDebugMode() as comm:
-        with warm.active():
-            pass
-    with torch.no_grad(), warm.active():
-        y_ref = model(x)
-    with torch.no_grad():
-        y_after = model(x)
-    warm.save(Path(root), rank == 0)
-    torch.distributed.barrier()
-    reloaded = WarmAdapter(model)  # takes the trained values; the checkpoint's replace them
-    assert reloaded.load(Path(root))
-    with torch.no_grad(), reloaded.active():
-        y_reloaded = model(x)
-    torch.distributed.destroy_process_group()
+    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())})
+    torch.distributed.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(6, 4), torch.nn.Linear(4, 3))
+        for layer in model:
+            fully_shard(layer)
+        fully_shard(model)
+        x = torch.randn(5, 6)
+        warm = WarmAdapter(model)
+        with torch.no_grad():
+            y_warm = model(x)
+            for p in model.parameters():
+                p.to_local().add_(0.5)  # "training"
+            y_trained = model(x)
+        with CommDebugMode() as comm:
+            with warm.active():
+                pass
+        with torch.no_grad(), warm.active():
+            y_ref = model(x)
+        with torch.no_grad():
+            y_after = model(x)
+        warm.save(tmp_path, True)
+        reloaded = WarmAdapter(model)  # takes the trained values; the checkpoint's replace them
+        assert reloaded.load(tmp_path)
+        with torch.no_grad(), reloaded.active():
+            y_reloaded = model(x)
+    finally:
+        torch.distributed.destroy_process_group()
     assert comm.get_total_counts() == 0, comm.get_comm_counts()
     assert not torch.allclose(y_warm, y_trained)
     torch.testing.assert_close(y_ref, y_warm, rtol=0, atol=0)
     torch.testing.assert_close(y_after, y_trained, rtol=0, atol=0)
     torch.testing.assert_close(y_reloaded, y_warm, rtol=0, atol=0)
-
-
-def test_warm_adapter_swaps_local_shards_without_collectives(tmp_path):
-    import torch.multiprocessing as mp
-
-    from tests.util import free_port
-
-    mp.spawn(_swap_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
