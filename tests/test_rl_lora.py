@@ -120,3 +120,52 @@ def test_grpo_lora_with_a_kl_to_the_warm_start_learns(tmp_path):
     state = json.loads((run / "checkpoints" / f"step_{STEPS}" / "rl_state.json").read_text())
     assert "sft_warmup" not in state["start_policy"]
     assert (run / "export" / "adapter_config.json").is_file()
+
+
+def test_warm_adapter_swaps_local_shards_without_collectives(tmp_path):
+    """An FSDP2-sharded stand-in for the adapter on a one-rank gloo group in this process (the
+    2-rank GRPO test above covers sharded values and resume): swapping the warm-up adapter in and
+    out launches no collective (it gathered and scattered the trained adapter on every reference
+    forward before), and the forwards see the right values, also after a reload."""
+    import os
+
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor.debug import CommDebugMode
+
+    from distft.methods.rl.warm_adapter import WarmAdapter
+    from tests.util import free_port
+
+    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())})
+    torch.distributed.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(6, 4), torch.nn.Linear(4, 3))
+        for layer in model:
+            fully_shard(layer)
+        fully_shard(model)
+        x = torch.randn(5, 6)
+        warm = WarmAdapter(model)
+        with torch.no_grad():
+            y_warm = model(x)
+            for p in model.parameters():
+                p.to_local().add_(0.5)  # "training"
+            y_trained = model(x)
+        with CommDebugMode() as comm:
+            with warm.active():
+                pass
+        with torch.no_grad(), warm.active():
+            y_ref = model(x)
+        with torch.no_grad():
+            y_after = model(x)
+        warm.save(tmp_path, True)
+        reloaded = WarmAdapter(model)  # takes the trained values; the checkpoint's replace them
+        assert reloaded.load(tmp_path)
+        with torch.no_grad(), reloaded.active():
+            y_reloaded = model(x)
+    finally:
+        torch.distributed.destroy_process_group()
+    assert comm.get_total_counts() == 0, comm.get_comm_counts()
+    assert not torch.allclose(y_warm, y_trained)
+    torch.testing.assert_close(y_ref, y_warm, rtol=0, atol=0)
+    torch.testing.assert_close(y_after, y_trained, rtol=0, atol=0)
+    torch.testing.assert_close(y_reloaded, y_warm, rtol=0, atol=0)

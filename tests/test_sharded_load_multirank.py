@@ -26,7 +26,7 @@ JOB = [
 ]
 JOB += ["cluster.preflight=false", "train.eval_every=0", "train.save_every=0"]
 # (strategy, tuning, source): each strategy sees full and a LoRA kind, and both sources; QLoRA
-# (each rank quantizes and keeps its rows of the 4-bit base), DoRA (magnitudes computed from the
+# (each rank quantizes and keeps its rows of the 4-bit base; on ZeRO-3 its partitions), DoRA (magnitudes computed from the
 # shards read) and LoRA continued from a saved adapter (lora+init) load sharded too.
 MEMORY = [
     ("fsdp", "full", "dir"),
@@ -36,6 +36,7 @@ MEMORY = [
     ("hsdp", "dora", "dir"),
     ("zero3", "full", "dir"),
     ("zero3", "lora", "hub"),
+    ("zero3", "qlora", "dir"),
 ]
 # Trained again with sharded loading switched off: the losses must match.
 EQUIVALENCE = [
@@ -43,6 +44,7 @@ EQUIVALENCE = [
     ("fsdp", "qlora", "hub"),
     ("hsdp", "dora", "dir"),
     ("zero3", "lora", "hub"),
+    ("zero3", "qlora", "dir"),
 ]
 GENERATION = [("fsdp", "lora+init", "hub"), ("zero3", "lora", "hub")]  # checked on the sharded runs
 

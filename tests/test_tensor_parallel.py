@@ -3,12 +3,13 @@
 Equivalences (fp32, dropout off, 5 steps, the same global batch of 4): tp=2 on 2 ranks equals one
 rank, for full fine-tuning and LoRA, and dp=2 × tp=2 on 4 ranks equals dp=2 on 2 ranks (full), in
 losses and exported weights. Checkpoints cross tp meshes through DCP: (dp=1, tp=2) saves step 3
-and (dp=2, tp=1) resumes it, and the reverse; losses and exports continue the uninterrupted runs.
+and (dp=2, tp=1) resumes it, and the reverse, and (dp=2, tp=2) saves for (dp=4) to resume; losses
+and exports continue the uninterrupted runs.
 One 2-rank spawn runs all 2-rank jobs, then rank 0 alone the 1-rank references (the stack is
 imported once); it also checks the sharding itself (placements, local heads, LoRA adapters
 following their base layer), that a tp group counts its tokens once, and other families' plans
 (Qwen2, Mistral, Gemma, Phi-3's fused projections) against the unsharded model. One 4-rank spawn
-runs the dp=2 × tp=2 job.
+runs the dp=2 × tp=2 job and the dp=4 job that resumes its checkpoint.
 """
 
 from __future__ import annotations
@@ -50,13 +51,18 @@ RUNS = {  # name: (world, overrides); every job's global batch is 4 examples
     ),
     "one_full": (1, ["train.micro_batch_size=4"]),
     "one_lora": (1, [*LORA, "train.micro_batch_size=4"]),
-    "dp2tp2_full": (4, ["strategy.tp=2", "train.micro_batch_size=2"]),
+    "dp2tp2_full": (4, ["strategy.tp=2", "train.micro_batch_size=2", *SAVE]),
+    "dp4_from_dp2tp2": (4, ["train.micro_batch_size=1", "resume={root}/dp2tp2_full/checkpoints/step_3"]),
 }
 SAME = {  # (tensor-parallel job, its reference) per tuning
     "full": [("tp2", "one"), ("dp2tp2", "dp2")],
     "lora": [("tp2", "one")],
 }
-RESUMED = [("dp2_from_tp2", "tp2_full"), ("tp2_from_dp2", "dp2_full")]  # (resumed, uninterrupted)
+RESUMED = [  # (resumed, uninterrupted)
+    ("dp2_from_tp2", "tp2_full"),
+    ("tp2_from_dp2", "dp2_full"),
+    ("dp4_from_dp2tp2", "dp2tp2_full"),
+]
 
 
 def _placements(module) -> dict:
@@ -216,8 +222,8 @@ def test_tensor_parallel_equals_data_parallel(runs, tuning):
 
 @pytest.mark.slow
 def test_checkpoints_resume_across_tensor_parallel_meshes(runs):
-    """(dp=1, tp=2) → (dp=2, tp=1) and the reverse: steps 4-5 and the export continue the
-    uninterrupted run; the export is plain Hugging Face weights either way."""
+    """(dp=1, tp=2) → (dp=2, tp=1), the reverse, and (dp=2, tp=2) → (dp=4): steps 4-5 and the
+    export continue the uninterrupted run; the export is plain Hugging Face weights either way."""
     root, _ = runs
     for resumed, whole in RESUMED:
         la, lb = train_losses(root / resumed), train_losses(root / whole)

@@ -41,6 +41,7 @@ from distft.methods.reference import (
     setup_reference,
     to_device,
 )
+from distft.parallel.cp import WHOLE
 from distft.ranges import num
 from distft.runtime import dist
 
@@ -170,6 +171,9 @@ class KTO(Method):
             batch["ref_logps"] = torch.tensor(
                 [e["ref"] for e in examples] + [e["ref_kl"] for e in examples], dtype=torch.float64
             )
+        # Under context parallelism the completion sums need whole rows, and each example stays
+        # beside its KL partner on every rank of the group (distft.parallel.cp.WHOLE).
+        batch[WHOLE] = True
         return batch
 
     def setup(self, ctx: MethodContext) -> None:

@@ -7,8 +7,10 @@ allocates and reads only its own rows of every weight from the safetensors files
 per tensor, so its memory-mapped pages are released right after the copy. Used for full and
 adapter tunings and frozen models (reference, teacher, reward) from a Hugging Face safetensors
 checkpoint (a local directory, or a hub id whose snapshot is in the local Hugging Face cache);
-otherwise (quantized loads, `.bin` checkpoints, renamed keys) every rank loads normally. ZeRO-3
-partitions at construction instead (distft.strategies.deepspeed_zero.partitioned_load).
+otherwise (pre-quantized checkpoints, `.bin` checkpoints, renamed keys) every rank loads normally.
+ZeRO-3 partitions at construction instead (distft.strategies.deepspeed_zero.partitioned_load),
+except for QLoRA, which transformers never builds under zero.Init: its meta model is read one
+weight at a time, quantized, and partitioned right away (`load_partitioned`).
 """
 
 from __future__ import annotations
@@ -159,16 +161,20 @@ def load_for(
     strategy, model_path: str, cfg, info, dtype: torch.dtype, extra: dict, auto_class=None, meta: bool = True
 ):
     """The model as `strategy` places it: on the meta device where the strategy reads each rank's
-    shards itself (FSDP2, safetensors checkpoints, no quantization, `meta` allowed), else loaded
-    inside the strategy's load context (ZeRO-3 partitions every weight as it is built; a no-op
-    elsewhere)."""
+    shards itself (FSDP2, and ZeRO-3 for 4-bit QLoRA; safetensors checkpoints, `meta` allowed),
+    else loaded inside the strategy's load context (ZeRO-3 partitions every weight as it is built;
+    a no-op elsewhere)."""
     from distft.models.loader import load_model
 
     # A method's own model class (the reward method's ScoreModel) has no from_config: load it whole.
     buildable = auto_class is None or hasattr(auto_class, "from_config")
     quantization = extra.get("quantization_config")
     plain = not extra or (set(extra) == {"quantization_config"} and _bnb_4bit(quantization))
-    if meta and buildable and strategy.loads_sharded and info.world_size > 1 and plain:
+    # ZeRO-3 partitions other models as transformers builds them (zero.Init), but transformers
+    # skips zero.Init for quantized ones: those come on meta too (`load_partitioned`).
+    quantized_meta = _bnb_4bit(quantization) and getattr(strategy, "loads_quantized_sharded", False)
+    sharded = strategy.loads_sharded or quantized_meta
+    if meta and buildable and sharded and info.world_size > 1 and plain:
         model = meta_model(model_path, cfg, auto_class, dtype, quantization)
         if model is not None:
             return model
@@ -316,3 +322,62 @@ def load_shards(model: torch.nn.Module, device: torch.device) -> None:
             dora_magnitudes(model)
     if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
         print(f"distft: sharded load: each rank read only its shards of {files[key]}", flush=True)
+
+
+def _read_whole(p: torch.nn.Parameter, names: list[str], files: dict, layer, device) -> torch.nn.Parameter:
+    """A meta parameter's whole value from the checkpoint: quantized on `device` where it is a
+    Linear4bit's weight (`layer`), with the layer's quantization state (kept on `device`, where
+    bitsandbytes reads it beside the gathered weight)."""
+    from safetensors import safe_open
+
+    key = _checkpoint_key(names, files)
+    if key is None:
+        raise RuntimeError(f"sharded load: {names[0]} is neither in the checkpoint nor initialized")
+    with safe_open(files[key], framework="pt") as f:  # reopened: mapped pages go per tensor
+        value = f.get_tensor(key)
+    if layer is not None:
+        value = _quantized_rows(layer, value, (slice(None),), device)
+    out = _like(p, value.to(p.dtype))
+    if layer is not None:
+        out.quant_state = layer.quant_state
+    return out
+
+
+def load_partitioned(model: torch.nn.Module, ds_config: dict, device: torch.device) -> None:
+    """ZeRO-3's `load_shards` for a meta-device model (QLoRA: transformers builds quantized models
+    outside zero.Init, so every rank would hold the whole base). One module's weights at a time:
+    every rank reads them, quantizes a Linear4bit's (the same quantization state on every rank, as
+    on a whole load), and DeepSpeed partitions them at once (as if built under zero.Init), so a
+    rank holds its partitions plus one module's weights in transit. Real parameters (adapters
+    made by the tuning) are left for deepspeed.initialize to partition."""
+    import deepspeed
+
+    deepspeed.init_distributed()  # zero.Init checks the batch sizes against DeepSpeed's world size
+    files = _weight_files(getattr(model, CHECKPOINT_ATTR))
+    names = _names(model)
+    quantized = {id(m.weight): m for m in model.modules() if hasattr(m, "_distft_quant")}
+    alive = list(model.parameters())  # keeps the ids in `names` and `done` from being reused
+    done: dict[int, torch.nn.Parameter] = {}  # tied weights: one object
+    first = None  # the first partitioned weight partitions the others with the same settings
+    with torch.no_grad():
+        for module in model.modules():
+            fresh = []
+            for name, p in list(module._parameters.items()):
+                if p is None:
+                    continue
+                if id(p) not in done and p.is_meta:
+                    done[id(p)] = _read_whole(p, names[id(p)], files, quantized.get(id(p)), device)
+                    fresh.append(done[id(p)])
+                module._parameters[name] = done.setdefault(id(p), p)
+            if fresh and first is None:
+                holder = torch.nn.Module()
+                for i, q in enumerate(fresh):
+                    holder.register_parameter(f"p{i}", q)
+                deepspeed.zero.Init(module=holder, config_dict_or_path=ds_config)
+                first = fresh[0]
+            elif fresh:  # without parsing the config again
+                first.convert_to_zero_parameters(param_list=fresh)
+    del alive
+    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+        source = getattr(model, CHECKPOINT_ATTR)
+        print(f"distft: sharded load (ZeRO-3): each rank kept only its partitions of {source}", flush=True)

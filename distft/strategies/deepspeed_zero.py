@@ -220,6 +220,9 @@ class DeepSpeedStrategy(Strategy):
         self.checkpoint_format = "deepspeed"
         self.load_tag = "deepspeed"  # "deepspeed_universal" after a conversion (prepare_resume)
         self.backward_calls = 0
+        # QLoRA comes on the meta device (transformers skips zero.Init for quantized models) and
+        # `setup` reads it weight by weight into partitions (distft.models.sharded_load).
+        self.loads_quantized_sharded = self.sharded_params
 
     def prepare_resume(self, path: Path, state: dict) -> None:
         """Before deepspeed.initialize: a checkpoint saved with another world size (or ZeRO stage
@@ -273,6 +276,11 @@ class DeepSpeedStrategy(Strategy):
     def setup(self, model: torch.nn.Module) -> None:
         import deepspeed
 
+        from distft.models.sharded_load import is_meta, load_partitioned
+
+        if is_meta(model):
+            geometry = BatchGeometry.of(self.cfg, self.info)
+            load_partitioned(model, ds_config(self.cfg, geometry), self.info.device)
         self.adapter_only = any(not p.requires_grad for p in model.parameters())
         optimizer = build_adamw(model, self.cfg, cpu_adam=self.cfg.strategy.offload_optimizer)
         self.config = ds_config(self.cfg, BatchGeometry.of(self.cfg, self.info), model)

@@ -47,9 +47,9 @@ def validate(cfg, gpu: bool) -> None:
     check_mesh(cfg, gpu)
 
 
-# SFT's loss is a sum over a slice's tokens; DPO and the RL methods' losses read whole rows
+# SFT's loss is a sum over a slice's tokens; DPO, KTO and the RL methods' losses read whole rows
 # (distft.parallel.cp: the model splits them and gathers the logits).
-CP_METHODS = ("sft", "dpo", "grpo", "ppo")
+CP_METHODS = ("sft", "dpo", "kto", "grpo", "ppo")
 
 
 def check_mesh(cfg, gpu: bool, world: int | None = None) -> None:

@@ -55,7 +55,7 @@ class PromptMethod(Method):
             self.reference = models.load_reference(ctx, self.start_policy)
         warmed = self.cfg.method.sft_warmup_steps > 0 or ctx.resume_path is not None
         if with_reference and self.reference is None and warmed:  # the warm start, not the bare base
-            self.warm_adapter = WarmAdapter(ctx.strategy.module)
+            self.warm_adapter = WarmAdapter(ctx.strategy.module, getattr(ctx.strategy, "engine", None))
 
     def save_state(self, path: Path) -> None:
         state = {"start_policy": self.start_policy, "reward_failures": self.failures.total}
