@@ -26,8 +26,9 @@ JOB = [
 ]
 JOB += ["cluster.preflight=false", "train.eval_every=0", "train.save_every=0"]
 # (strategy, tuning, source): each strategy sees full and a LoRA kind, and both sources; QLoRA
-# (each rank quantizes and keeps its rows of the 4-bit base; on ZeRO-3 its partitions), DoRA (magnitudes computed from the
-# shards read) and LoRA continued from a saved adapter (lora+init) load sharded too.
+# (each rank quantizes and keeps its rows of the 4-bit base; on ZeRO-3 its partitions), DoRA
+# (magnitudes computed from the shards read) and LoRA continued from a saved adapter (lora+init)
+# load sharded too.
 MEMORY = [
     ("fsdp", "full", "dir"),
     ("fsdp", "lora+init", "hub"),
