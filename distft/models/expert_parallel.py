@@ -1,13 +1,14 @@
 """Expert parallelism for mixture-of-experts models, through transformers' own support.
 
-transformers 5.23 loads an MoE model expert-parallel from a `DistributedConfig(ep_size=E,
-fsdp_size=W)`: each rank holds num_experts / E of every layer's experts (the fused expert weights
-become DTensors sharded on the expert dimension), the dense weights are FSDP2-sharded over the W
-ranks, and each MoE layer routes its tokens to the experts' ranks with all-to-all collectives
-(gloo runs them on CPU). So the model comes back already wrapped in FSDP2; the FSDP2 strategy
-must then not shard it again (the hook it needs: skip `fully_shard` when the model is already an
-`FSDPModule`). Checked here: 5 fp32 AdamW steps with ep=2 equal ep=1 within 1e-4
-(tests/test_moe.py).
+`strategy.ep` (distft.strategies.fsdp.parallelize) calls `shard_experts` on the model the engine
+built: transformers' `apply_expert_parallelism` with the model's own `ep_plan` splits each MoE
+layer's fused expert weights over the ep ranks (DTensor `Shard(0)`) and routes tokens to them by
+all-to-all; then the experts are FSDP2-sharded over their copies (efsdp) before the decoder
+layers are sharded over the data-parallel ranks as usual.
+
+`load` (below) is the other entry: transformers 5.23 loads an MoE model expert-parallel from a
+`DistributedConfig(ep_size=E, fsdp_size=W)`, already FSDP2-wrapped, over the default process
+group (each rank holds num_experts / E of every layer's experts).
 """
 
 from __future__ import annotations
@@ -62,6 +63,29 @@ def load(name_or_path: str, ep: int, world_size: int, dtype: torch.dtype = torch
     return AutoModelForCausalLM.from_pretrained(
         name_or_path, dtype=dtype, distributed_config=distributed_config(ep, world_size), **kwargs
     )
+
+
+def shard_experts(root: torch.nn.Module, ep_mesh, tp_mesh, efsdp_mesh, dp: int, **fsdp_kwargs) -> None:
+    """Experts split over `ep_mesh`, tokens routed by all-to-all, expert weights FSDP2-sharded over
+    `efsdp_mesh`, in place. `dp`: the data-parallel ranks whose batches each expert's gradient sums
+    (an expert sees the tokens of every rank of its ep group, and its copies are reduced over efsdp)."""
+    from torch.distributed.fsdp import fully_shard
+    from transformers.distributed.expert_parallel import apply_expert_parallelism
+
+    plan = root._expand_parallel_plan(dict(root.ep_plan or {}))
+    if not plan:
+        raise ConfigError(f"strategy.ep: {type(root).__name__} has no expert-parallel plan; use ep=1")
+    apply_expert_parallelism(root, ep_mesh, tp_mesh, plan, ep_implementation="all_to_all")
+    for name, style in plan.items():
+        if style != "ep_dispatch_experts":
+            continue
+        experts = root.get_submodule(name)
+        fully_shard(experts, mesh=efsdp_mesh, **fsdp_kwargs)
+        # Gradients are an average over the dp batches, not over the efsdp copies; FSDP2 divides by
+        # a factor other than its group size with PREMUL_SUM, which gloo lacks: sum, then divide.
+        experts.set_gradient_divide_factor(float(dp))
+        if efsdp_mesh.size() > 1:
+            experts.set_force_sum_reduction_for_comms(True)
 
 
 def local_experts(model: torch.nn.Module) -> list[int]:
