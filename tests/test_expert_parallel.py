@@ -5,6 +5,7 @@ same losses. The refusals are one line, before any rank starts."""
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -63,29 +64,39 @@ def test_ep_config_errors_are_one_line(tmp_path, tiny_model_dir):
 
 
 @pytest.mark.slow
-def test_ep2_equals_ep1_and_its_checkpoint_resumes_at_ep1_on_one_rank(tmp_path, tiny_model_dir):
+def test_ep2_equals_ep1_in_distft_verify_and_its_checkpoint_resumes_at_ep1_on_one_rank(
+    tmp_path, tiny_model_dir, capsys
+):
+    """distft-verify's expert_parallel check (2 ranks at ep=2 vs at ep=1: 6 fp32 steps' losses and
+    the exported weights within 1e-4); then ep=2's step-3 checkpoint resumed on 1 rank at ep=1."""
     moe = moe_dir(tmp_path / "moe", tiny_model_dir)
-    common = ["model=hf", f"model.name_or_path={moe}", "strategy=fsdp", "train.precision=fp32"]
-    common += ["train.max_steps=5", "train.eval_every=0"]
-    ep2 = train(tmp_path / "ep2", *common, "strategy.ep=2", "train.save_every=3")
-    assert re.search(
-        r"each rank holds 2 of 4 experts in each of 2 MoE layers \(ep=2\)", ep2.stdout + ep2.stderr
-    )
-    train(tmp_path / "ep1", *common)
-    a, b = train_losses(tmp_path / "ep2"), train_losses(tmp_path / "ep1")
-    assert sorted(a) == [1, 2, 3, 4, 5]
-    for step in a:
-        assert abs(a[step] - b[step]) <= 1e-4 * abs(b[step]), (step, a[step], b[step])
-    # export/ is an ordinary HF checkpoint (the experts gathered whole), equal to ep=1's
-    weights = exported_weights(tmp_path / "ep2")
+    user = ["model=hf", f"model.name_or_path={moe}", "strategy=fsdp", "train.precision=fp32", "strategy.ep=2"]
+    work = tmp_path / "verify"
+    from distft.verify.cli import main as verify  # in this process; its runs are torchrun jobs
+
+    args = ["--work-dir", str(work), "--steps", "6", "--micro", "4", "--only", "expert_parallel"]
+    assert verify([*args, *user]) == 0, capsys.readouterr().out[-4000:]
+    [row] = json.loads((work / "verify.json").read_text())
+    assert row["name"] == "expert parallel" and row["passed"], row
+    measured = re.findall(r"([0-9.e+-]+) rel", row["measured"])
+    assert len(measured) == 2 and all(float(x) <= 1e-4 for x in measured), row  # losses, weights
+    ep2, ep1 = work / "expert_parallel", work / "reference"
+    log = (ep2 / "train.log").read_text()
+    assert re.search(r"each rank holds 2 of 4 experts in each of 2 MoE layers \(ep=2\)", log)
+    for run, ep in ((ep2, 2), (ep1, 1)):
+        assert re.search(rf"^  ep: {ep}$", (run / "config.yaml").read_text(), re.M)
+    a = train_losses(ep2)
+    assert sorted(a) == [1, 2, 3, 4, 5, 6] and a == pytest.approx(train_losses(ep1), rel=1e-4)
+    # export/ is an ordinary HF checkpoint: the experts gathered whole, under their usual names
+    weights = exported_weights(ep2)
     assert "model.layers.0.block_sparse_moe.experts.3.w1.weight" in weights
-    assert max_rel_diff(exported_weights(tmp_path / "ep1"), weights) < 1e-4
     # ep=2's step-3 checkpoint on 1 rank at ep=1 (experts resharded by DCP), same global batch
     resumed = tmp_path / "resumed"
-    ckpt = f"resume={tmp_path / 'ep2' / 'checkpoints' / 'step_3'}"
-    train(resumed, *common, ckpt, "train.grad_accum=2", nproc=1)
+    same = ["train.micro_batch_size=4", "train.grad_accum=2", "train.max_steps=6", "data.num_examples=200"]
+    ckpt = f"resume={ep2 / 'checkpoints' / 'step_3'}"
+    train(resumed, *user[:-1], *same, "train.eval_every=0", ckpt, nproc=1)
     c = train_losses(resumed)
-    assert sorted(c) == [4, 5]
+    assert sorted(c) == [4, 5, 6], c
     for step in c:
         assert abs(a[step] - c[step]) <= 1e-4 * abs(a[step]), (step, a[step], c[step])
     assert max_rel_diff(weights, exported_weights(resumed)) < 1e-4

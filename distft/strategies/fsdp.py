@@ -119,9 +119,9 @@ EP_TUNINGS = ("full",)
 EP_METHODS = ("sft",)
 
 
-def check_ep(cfg, world: int) -> None:
-    """strategy.ep: an MoE model whose experts and ranks it divides, full tuning, no cp/tp."""
-    ep = meshes.ep_degree(cfg.strategy)
+def check_ep(cfg, world: int, ep: int | None = None) -> None:
+    """strategy.ep (or `ep`): an MoE model whose experts and ranks it divides, full tuning, no cp/tp."""
+    ep = ep or meshes.ep_degree(cfg.strategy)
     if ep == 1:
         return
     cp, tp = meshes.degrees(cfg.strategy)
