@@ -147,3 +147,24 @@ def test_mesh_suggestion_prefers_cp_for_long_sequences_and_tp_for_large_models(s
     found = suggest_mesh(plan70, fsdp, big, 8, 1024, base70.total - 0.4 * base70.buffers)
     assert found is not None and found[0].tp > 1 and found[0].cp == 1  # states and buffers dominate: tp
     assert suggest_mesh(plan70, fsdp, big, 8, 1024, 1.0) is None  # nothing fits 1 byte
+
+
+@pytest.mark.quick
+def test_expert_parallel_gathers_a_share_of_the_experts_and_keeps_the_states(tmp_path):
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    conf = MixtralConfig(
+        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=4, num_local_experts=8, num_experts_per_tok=2,
+    )  # fmt: skip
+    conf.save_pretrained(tmp_path)
+    shape = _shape(str(tmp_path))
+    with torch.device("meta"):
+        layer = MixtralForCausalLM(conf).model.layers[0]
+    assert shape.expert_block == layer.mlp.experts.gate_up_proj.numel() + layer.mlp.experts.down_proj.numel()
+    fsdp = shipped_config("fsdp")
+    base, ep4 = (estimate(shape, _with(fsdp, ep=ep), 8, 2, 256) for ep in (1, 4))
+    assert (ep4.params, ep4.grads, ep4.optimizer) == (base.params, base.grads, base.optimizer)  # 1/8 each
+    # two gathered blocks and a block's fp32 gradients: 3/4 of the routed experts are not gathered
+    saved = shape.expert_block * 3 / 4 * (2 * 4.0 + 4.0)
+    assert base.buffers - ep4.buffers == pytest.approx(saved)

@@ -1,19 +1,16 @@
-"""Expert parallelism for mixture-of-experts models, through transformers' own support.
+"""Expert parallelism for mixture-of-experts models (`strategy.ep`), through transformers' own support.
 
-transformers 5.23 loads an MoE model expert-parallel from a `DistributedConfig(ep_size=E,
-fsdp_size=W)`: each rank holds num_experts / E of every layer's experts (the fused expert weights
-become DTensors sharded on the expert dimension), the dense weights are FSDP2-sharded over the W
-ranks, and each MoE layer routes its tokens to the experts' ranks with all-to-all collectives
-(gloo runs them on CPU). So the model comes back already wrapped in FSDP2; the FSDP2 strategy
-must then not shard it again (the hook it needs: skip `fully_shard` when the model is already an
-`FSDPModule`). Checked here: 5 fp32 AdamW steps with ep=2 equal ep=1 within 1e-4
-(tests/test_moe.py).
+distft.strategies.fsdp.parallelize calls `shard_experts` on the model the engine built, before it
+shards the decoder layers: transformers' `apply_expert_parallelism`, with the model's own
+`ep_plan` (e.g. Mixtral's `layers.*.mlp.experts`), splits each MoE layer's fused expert weights
+over the ep ranks (DTensors `Shard(0)` on the expert dimension, each rank num_experts / ep whole
+experts) and routes every token to its experts' ranks by all-to-all (gloo runs it on CPU). The
+experts are then FSDP2-sharded over their copies (efsdp = shard group / ep ranks), and the
+decoder layers' fully_shard leaves them alone. DCP saves them as global tensors, so a checkpoint
+resumes at another ep or world size, and the full state dict (export) gathers them whole.
 """
 
 from __future__ import annotations
-
-import json
-from pathlib import Path
 
 import torch
 
@@ -42,39 +39,35 @@ def check(ep: int, world_size: int, experts: int, name: str) -> None:
         )
 
 
-def distributed_config(ep: int, world_size: int):
-    from transformers.distributed import DistributedConfig
+def shard_experts(root: torch.nn.Module, ep_mesh, tp_mesh, efsdp_mesh, dp: int, **fsdp_kwargs) -> None:
+    """Experts split over `ep_mesh`, tokens routed by all-to-all, expert weights FSDP2-sharded over
+    `efsdp_mesh`, in place. `dp`: the data-parallel ranks whose batches each expert's gradient sums
+    (an expert sees the tokens of every rank of its ep group, and its copies are reduced over efsdp).
+    `tp_mesh`: the ranks holding the same batch (size 1 here)."""
+    from torch.distributed.fsdp import fully_shard
+    from transformers.distributed.expert_parallel import apply_expert_parallelism
 
-    return DistributedConfig(ep_size=ep, fsdp_size=world_size, ep_implementation="all_to_all")
-
-
-def load(name_or_path: str, ep: int, world_size: int, dtype: torch.dtype = torch.float32, **kwargs):
-    """The model loaded expert-parallel (and FSDP2-sharded) over the default process group."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    config_file = Path(name_or_path, "config.json")
-    config = (
-        json.loads(config_file.read_text())
-        if config_file.is_file()
-        else AutoConfig.from_pretrained(name_or_path).to_dict()
-    )
-    check(ep, world_size, num_experts(config), str(name_or_path))
-    return AutoModelForCausalLM.from_pretrained(
-        name_or_path, dtype=dtype, distributed_config=distributed_config(ep, world_size), **kwargs
-    )
-
-
-def local_experts(model: torch.nn.Module) -> list[int]:
-    """Experts held by this rank in each MoE layer (the local rows of the fused expert weights)."""
-    out = []
-    for name, p in model.named_parameters():
-        if name.endswith("experts.gate_up_proj"):
-            out.append(int((p.to_local() if hasattr(p, "to_local") else p).shape[0]))
-    return out
-
-
-def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Every weight whole (a collective: every rank calls it)."""
-    return {
-        n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach() for n, p in model.named_parameters()
-    }
+    plan = root._expand_parallel_plan(dict(getattr(root, "ep_plan", None) or {}))
+    if not plan:
+        raise ConfigError(f"strategy.ep: {type(root).__name__} has no expert-parallel plan; use ep=1")
+    check(ep_mesh.size(), ep_mesh.size(), num_experts(root.config.to_dict()), type(root).__name__)
+    apply_expert_parallelism(root, ep_mesh, tp_mesh, plan, ep_implementation="all_to_all")
+    held = []
+    for name, style in plan.items():
+        if style != "ep_dispatch_experts":
+            continue
+        experts = root.get_submodule(name)
+        held.append(experts.num_experts)  # now this rank's share
+        fully_shard(experts, mesh=efsdp_mesh, **fsdp_kwargs)
+        # Gradients are an average over the dp batches, not over the efsdp copies; FSDP2 divides by
+        # a factor other than its group size with PREMUL_SUM, which gloo lacks: sum, then divide.
+        experts.set_gradient_divide_factor(float(dp))
+        if efsdp_mesh.size() > 1:
+            experts.set_force_sum_reduction_for_comms(True)
+    if torch.distributed.get_rank() == 0:
+        total = num_experts(root.config.to_dict())
+        print(
+            f"distft: expert parallel: each rank holds {held[0]} of {total} experts in each of "
+            f"{len(held)} MoE layers (ep={ep_mesh.size()})",
+            flush=True,
+        )

@@ -10,10 +10,16 @@ their parameters are split by the tensor-parallel plan itself (distft.parallel.t
 
 Only data-parallel ranks (dp_replicate × dp_shard) split the global batch: every rank of one
 context/tensor group sees the same examples (`dp_rank`).
+
+Expert parallelism (`ep` > 1) is not a dimension of that mesh: the experts of each MoE layer are
+split over groups of `ep` neighbouring data-parallel ranks, which exchange their tokens by
+all-to-all. The experts get their own mesh over the same ranks (`expert_mesh`: dp_replicate ×
+efsdp × ep, as transformers lays it out), FSDP2-sharded over efsdp = dp_shard / ep.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 from distft.errors import ConfigError
@@ -23,12 +29,14 @@ DIMS = ("dp_replicate", "dp_shard", "cp", "tp")
 
 @dataclass(frozen=True)
 class MeshShape:
-    """Degrees of the four mesh dimensions; their product is the world size."""
+    """Degrees of the four mesh dimensions; their product is the world size. `ep` splits the
+    experts over ranks of one shard group (it is not a factor of the world size)."""
 
     replicate: int = 1
     shard: int = 1
     cp: int = 1
     tp: int = 1
+    ep: int = 1
 
     @property
     def dp(self) -> int:
@@ -54,11 +62,24 @@ def degrees(strategy_cfg) -> tuple[int, int]:
     return int(getattr(strategy_cfg, "cp", 1) or 1), int(getattr(strategy_cfg, "tp", 1) or 1)
 
 
+def ep_degree(strategy_cfg) -> int:
+    """The expert-parallel degree of a strategy config (1 where it has no `ep`)."""
+    return int(getattr(strategy_cfg, "ep", 1) or 1)
+
+
 def shape_for(world: int, strategy_cfg, replicate: int = 1) -> MeshShape:
     """The mesh of a job of `world` ranks; `replicate` data-parallel replicas (HSDP)."""
     cp, tp = degrees(strategy_cfg)
     check_world(world, cp, tp, replicate)
-    return MeshShape(replicate, world // (cp * tp * replicate), cp, tp)
+    shard = world // (cp * tp * replicate)
+    ep = ep_degree(strategy_cfg)
+    if shard % ep:
+        raise ConfigError(
+            f"strategy.ep={ep} does not divide the {shard} ranks of a shard group"
+            + (f" ({replicate} replicas)" if replicate > 1 else "")
+            + "; pick an ep that divides it"
+        )
+    return MeshShape(replicate, shard, cp, tp, ep)
 
 
 def check_world(world: int, cp: int, tp: int, replicate: int = 1) -> None:
@@ -90,3 +111,22 @@ def fsdp_mesh(mesh, shape: MeshShape):
     if shape.replicate > 1:
         return mesh["dp_replicate", "dp_shard_cp"]
     return mesh["dp_shard_cp"]
+
+
+@functools.cache
+def expert_mesh(device_type: str, shape: MeshShape):
+    """The experts' 3-D mesh over the same ranks (dp_replicate, efsdp, ep): neighbouring ranks form
+    an ep group; efsdp shards each expert group's weights over its copies. Built once per job."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    efsdp = shape.shard // shape.ep
+    return init_device_mesh(
+        device_type, (shape.replicate, efsdp, shape.ep), mesh_dim_names=("dp_replicate", "efsdp", "ep")
+    )
+
+
+def experts_fsdp_mesh(mesh, shape: MeshShape):
+    """The (sub-)mesh fully_shard shards the experts over: efsdp, or replicate × efsdp (HSDP)."""
+    if shape.replicate > 1:
+        return mesh["dp_replicate", "efsdp"]
+    return mesh["efsdp"]

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from distft.parallel.mesh import degrees
+from distft.parallel.mesh import degrees, ep_degree
 from distft.plan.shape import ModelShape
 from distft.strategies import AUTO_ORDER, STRATEGIES, shipped_config
 from distft.strategies.memory import NF4_BYTES, Job  # noqa: F401 - NF4_BYTES: part of this module's API
@@ -136,10 +136,11 @@ def estimate(
 ) -> Estimate:
     """Per-rank bytes of a job under `strategy`: a strategy config (its dataclass) or the name of
     a shipped option. The strategy's `cp` / `tp` degrees (FSDP2 family; 1 when it has none)
-    divide the activations and, for tp, the gathered blocks."""
+    divide the activations and, for tp, the gathered blocks; `ep` the routed experts a block gathers."""
     strategy_cfg = shipped_config(strategy) if isinstance(strategy, str) else strategy
     cp, tp = degrees(strategy_cfg)
-    job = Job(world, micro, seq, precision, tuning, adapter, checkpointing, gpu, ranks_per_node, tp)
+    ep = ep_degree(strategy_cfg)
+    job = Job(world, micro, seq, precision, tuning, adapter, checkpointing, gpu, ranks_per_node, tp, ep)
     states = STRATEGIES[strategy_cfg.name].memory(shape, strategy_cfg, job)
     act_bytes = job.compute_bytes
     mesh = {"loss_chunks": loss_chunks, "cp": cp, "tp": tp}

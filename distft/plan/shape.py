@@ -30,6 +30,9 @@ class ModelShape:
     heads: int
     kv_heads: int
     vocab: int
+    expert_block: int = 0
+    """Routed-expert parameters of the biggest block (MoE: the fused 3-D expert weights), which
+    expert parallelism splits over its ranks."""
 
 
 def model_config(cfg):
@@ -114,7 +117,9 @@ def model_shape(cfg) -> ModelShape:
         m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not head
     )
     blocks = decoder_layers(model)
-    largest = max((sum(p.numel() for p in b.parameters()) for b in blocks), default=total)
+    largest, expert_block = max(
+        ((sum(p.numel() for p in b.parameters()), routed_experts(b)) for b in blocks), default=(total, 0)
+    )
     largest_module = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
     trainable = _trainable_after_tuning(cfg, model)
     if trainable is None:
@@ -137,4 +142,11 @@ def model_shape(cfg) -> ModelShape:
         heads=heads,
         kv_heads=int(getattr(config, "num_key_value_heads", None) or heads),
         vocab=int(config.vocab_size),
+        expert_block=expert_block,
     )
+
+
+def routed_experts(block: torch.nn.Module) -> int:
+    """Parameters of a block's routed experts: transformers 5 keeps them as 3-D tensors (one row
+    per expert) in an `experts` module; a shared expert is an ordinary MLP."""
+    return sum(p.numel() for n, p in block.named_parameters() if p.dim() == 3 and ".experts." in f".{n}")

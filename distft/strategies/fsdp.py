@@ -31,6 +31,8 @@ class FsdpConfig:
     """Context parallelism: ulysses (all-to-all of heads; needs heads % cp == 0) or ring (GPU)."""
     tp: int = num(1, ge=1)
     """Tensor-parallel degree: attention and MLP projections split over this many ranks."""
+    ep: int = num(1, ge=1)
+    """Expert-parallel degree (MoE models): experts split over this many ranks, tokens sent by all-to-all."""
 
 
 config = FsdpConfig
@@ -65,6 +67,7 @@ def check_mesh(cfg, gpu: bool, world: int | None = None) -> None:
         from distft.parallel.tp import validate as validate_tp
 
         validate_tp(cfg, world)
+    check_ep(cfg, world)
     if cp == 1:
         return
     if cfg.method.name not in CP_METHODS:
@@ -112,20 +115,64 @@ def check_mesh(cfg, gpu: bool, world: int | None = None) -> None:
         )
 
 
-def _heads(cfg) -> int | None:
-    """Attention heads of the configured model (the tiny model's key, or a local config.json)."""
+EP_TUNINGS = ("full",)
+EP_METHODS = ("sft",)
+
+
+def check_ep(cfg, world: int, ep: int | None = None) -> None:
+    """strategy.ep (or `ep`): an MoE model whose experts and ranks it divides, full tuning, no cp/tp."""
+    ep = ep or meshes.ep_degree(cfg.strategy)
+    if ep == 1:
+        return
+    cp, tp = meshes.degrees(cfg.strategy)
+    if cp * tp > 1:
+        raise ConfigError(
+            f"strategy.ep={ep} is not yet combined with strategy.cp/tp; set strategy.cp=1 strategy.tp=1"
+        )
+    if cfg.tuning.name not in EP_TUNINGS:
+        raise ConfigError(
+            f"strategy.ep={ep} works with tuning=full only (not tuning={cfg.tuning.name}): PEFT keeps "
+            "all experts' adapters in one matrix per layer, which the expert split does not cut; "
+            "set strategy.ep=1"
+        )
+    if cfg.method.name not in EP_METHODS:
+        raise ConfigError(
+            f"strategy.ep={ep} is verified for method={'|'.join(EP_METHODS)} only, "
+            f"not method={cfg.method.name}; set strategy.ep=1"
+        )
+    if world and world % ep:
+        raise ConfigError(f"strategy.ep={ep} does not divide the world size {world}; pick a divisor of it")
+    from distft.models import expert_parallel
+
+    config = _model_config(cfg)
+    name = cfg.model.name_or_path or f"model={cfg.model.name}"
+    if config is not None:  # a hub id: checked when the model is built
+        expert_parallel.check(ep, world or ep, expert_parallel.num_experts(config), name)
+
+
+def _model_config(cfg) -> dict | None:
+    """The configured model's config.json as a dict ({} for the dense tiny model; None for a hub id)."""
     from pathlib import Path
 
     path = cfg.model.name_or_path
     if not path:
-        return int(cfg.model.num_heads)
+        return {}
     config = Path(path) / "config.json"
     if not config.is_file():
-        return None  # a hub id: checked when the model is built (distft.parallel.cp)
+        return None
     import json
 
     data = json.loads(config.read_text())
-    data = data.get("text_config", data)
+    return data.get("text_config", data)
+
+
+def _heads(cfg) -> int | None:
+    """Attention heads of the configured model (the tiny model's key, or a local config.json)."""
+    if not cfg.model.name_or_path:
+        return int(cfg.model.num_heads)
+    data = _model_config(cfg)
+    if data is None:
+        return None  # a hub id: checked when the model is built (distft.parallel.cp)
     return data.get("num_attention_heads")
 
 
@@ -144,7 +191,8 @@ def memory(shape, strategy_cfg, job) -> States:
 
 def parallelize(model: torch.nn.Module, cfg, info, mesh, shape: meshes.MeshShape) -> torch.nn.Module:
     """Tensor parallelism on mesh["tp"] first (it replaces the projections' weights by DTensor
-    shards), then FSDP2 over the data-parallel dims (dp_shard × cp, and replicas for HSDP)."""
+    shards), expert parallelism next (experts split over ep ranks, then FSDP2-sharded over their
+    copies), then FSDP2 over the data-parallel dims (dp_shard × cp, and replicas for HSDP)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     if shape.tp > 1:  # the one place tensor parallelism is applied (distft.parallel.tp)
@@ -165,6 +213,13 @@ def parallelize(model: torch.nn.Module, cfg, info, mesh, shape: meshes.MeshShape
     # The root is the transformers model itself, not a PEFT wrapper: generate() is called on it
     # directly, and its forward hooks must gather the embedding and head.
     root = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if shape.ep > 1:  # the one place expert parallelism is applied (distft.models.expert_parallel)
+        from distft.models.expert_parallel import shard_experts
+
+        experts_mesh = meshes.expert_mesh(mesh.device_type, shape)
+        efsdp = meshes.experts_fsdp_mesh(experts_mesh, shape)
+        policy = {k: v for k, v in kwargs.items() if k != "mesh"}
+        shard_experts(root, experts_mesh["ep"], mesh["tp"], efsdp, shape.dp, **policy)
     for layer in decoder_layers(root):
         fully_shard(layer, **kwargs)
     fully_shard(root, **kwargs)

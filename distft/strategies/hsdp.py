@@ -29,6 +29,8 @@ class HsdpConfig:
     """Context parallelism: ulysses (all-to-all of heads; needs heads % cp == 0) or ring (GPU)."""
     tp: int = num(1, ge=1)
     """Tensor-parallel degree (inside a shard group): projections split over this many ranks."""
+    ep: int = num(1, ge=1)
+    """Expert-parallel degree (MoE models, inside a shard group): experts split over this many ranks."""
 
 
 config = HsdpConfig

@@ -32,6 +32,8 @@ class Job:
     """Ranks of one node (0: all ranks on one node); a hybrid-sharding group's default size."""
     tp: int = 1
     """Tensor-parallel degree (FSDP2 family): a gathered block is 1/tp of the block."""
+    ep: int = 1
+    """Expert-parallel degree (FSDP2 family, MoE): a block gathers 1/ep of its routed experts."""
 
     @property
     def half(self) -> bool:
@@ -75,9 +77,16 @@ def weight_bytes(shape, job: Job) -> float:
     return frozen_bytes(shape, job) + 4.0 * shape.trainable
 
 
+def gathered_layer(shape, job: Job) -> float:
+    """Parameters of the biggest block that a rank gathers: under expert parallelism only its own
+    ep group's share of the routed experts (the rest live on the other ranks of the group)."""
+    experts = getattr(shape, "expert_block", 0)
+    return shape.largest_layer - experts + experts / max(job.ep, 1)
+
+
 def block_bytes(shape, job: Job) -> float:
     """One gathered block (what FSDP2 / ZeRO-3 hold unsharded at a time; 1/tp of it under TP)."""
-    return shape.largest_layer * (NF4_BYTES if job.quantized else job.compute_bytes) / max(job.tp, 1)
+    return gathered_layer(shape, job) * (NF4_BYTES if job.quantized else job.compute_bytes) / max(job.tp, 1)
 
 
 def root_params(shape) -> int:
@@ -106,7 +115,9 @@ def replicated(shape, job: Job) -> States:
 
 
 def fully_sharded(shape, job: Job, n: int) -> States:
-    """FSDP2 over `n` ranks: weights, gradients and Adam sharded; gathered blocks as buffers."""
+    """FSDP2 over `n` ranks: weights, gradients and Adam sharded; gathered blocks as buffers.
+    Expert parallelism keeps the states at 1/n (a rank holds 1/ep of the experts, FSDP2-sharded
+    over the n/ep copies) and shrinks the gathered blocks (gathered_layer)."""
     psi, psi_t = shape.params, shape.trainable
     buffers = 0.0
     if n > 1 or job.half:
@@ -117,6 +128,6 @@ def fully_sharded(shape, job: Job, n: int) -> States:
         # Tensor parallelism splits the blocks and the embedding / head (vocabulary-parallel) alike.
         tp = max(job.tp, 1)
         root = root_params(shape) * job.compute_bytes / tp
-        grads = 4.0 * (shape.largest_layer + root_params(shape)) / tp * psi_t / max(psi, 1)
+        grads = 4.0 * (gathered_layer(shape, job) + root_params(shape)) / tp * psi_t / max(psi, 1)
         buffers += 2 * block_bytes(shape, job) + root + grads
     return States(weight_bytes(shape, job) / n, 4.0 * psi_t / n, 8.0 * psi_t / n, buffers)

@@ -121,7 +121,10 @@ class TorchNativeStrategy(Strategy):
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
         max_norm = self.cfg.train.max_grad_norm or math.inf
-        norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm, foreach=True)
+        if self.shape is not None and self.shape.ep > 1:
+            norm = clip_over_meshes(self.params, max_norm)
+        else:
+            norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm, foreach=True)
         if hasattr(norm, "full_tensor"):
             norm = norm.full_tensor()
         if self.scaler:
@@ -215,3 +218,24 @@ class TorchNativeStrategy(Strategy):
 
     def barrier(self) -> None:
         dist.barrier()
+
+
+def clip_over_meshes(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """clip_grad_norm_ for gradients on several device meshes (expert parallelism: the experts'
+    mesh beside the dense one), which torch's cannot stack: each mesh's norm is reduced whole,
+    then they are combined and every gradient scaled by the one coefficient."""
+    groups: dict[int, list[torch.Tensor]] = {}
+    for p in params:
+        if p.grad is not None:
+            groups.setdefault(id(getattr(p.grad, "device_mesh", None)), []).append(p.grad)
+    norms = []
+    for grads in groups.values():
+        norm = torch.nn.utils.get_total_norm(grads, foreach=True)
+        norms.append(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+    total = torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
+    coef = max_norm / (float(total) + 1e-6)
+    if coef < 1:
+        with torch.no_grad():
+            for grads in groups.values():
+                torch._foreach_mul_(grads, coef)
+    return total

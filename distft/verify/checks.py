@@ -47,6 +47,18 @@ def compare_losses(name: str, run: Path, ref: Path, steps, tol: float, what: str
     return Check(name, d <= tol, f"{d:.2e} rel", f"{tol:g} rel", detail)
 
 
+def compare_exports(name: str, run: Path, ref: Path, tol: float, what: str) -> Check:
+    """The two runs' exported full weights: the same tensor names, within `tol` of the largest."""
+    from safetensors.torch import load_file
+
+    a, b = (load_file(str(r / "export" / "model.safetensors")) for r in (run, ref))
+    if a.keys() != b.keys():
+        return Check(name, False, "different tensors", "-", f"{sorted(a.keys() ^ b.keys())[:4]}")
+    d = max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+    d /= max(max(float(b[k].float().abs().max()) for k in b), 1e-12)
+    return Check(name, d <= tol, f"{d:.2e} rel weights", f"{tol:g} rel", f"{what}; exported weights")
+
+
 def _load_exported(export: Path, cfg):
     """The export, as a user would load it: full weights, or the PEFT adapter on its base (loaded
     the way training loaded it, e.g. 4-bit for QLoRA)."""

@@ -11,6 +11,8 @@ equivalence checks, each by real runs (torchrun subprocesses) in a work dir:
   export          export/ not empty, loadable, reproduces the trained model's logits
   tensor parallel 2 ranks × tp=2 vs the reference's tp (same global batch; strategy=fsdp; on by
                   default when strategy.tp > 1, else ask with --only tensor_parallel)
+  expert parallel 2 ranks × ep=2 vs the reference at ep=1 (MoE models, fsdp/hsdp, tuning=full;
+                  on by default when strategy.ep > 1, else ask with --only expert_parallel)
 
 Prints a pass/fail table with the measured differences and tolerances (also verify.json in the
 work dir); exit 0 when every applicable check passed, 1 otherwise, 2 on a config error.
@@ -29,8 +31,18 @@ from pathlib import Path
 from distft.errors import DistftError
 from distft.verify import checks, runs
 
-ALL = ("grad_accum", "world_size", "resume", "packing", "cp", "eos", "export", "tensor_parallel")
-DEFAULT = ALL[:-1]  # tensor_parallel joins them when the config sets strategy.tp > 1
+ALL = (
+    "grad_accum",
+    "world_size",
+    "resume",
+    "packing",
+    "cp",
+    "eos",
+    "export",
+    "tensor_parallel",
+    "expert_parallel",
+)
+DEFAULT = ALL[:-2]  # tensor_parallel / expert_parallel join them when the config sets strategy.tp / ep > 1
 
 
 def shrink(cfg, steps: int, micro: int) -> list[str]:
@@ -54,6 +66,8 @@ def shrink(cfg, steps: int, micro: int) -> list[str]:
     ]
     if hasattr(cfg.strategy, "cp"):  # the data-parallel checks run data-parallel; `cp` adds its own
         out += ["strategy.cp=1", "strategy.tp=1"]
+    if hasattr(cfg.strategy, "ep"):
+        out.append("strategy.ep=1")
     if not cfg.model.name_or_path:  # the generated tiny model: fewer layers
         out.append(f"model.num_layers={min(2, cfg.model.num_layers)}")
     if not cfg.data.path:  # embedded default data: fewer rows
@@ -91,14 +105,19 @@ def main(argv: list[str] | None = None) -> int:
         cfg, _ = load_config(overrides)
         validate(cfg)
         user_tp = getattr(cfg.strategy, "tp", 1)  # the shrunk config runs data-parallel
+        user_ep = getattr(cfg.strategy, "ep", 1)
         small = [*overrides, *shrink(cfg, args.steps, args.micro)]
         cfg, _ = load_config(small)
         validate(cfg)
     except DistftError as e:
         print(f"distft-verify: error: {e}", file=sys.stderr)
         return 2
-    if args.only is None and user_tp <= 1:
-        wanted = list(DEFAULT)
+    if args.only is None:
+        wanted = [
+            *DEFAULT,
+            *(["tensor_parallel"] if user_tp > 1 else []),
+            *(["expert_parallel"] if user_ep > 1 else []),
+        ]
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="distft-verify-")).resolve()
     work.mkdir(parents=True, exist_ok=True)
     print(
@@ -127,10 +146,11 @@ def run_checks(cfg, small: list[str], wanted: list[str], work: Path, args) -> li
         return work / name
 
     needs_ref = {"grad_accum", "world_size", "resume", "export", "packing", "cp", "tensor_parallel"}
-    needs_ref &= set(wanted)
+    needs_ref = (needs_ref | {"expert_parallel"}) & set(wanted)
     ref = None
     if needs_ref:
-        export = "train.export=last" if "export" in wanted else "train.export=none"
+        exported = {"export", "expert_parallel"} & set(wanted)
+        export = "train.export=last" if exported else "train.export=none"
         ref = train("reference", 2, f"train.save_every={k}", export)
     if "grad_accum" in wanted:
         run = train("grad_accum", 2, f"train.micro_batch_size={max(1, m // 2)}", "train.grad_accum=2")
@@ -174,7 +194,34 @@ def run_checks(cfg, small: list[str], wanted: list[str], work: Path, args) -> li
         out.append(_guarded("EOS trained", lambda: checks.check_eos(eos_cfg, run)))
     if "tensor_parallel" in wanted:
         out.append(_tensor_parallel(cfg, train, ref, m, steps, tol))
+    if "expert_parallel" in wanted:
+        out.append(_expert_parallel(cfg, train, ref, k, steps, tol))
     return out
+
+
+def _expert_parallel(cfg, train, ref: Path, k: int, steps: int, tol: float) -> checks.Check:
+    """2 ranks with the experts split over them (ep=2) vs the reference (ep=1, same global batch):
+    losses, and the exported weights (ordinary HF files: the experts gathered whole)."""
+    name = "expert parallel"
+    from distft.errors import ConfigError
+    from distft.strategies import fsdp
+
+    if not hasattr(cfg.strategy, "ep"):
+        return checks.Check(name, None, "n/a", "-", "strategy.ep is a strategy=fsdp/hsdp setting")
+    try:
+        fsdp.check_ep(cfg, 2, ep=2)
+    except ConfigError as e:
+        return checks.Check(name, None, "n/a", "-", str(e))
+    run = train("expert_parallel", 2, "strategy.ep=2", "train.export=last", f"train.save_every={k}")
+    what = "2 ranks at ep=2 vs 2 ranks at ep=1"
+    losses = checks.compare_losses(name, run, ref, range(1, steps + 1), tol, what)
+    if not losses.passed:
+        return losses
+    weights = _guarded(name, lambda: checks.compare_exports(name, run, ref, tol, what))
+    measured = f"{losses.measured}, {weights.measured}"
+    return checks.Check(
+        name, weights.passed, measured, losses.tolerance, f"{losses.detail}; exported weights"
+    )
 
 
 def _tensor_parallel(cfg, train, ref: Path, micro: int, steps: int, tol: float) -> checks.Check:
