@@ -58,20 +58,42 @@ def _chat(tokenizer, messages: list[dict], generation_prompt: bool) -> str:
 
 
 def tokenize_sft(row: dict, tokenizer, max_length: int, train_on_prompt: bool) -> Tokenized:
-    text, spans, add_eos = render(row, tokenizer)
-    enc = tokenizer(text, add_special_tokens=True, return_offsets_mapping=True)
-    ids = list(enc["input_ids"])
-    labels = []
-    for tok, (a, b) in zip(ids, enc["offset_mapping"]):
-        target = train_on_prompt or any(s <= a < e for s, e in spans if b > a)
-        labels.append(tok if target else IGNORE)
-    if add_eos and tokenizer.eos_token_id is not None:
-        ids.append(tokenizer.eos_token_id)
-        labels.append(tokenizer.eos_token_id)
-    if labels:
-        labels[0] = IGNORE  # the first token has no previous token to predict it from
-    truncated = len(ids) > max_length
-    return Tokenized(ids[:max_length], labels[:max_length], truncated)
+    return tokenize_sft_batch([row], tokenizer, max_length, train_on_prompt)[0]
+
+
+def tokenize_sft_batch(
+    rows: list[dict], tokenizer, max_length: int, train_on_prompt: bool
+) -> list[Tokenized]:
+    """tokenize_sft of every row, with one batched tokenizer call (the fast tokenizer's
+    encode_batch gives each text the ids and offsets it gives alone) and the labels from the
+    offsets in numpy: a token is a target when it starts inside a span and is not empty."""
+    import numpy as np
+
+    rendered = [render(row, tokenizer) for row in rows]
+    if not rendered:
+        return []
+    enc = tokenizer([r[0] for r in rendered], add_special_tokens=True, return_offsets_mapping=True)
+    eos = tokenizer.eos_token_id
+    out = []
+    for (_, spans, add_eos), ids, offsets in zip(rendered, enc["input_ids"], enc["offset_mapping"]):
+        ids = list(ids)
+        if train_on_prompt:
+            labels = list(ids)
+        else:
+            off = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
+            a, b = off[:, 0], off[:, 1]
+            target = np.zeros(len(ids), dtype=bool)
+            for s, e in spans:
+                target |= (s <= a) & (a < e)
+            target &= b > a
+            labels = np.where(target, np.asarray(ids, dtype=np.int64), IGNORE).tolist()
+        if add_eos and eos is not None:
+            ids.append(eos)
+            labels.append(eos)
+        if labels:
+            labels[0] = IGNORE  # the first token has no previous token to predict it from
+        out.append(Tokenized(ids[:max_length], labels[:max_length], len(ids) > max_length))
+    return out
 
 
 def prompt_text(row: dict, tokenizer) -> str:
