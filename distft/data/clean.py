@@ -169,6 +169,10 @@ class Cleaned:
     normalized: int = 0
     conflicts: int = 0
     """Prompts that appear with different answers (kept; such rows stay in one split)."""
+    first_words: list | None = None
+    """First word of each kept row's completion (None: none), when computed batch by batch."""
+    labels: list | None = None
+    """Each kept row's label (str) when every kept row is a classification row, batch by batch."""
 
     def drop(self, reason: str, row: dict, detail: str = "") -> None:
         d = self.drops.setdefault(reason, {"count": 0, "examples": []})
@@ -375,28 +379,36 @@ def _band_candidates(sigs, bands: int, width: int) -> dict[int, set[int]]:
     return cands
 
 
-def near_duplicates(rows: list[dict], threshold: float, res: Cleaned, num_proc: int = 1) -> list[int]:
+def near_duplicates(rows, threshold: float, res: Cleaned, num_proc: int = 1, sigs=None) -> list[int]:
     """Indices of rows to keep; later near-duplicates of an earlier kept row are dropped. The
     same decisions as querying a datasketch MinHashLSH of the kept rows row by row (a test checks
-    it), at a memory of ~4 x 128 bytes a row."""
+    it), at a memory of ~4 x 128 bytes a row. With `sigs` (the rows' prompt signatures, computed
+    batch by batch) `rows` is only indexed for the candidate pairs (it may be memory-mapped)."""
     from datasketch import MinHash
 
-    parts = [prompt_and_answer(r) for r in rows]
-    sigs = signatures([p for p, _ in parts], num_proc)
+    if sigs is None:
+        sigs = signatures([prompt_and_answer(r)[0] for r in rows], num_proc)
     bands, width = lsh_params(threshold)
-    numbers = [_NUMBER.findall(p + "\n" + a) for p, a in parts]
-    answers = [loose(a) for _, a in parts]
+    parts: dict[int, tuple[str, str, list, str]] = {}
     answer_sigs: dict[int, object] = {}
+
+    def part(i: int) -> tuple[str, str, list, str]:
+        """prompt, answer, numbers, loose answer of row i (rows of candidate pairs only)."""
+        if i not in parts:
+            p, a = prompt_and_answer(rows[i])
+            parts[i] = (p, a, _NUMBER.findall(p + "\n" + a), loose(a))
+        return parts[i]
 
     def answer_sig(i: int):
         if i not in answer_sigs:
-            answer_sigs[i] = MinHash.bulk([_shingles(parts[i][1])], num_perm=NUM_PERM)[0]
+            answer_sigs[i] = MinHash.bulk([_shingles(part(i)[1])], num_perm=NUM_PERM)[0]
         return answer_sigs[i]
 
     def same_answer(i: int, j: int) -> bool:
-        if answers[i] == answers[j]:
-            return bool(answers[i]) or parts[i][1].strip() == parts[j][1].strip()
-        if min(len(answers[i]), len(answers[j])) >= LONG_ANSWER:
+        (_, a_i, _, loose_i), (_, a_j, _, loose_j) = part(i), part(j)
+        if loose_i == loose_j:
+            return bool(loose_i) or a_i.strip() == a_j.strip()
+        if min(len(loose_i), len(loose_j)) >= LONG_ANSWER:
             return answer_sig(i).jaccard(answer_sig(j)) >= threshold
         return False
 
@@ -405,12 +417,12 @@ def near_duplicates(rows: list[dict], threshold: float, res: Cleaned, num_proc: 
         share = any(
             (a[k * width : (k + 1) * width] == b[k * width : (k + 1) * width]).all() for k in range(bands)
         )
-        return share and numbers[i] == numbers[j] and same_answer(i, j) and (a == b).mean() >= threshold
+        return share and part(i)[2] == part(j)[2] and same_answer(i, j) and (a == b).mean() >= threshold
 
     cands = _band_candidates(sigs, bands, width)
-    kept = [False] * len(rows)
+    kept = [False] * len(sigs)
     keep = []
-    for i in range(len(rows)):
+    for i in range(len(sigs)):
         match = [j for j in sorted(cands.get(i, ())) if kept[j] and near(i, j)]
         if match:
             res.drop("near_duplicate", rows[i], f"near {rows[match[0]].get('_source', '?')}")

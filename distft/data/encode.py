@@ -16,7 +16,7 @@ from __future__ import annotations
 import copy
 import math
 import multiprocessing as mp
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from distft.data.collate import pack_bins
@@ -92,12 +92,12 @@ def _chunk_cfg(cfg, packing: bool):
 
 
 def encode_split(
-    name: str, part: list[dict], train: bool, cfg, method, tokenizer, folder: Path
+    name: str, part: Sequence[dict], train: bool, cfg, method, tokenizer, folder: Path
 ) -> tuple[Rows, dict]:
     """The split's examples in folder/<name>.arrow (memory-mapped) and the encoder's stats."""
     path = folder / f"{name}.arrow"
     if not chunked(method):
-        examples, stats = method.encode(part, tokenizer, cfg, train=train)
+        examples, stats = method.encode(list(part), tokenizer, cfg, train=train)
         return Rows(path, write_rows(path, examples)), stats
     packing = train and cfg.data.packing and row_wise(method)
     linked = hasattr(method, "link_split")
@@ -117,7 +117,7 @@ def encode_split(
         # A check of one chunk (e.g. RL's "every prompt is too long") may not hold for the whole
         # split: encode it in one call, which raises only when the split fails it.
         writer.close()
-        examples, stats = method.encode(part, tokenizer, cfg, train=train)
+        examples, stats = method.encode(list(part), tokenizer, cfg, train=train)
         return Rows(path, write_rows(path, examples)), stats
     if "skipped_first" in stats:
         what = getattr(method, "skip_what", "preference")
