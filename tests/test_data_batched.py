@@ -142,3 +142,18 @@ def test_batched_errors_come_in_the_old_order(tmp_path, monkeypatch):
     path.write_text("\n".join(lines[:12] + lines[13:]) + "\n")
     with pytest.raises(DataError, match=r"1 chat row\(s\) have no assistant turn \(.*d.jsonl:4"):
         run("data.format=auto")
+
+
+def test_minhash_signatures_are_datasketchs(monkeypatch):
+    """clean._signatures hashes many texts per numpy step; the values are datasketch's own."""
+    import numpy as np
+    from datasketch import MinHash
+
+    from distft.data import clean as c
+
+    monkeypatch.setattr(c, "SIG_SHINGLES", 300)  # several steps, texts longer than one step
+    rng = random.Random(3)
+    texts = ["".join(rng.choice("ab cdé\n") for _ in range(rng.randint(0, 400))) for _ in range(300)]
+    texts += ["", "abc", "abcdef", "Ünïcode ☃ text"]
+    want = MinHash.bulk([c._shingles(t) for t in texts], num_perm=c.NUM_PERM)
+    assert np.array_equal(c._signatures(texts), np.stack([m.hashvalues for m in want]).astype(np.uint32))

@@ -23,6 +23,7 @@ from distft.data.collate import pack_bins
 from distft.data.preference import Skips
 from distft.data.rows import Rows, RowWriter, write_rows
 from distft.data.schemas import length_text
+from distft.data.sft_format import encode_texts
 from distft.errors import DataError
 
 CHUNK = 2000
@@ -161,7 +162,7 @@ def token_lengths(tokenizer, chunk: int = 10_000):
         out: list[int] = []
         for i in range(0, len(rows), chunk):  # token lists of one chunk at a time
             part = rows[i : i + chunk]
-            ids = tokenizer([length_text(r, tokenizer) for r in part], add_special_tokens=True)["input_ids"]
+            ids, _ = encode_texts(tokenizer, [length_text(r, tokenizer) for r in part], offsets=False)
             # prompt/completion rows get an EOS appended by the SFT encoder
             out += [len(x) + (eos and "completion" in r) for x, r in zip(ids, part)]
         return out

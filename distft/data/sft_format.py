@@ -72,10 +72,10 @@ def tokenize_sft_batch(
     rendered = [render(row, tokenizer) for row in rows]
     if not rendered:
         return []
-    enc = tokenizer([r[0] for r in rendered], add_special_tokens=True, return_offsets_mapping=True)
+    all_ids, all_offsets = encode_texts(tokenizer, [r[0] for r in rendered], offsets=True)
     eos = tokenizer.eos_token_id
     out = []
-    for (_, spans, add_eos), ids, offsets in zip(rendered, enc["input_ids"], enc["offset_mapping"]):
+    for (_, spans, add_eos), ids, offsets in zip(rendered, all_ids, all_offsets):
         ids = list(ids)
         if train_on_prompt:
             labels = list(ids)
@@ -94,6 +94,23 @@ def tokenize_sft_batch(
             labels[0] = IGNORE  # the first token has no previous token to predict it from
         out.append(Tokenized(ids[:max_length], labels[:max_length], len(ids) > max_length))
     return out
+
+
+def encode_texts(tokenizer, texts: list[str], offsets: bool) -> tuple[list[list[int]], list | None]:
+    """Token ids (and character offsets) of each text, as `tokenizer(texts, add_special_tokens=True)`
+    gives them. A fast tokenizer's Rust backend is called directly after one small call through
+    transformers has set it up as every call does (no truncation, no padding, its special-token
+    splitting): that call would only convert the same encodings into Python lists once more.
+    Without offsets `encode_batch_fast` skips computing them."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or not texts or not hasattr(backend, "encode_batch_fast"):
+        enc = tokenizer(texts, add_special_tokens=True, return_offsets_mapping=offsets)
+        return enc["input_ids"], enc["offset_mapping"] if offsets else None
+    tokenizer(texts[:1], add_special_tokens=True)
+    if offsets:
+        encs = backend.encode_batch(texts, add_special_tokens=True)
+        return [e.ids for e in encs], [e.offsets for e in encs]
+    return [e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=True)], None
 
 
 def prompt_text(row: dict, tokenizer) -> str:
