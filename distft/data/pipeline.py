@@ -1,5 +1,6 @@
-"""load → map schemas → clean → split → mix → encode (method-specific) → Arrow cache shared by
-runs (distft/data/cache.py); one rank prepares, every rank memory-maps the result.
+"""load → map schemas → clean → split → mix (in batches, distft/data/batched.py) → encode
+(method-specific, in chunks, distft/data/encode.py) → Arrow cache shared by runs
+(distft/data/cache.py); one rank prepares, every rank memory-maps the result.
 
 Other ranks wait on a file, not on a collective, so a slow tokenization never races the process
 group's timeout (the multi-node hang users of peers report). Rank 0 also writes data_report.json
