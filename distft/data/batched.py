@@ -3,11 +3,12 @@
 Source rows are read one at a time and cut into batches of BATCH rows; data.num_proc forked
 workers map and clean each batch row by row (schema mapping, normalization, PII masking, the
 filters, token lengths and the overlong filter) and compute what the later steps need: 16-byte
-digests of the exact-duplicate key, the prompt and the answer, the prompt's MinHash signature,
-the first word of the completion and the label. The kept rows go to an Arrow file of pickled rows
-(`Store`) as batches come back, in order; the main process keeps those small per-row arrays only.
-Exact dedup (first occurrence wins), near dedup (LSH bands on the signatures; only candidate
-pairs' rows are read back), the conflict count, the grouped split and the mix then work on them.
+digests of the exact-duplicate key, the prompt and the answer, hashes of the LSH bands of the
+prompt's MinHash signature (8 bytes a band), the first word of the completion and the label.
+The kept rows go to an Arrow file of pickled rows (`Store`) as batches come back, in order; the
+main process keeps those small per-row arrays only. Exact dedup (first occurrence wins), near
+dedup (on the band hashes; only candidate pairs' rows are read back and their signatures
+computed again), the conflict count, the grouped split and the mix then work on them.
 
 Every decision and every count of the data report is the one `clean` + `split_rows` make on the
 whole list (tests/test_data_batched.py compares them on rows with duplicates, near duplicates,
@@ -126,14 +127,14 @@ def _clean_batch(raw: list[dict]) -> dict:
         "content": b"".join(_digest(cl.content_key(r)) for r in rows),
         "prompt": b"".join(_digest(p) for p, _ in parts),
         "answer": b"".join(_digest(a) for _, a in parts),
-        "sigs": cl._signatures([p for p, _ in parts]) if w["near"] else None,
+        "bands": cl.band_hashes(cl._signatures([p for p, _ in parts]), *w["near"]) if w["near"] else None,
         "labels": [str(r["label"]) if "label" in r and "text" in r else None for r in rows],
         "first_words": [first_word(r) for r in rows],
         "src": np.asarray([r.get("_src", 0) for r in rows], dtype=np.int64),
     }
 
 
-def _ordered(fn, items: Iterator, num_proc: int, init, initargs) -> Iterator:
+def ordered(fn, items: Iterator, num_proc: int, init, initargs) -> Iterator:
     """Calls that give fn(item) for the items in order, computed in num_proc forked workers with
     at most 2 x num_proc batches in flight (reading waits for the workers, so memory holds a few
     batches, not the file)."""
@@ -223,7 +224,7 @@ def prepare_rows(cfg, method, lengths_of, store: Store, kind: str | None, embedd
     d = cfg.data
     specs = list(d.path) if embedded is None else [f"<embedded {cfg.method.name} data>"]
     seen = Sources(specs)
-    near = bool(d.near_dedup and d.near_dedup_threshold > 0)
+    near = cl.lsh_params(d.near_dedup_threshold) if d.near_dedup and d.near_dedup_threshold > 0 else None
     initargs = (d, kind, cfg.method.name, lengths_of, d.max_length, near)
     stages: list[dict] = [{}, {}, {}]
     formats: dict[str, int] = {}
@@ -231,11 +232,11 @@ def prepare_rows(cfg, method, lengths_of, store: Store, kind: str | None, embedd
     loaded = normalized = no_turn = 0
     first_no_turn: list[dict] = []
     error: Exception | None = None
-    cols: dict[str, list] = {k: [] for k in ("lengths", "content", "prompt", "answer", "sigs", "src")}
+    cols: dict[str, list] = {k: [] for k in ("lengths", "content", "prompt", "answer", "bands", "src")}
     labels: list = []
     words: list = []
     batches = _read(specs, d.bad_lines, embedded, seen)
-    for job in _ordered(_clean_batch, batches, d.num_proc, _init, initargs):
+    for job in ordered(_clean_batch, batches, d.num_proc, _init, initargs):
         try:
             out = job()
         except DataError as e:  # the first schema error, raised once every source is read
@@ -292,8 +293,8 @@ def prepare_rows(cfg, method, lengths_of, store: Store, kind: str | None, embedd
             res.drops["exact_duplicate"]["count"] = int(dup.sum())
         keep = keep[~dup]
     if near and len(keep) > 1:
-        sigs = np.concatenate(cols["sigs"])[keep]
-        kept = cl.near_duplicates(store.rows(keep), d.near_dedup_threshold, res, sigs=sigs)
+        hashes = np.concatenate(cols["bands"])[keep]
+        kept = cl.near_duplicates(store.rows(keep), d.near_dedup_threshold, res, hashes=hashes)
         keep = keep[np.asarray(kept, dtype=np.int64)]
     if len(keep):  # prompts with more than one distinct answer
         pairs = np.unique(np.concatenate([digest["prompt"][keep], digest["answer"][keep]], axis=1), axis=0)

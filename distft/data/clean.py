@@ -396,17 +396,28 @@ def signatures(texts: list[str], num_proc: int = 1):
     return np.concatenate(parts) if parts else np.zeros((0, NUM_PERM), np.uint32)
 
 
-def _band_candidates(sigs, bands: int, width: int) -> dict[int, set[int]]:
-    """For each row, the earlier rows that share at least one LSH band (datasketch's banding:
-    band k is permutations [k*width, (k+1)*width)). Buckets by a 64-bit hash of the band after a
-    sort, so memory is a few arrays of n, not an index of n x bands byte keys."""
+def band_hashes(sigs, bands: int, width: int):
+    """A 64-bit hash of each LSH band of each signature, [n, bands] (datasketch's banding: band k
+    is permutations [k*width, (k+1)*width)): rows that share a band share its hash."""
     import numpy as np
 
     mult = np.arange(1, width + 1, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+    out = np.empty((len(sigs), bands), dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        for k in range(bands):
+            out[:, k] = (sigs[:, k * width : (k + 1) * width].astype(np.uint64) * mult).sum(axis=1)
+    return out
+
+
+def _band_candidates(hashes) -> dict[int, set[int]]:
+    """For each row, the earlier rows whose band hashes match in at least one band (a superset of
+    the rows sharing a band; `near` checks the bands themselves). Buckets by sorting, so memory is
+    a few arrays of n, not an index of n x bands byte keys."""
+    import numpy as np
+
     cands: dict[int, set[int]] = {}
-    for k in range(bands):
-        with np.errstate(over="ignore"):
-            h = (sigs[:, k * width : (k + 1) * width].astype(np.uint64) * mult).sum(axis=1)
+    for k in range(hashes.shape[1]):
+        h = hashes[:, k]
         order = np.argsort(h, kind="stable")  # equal hashes keep row order
         hs = h[order]
         starts = np.flatnonzero(np.r_[True, hs[1:] != hs[:-1]])
@@ -418,16 +429,21 @@ def _band_candidates(sigs, bands: int, width: int) -> dict[int, set[int]]:
     return cands
 
 
-def near_duplicates(rows, threshold: float, res: Cleaned, num_proc: int = 1, sigs=None) -> list[int]:
+def near_duplicates(rows, threshold: float, res: Cleaned, num_proc: int = 1, hashes=None) -> list[int]:
     """Indices of rows to keep; later near-duplicates of an earlier kept row are dropped. The
     same decisions as querying a datasketch MinHashLSH of the kept rows row by row (a test checks
-    it), at a memory of ~4 x 128 bytes a row. With `sigs` (the rows' prompt signatures, computed
-    batch by batch) `rows` is only indexed for the candidate pairs (it may be memory-mapped)."""
+    it), at a memory of ~4 x 128 bytes a row. With `hashes` (the rows' band hashes, computed
+    batch by batch: 8 bytes a band) `rows` is only read for candidate pairs (it may be
+    memory-mapped), whose signatures are computed again."""
     from datasketch import MinHash
 
-    if sigs is None:
-        sigs = signatures([prompt_and_answer(r)[0] for r in rows], num_proc)
     bands, width = lsh_params(threshold)
+    sigs: dict[int, object] | object
+    if hashes is None:
+        sigs = signatures([prompt_and_answer(r)[0] for r in rows], num_proc)
+        hashes = band_hashes(sigs, bands, width)
+    else:
+        sigs = {}
     parts: dict[int, tuple[str, str, list, str]] = {}
     answer_sigs: dict[int, object] = {}
 
@@ -437,6 +453,13 @@ def near_duplicates(rows, threshold: float, res: Cleaned, num_proc: int = 1, sig
             p, a = prompt_and_answer(rows[i])
             parts[i] = (p, a, _NUMBER.findall(p + "\n" + a), loose(a))
         return parts[i]
+
+    def sig(i: int):
+        if isinstance(sigs, dict):
+            if i not in sigs:
+                sigs[i] = _signatures([part(i)[0]])[0]
+            return sigs[i]
+        return sigs[i]
 
     def answer_sig(i: int):
         if i not in answer_sigs:
@@ -452,16 +475,16 @@ def near_duplicates(rows, threshold: float, res: Cleaned, num_proc: int = 1, sig
         return False
 
     def near(i: int, j: int) -> bool:
-        a, b = sigs[i], sigs[j]
+        a, b = sig(i), sig(j)
         share = any(
             (a[k * width : (k + 1) * width] == b[k * width : (k + 1) * width]).all() for k in range(bands)
         )
         return share and part(i)[2] == part(j)[2] and same_answer(i, j) and (a == b).mean() >= threshold
 
-    cands = _band_candidates(sigs, bands, width)
-    kept = [False] * len(sigs)
+    cands = _band_candidates(hashes)
+    kept = [False] * len(hashes)
     keep = []
-    for i in range(len(sigs)):
+    for i in range(len(hashes)):
         match = [j for j in sorted(cands.get(i, ())) if kept[j] and near(i, j)]
         if match:
             res.drop("near_duplicate", rows[i], f"near {rows[match[0]].get('_source', '?')}")

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import copy
 import math
-import multiprocessing as mp
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -48,13 +47,13 @@ def _chunks(part: list[dict]) -> Iterator[tuple[int, list[dict]]]:
 
 
 def _encoded(part, method, tokenizer, cfg, train: bool, num_proc: int) -> Iterator[tuple[list[dict], dict]]:
-    if num_proc <= 1 or len(part) <= CHUNK:
-        _init(method, tokenizer, cfg, train)
-        yield from map(_encode_chunk, _chunks(part))
-        return
-    ctx = mp.get_context("fork")  # workers inherit the tokenizer and method; nothing is pickled but rows
-    with ctx.Pool(num_proc, initializer=_init, initargs=(method, tokenizer, cfg, train)) as pool:
-        yield from pool.imap(_encode_chunk, _chunks(part))
+    """Each chunk's examples and stats in order; workers inherit the tokenizer and method (fork),
+    nothing is pickled but rows, and only a few chunks are read ahead of the writer."""
+    from distft.data.batched import ordered
+
+    n = num_proc if len(part) > CHUNK else 1
+    for job in ordered(_encode_chunk, _chunks(part), n, _init, (method, tokenizer, cfg, train)):
+        yield job()
 
 
 def row_wise(method) -> bool:

@@ -128,8 +128,18 @@ def read_json(path: Path) -> list[dict]:
     return [dict(row, _source=f"{path}#{i}") for i, row in enumerate(data)]
 
 
-def read_table(path: Path) -> list[dict]:
-    """CSV/TSV (header row) or Parquet through `datasets`."""
+def _dataset_rows(ds, where: str) -> Iterator[dict]:
+    """The rows of a `datasets` Dataset a batch at a time (tagged where#index)."""
+    i = 0
+    for batch in ds.iter(batch_size=1000):
+        cols = list(batch)
+        for values in zip(*(batch[c] for c in cols)):
+            yield dict(zip(cols, values), _source=f"{where}#{i}")
+            i += 1
+
+
+def read_table(path: Path) -> Iterator[dict]:
+    """CSV/TSV (header row) or Parquet through `datasets`, a batch at a time."""
     import datasets
 
     builder = TABLE_SUFFIXES[path.suffix]
@@ -138,7 +148,7 @@ def read_table(path: Path) -> list[dict]:
         ds = datasets.load_dataset(builder, data_files=str(path), split="train", **kwargs)
     except Exception as e:  # parser errors name the file themselves
         raise DataError(f"{path}: cannot read as {path.suffix[1:]} ({_first_line(e)})") from None
-    return [dict(row, _source=f"{path}#{i}") for i, row in enumerate(ds.to_list())]
+    return _dataset_rows(ds, str(path))
 
 
 def is_saved_dataset(p: Path) -> bool:
@@ -148,7 +158,7 @@ def is_saved_dataset(p: Path) -> bool:
     )
 
 
-def read_saved_dataset(p: Path) -> list[dict]:
+def read_saved_dataset(p: Path) -> Iterator[dict]:
     import datasets
 
     ds = datasets.load_from_disk(str(p))
@@ -156,7 +166,7 @@ def read_saved_dataset(p: Path) -> list[dict]:
         if "train" not in ds:
             raise DataError(f"{p}: saved DatasetDict has no 'train' split (splits: {', '.join(ds)})")
         ds = ds["train"]
-    return [dict(row, _source=f"{p}#{i}") for i, row in enumerate(ds.to_list())]
+    return _dataset_rows(ds, str(p))
 
 
 def read_path(spec: str, bad: list[dict] | None = None) -> list[dict]:
