@@ -70,25 +70,31 @@ class Store:
 
 
 class StoreRows(Sequence):
-    """Rows of a Store by index: row k is decoded when it is asked for."""
+    """Rows of a Store by index: row k is decoded when it is asked for. Rows are fetched from the
+    file's record batches one by one (a take on the whole chunked column would first concatenate
+    every chunk: a copy of the store per call)."""
 
     def __init__(self, table: pa.Table, indices: np.ndarray):
-        self._col, self.indices = table.column("row"), indices
+        col = table.column("row")
+        self._chunks = col.chunks
+        self._starts = np.cumsum([0] + [len(c) for c in self._chunks])
+        self.indices = indices
 
     def __len__(self) -> int:
         return len(self.indices)
 
-    def _take(self, idx: np.ndarray) -> list[dict]:
-        return [pickle.loads(b) for b in self._col.take(pa.array(idx)).to_pylist()] if len(idx) else []
+    def _row(self, i: int) -> dict:
+        k = int(np.searchsorted(self._starts, i, side="right")) - 1
+        return pickle.loads(self._chunks[k][i - int(self._starts[k])].as_py())
 
     def __getitem__(self, k):
         if isinstance(k, slice):
-            return self._take(self.indices[k])
-        return pickle.loads(self._col[int(self.indices[k])].as_py())
+            return [self._row(int(i)) for i in self.indices[k]]
+        return self._row(int(self.indices[k]))
 
     def __iter__(self) -> Iterator[dict]:
-        for a in range(0, len(self.indices), BATCH):
-            yield from self._take(self.indices[a : a + BATCH])
+        for i in self.indices:
+            yield self._row(int(i))
 
 
 # ---------------------------------------------------------------- one batch (in a worker)
