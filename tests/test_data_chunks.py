@@ -1,7 +1,7 @@
-"""Batched, parallel encoding for every row-wise method (issue 15 point 2): preference pairs
-(dpo, reward), RL prompts (grpo) and classification are encoded in chunks of encode.CHUNK rows
-with data.num_proc workers, written as they are done, with the same rows and report as one
-call; the skip limit is checked once on the whole split."""
+"""Batched, parallel encoding for every method (issue 15 point 2): preference pairs (dpo,
+reward), RL prompts (grpo), classification and KTO (its KL partners linked across chunks) are
+encoded in chunks of encode.CHUNK rows with data.num_proc workers, written as they are done, with
+the same rows and report as one call; the skip limit is checked once on the whole split."""
 
 from __future__ import annotations
 
@@ -27,10 +27,10 @@ def _cfg(tmp_path, *overrides):
     return load_config([f"data.cache_dir={tmp_path / 'cache'}", *overrides])[0]
 
 
-@pytest.mark.parametrize("method", ["dpo", "grpo", "classify"])  # reward shares dpo's PairRows
+@pytest.mark.parametrize("method", ["dpo", "grpo", "classify"])  # reward shares dpo's PairRows; kto below
 def test_chunked_parallel_encoding_equals_one_call(tmp_path, tok, monkeypatch, method):
-    monkeypatch.setattr(encode, "CHUNK", 60)  # several chunks, two workers
-    cfg = _cfg(tmp_path, f"method={method}", "data.num_examples=300", "data.num_proc=2")
+    monkeypatch.setattr(encode, "CHUNK", 40)  # several chunks, two workers
+    cfg = _cfg(tmp_path, f"method={method}", "data.num_examples=160", "data.num_proc=2")
     fresh = pipeline.prepare(cfg, METHODS[method](cfg, tok), tok)
     cached = pipeline.prepare_cached(cfg, METHODS[method](cfg, tok), tok, tmp_path / "run", True, quiet=True)
     for name in ("train", "val", "test"):
@@ -38,6 +38,31 @@ def test_chunked_parallel_encoding_equals_one_call(tmp_path, tok, monkeypatch, m
     cached.report["splits"]["val"].pop("eval_examples")
     assert cached.report["splits"] == fresh.report["splits"]
     assert cached.report["counts"] == fresh.report["counts"]
+
+
+def test_kto_is_encoded_in_bounded_chunks_linked_across_them(tmp_path, tok, monkeypatch):
+    monkeypatch.setattr(encode, "CHUNK", 50)
+    kto = METHODS["kto"]
+    calls, real = [], kto.encode_chunk
+
+    def spy(rows, tokenizer, cfg, train, start):
+        calls.append((start, len(rows)))
+        return real(rows, tokenizer, cfg, train, start)
+
+    monkeypatch.setattr(kto, "encode_chunk", staticmethod(spy))
+    cfg = _cfg(tmp_path, "method=kto", "data.num_examples=300", "data.splits=[1,0,0]")
+    fresh = pipeline.prepare(cfg, kto(cfg, tok), tok)
+    cached = pipeline.prepare_cached(cfg, kto(cfg, tok), tok, tmp_path / "run", True, quiet=True)
+    assert [s for s, n in calls if n] == list(range(0, 300, 50)) and max(n for _, n in calls) == 50
+    assert (
+        list(cached.train) == fresh.train
+        and cached.report["splits"]["train"] == fresh.report["splits"]["train"]
+    )
+    pairs = [ex["pair"] for ex in fresh.train]
+    assert pairs == sorted(pairs) and pairs[-1] > 250  # pair ids are the rows' places in the split
+    by_completion = {tuple(ex["completion_ids"]): i for i, ex in enumerate(fresh.train)}
+    partners = [by_completion.get(tuple(ex["kl_ids"])) for ex in fresh.train]
+    assert any(p is not None and abs(p - i) > 100 for i, p in enumerate(partners))  # across chunks
 
 
 def test_pairs_are_encoded_in_bounded_chunks_and_skips_checked_on_the_split(tmp_path, tok, monkeypatch):

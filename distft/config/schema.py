@@ -121,7 +121,7 @@ class DataConfig:
     same key reuses it. Empty: $XDG_CACHE_HOME/distft/data (~/.cache/distft/data). On several
     nodes, give a directory they all see."""
     num_proc: int = num(1, ge=1)
-    """Worker processes for tokenizing/encoding the splits (the result does not depend on it)."""
+    """Worker processes for reading, cleaning and encoding the data (the result does not depend on it)."""
     group_by_length: bool = False
     """Without packing: put examples of similar length in the same micro-batches (less padding);
     the global batches still do not depend on the world size."""

@@ -169,6 +169,10 @@ class Cleaned:
     normalized: int = 0
     conflicts: int = 0
     """Prompts that appear with different answers (kept; such rows stay in one split)."""
+    first_words: list | None = None
+    """First word of each kept row's completion (None: none), when computed batch by batch."""
+    labels: list | None = None
+    """Each kept row's label (str) when every kept row is a classification row, batch by batch."""
 
     def drop(self, reason: str, row: dict, detail: str = "") -> None:
         d = self.drops.setdefault(reason, {"count": 0, "examples": []})
@@ -324,16 +328,55 @@ def lsh_params(threshold: float) -> tuple[int, int]:
 SIG_CHUNK = 5000  # rows per MinHash task of a worker
 
 
-def _signatures(texts: list[str]):
-    import numpy as np
+@functools.lru_cache(maxsize=1)
+def _permutations():
+    """datasketch's default scheme and permutations for NUM_PERM (seed 1)."""
     from datasketch import MinHash
 
-    sigs = MinHash.bulk([_shingles(t) for t in texts], num_perm=NUM_PERM)
-    return (
-        np.stack([m.hashvalues for m in sigs]).astype(np.uint32)
-        if sigs
-        else np.zeros((0, NUM_PERM), np.uint32)
-    )
+    m = MinHash(num_perm=NUM_PERM)
+    return m.scheme, m.permutations
+
+
+SIG_SHINGLES = 1 << 15  # shingles hashed in one numpy step (x 128 x 4 bytes)
+
+
+def _signatures(texts: list[str]):
+    """datasketch's MinHash hash values of each text's shingles, computed as MinHash.update_batch
+    computes them (sha1_hash32, the MurmurHash3 finalizer, the affine permutations, the minimum)
+    but for many texts per numpy step instead of one (a test compares them with MinHash.bulk)."""
+    import hashlib
+
+    import numpy as np
+    from datasketch.minhash import _fmix
+
+    scheme, (a, b) = _permutations()
+    shingles = [_shingles(t) for t in texts]
+    if scheme != "affine32":  # a datasketch whose default differs: its own bulk computation
+        from datasketch import MinHash
+
+        sigs = MinHash.bulk(shingles, num_perm=NUM_PERM)
+        return (
+            np.stack([m.hashvalues for m in sigs]).astype(np.uint32)
+            if sigs
+            else np.zeros((0, NUM_PERM), np.uint32)
+        )
+    out = np.empty((len(texts), NUM_PERM), np.uint32)
+    i = 0
+    while i < len(texts):
+        j, total = i, 0
+        while j < len(texts) and (j == i or total + len(shingles[j]) <= SIG_SHINGLES):
+            total += len(shingles[j])
+            j += 1
+        hv = np.fromiter(
+            (int.from_bytes(hashlib.sha1(x).digest()[:4], "little") for sh in shingles[i:j] for x in sh),
+            dtype=np.uint32,
+            count=total,
+        )
+        phv = _fmix(hv.reshape(-1, 1), 32) * a + b  # uint32 arithmetic wraps, as datasketch's does
+        starts = np.cumsum([0] + [len(sh) for sh in shingles[i : j - 1]])
+        out[i:j] = np.minimum.reduceat(phv, starts, axis=0)  # every text has at least one shingle
+        i = j
+    return out
 
 
 def signatures(texts: list[str], num_proc: int = 1):
@@ -353,17 +396,28 @@ def signatures(texts: list[str], num_proc: int = 1):
     return np.concatenate(parts) if parts else np.zeros((0, NUM_PERM), np.uint32)
 
 
-def _band_candidates(sigs, bands: int, width: int) -> dict[int, set[int]]:
-    """For each row, the earlier rows that share at least one LSH band (datasketch's banding:
-    band k is permutations [k*width, (k+1)*width)). Buckets by a 64-bit hash of the band after a
-    sort, so memory is a few arrays of n, not an index of n x bands byte keys."""
+def band_hashes(sigs, bands: int, width: int):
+    """A 64-bit hash of each LSH band of each signature, [n, bands] (datasketch's banding: band k
+    is permutations [k*width, (k+1)*width)): rows that share a band share its hash."""
     import numpy as np
 
     mult = np.arange(1, width + 1, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+    out = np.empty((len(sigs), bands), dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        for k in range(bands):
+            out[:, k] = (sigs[:, k * width : (k + 1) * width].astype(np.uint64) * mult).sum(axis=1)
+    return out
+
+
+def _band_candidates(hashes) -> dict[int, set[int]]:
+    """For each row, the earlier rows whose band hashes match in at least one band (a superset of
+    the rows sharing a band; `near` checks the bands themselves). Buckets by sorting, so memory is
+    a few arrays of n, not an index of n x bands byte keys."""
+    import numpy as np
+
     cands: dict[int, set[int]] = {}
-    for k in range(bands):
-        with np.errstate(over="ignore"):
-            h = (sigs[:, k * width : (k + 1) * width].astype(np.uint64) * mult).sum(axis=1)
+    for k in range(hashes.shape[1]):
+        h = hashes[:, k]
         order = np.argsort(h, kind="stable")  # equal hashes keep row order
         hs = h[order]
         starts = np.flatnonzero(np.r_[True, hs[1:] != hs[:-1]])
@@ -375,42 +429,62 @@ def _band_candidates(sigs, bands: int, width: int) -> dict[int, set[int]]:
     return cands
 
 
-def near_duplicates(rows: list[dict], threshold: float, res: Cleaned, num_proc: int = 1) -> list[int]:
+def near_duplicates(rows, threshold: float, res: Cleaned, num_proc: int = 1, hashes=None) -> list[int]:
     """Indices of rows to keep; later near-duplicates of an earlier kept row are dropped. The
     same decisions as querying a datasketch MinHashLSH of the kept rows row by row (a test checks
-    it), at a memory of ~4 x 128 bytes a row."""
+    it), at a memory of ~4 x 128 bytes a row. With `hashes` (the rows' band hashes, computed
+    batch by batch: 8 bytes a band) `rows` is only read for candidate pairs (it may be
+    memory-mapped), whose signatures are computed again."""
     from datasketch import MinHash
 
-    parts = [prompt_and_answer(r) for r in rows]
-    sigs = signatures([p for p, _ in parts], num_proc)
     bands, width = lsh_params(threshold)
-    numbers = [_NUMBER.findall(p + "\n" + a) for p, a in parts]
-    answers = [loose(a) for _, a in parts]
+    sigs: dict[int, object] | object
+    if hashes is None:
+        sigs = signatures([prompt_and_answer(r)[0] for r in rows], num_proc)
+        hashes = band_hashes(sigs, bands, width)
+    else:
+        sigs = {}
+    parts: dict[int, tuple[str, str, list, str]] = {}
     answer_sigs: dict[int, object] = {}
+
+    def part(i: int) -> tuple[str, str, list, str]:
+        """prompt, answer, numbers, loose answer of row i (rows of candidate pairs only)."""
+        if i not in parts:
+            p, a = prompt_and_answer(rows[i])
+            parts[i] = (p, a, _NUMBER.findall(p + "\n" + a), loose(a))
+        return parts[i]
+
+    def sig(i: int):
+        if isinstance(sigs, dict):
+            if i not in sigs:
+                sigs[i] = _signatures([part(i)[0]])[0]
+            return sigs[i]
+        return sigs[i]
 
     def answer_sig(i: int):
         if i not in answer_sigs:
-            answer_sigs[i] = MinHash.bulk([_shingles(parts[i][1])], num_perm=NUM_PERM)[0]
+            answer_sigs[i] = MinHash.bulk([_shingles(part(i)[1])], num_perm=NUM_PERM)[0]
         return answer_sigs[i]
 
     def same_answer(i: int, j: int) -> bool:
-        if answers[i] == answers[j]:
-            return bool(answers[i]) or parts[i][1].strip() == parts[j][1].strip()
-        if min(len(answers[i]), len(answers[j])) >= LONG_ANSWER:
+        (_, a_i, _, loose_i), (_, a_j, _, loose_j) = part(i), part(j)
+        if loose_i == loose_j:
+            return bool(loose_i) or a_i.strip() == a_j.strip()
+        if min(len(loose_i), len(loose_j)) >= LONG_ANSWER:
             return answer_sig(i).jaccard(answer_sig(j)) >= threshold
         return False
 
     def near(i: int, j: int) -> bool:
-        a, b = sigs[i], sigs[j]
+        a, b = sig(i), sig(j)
         share = any(
             (a[k * width : (k + 1) * width] == b[k * width : (k + 1) * width]).all() for k in range(bands)
         )
-        return share and numbers[i] == numbers[j] and same_answer(i, j) and (a == b).mean() >= threshold
+        return share and part(i)[2] == part(j)[2] and same_answer(i, j) and (a == b).mean() >= threshold
 
-    cands = _band_candidates(sigs, bands, width)
-    kept = [False] * len(rows)
+    cands = _band_candidates(hashes)
+    kept = [False] * len(hashes)
     keep = []
-    for i in range(len(rows)):
+    for i in range(len(hashes)):
         match = [j for j in sorted(cands.get(i, ())) if kept[j] and near(i, j)]
         if match:
             res.drop("near_duplicate", rows[i], f"near {rows[match[0]].get('_source', '?')}")

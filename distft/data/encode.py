@@ -6,22 +6,23 @@ as it is done, so the token lists of the split never exist at once. Packing then
 lengths alone (`pack_bins`) and assembles sequences from the memory-mapped unpacked file. The
 result is the same as one `method.encode` call on the whole split (tests check it), whatever
 num_proc is. Skip limits (method.max_skip_fraction) are checked once on the whole split, from
-the chunks' merged counts. Other methods (KTO, whose encode pairs examples across the split)
-are encoded in one call, then written.
+the chunks' merged counts. KTO, whose examples are paired across the split (KL partners), is
+encoded in chunks too (`method.encode_chunk` with each chunk's start row), then linked by
+`method.link_split` reading the memory-mapped chunks. Other methods are encoded in one call.
 """
 
 from __future__ import annotations
 
 import copy
 import math
-import multiprocessing as mp
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from distft.data.collate import pack_bins
 from distft.data.preference import Skips
 from distft.data.rows import Rows, RowWriter, write_rows
 from distft.data.schemas import length_text
+from distft.data.sft_format import encode_texts
 from distft.errors import DataError
 
 CHUNK = 2000
@@ -32,25 +33,27 @@ def _init(method, tokenizer, cfg, train: bool) -> None:
     _WORKER.update(method=method, tokenizer=tokenizer, cfg=cfg, train=train)
 
 
-def _encode_chunk(rows: list[dict]) -> tuple[list[dict], dict]:
-    w = _WORKER
+def _encode_chunk(chunk: tuple[int, list[dict]]) -> tuple[list[dict], dict]:
+    w, (start, rows) = _WORKER, chunk
+    if hasattr(w["method"], "encode_chunk"):  # examples that refer to their row's place in the split
+        return w["method"].encode_chunk(rows, w["tokenizer"], w["cfg"], w["train"], start)
     return w["method"].encode(rows, w["tokenizer"], w["cfg"], train=w["train"])
 
 
-def _chunks(part: list[dict]) -> Iterator[list[dict]]:
-    yield part[:CHUNK]  # an empty split still gets the encoder's stats
+def _chunks(part: list[dict]) -> Iterator[tuple[int, list[dict]]]:
+    yield 0, part[:CHUNK]  # an empty split still gets the encoder's stats
     for i in range(CHUNK, len(part), CHUNK):
-        yield part[i : i + CHUNK]
+        yield i, part[i : i + CHUNK]
 
 
 def _encoded(part, method, tokenizer, cfg, train: bool, num_proc: int) -> Iterator[tuple[list[dict], dict]]:
-    if num_proc <= 1 or len(part) <= CHUNK:
-        _init(method, tokenizer, cfg, train)
-        yield from map(_encode_chunk, _chunks(part))
-        return
-    ctx = mp.get_context("fork")  # workers inherit the tokenizer and method; nothing is pickled but rows
-    with ctx.Pool(num_proc, initializer=_init, initargs=(method, tokenizer, cfg, train)) as pool:
-        yield from pool.imap(_encode_chunk, _chunks(part))
+    """Each chunk's examples and stats in order; workers inherit the tokenizer and method (fork),
+    nothing is pickled but rows, and only a few chunks are read ahead of the writer."""
+    from distft.data.batched import ordered
+
+    n = num_proc if len(part) > CHUNK else 1
+    for job in ordered(_encode_chunk, _chunks(part), n, _init, (method, tokenizer, cfg, train)):
+        yield job()
 
 
 def row_wise(method) -> bool:
@@ -60,8 +63,8 @@ def row_wise(method) -> bool:
 def chunked(method) -> bool:
     """Encoders whose rows encode alone (SFT, preference pairs, RL prompts, classification): the
     split's encoding is the concatenation of its chunks'. KTO pairs every example with another
-    of the split (its KL rows), so it is encoded in one call."""
-    return row_wise(method) or bool(getattr(method, "encode_chunks", False))
+    of the split (its KL rows): its chunks are linked afterwards (`link_split`)."""
+    return row_wise(method) or bool(getattr(method, "encode_chunks", False)) or hasattr(method, "link_split")
 
 
 def _merge(stats: dict, chunk: dict) -> None:
@@ -89,18 +92,20 @@ def _chunk_cfg(cfg, packing: bool):
 
 
 def encode_split(
-    name: str, part: list[dict], train: bool, cfg, method, tokenizer, folder: Path
+    name: str, part: Sequence[dict], train: bool, cfg, method, tokenizer, folder: Path
 ) -> tuple[Rows, dict]:
     """The split's examples in folder/<name>.arrow (memory-mapped) and the encoder's stats."""
     path = folder / f"{name}.arrow"
     if not chunked(method):
-        examples, stats = method.encode(part, tokenizer, cfg, train=train)
+        examples, stats = method.encode(list(part), tokenizer, cfg, train=train)
         return Rows(path, write_rows(path, examples)), stats
     packing = train and cfg.data.packing and row_wise(method)
+    linked = hasattr(method, "link_split")
     run_cfg = _chunk_cfg(cfg, packing)
     stats: dict = {}
     lengths: list[int] = []
-    writer = RowWriter(folder / f"{name}.unpacked.arrow" if packing else path)
+    first = folder / f"{name}.{'unpacked' if packing else 'unlinked'}.arrow"
+    writer = RowWriter(first if packing or linked else path)
     try:
         for examples, chunk_stats in _encoded(part, method, tokenizer, run_cfg, train, cfg.data.num_proc):
             writer.add(examples)
@@ -112,11 +117,19 @@ def encode_split(
         # A check of one chunk (e.g. RL's "every prompt is too long") may not hold for the whole
         # split: encode it in one call, which raises only when the split fails it.
         writer.close()
-        examples, stats = method.encode(part, tokenizer, cfg, train=train)
+        examples, stats = method.encode(list(part), tokenizer, cfg, train=train)
         return Rows(path, write_rows(path, examples)), stats
     if "skipped_first" in stats:
-        Skips.of_split(stats, cfg.method.max_skip_fraction, "preference").check(len(part))
+        what = getattr(method, "skip_what", "preference")
+        Skips.of_split(stats, cfg.method.max_skip_fraction, what).check(len(part))
     rows = writer.close()
+    if linked:
+        out = RowWriter(path)
+        for batch in method.link_split(rows, cfg):
+            out.add(batch)
+        del rows
+        first.unlink()
+        return out.close(), stats
     ordered = sorted(lengths) or [0]
     if "tokens_p50" in stats:
         stats["tokens_p50"] = ordered[len(ordered) // 2]
@@ -137,7 +150,7 @@ def encode_split(
         packed.add(batch)
     out = packed.close()
     del rows
-    (folder / f"{name}.unpacked.arrow").unlink()
+    first.unlink()
     stats["packed_sequences"] = len(bins)
     return out, stats
 
@@ -148,7 +161,7 @@ def token_lengths(tokenizer, chunk: int = 10_000):
         out: list[int] = []
         for i in range(0, len(rows), chunk):  # token lists of one chunk at a time
             part = rows[i : i + chunk]
-            ids = tokenizer([length_text(r, tokenizer) for r in part], add_special_tokens=True)["input_ids"]
+            ids, _ = encode_texts(tokenizer, [length_text(r, tokenizer) for r in part], offsets=False)
             # prompt/completion rows get an EOS appended by the SFT encoder
             out += [len(x) + (eos and "completion" in r) for x, r in zip(ids, part)]
         return out

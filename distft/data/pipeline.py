@@ -1,5 +1,6 @@
-"""load → map schemas → clean → split → mix → encode (method-specific) → Arrow cache shared by
-runs (distft/data/cache.py); one rank prepares, every rank memory-maps the result.
+"""load → map schemas → clean → split → mix (in batches, distft/data/batched.py) → encode
+(method-specific, in chunks, distft/data/encode.py) → Arrow cache shared by runs
+(distft/data/cache.py); one rank prepares, every rank memory-maps the result.
 
 Other ranks wait on a file, not on a collective, so a slow tokenization never races the process
 group's timeout (the multi-node hang users of peers report). Rank 0 also writes data_report.json
@@ -11,71 +12,60 @@ from __future__ import annotations
 
 import json
 import shutil
+import tempfile
 import time
 from pathlib import Path
 
 from distft.continual import mix_replay
 from distft.data import cache as data_cache
 from distft.data import report as data_report
-from distft.data.clean import clean
+from distft.data.batched import Store, prepare_rows
 from distft.data.collate import packing_efficiency
 from distft.data.encode import encode_split, token_lengths
 from distft.data.prepared import PreparedData
 from distft.data.rows import Rows, write_rows
-from distft.data.schemas import method_kind, to_canonical
-from distft.data.sources import Source, mix, read_sources
-from distft.data.split import split_rows
+from distft.data.schemas import method_kind
 from distft.errors import DataError
 
 
-def load_sources(cfg, method) -> list[Source]:
-    if cfg.data.path:
-        sources = read_sources(cfg.data.path, cfg.data.bad_lines)
-        where = ", ".join(cfg.data.path)
-    else:
-        rows = method.default_rows(cfg)
-        for row in rows:
-            row["_src"] = 0
-        sources = [Source(f"<embedded {cfg.method.name} data>", rows)]
-        where = f"the embedded default data of method={cfg.method.name}"
-    if not any(s.rows for s in sources):
-        bad = sum(len(s.bad_lines) for s in sources)
-        extra = f" ({bad} malformed lines skipped)" if bad else ""
-        raise DataError(f"no rows in {where}{extra}; check data.path")
-    return sources
+def encode_in_memory(name: str, part, train: bool, cfg, method, tokenizer):
+    return method.encode(list(part), tokenizer, cfg, train=train)
 
 
-def encode_in_memory(name: str, part: list[dict], train: bool, cfg, method, tokenizer):
-    return method.encode(part, tokenizer, cfg, train=train)
+def prepare(cfg, method, tokenizer, encoder=encode_in_memory, folder: Path | None = None) -> PreparedData:
+    """Every step in this process (and data.num_proc workers); `encoder(name, rows, train, cfg,
+    method, tokenizer)` gives a split's examples and stats (in memory here; batched into Arrow
+    files for the cache). Rows are read, cleaned and split in batches (distft/data/batched.py)
+    into a row store in `folder`: without a folder (the in-memory path) a temporary one, and
+    the splits come back as lists."""
+    if folder is None:
+        with tempfile.TemporaryDirectory(prefix="distft-rows-") as tmp:
+            return _prepare(cfg, method, tokenizer, encoder, Path(tmp), in_memory=True)
+    return _prepare(cfg, method, tokenizer, encoder, folder, in_memory=False)
 
 
-def prepare(cfg, method, tokenizer, encoder=encode_in_memory) -> PreparedData:
-    """Every step in this process; `encoder(name, rows, train, cfg, method, tokenizer)` gives a
-    split's examples and stats (in memory here; batched into Arrow files for the cache)."""
+def _prepare(cfg, method, tokenizer, encoder, folder: Path, in_memory: bool) -> PreparedData:
     d = cfg.data
-    sources = load_sources(cfg, method)
-    src_info = [
-        {"path": s.spec, "rows": len(s.rows), "bad_lines": len(s.bad_lines)}
-        | ({"weight": d.weights[i]} if d.weights else {})
-        for i, s in enumerate(sources)
-    ]
-    rows = [r for s in sources for r in s.rows]
-    for s in sources:
-        s.rows = []  # the raw rows live on only until they are mapped
     declared = getattr(method, "data_schema", None) or getattr(method, "kind", None)
     kind = declared if isinstance(declared, str) else None
-    canonical, empty, formats = to_canonical(rows, d.format, d.columns, kind, cfg.method.name)
-    del rows
-    cleaned = clean(canonical, d, token_lengths(tokenizer), d.max_length, empty)
-    if not cleaned.rows:
+    embedded = None if d.path else method.default_rows(cfg)
+    store = Store(folder / "rows.arrow")
+    prepared = prepare_rows(cfg, method, token_lengths(tokenizer), store, kind, embedded)
+    cleaned, seen = prepared.cleaned, prepared.sources
+    src_info = [
+        {"path": spec, "rows": seen.rows[i], "bad_lines": len(seen.bad_lines[i])}
+        | ({"weight": d.weights[i]} if d.weights else {})
+        for i, spec in enumerate(seen.specs)
+    ]
+    if not len(cleaned.rows):
         drops = ", ".join(f"{k} {v['count']}" for k, v in cleaned.drops.items())
         raise DataError(f"no rows left after cleaning ({drops}); check data.path and the data.* filters")
-    train, val, test = split_rows(cleaned.rows, d.splits, cfg.train.seed, d.stratify)
-    parts = {"train": train, "val": val, "test": test}
+    parts: dict = dict(prepared.parts)
     mixed = None
     if d.weights:
-        parts["train"], per_source = mix(parts["train"], d.weights, cfg.train.seed)
-        mixed = {d.path[i]: n for i, n in per_source.items()}
+        mixed = {d.path[i]: n for i, n in prepared.mixed.items()}
+    if in_memory or getattr(d, "replay_path", None):  # replay mixes lists of rows
+        parts = {name: list(part) for name, part in parts.items()}
     replay = mix_replay(
         parts, cfg, method, token_lengths(tokenizer)
     )  # continual learning: old rows into train
@@ -98,13 +88,13 @@ def prepare(cfg, method, tokenizer, encoder=encode_in_memory) -> PreparedData:
         )
     report = data_report.build(
         sources=src_info,
-        bad_lines=[b for s in sources for b in s.bad_lines],
+        bad_lines=[b for bad in seen.bad_lines for b in bad],
         cleaned=cleaned,
         splits=splits,
         mix=mixed,
         max_length=d.max_length,
         warn_ratio=d.imbalance_warn_ratio,
-        formats=formats,
+        formats=prepared.formats,
     )
     report["method_kind"] = kind or method_kind(method, cfg)
     if "packing_efficiency" in splits["train"]:
@@ -141,11 +131,13 @@ def _build_entry(cfg, method, tokenizer, root: Path, key: str) -> None:
     def to_arrow(name, part, train, cfg, method, tokenizer):
         return encode_split(name, part, train, cfg, method, tokenizer, tmp)
 
-    data = prepare(cfg, method, tokenizer, to_arrow)
+    data = prepare(cfg, method, tokenizer, to_arrow, tmp)
     write_prepared(tmp, data)
     encodings = {name: getattr(data, name).encoding for name in ("train", "val", "test")}
     for name in ("val_rows", "test_rows"):
         encodings[name] = write_rows(tmp / f"{name}.arrow", getattr(data, name), "json")
+    del data
+    (tmp / "rows.arrow").unlink()  # the cleaned rows' store (data/*.jsonl and the splits keep them)
     meta = {"key": key, "encodings": encodings, "created": time.time()}
     data_cache.publish(tmp, root / key, meta)
 

@@ -29,10 +29,14 @@ def percentiles(values: list[int]) -> dict[str, int]:
     return {"min": v[0], "p50": pct(50), "p90": pct(90), "p95": pct(95), "p99": pct(99), "max": v[-1]}
 
 
-def label_stats(rows: list[dict], warn_ratio: float) -> dict | None:
-    if not rows or not all("label" in r and "text" in r for r in rows):
+def label_stats(rows: list[dict], warn_ratio: float, labels: list | None = None) -> dict | None:
+    if labels is None:
+        if not rows or not all("label" in r and "text" in r for r in rows):
+            return None
+        labels = [str(r["label"]) for r in rows]
+    if not labels:
         return None
-    counts = Counter(str(r["label"]) for r in rows)
+    counts = Counter(labels)
     ratio = max(counts.values()) / min(counts.values())
     out = {"distribution": dict(sorted(counts.items())), "imbalance_ratio": round(ratio, 3)}
     if ratio > warn_ratio:
@@ -46,9 +50,14 @@ def label_stats(rows: list[dict], warn_ratio: float) -> dict | None:
     return out
 
 
-def first_tokens(rows: list[dict], top: int = 10) -> list[list]:
+def first_word(row: dict) -> str | None:
+    words = completion_text(row).split()
+    return words[0] if words else None
+
+
+def first_tokens(rows: list[dict], top: int = 10, first_words: list | None = None) -> list[list]:
     """Most common first whitespace-separated tokens of the completions, with their share."""
-    words = [t.split()[0] for t in (completion_text(r) for r in rows) if t.split()]
+    words = [w for w in (first_words if first_words is not None else map(first_word, rows)) if w is not None]
     if not words:
         return []
     return [[w, n, round(n / len(words), 4)] for w, n in Counter(words).most_common(top)]
@@ -86,12 +95,13 @@ def build(
         "max_length": max_length,
         "truncated": sum(s.get("truncated", 0) for s in splits.values()),
         "splits": splits,
-        "completion_first_tokens": first_tokens(cleaned.rows),
+        "completion_first_tokens": first_tokens(cleaned.rows, first_words=cleaned.first_words),
         "drops": drops,
     }
     if mix is not None:
         report["mix"] = mix
-    labels = label_stats(cleaned.rows, warn_ratio)
+    batched = cleaned.first_words is not None  # prepared batch by batch: labels given, None if not all
+    labels = label_stats(cleaned.rows, warn_ratio, cleaned.labels) if not batched or cleaned.labels else None
     if labels is not None:
         report["labels"] = labels
     return report

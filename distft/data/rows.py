@@ -123,7 +123,7 @@ def write_rows(path: Path, rows: Iterable[dict], encoding: str | None = None) ->
     """Write rows to an Arrow file; returns the encoding used (`tokens` only when every row fits
     it, unless `encoding` forces json)."""
     writer = RowWriter(path, encoding)
-    writer.add(rows if isinstance(rows, list) else list(rows))
+    writer.add(rows if isinstance(rows, Sequence) else list(rows))  # a Sequence is read in batches
     return writer.close().encoding
 
 

@@ -324,10 +324,17 @@ def required_texts(row: dict) -> list[str]:
 
 
 def to_canonical(
-    rows: list[dict], fmt: str, columns: dict[str, str], method_kind: str | None, method_name: str
+    rows: list[dict],
+    fmt: str,
+    columns: dict[str, str],
+    method_kind: str | None,
+    method_name: str,
+    check_turns: bool = True,
 ) -> tuple[list[dict], list[dict], dict[str, int]]:
     """Map rows; returns (mapped rows, empty rows, rows per detected format). A row with content
-    but no known schema, or of a kind the method cannot train on, is a DataError."""
+    but no known schema, or of a kind the method cannot train on, is a DataError; so are SFT chat
+    rows without an assistant turn (unless check_turns=False: a caller mapping batches checks
+    them over all batches)."""
     mapped, empty, formats = [], [], {}
     for raw in rows:
         row = rename(raw, columns)
@@ -346,20 +353,28 @@ def to_canonical(
             )
         formats[found] = formats.get(found, 0) + 1
         mapped.append(map_row(row, found, row.get("_source", "?")))
-    if method_kind == "sft":
+    if method_kind == "sft" and check_turns:
         check_assistant_turns(mapped, method_name)
     return mapped, empty, formats
 
 
+def without_assistant_turn(rows: list[dict]) -> list[dict]:
+    return [r for r in rows if "messages" in r and not any(m["role"] == "assistant" for m in r["messages"])]
+
+
 def check_assistant_turns(rows: list[dict], method_name: str) -> None:
     """SFT learns the assistant's turns only: a chat row without one has no target token."""
-    bad = [r for r in rows if "messages" in r and not any(m["role"] == "assistant" for m in r["messages"])]
-    if not bad:
-        return
-    where = ", ".join(str(r.get("_source", "?")) for r in bad[:5]) + (" ..." if len(bad) > 5 else "")
-    roles = sorted({m["role"] for m in bad[0]["messages"]})
-    raise DataError(
-        f"{len(bad)} chat row(s) have no assistant turn ({where}; roles found: {', '.join(roles)}): "
+    bad = without_assistant_turn(rows)
+    if bad:
+        raise assistant_turns_error(len(bad), bad[:5], method_name)
+
+
+def assistant_turns_error(n: int, first: list[dict], method_name: str) -> DataError:
+    """The error for n chat rows without an assistant turn (`first`: the first five of them)."""
+    where = ", ".join(str(r.get("_source", "?")) for r in first[:5]) + (" ..." if n > 5 else "")
+    roles = sorted({m["role"] for m in first[0]["messages"]})
+    return DataError(
+        f"{n} chat row(s) have no assistant turn ({where}; roles found: {', '.join(roles)}): "
         f"method={method_name} trains on assistant replies only, so they give nothing to train on; "
         "add the assistant's reply (role 'assistant', or 'gpt' in ShareGPT) or remove those rows"
     )

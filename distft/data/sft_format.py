@@ -58,20 +58,59 @@ def _chat(tokenizer, messages: list[dict], generation_prompt: bool) -> str:
 
 
 def tokenize_sft(row: dict, tokenizer, max_length: int, train_on_prompt: bool) -> Tokenized:
-    text, spans, add_eos = render(row, tokenizer)
-    enc = tokenizer(text, add_special_tokens=True, return_offsets_mapping=True)
-    ids = list(enc["input_ids"])
-    labels = []
-    for tok, (a, b) in zip(ids, enc["offset_mapping"]):
-        target = train_on_prompt or any(s <= a < e for s, e in spans if b > a)
-        labels.append(tok if target else IGNORE)
-    if add_eos and tokenizer.eos_token_id is not None:
-        ids.append(tokenizer.eos_token_id)
-        labels.append(tokenizer.eos_token_id)
-    if labels:
-        labels[0] = IGNORE  # the first token has no previous token to predict it from
-    truncated = len(ids) > max_length
-    return Tokenized(ids[:max_length], labels[:max_length], truncated)
+    return tokenize_sft_batch([row], tokenizer, max_length, train_on_prompt)[0]
+
+
+def tokenize_sft_batch(
+    rows: list[dict], tokenizer, max_length: int, train_on_prompt: bool
+) -> list[Tokenized]:
+    """tokenize_sft of every row, with one batched tokenizer call (the fast tokenizer's
+    encode_batch gives each text the ids and offsets it gives alone) and the labels from the
+    offsets in numpy: a token is a target when it starts inside a span and is not empty."""
+    import numpy as np
+
+    rendered = [render(row, tokenizer) for row in rows]
+    if not rendered:
+        return []
+    all_ids, all_offsets = encode_texts(tokenizer, [r[0] for r in rendered], offsets=True)
+    eos = tokenizer.eos_token_id
+    out = []
+    for (_, spans, add_eos), ids, offsets in zip(rendered, all_ids, all_offsets):
+        ids = list(ids)
+        if train_on_prompt:
+            labels = list(ids)
+        else:
+            off = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
+            a, b = off[:, 0], off[:, 1]
+            target = np.zeros(len(ids), dtype=bool)
+            for s, e in spans:
+                target |= (s <= a) & (a < e)
+            target &= b > a
+            labels = np.where(target, np.asarray(ids, dtype=np.int64), IGNORE).tolist()
+        if add_eos and eos is not None:
+            ids.append(eos)
+            labels.append(eos)
+        if labels:
+            labels[0] = IGNORE  # the first token has no previous token to predict it from
+        out.append(Tokenized(ids[:max_length], labels[:max_length], len(ids) > max_length))
+    return out
+
+
+def encode_texts(tokenizer, texts: list[str], offsets: bool) -> tuple[list[list[int]], list | None]:
+    """Token ids (and character offsets) of each text, as `tokenizer(texts, add_special_tokens=True)`
+    gives them. A fast tokenizer's Rust backend is called directly after one small call through
+    transformers has set it up as every call does (no truncation, no padding, its special-token
+    splitting): that call would only convert the same encodings into Python lists once more.
+    Without offsets `encode_batch_fast` skips computing them."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or not texts or not hasattr(backend, "encode_batch_fast"):
+        enc = tokenizer(texts, add_special_tokens=True, return_offsets_mapping=offsets)
+        return enc["input_ids"], enc["offset_mapping"] if offsets else None
+    tokenizer(texts[:1], add_special_tokens=True)
+    if offsets:
+        encs = backend.encode_batch(texts, add_special_tokens=True)
+        return [e.ids for e in encs], [e.offsets for e in encs]
+    return [e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=True)], None
 
 
 def prompt_text(row: dict, tokenizer) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -75,7 +76,12 @@ def parse_line(
 
 def read_jsonl(path: Path, bad: list[dict] | None = None) -> list[dict]:
     """Rows of a JSONL file. Malformed lines raise, or are appended to `bad` when it is given."""
-    rows = []
+    return list(iter_jsonl(path, bad))
+
+
+def iter_jsonl(path: Path, bad: list[dict] | None = None) -> Iterator[dict]:
+    """read_jsonl one row at a time (the file is read line by line)."""
+    rows = 0
     offset = 0
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
@@ -94,8 +100,8 @@ def read_jsonl(path: Path, bad: list[dict] | None = None) -> list[dict]:
                 row = parse_line(raw, path, lineno, offset, where, bad)
             offset += len(raw)
             if row is not None:
-                rows.append(row)
-    return rows
+                rows += 1
+                yield row
 
 
 def read_json(path: Path) -> list[dict]:
@@ -122,8 +128,18 @@ def read_json(path: Path) -> list[dict]:
     return [dict(row, _source=f"{path}#{i}") for i, row in enumerate(data)]
 
 
-def read_table(path: Path) -> list[dict]:
-    """CSV/TSV (header row) or Parquet through `datasets`."""
+def _dataset_rows(ds, where: str) -> Iterator[dict]:
+    """The rows of a `datasets` Dataset a batch at a time (tagged where#index)."""
+    i = 0
+    for batch in ds.iter(batch_size=1000):
+        cols = list(batch)
+        for values in zip(*(batch[c] for c in cols)):
+            yield dict(zip(cols, values), _source=f"{where}#{i}")
+            i += 1
+
+
+def read_table(path: Path) -> Iterator[dict]:
+    """CSV/TSV (header row) or Parquet through `datasets`, a batch at a time."""
     import datasets
 
     builder = TABLE_SUFFIXES[path.suffix]
@@ -132,7 +148,7 @@ def read_table(path: Path) -> list[dict]:
         ds = datasets.load_dataset(builder, data_files=str(path), split="train", **kwargs)
     except Exception as e:  # parser errors name the file themselves
         raise DataError(f"{path}: cannot read as {path.suffix[1:]} ({_first_line(e)})") from None
-    return [dict(row, _source=f"{path}#{i}") for i, row in enumerate(ds.to_list())]
+    return _dataset_rows(ds, str(path))
 
 
 def is_saved_dataset(p: Path) -> bool:
@@ -142,7 +158,7 @@ def is_saved_dataset(p: Path) -> bool:
     )
 
 
-def read_saved_dataset(p: Path) -> list[dict]:
+def read_saved_dataset(p: Path) -> Iterator[dict]:
     import datasets
 
     ds = datasets.load_from_disk(str(p))
@@ -150,29 +166,40 @@ def read_saved_dataset(p: Path) -> list[dict]:
         if "train" not in ds:
             raise DataError(f"{p}: saved DatasetDict has no 'train' split (splits: {', '.join(ds)})")
         ds = ds["train"]
-    return [dict(row, _source=f"{p}#{i}") for i, row in enumerate(ds.to_list())]
+    return _dataset_rows(ds, str(p))
 
 
 def read_path(spec: str, bad: list[dict] | None = None) -> list[dict]:
+    return list(iter_path(spec, bad))
+
+
+def iter_path(spec: str, bad: list[dict] | None = None) -> Iterator[dict]:
+    """The rows of one data.path entry in order (JSONL files line by line)."""
     p = Path(spec).expanduser()
     if p.is_dir():
         if is_saved_dataset(p):
-            return read_saved_dataset(p)
+            yield from read_saved_dataset(p)
+            return
         files = sorted(x for x in p.rglob("*") if x.suffix in SUFFIXES and x.is_file())
         if not files:
             raise DataError(
                 f"data.path {spec}: directory has no .jsonl/.json/.csv/.tsv/.parquet files and is "
                 "not a saved `datasets` directory"
             )
-        return [row for f in files for row in read_path(str(f), bad)]
+        for f in files:
+            yield from iter_path(str(f), bad)
+        return
     if p.is_file():
         if p.suffix == ".json":
-            return read_json(p)
-        if p.suffix in TABLE_SUFFIXES:
-            return read_table(p)
-        return read_jsonl(p, bad)
+            yield from read_json(p)
+        elif p.suffix in TABLE_SUFFIXES:
+            yield from read_table(p)
+        else:
+            yield from iter_jsonl(p, bad)
+        return
     if looks_like_hub_id(spec):
-        return _read_hub(spec)
+        yield from _read_hub(spec)
+        return
     raise DataError(
         f"data.path {spec}: no such file or directory ({p.resolve()}); give JSONL/JSON/CSV/TSV/Parquet "
         "files, a saved `datasets` directory or a hub id"
@@ -237,10 +264,16 @@ def mix(rows: list[dict], weights: list[float], seed: int) -> tuple[list[dict], 
     """Re-weight rows by their source (`_src`): source i gets a share weights[i]/sum(weights) of
     the same total, down-sampled without replacement or repeated (whole copies, then a sample).
     Returns the mixed rows (in a seeded order) and rows per source."""
-    by_src: dict[int, list[dict]] = {}
-    for row in rows:
-        by_src.setdefault(row.get("_src", 0), []).append(row)
-    total, wsum = len(rows), sum(weights)
+    picked, counts = mix_indices([row.get("_src", 0) for row in rows], weights, seed)
+    return [rows[i] for i in picked], counts
+
+
+def mix_indices(sources: list[int], weights: list[float], seed: int) -> tuple[list[int], dict[int, int]]:
+    """mix on row indices: `sources[i]` is row i's source."""
+    by_src: dict[int, list[int]] = {}
+    for i, src in enumerate(sources):
+        by_src.setdefault(src, []).append(i)
+    total, wsum = len(sources), sum(weights)
     rng = random.Random(f"mix:{seed}")
     out, counts = [], {}
     for i, w in enumerate(weights):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Sequence
 
 from distft.data.schemas import prompt_and_answer
 from distft.errors import DataError
@@ -46,19 +47,33 @@ def _quotas(sizes: dict, target: int, ratio: float, caps: dict) -> dict:
 def split_rows(
     rows: list[dict], ratios: list[float], seed: int, stratify: bool = True
 ) -> tuple[list[dict], list[dict], list[dict]]:
-    groups: dict[str, list[dict]] = {}
-    for row in rows:
-        groups.setdefault(prompt_and_answer(row)[0], []).append(row)
-    keys = list(groups)
     classification = stratify and bool(rows) and all("label" in r and "text" in r for r in rows)
-    strata: dict[str, list[str]] = {}
-    for k in keys:
-        label = str(groups[k][0]["label"]) if classification else ""
-        strata.setdefault(label, []).append(k)
+    labels = [str(r["label"]) for r in rows] if classification else None
+    parts = split_indices([prompt_and_answer(r)[0] for r in rows], labels, ratios, seed, rows.__getitem__)
+    return tuple([rows[i] for i in part] for part in parts)
+
+
+def split_indices(
+    keys: Sequence, labels: Sequence[str] | None, ratios: list[float], seed: int, row_at=None
+) -> tuple[list[int], list[int], list[int]]:
+    """Row indices of train, val and test. `keys[i]` is row i's group (its prompt, or any value
+    equal exactly when the prompts are, e.g. a digest); `labels` (str) stratify classification
+    rows, None for other rows. `row_at(i)` gives row i for error messages. Shuffles act on lists
+    whose order and lengths do not depend on what the keys are, so digests split as prompts do."""
+    groups: dict = {}
+    for i, key in enumerate(keys):
+        groups.setdefault(key, []).append(i)
+    group_list = list(groups.values())
+    del groups
+    classification = labels is not None
+    strata: dict[str, list[int]] = {}
+    for g, members in enumerate(group_list):
+        label = labels[members[0]] if classification else ""
+        strata.setdefault(label, []).append(g)
     for name in sorted(strata):
         random.Random(f"{seed}:{name}").shuffle(strata[name])
 
-    n_val, n_test = _targets(len(keys), ratios)
+    n_val, n_test = _targets(len(group_list), ratios)
     total = sum(ratios)
     sizes = {s: len(v) for s, v in strata.items()}
     caps = {s: n - 1 if classification else n for s, n in sizes.items()}  # one group stays in train
@@ -66,18 +81,18 @@ def split_rows(
     caps = {s: caps[s] - val_q[s] for s in sizes}
     test_q = _quotas(sizes, n_test, ratios[2] / total, caps)
 
-    out: dict[str, list[dict]] = {s: [] for s in SPLITS}
-    for s, ks in strata.items():
+    out: dict[str, list[int]] = {s: [] for s in SPLITS}
+    for s, gs in strata.items():
         cut = (val_q[s], val_q[s] + test_q[s])
-        for i, k in enumerate(ks):
+        for i, g in enumerate(gs):
             part = "val" if i < cut[0] else "test" if i < cut[1] else "train"
-            out[part] += groups[k]
+            out[part] += group_list[g]
     # Interleave strata in a seeded order (the sampler shuffles train again anyway).
     for s in SPLITS:
         random.Random(f"{seed}:order:{s}").shuffle(out[s])
-    _check(out, ratios, len(rows))
+    _check(out, ratios, len(keys))
     if classification:
-        check_labels(out)
+        check_label_indices(out, labels, row_at)
     return out["train"], out["val"], out["test"]
 
 
@@ -93,10 +108,20 @@ def _check(out: dict, ratios: list[float], n: int) -> None:
 
 def check_labels(parts: dict[str, list[dict]]) -> None:
     """Every label in val/test must also be in train (a classifier cannot predict an unseen label)."""
-    seen = {str(r["label"]) for r in parts["train"]}
+    rows = [r for name in SPLITS for r in parts.get(name, [])]
+    at, n = {}, 0
+    for name in SPLITS:
+        at[name] = list(range(n, n + len(parts.get(name, []))))
+        n += len(at[name])
+    check_label_indices(at, [str(r["label"]) for r in rows], rows.__getitem__)
+
+
+def check_label_indices(parts: dict[str, list[int]], labels: Sequence[str], row_at) -> None:
+    seen = {labels[i] for i in parts["train"]}
     for name in ("val", "test"):
-        for r in parts.get(name, []):
-            if str(r["label"]) not in seen:
+        for i in parts.get(name, []):
+            if labels[i] not in seen:
+                r = row_at(i)
                 raise DataError(
                     f"{r.get('_source', '?')}: label {r['label']!r} is in the {name} split but never in "
                     f"train (train labels: {sorted(seen)}); add training examples of it or remove it"

@@ -84,10 +84,12 @@ def _unpaired(row: dict) -> list[tuple[object, object, bool, int]]:
     return [(prompt, completion, bool(label), -1)]
 
 
-def encode_unpaired(rows: list[dict], tokenizer, cfg) -> tuple[list[dict], dict]:
+def encode_items(rows: list[dict], tokenizer, cfg, start: int = 0) -> tuple[list[dict], dict]:
+    """The examples of rows that are rows start, start+1, ... of their split, without their KL
+    partners (`link` adds them once the whole split is encoded), and the stats."""
     skips = Skips(cfg.method.max_skip_fraction, what="KTO")
     examples, truncated = [], 0
-    for i, row in enumerate(rows):
+    for i, row in enumerate(rows, start):
         try:
             items = []
             for prompt, completion, good, paired in _unpaired(row):
@@ -117,15 +119,37 @@ def encode_unpaired(rows: list[dict], tokenizer, cfg) -> tuple[list[dict], dict]
             truncated += cut
             examples.append(ex)
     skips.check(len(rows))
-    # Mismatched partners for the KL estimate: a seeded cycle over the split's examples.
-    order = list(range(len(examples)))
-    random.Random(cfg.train.seed).shuffle(order)
-    for a, b in zip(order, order[1:] + order[:1]):
-        room = cfg.data.max_length - len(examples[a]["prompt_ids"])
-        examples[a]["kl_ids"] = examples[b]["completion_ids"][: max(room, 1)]
     good = sum(e["label"] for e in examples)
     stats = {"truncated": truncated, "good": good, "bad": len(examples) - good, **skips.report()}
     return examples, stats
+
+
+def kl_partners(n: int, seed: int) -> list[int]:
+    """Each example's mismatched partner for the KL estimate: the next one in a seeded cycle over
+    the split's n examples (depends on n and the seed only, so chunks can be linked later)."""
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    partner = [0] * n
+    for a, b in zip(order, order[1:] + order[:1]):
+        partner[a] = b
+    return partner
+
+
+def link(examples, cfg, batch: int = 2000):
+    """Batches of the split's examples with their `kl_ids` (the partner's completion, cut to fit
+    after the example's prompt); `examples` may be a memory-mapped Rows (read by index)."""
+    partner = kl_partners(len(examples), cfg.train.seed)
+    for start in range(0, len(examples), batch):
+        out = examples[start : start + batch]
+        for a, ex in enumerate(out, start):
+            room = cfg.data.max_length - len(ex["prompt_ids"])
+            ex["kl_ids"] = examples[partner[a]]["completion_ids"][: max(room, 1)]
+        yield out
+
+
+def encode_unpaired(rows: list[dict], tokenizer, cfg) -> tuple[list[dict], dict]:
+    examples, stats = encode_items(rows, tokenizer, cfg)
+    return [ex for part in link(examples, cfg) for ex in part], stats
 
 
 class KTO(Method):
@@ -152,9 +176,21 @@ class KTO(Method):
     def default_rows(cfg) -> list[dict]:
         return default_pairs(cfg.data.num_examples)
 
+    skip_what = "KTO"
+
     @staticmethod
     def encode(rows: list[dict], tokenizer, cfg, train: bool) -> tuple[list[dict], dict]:
         return encode_unpaired(rows, tokenizer, cfg)
+
+    @staticmethod
+    def encode_chunk(rows: list[dict], tokenizer, cfg, train: bool, start: int) -> tuple[list[dict], dict]:
+        """Rows start.. of a split without KL partners (distft/data/encode.py encodes in chunks,
+        then `link_split` pairs them across the whole split)."""
+        return encode_items(rows, tokenizer, cfg, start)
+
+    @staticmethod
+    def link_split(examples, cfg):
+        return link(examples, cfg)
 
     def collate(self, examples: list[dict]) -> dict:
         """B examples then their B mismatched (KL) rows; `num_targets` counts examples."""

@@ -10,7 +10,7 @@ from distft.contracts import Method
 from distft.data import vision
 from distft.data.collate import as_row, pack, pad_batch
 from distft.data.default_tasks import sft_rows
-from distft.data.sft_format import IGNORE, tokenize_sft
+from distft.data.sft_format import IGNORE, tokenize_sft_batch
 from distft.eval import GENERATION_METRICS
 from distft.eval.generation import generation_metrics
 from distft.eval.vision import generation_metrics as vision_generation_metrics
@@ -42,8 +42,7 @@ class SFT(Method):
             return vision.encode(rows, vlm.processor_of(tokenizer), cfg, train)
         vision.refuse_images(rows, cfg.model.name_or_path)  # a text-only model would train on the paths
         examples, truncated, dropped = [], 0, 0
-        for row in rows:
-            ex = tokenize_sft(row, tokenizer, cfg.data.max_length, cfg.method.train_on_prompt)
+        for ex in tokenize_sft_batch(rows, tokenizer, cfg.data.max_length, cfg.method.train_on_prompt):
             truncated += ex.truncated
             if all(label == IGNORE for label in ex.labels):
                 dropped += 1  # truncation removed every target token

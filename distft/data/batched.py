@@ -1,0 +1,332 @@
+"""Read → map schemas → clean → split in batches, in bounded memory (issue 15 point 2).
+
+Source rows are read one at a time and cut into batches of BATCH rows; data.num_proc forked
+workers map and clean each batch row by row (schema mapping, normalization, PII masking, the
+filters, token lengths and the overlong filter) and compute what the later steps need: 16-byte
+digests of the exact-duplicate key, the prompt and the answer, hashes of the LSH bands of the
+prompt's MinHash signature (8 bytes a band), the first word of the completion and the label.
+The kept rows go to an Arrow file of pickled rows (`Store`) as batches come back, in order; the
+main process keeps those small per-row arrays only. Exact dedup (first occurrence wins), near
+dedup (on the band hashes; only candidate pairs' rows are read back and their signatures
+computed again), the conflict count, the grouped split and the mix then work on them.
+
+Every decision and every count of the data report is the one `clean` + `split_rows` make on the
+whole list (tests/test_data_batched.py compares them on rows with duplicates, near duplicates,
+malformed lines, personal data, too long and too short rows); errors come in the same order:
+reading errors first, then the first row without a known schema, then chat rows without an
+assistant turn.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import multiprocessing as mp
+import pickle
+from collections import deque
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from distft.data import clean as cl
+from distft.data.report import first_word
+from distft.data.schemas import (
+    assistant_turns_error,
+    prompt_and_answer,
+    to_canonical,
+    without_assistant_turn,
+)
+from distft.data.sources import iter_path, mix_indices
+from distft.data.split import split_indices
+from distft.errors import DataError
+
+BATCH = 2000
+SCHEMA = pa.schema([("row", pa.large_binary())])
+
+
+# ---------------------------------------------------------------- the row store
+class Store:
+    """Kept rows in an Arrow IPC file (one pickled row a record), memory-mapped once written."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._sink = pa.OSFile(str(self.path), "wb")
+        self._writer = pa.ipc.new_file(self._sink, SCHEMA)
+        self.table: pa.Table | None = None
+
+    def add(self, pickled: list[bytes]) -> None:
+        if pickled:
+            self._writer.write_batch(pa.record_batch([pa.array(pickled, pa.large_binary())], schema=SCHEMA))
+
+    def close(self) -> None:
+        self._writer.close()
+        self._sink.close()
+        self.table = pa.ipc.open_file(pa.memory_map(str(self.path))).read_all()
+
+    def rows(self, indices) -> StoreRows:
+        return StoreRows(self.table, np.asarray(indices, dtype=np.int64))
+
+
+class StoreRows(Sequence):
+    """Rows of a Store by index: row k is decoded when it is asked for. Rows are fetched from the
+    file's record batches one by one (a take on the whole chunked column would first concatenate
+    every chunk: a copy of the store per call)."""
+
+    def __init__(self, table: pa.Table, indices: np.ndarray):
+        col = table.column("row")
+        self._chunks = col.chunks
+        self._starts = np.cumsum([0] + [len(c) for c in self._chunks])
+        self.indices = indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def _row(self, i: int) -> dict:
+        k = int(np.searchsorted(self._starts, i, side="right")) - 1
+        return pickle.loads(self._chunks[k][i - int(self._starts[k])].as_py())
+
+    def __getitem__(self, k):
+        if isinstance(k, slice):
+            return [self._row(int(i)) for i in self.indices[k]]
+        return self._row(int(self.indices[k]))
+
+    def __iter__(self) -> Iterator[dict]:
+        for i in self.indices:
+            yield self._row(int(i))
+
+
+# ---------------------------------------------------------------- one batch (in a worker)
+_W: dict = {}
+
+
+def _digest(text: str) -> bytes:
+    return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+
+
+def _clean_batch(raw: list[dict]) -> dict:
+    """Map and clean one batch; per stage its drops, and per kept row its features."""
+    w, c = _W, _W["data"]
+    mapped, empty, formats = to_canonical(raw, c.format, c.columns, w["kind"], w["name"], check_turns=False)
+    no_turn = without_assistant_turn(mapped) if w["kind"] == "sft" else []
+    res0, res1, res2 = (cl.Cleaned([], None, {}) for _ in range(3))
+    for row in empty:
+        res0.drop("empty", row, "no content")
+    rows = cl._normalize(mapped, c, res1)
+    if c.pii_mask:
+        rows = cl._mask_pii(rows, c, res1)
+    rows = cl._filter(rows, c, res1)
+    lengths = w["lengths_of"](rows)
+    if c.overlong == "drop" and w["max_tokens"]:
+        rows, lengths = cl._drop_overlong(rows, lengths, w["max_tokens"], res2)
+    parts = [prompt_and_answer(r) for r in rows]
+    return {
+        "loaded": len(mapped) + len(empty),
+        "formats": formats,
+        "no_turn": (len(no_turn), no_turn[:5]),
+        "drops": [res0.drops, res1.drops, res2.drops],
+        "normalized": res1.normalized,
+        "pii": res1.pii,
+        "rows": [pickle.dumps(r, protocol=pickle.HIGHEST_PROTOCOL) for r in rows],
+        "lengths": np.asarray(lengths, dtype=np.int64),
+        "content": b"".join(_digest(cl.content_key(r)) for r in rows),
+        "prompt": b"".join(_digest(p) for p, _ in parts),
+        "answer": b"".join(_digest(a) for _, a in parts),
+        "bands": cl.band_hashes(cl._signatures([p for p, _ in parts]), *w["near"]) if w["near"] else None,
+        "labels": [str(r["label"]) if "label" in r and "text" in r else None for r in rows],
+        "first_words": [first_word(r) for r in rows],
+        "src": np.asarray([r.get("_src", 0) for r in rows], dtype=np.int64),
+    }
+
+
+def ordered(fn, items: Iterator, num_proc: int, init, initargs) -> Iterator:
+    """Calls that give fn(item) for the items in order, computed in num_proc forked workers with
+    at most 2 x num_proc batches in flight (reading waits for the workers, so memory holds a few
+    batches, not the file)."""
+    if num_proc <= 1:
+        init(*initargs)
+        for item in items:
+            yield lambda item=item: fn(item)
+        return
+    with mp.get_context("fork").Pool(num_proc, initializer=init, initargs=initargs) as pool:
+        pending: deque = deque()
+        for item in items:
+            pending.append(pool.apply_async(fn, (item,)))
+            if len(pending) >= 2 * num_proc:
+                yield pending.popleft().get
+        while pending:
+            yield pending.popleft().get
+
+
+def _init(data_cfg, kind, name, lengths_of, max_tokens, near) -> None:
+    _W.update(data=data_cfg, kind=kind, name=name, lengths_of=lengths_of, max_tokens=max_tokens, near=near)
+
+
+# ---------------------------------------------------------------- the whole source
+@dataclass
+class Sources:
+    """What was read: per source its spec, rows and malformed lines."""
+
+    specs: list[str]
+    rows: list[int] = field(default_factory=list)
+    bad_lines: list[list[dict]] = field(default_factory=list)
+
+
+def _read(
+    specs: list[str], bad_lines: str, embedded: list[dict] | None, seen: Sources
+) -> Iterator[list[dict]]:
+    """Batches of source rows (tagged `_src`), read row by row."""
+    batch: list[dict] = []
+    for i, spec in enumerate(specs):
+        bad: list[dict] = []
+        seen.rows.append(0)
+        seen.bad_lines.append(bad)
+        rows = embedded if embedded is not None else iter_path(spec, bad if bad_lines == "skip" else None)
+        for row in rows:
+            row["_src"] = i
+            seen.rows[i] += 1
+            batch.append(row)
+            if len(batch) == BATCH:
+                yield batch
+                batch = []
+    if batch:
+        yield batch
+
+
+def _merge_drops(into: dict, drops: dict) -> None:
+    for reason, d in drops.items():
+        m = into.setdefault(reason, {"count": 0, "examples": []})
+        m["count"] += d["count"]
+        m["examples"] += d["examples"][: cl.EXAMPLES_PER_REASON - len(m["examples"])]
+
+
+def _first_occurrences(digests: np.ndarray) -> np.ndarray:
+    """For each row (16-byte digest as two uint64), the index of the first row with its digest."""
+    if not len(digests):
+        return np.zeros(0, dtype=np.int64)
+    order = np.lexsort((digests[:, 1], digests[:, 0]))  # stable: equal digests keep row order
+    d = digests[order]
+    starts = np.r_[True, np.any(d[1:] != d[:-1], axis=1)]
+    first = np.empty(len(order), dtype=np.int64)
+    first[order] = order[np.flatnonzero(starts)][np.cumsum(starts) - 1]
+    return first
+
+
+@dataclass
+class Prepared:
+    """What prepare_rows gives: the cleaning result (its rows a StoreRows), the split's parts as
+    StoreRows, the sources read and the formats found."""
+
+    cleaned: cl.Cleaned
+    parts: dict[str, StoreRows]
+    sources: Sources
+    formats: dict[str, int]
+    mixed: dict[int, int] | None = None
+
+
+def prepare_rows(cfg, method, lengths_of, store: Store, kind: str | None, embedded=None) -> Prepared:
+    """Read, map, clean and split data.path (or the `embedded` rows) in batches."""
+    d = cfg.data
+    specs = list(d.path) if embedded is None else [f"<embedded {cfg.method.name} data>"]
+    seen = Sources(specs)
+    near = cl.lsh_params(d.near_dedup_threshold) if d.near_dedup and d.near_dedup_threshold > 0 else None
+    initargs = (d, kind, cfg.method.name, lengths_of, d.max_length, near)
+    stages: list[dict] = [{}, {}, {}]
+    formats: dict[str, int] = {}
+    pii: dict[str, int] = {}
+    loaded = normalized = no_turn = 0
+    first_no_turn: list[dict] = []
+    error: Exception | None = None
+    cols: dict[str, list] = {k: [] for k in ("lengths", "content", "prompt", "answer", "bands", "src")}
+    labels: list = []
+    words: list = []
+    batches = _read(specs, d.bad_lines, embedded, seen)
+    for job in ordered(_clean_batch, batches, d.num_proc, _init, initargs):
+        try:
+            out = job()
+        except DataError as e:  # the first schema error, raised once every source is read
+            error = error or e
+            continue
+        if error is not None:
+            continue
+        loaded += out["loaded"]
+        for k, v in out["formats"].items():
+            formats[k] = formats.get(k, 0) + v
+        no_turn += out["no_turn"][0]
+        first_no_turn += out["no_turn"][1][: 5 - len(first_no_turn)]
+        for into, drops in zip(stages, out["drops"]):
+            _merge_drops(into, drops)
+        normalized += out["normalized"]
+        for k, v in out["pii"].items():
+            pii[k] = pii.get(k, 0) + v
+        store.add(out["rows"])
+        for k in cols:
+            cols[k].append(out[k])
+        labels += out["labels"]
+        words += out["first_words"]
+    store.close()
+    if not sum(seen.rows):
+        bad = sum(len(b) for b in seen.bad_lines)
+        extra = f" ({bad} malformed lines skipped)" if bad else ""
+        where = (
+            ", ".join(specs) if embedded is None else f"the embedded default data of method={cfg.method.name}"
+        )
+        raise DataError(f"no rows in {where}{extra}; check data.path")
+    if error is not None:
+        raise error
+    if no_turn:
+        raise assistant_turns_error(no_turn, first_no_turn, cfg.method.name)
+
+    n = store.table.num_rows
+    lengths = np.concatenate(cols["lengths"]) if n else np.zeros(0, dtype=np.int64)
+    digest = {
+        k: np.frombuffer(b"".join(cols[k]), dtype="<u8").reshape(-1, 2)
+        for k in ("content", "prompt", "answer")
+    }
+    res = cl.Cleaned([], None, {"loaded": loaded})
+    res.normalized, res.pii = normalized, pii if d.pii_mask else {}
+    for drops in stages:
+        _merge_drops(res.drops, drops)
+    keep = np.arange(n)
+    all_rows = store.rows(keep)
+    if d.dedup:  # first occurrence wins
+        first = _first_occurrences(digest["content"])
+        dup = first != keep
+        for i in np.flatnonzero(dup)[: cl.EXAMPLES_PER_REASON]:
+            res.drop("exact_duplicate", all_rows[i], f"same as {all_rows[first[i]].get('_source', '?')}")
+        if dup.any():
+            res.drops["exact_duplicate"]["count"] = int(dup.sum())
+        keep = keep[~dup]
+    if near and len(keep) > 1:
+        hashes = np.concatenate(cols["bands"])[keep]
+        kept = cl.near_duplicates(store.rows(keep), d.near_dedup_threshold, res, hashes=hashes)
+        keep = keep[np.asarray(kept, dtype=np.int64)]
+    if len(keep):  # prompts with more than one distinct answer
+        pairs = np.unique(np.concatenate([digest["prompt"][keep], digest["answer"][keep]], axis=1), axis=0)
+        res.conflicts = int((np.unique(pairs[:, :2], axis=0, return_counts=True)[1] > 1).sum())
+    res.rows, res.lengths = store.rows(keep), lengths[keep].tolist()
+    res.first_words = [words[i] for i in keep]
+    kept_labels = [labels[i] for i in keep]
+    res.labels = kept_labels if kept_labels and all(x is not None for x in kept_labels) else None
+    for reason in ("empty", "too_short", "too_long", "filtered", "exact_duplicate", "near_duplicate"):
+        res.counts[reason] = res.drops.get(reason, {}).get("count", 0)
+    res.counts["duplicates_removed"] = res.counts["exact_duplicate"] + res.counts["near_duplicate"]
+    res.counts["kept"] = len(keep)
+    prepared = Prepared(res, {}, seen, formats)
+    if not len(keep):
+        return prepared
+
+    keys = [bytes(k) for k in digest["prompt"][keep]]  # equal exactly when the prompts are
+    strat = res.labels if d.stratify else None
+    parts = split_indices(keys, strat, d.splits, cfg.train.seed, res.rows.__getitem__)
+    train = parts[0]
+    if d.weights:
+        srcs = np.concatenate(cols["src"])[keep]
+        picked, prepared.mixed = mix_indices(
+            srcs[np.asarray(train, dtype=np.int64)].tolist(), d.weights, cfg.train.seed
+        )
+        train = [train[i] for i in picked]
+    for name, idx in zip(("train", "val", "test"), (train, parts[1], parts[2])):
+        prepared.parts[name] = store.rows(keep[np.asarray(idx, dtype=np.int64)])
+    return prepared
