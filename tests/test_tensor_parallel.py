@@ -92,7 +92,8 @@ def _family_checks() -> dict:
     shape = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2)
     shape.update(num_attention_heads=4, num_key_value_heads=2, head_dim=8)
     shape.update(pad_token_id=0, bos_token_id=1, eos_token_id=1)
-    cfg = SimpleNamespace(strategy=SimpleNamespace(tp=2), tuning=SimpleNamespace(name="full"))
+    cfg = SimpleNamespace(strategy=SimpleNamespace(tp=2, tp_sequence_parallel=True))
+    cfg.tuning = SimpleNamespace(name="full")
     cfg.method = SimpleNamespace(name="sft")
     mesh = init_device_mesh("cpu", (2,), mesh_dim_names=("tp",))
     out = {}
@@ -107,7 +108,7 @@ def _family_checks() -> dict:
         model = AutoModelForCausalLM.from_config(config)
         ref = copy.deepcopy(model)
         apply_tp(model, mesh, cfg)
-        ids = torch.randint(0, 64, (2, 12))
+        ids = torch.randint(0, 64, (2, 13))  # 13 tokens: an uneven split by sequence
         got, want = model(input_ids=ids, labels=ids), ref(input_ids=ids, labels=ids)
         got.loss.backward()
         want.loss.backward()
@@ -117,8 +118,28 @@ def _family_checks() -> dict:
             "logits": float((got.logits - want.logits).detach().abs().max() / want.logits.abs().max()),
             "grad": float((g.grad.full_tensor() - g_ref).abs().max() / g_ref.abs().max()),
             "local_rows": g.to_local().shape[0] / g.shape[0],
+            "residual": _residual_placement(model, ids),
         }
     return out
+
+
+def _residual_placement(model, ids) -> str:
+    """How the residual stream reaches the second decoder layer: "S(1)" (split by sequence) with
+    sequence parallelism, "local" without."""
+    from torch.distributed.tensor import DTensor
+
+    root = model.get_base_model() if hasattr(model, "get_base_model") else model
+    seen = []
+
+    def look(_mod, args, kwargs):
+        x = args[0] if args else kwargs["hidden_states"]
+        seen.append(str(x.placements[-1]) if isinstance(x, DTensor) else "local")
+
+    handle = root.model.layers[1].register_forward_pre_hook(look, with_kwargs=True)
+    with torch.no_grad():
+        model(input_ids=ids)
+    handle.remove()
+    return seen[0]
 
 
 def _tokens_counted(trainer) -> tuple[float, float]:
@@ -140,6 +161,8 @@ def _job(root: str, name: str, out: dict) -> None:
     trainer.train()  # exports: full weights, or the adapter
     if name.startswith("tp2_"):
         out[name] = _placements(trainer.strategy.module)
+        ids = torch.tensor([trainer.data.train[0]["input_ids"][:9]])  # 9 tokens: uneven
+        out[name]["residual"] = _residual_placement(trainer.strategy.module, ids)
     if name == "tp2_full":
         out["tokens"] = _tokens_counted(trainer)
 
@@ -261,6 +284,8 @@ def test_sharding_follows_the_plan(runs):
     assert lora[q + "lora_A.default.weight"] == ["R", True]
     assert lora[o + "lora_A.default.weight"] == ["S(1)", True]
     assert lora[o + "lora_B.default.weight"] == ["R", True]
+    # Sequence parallelism (on by default): the residual stream between layers is split by sequence.
+    assert full["residual"] == lora["residual"] == "S(1)"
 
 
 @pytest.mark.slow
@@ -270,6 +295,8 @@ def test_other_families_match_unsharded(runs):
         assert c["logits"] < 1e-5 and c["grad"] < 1e-5, (kind, c)
         if kind != "gemma":  # o_proj is rowwise: its output rows are whole
             assert c["local_rows"] == 0.5, (kind, c)
+        # Plain plans split the residual stream by sequence; Phi-3's gathered outputs do not.
+        assert c["residual"] == ("local" if kind == "phi3" else "S(1)"), (kind, c)
 
 
 @pytest.mark.quick

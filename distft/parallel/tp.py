@@ -4,8 +4,15 @@ column- / row-wise over the mesh's "tp" dimension with torch's `parallelize_modu
 The plan is the model's own (`config.base_model_tp_plan` in transformers, e.g. Llama's q/k/v and
 gate/up "colwise", o and down "rowwise"); families without one get FAMILY_PLANS. Attention reshapes
 with `view(..., -1, head_dim)`, so it runs on its local heads once q/k/v are column-sharded; the
-head-count attributes some attention modules keep are divided too. Embedding, norms and lm_head
-stay replicated (their gradients are the same on every tp rank, since their inputs are).
+head-count attributes some attention modules keep are divided too. Embedding and lm_head stay
+replicated (their gradients are the same on every tp rank, since their inputs are).
+
+Sequence parallelism (`strategy.tp_sequence_parallel`, on by default where the plan is plain
+colwise/rowwise): outside the projections, the residual stream and the decoder's norms hold 1/tp
+of the sequence on each rank (a norm works on each token alone), so those activations are not
+repeated on every tp rank. A block (attention, MLP) gathers its input whole before its
+column-sharded projections; a row-sharded projection reduce-scatters its output by sequence (a
+LoRA-wrapped one all-reduces, as without sequence parallelism, and keeps its slice).
 
 LoRA adapters follow their base layer: for a column-sharded base lora_B is column-sharded and
 lora_A replicated (its input gradient is all-reduced by the colwise input), for a row-sharded base
@@ -157,9 +164,11 @@ def _replicate_rest(root: torch.nn.Module, tp_mesh) -> None:
                 done[id(p)] = torch.nn.Parameter(local, requires_grad=p.requires_grad)
             mod.register_parameter(n, done[id(p)])
 
-    def to_dtensor(_mod, inputs, mesh):
+    def to_dtensor(_mod, inputs, mesh):  # a DTensor input (sequence parallelism's) stays one
         return tuple(
-            DTensor.from_local(x, mesh, [Replicate()], run_check=False) if torch.is_tensor(x) else x
+            DTensor.from_local(x, mesh, [Replicate()], run_check=False)
+            if torch.is_tensor(x) and not isinstance(x, DTensor)
+            else x
             for x in inputs
         )
 
@@ -170,6 +179,63 @@ def _replicate_rest(root: torch.nn.Module, tp_mesh) -> None:
         own = list(mod.parameters(recurse=False))
         if own and not all(isinstance(p, DTensor) for p in own):
             distribute_module(mod, tp_mesh, partition, to_dtensor, to_local)
+
+
+def sequence_parallel(cfg, found: dict[str, str]) -> bool:
+    """Whether the job splits norms and the residual stream by sequence: asked for, and a plain
+    plan (gathered-output styles re-split their activations themselves)."""
+    wanted = bool(getattr(cfg.strategy, "tp_sequence_parallel", False))
+    return wanted and set(found.values()) <= {"colwise", "rowwise"}
+
+
+def _rowwise_to_sequence():
+    from torch.distributed.tensor import Shard
+    from torch.distributed.tensor.parallel import RowwiseParallel
+
+    return RowwiseParallel(output_layouts=Shard(1), use_local_output=False)
+
+
+def _sequence_norms(base: torch.nn.Module, found: dict[str, str]) -> dict[str, object]:
+    """The decoder layers' own norms and the final norm, split by sequence (not norms inside a
+    block, e.g. Qwen3's q_norm/k_norm, which see whole sequences of local heads)."""
+    from torch.distributed.tensor.parallel import SequenceParallel
+
+    layers = {n.rsplit(".", 2)[0] for n in found}  # "layers.3.self_attn.q_proj" -> "layers.3"
+    plan: dict[str, object] = {}
+    for name, mod in base.named_modules():
+        leaf_norm = "norm" in type(mod).__name__.lower() and not list(mod.children())
+        if leaf_norm and (name.rpartition(".")[0] in layers or name == "norm"):
+            plan[name] = SequenceParallel(use_local_output=False)
+    return plan
+
+
+def _sequence_hooks(base: torch.nn.Module, found: dict[str, str], tp_mesh, split_after: list[str]) -> None:
+    """Around the sequence-parallel plan: the embedding's output sliced by sequence, each block
+    with column-sharded projections gathering its input whole (still a DTensor, so its gradient
+    returns by reduce-scatter), LoRA-wrapped row-sharded outputs sliced, the final norm's output
+    whole again for lm_head."""
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+
+    def slice_output(_mod, _inputs, out):
+        return DTensor.from_local(out, tp_mesh, [Replicate()], run_check=False).redistribute(
+            tp_mesh, [Shard(1)]
+        )
+
+    def gather_inputs(_mod, args, kwargs):
+        def whole(x):
+            return x.redistribute(placements=[Replicate()]) if isinstance(x, DTensor) else x
+
+        return tuple(whole(a) for a in args), {k: whole(v) for k, v in kwargs.items()}
+
+    def whole_output(_mod, _inputs, out):
+        return out.redistribute(placements=[Replicate()]).to_local()
+
+    base.get_input_embeddings().register_forward_hook(slice_output)
+    for name in split_after:
+        base.get_submodule(name).register_forward_hook(slice_output)
+    for block in {n.rsplit(".", 1)[0] for n, s in found.items() if s == "colwise"}:
+        base.get_submodule(block).register_forward_pre_hook(gather_inputs, with_kwargs=True)
+    base.get_submodule("norm").register_forward_hook(whole_output)
 
 
 def parallelize(model: torch.nn.Module, cfg, info):
@@ -198,7 +264,9 @@ def apply_tp(model: torch.nn.Module, tp_mesh, cfg) -> torch.nn.Module:
     found = _matches(model_plan(root.config), named)
     if not found:
         raise ConfigError(f"strategy.tp: the tensor-parallel plan matched no module of {type(base).__name__}")
+    sequence = sequence_parallel(cfg, found) and isinstance(getattr(base, "norm", None), torch.nn.Module)
     plan: dict[str, object] = {}
+    split_after: list[str] = []  # LoRA-wrapped row-sharded layers: their whole output is sliced
     for name, style in found.items():
         mod = named[name]
         if hasattr(mod, "base_layer") and hasattr(mod, "lora_A"):  # a PEFT LoRA layer around the Linear
@@ -206,15 +274,25 @@ def apply_tp(model: torch.nn.Module, tp_mesh, cfg) -> torch.nn.Module:
             sharded = "lora_B" if style.startswith("colwise") else "lora_A"
             for key in getattr(mod, sharded):
                 plan[f"{name}.{sharded}.{key}"] = styles[style]()
+            if sequence and style == "rowwise":
+                split_after.append(name)
         elif isinstance(mod, torch.nn.Linear):
-            plan[name] = styles[style]()
+            plan[name] = _rowwise_to_sequence() if sequence and style == "rowwise" else styles[style]()
         else:
             raise ConfigError(
                 f"strategy.tp: {name} is a {type(mod).__name__}, which tensor parallelism cannot shard; "
                 "use strategy.tp=1"
             )
+    if sequence:
+        plan.update(_sequence_norms(base, found))
+    frozen = {n for n, p in base.named_parameters() if not p.requires_grad}
     parallelize_module(base, tp_mesh, plan)
+    for n, p in base.named_parameters():  # SequenceParallel's replicas come back trainable
+        if n in frozen:
+            p.requires_grad_(False)
     _replicate_rest(root, tp_mesh)
+    if sequence:
+        _sequence_hooks(base, found, tp_mesh, split_after)
     # Attention whose q/k/v outputs stay sharded runs on its local heads; with gathered outputs
     # (Phi-3's fused qkv) it runs every head on every rank and keeps its counts.
     for name, mod in named.items():

@@ -31,6 +31,9 @@ class FsdpConfig:
     """Context parallelism: ulysses (all-to-all of heads; needs heads % cp == 0) or ring (GPU)."""
     tp: int = num(1, ge=1)
     """Tensor-parallel degree: attention and MLP projections split over this many ranks."""
+    tp_sequence_parallel: bool = True
+    """With tp > 1: norms and the residual stream split by sequence over the tp ranks (less activation
+    memory; a block's input is all-gathered, its output reduce-scattered)."""
     ep: int = num(1, ge=1)
     """Expert-parallel degree (MoE models): experts split over this many ranks, tokens sent by all-to-all."""
 
