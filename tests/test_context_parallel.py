@@ -1,10 +1,11 @@
-"""Context parallelism (strategy.cp, Ulysses) and the FSDP2 family's device mesh.
+"""Context parallelism (strategy.cp, Ulysses and all-gather) and the FSDP2 family's device mesh.
 
 One pair of real gloo processes spawned inside pytest runs, in turn: cp=2 on 2 ranks with packing
-off and on; dp=2 saving a checkpoint that cp=2 (dp=1) resumes through DCP; DPO, KTO, GRPO and PPO
-under cp=2 (whole-row losses); then rank 0 alone runs the 1-rank references. fp32, dropout
-off, the same global batch: losses and final parameters must agree within 1e-4 relative. Quick
-single-process tests cover the batch slicing, token counting and the one-line config errors.
+off and on (and all-gather attention with packing); dp=2 saving a checkpoint that cp=2 (dp=1)
+resumes through DCP; DPO, KTO, GRPO and PPO under cp=2 (whole-row losses); then rank 0 alone runs
+the 1-rank references. fp32, dropout off, the same global batch: losses and final parameters must
+agree within 1e-4 relative. Quick single-process tests cover the batch slicing, token counting
+and the one-line config errors.
 """
 
 from __future__ import annotations
@@ -82,6 +83,7 @@ def _worker(rank: int, world: int, port: int, root: str) -> None:
     root_p = Path(root)
     _run(root_p, "cp_nopack", rank, *CP, "data.packing=false")
     _run(root_p, "cp_pack", rank, *CP, "data.packing=true")
+    _run(root_p, "ag_pack", rank, *CP, "strategy.cp_style=allgather", "data.packing=true")
     # Resume across meshes: dp=2 × micro 2 saves step 3; dp=1 × cp=2 × micro 4 continues it.
     _run(
         root_p,
@@ -157,6 +159,19 @@ def test_ulysses_cp2_equals_one_rank_packing_off_and_on(runs):
         assert max(diffs) <= TOL, f"packing {packing}: losses, params, eval loss differ by {diffs} rel"
     # The runs really differ from each other (packing changes the batches): the check can fail.
     assert loss_diff(runs / "cp_pack", runs / "cp_nopack", [1]) > TOL
+
+
+@pytest.mark.slow
+def test_allgather_cp2_equals_one_rank_with_packing(runs):
+    """cp_style=allgather (each rank's query slice against the all-gathered whole-sequence keys and
+    values, the packing mask's rows of the slice): the same losses, weights and held-out loss."""
+    ag, one = runs / "ag_pack", runs / "one_pack"
+    steps = range(1, STEPS + 1)
+    diffs = (loss_diff(ag, one, steps), param_diff(ag, one), loss_diff(ag, one, [STEPS], "eval/loss"))
+    print("allgather cp=2 vs 1 rank, packing (loss, params, eval loss; rel):", diffs)
+    layout = json.loads((ag / "layout.json").read_text())
+    assert layout == {"dp": 1, "cp": 2, "attn": "distft_cp_allgather"}, layout
+    assert max(diffs) <= TOL, diffs
 
 
 @pytest.mark.slow

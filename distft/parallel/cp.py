@@ -1,9 +1,9 @@
-"""Context parallelism, Ulysses style: each rank of a context-parallel group holds a contiguous
-1/cp slice of every sequence of the micro-batch; around attention an all-to-all trades the
-sequence split for a head split (each rank then attends over the full sequence for heads/cp
-heads, with the exact causal and packing mask), and a second all-to-all trades it back.
-Everything else (embeddings, MLPs, norms, the output projection and the loss) runs on the
-rank's slice, so activation memory per rank falls with cp.
+"""Context parallelism (Ulysses; all-gather at the end of this file): each rank of a
+context-parallel group holds a contiguous 1/cp slice of every sequence of the micro-batch;
+around attention an all-to-all trades the sequence split for a head split (each rank then
+attends over the full sequence for heads/cp heads, with the exact causal and packing mask), and
+a second all-to-all trades it back. Everything else (embeddings, MLPs, norms, the output
+projection and the loss) runs on the rank's slice, so activation memory per rank falls with cp.
 
 How a batch flows (`shard_batch` before the step, the hooks `attach` puts on the model):
   - the batch is padded to a multiple of cp (padding continues the last position run and is never
@@ -45,7 +45,9 @@ from distft.data.sft_format import IGNORE
 from distft.errors import ConfigError
 
 ATTN = "distft_ulysses"
-"""The attention implementation name registered with transformers."""
+"""The attention implementation name registered with transformers (cp_style=ulysses)."""
+ATTN_ALLGATHER = "distft_cp_allgather"
+"""The one for cp_style=allgather."""
 SPLIT_KEYS = ("input_ids", "labels", "position_ids")
 WHOLE = "cp_whole_rows"
 """Batch key (True): the method's loss needs whole rows (the model splits and gathers itself)."""
@@ -112,16 +114,18 @@ def active(group, size: int, whole: bool = False):
 
 
 # ----------------------------------------------------------------------------- model
-def attach(model: torch.nn.Module) -> None:
-    """Route `model`'s attention through the Ulysses function and split its forward inside `active()`.
-    `model` is what training calls forward on (a PEFT wrapper or the transformers model)."""
+def attach(model: torch.nn.Module, style: str = "ulysses") -> None:
+    """Route `model`'s attention through the context-parallel function of `style` (ulysses or
+    allgather) and split its forward inside `active()`. `model` is what training calls forward on
+    (a PEFT wrapper or the transformers model)."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-    AttentionInterface.register(ATTN, ulysses_attention)
-    AttentionMaskInterface.register(ATTN, sdpa_mask)  # outside active(): sdpa's own masks
+    name, fn = (ATTN_ALLGATHER, allgather_attention) if style == "allgather" else (ATTN, ulysses_attention)
+    AttentionInterface.register(name, fn)
+    AttentionMaskInterface.register(name, sdpa_mask)  # outside active(): sdpa's own masks
     root = model.get_base_model() if hasattr(model, "get_base_model") else model
-    root.set_attn_implementation(ATTN)
+    root.set_attn_implementation(name)
     model.register_forward_pre_hook(_split_inputs, with_kwargs=True, prepend=True)
     model.register_forward_hook(_restore_length)
 
@@ -246,3 +250,29 @@ def ulysses_attention(module, query, key, value, attention_mask, dropout=0.0, sc
         q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=mask is None, scale=scaling
     )
     return heads_to_seq(out, n).transpose(1, 2).contiguous(), None
+
+
+def allgather_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """transformers attention function, cp_style=allgather: each rank keeps its (B, H, L/cp, D)
+    query slice and attends over the keys and values of the whole sequence, all-gathered along it
+    (autograd-aware: backward reduce-scatters their gradients), with this slice's rows of the
+    causal and packing mask. Exact like Ulysses, with no condition on the head counts; each rank
+    holds whole-sequence K/V (ring attention passes them round in blocks instead, on GPU)."""
+    from torch.distributed._functional_collectives import all_gather_tensor_autograd, wait_tensor
+    from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+
+    if _STATE.group is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
+    k, v = (wait_tensor(all_gather_tensor_autograd(t.contiguous(), 2, _STATE.group)) for t in (key, value))
+    if k.size(1) != query.size(1):
+        k, v = repeat_kv(k, query.size(1) // k.size(1)), repeat_kv(v, query.size(1) // v.size(1))
+    rows = query.size(2)
+    lo = _STATE.rank * rows
+    full = _mask(getattr(module, "sliding_window", None))
+    if full is None:  # plain causal over the whole sequence: this slice's rows of it
+        idx = torch.arange(k.size(2), device=query.device)
+        full = (idx[:, None] >= idx[None, :])[None, None]
+    out = F.scaled_dot_product_attention(
+        query, k, v, attn_mask=full[:, :, lo : lo + rows], dropout_p=dropout, scale=scaling
+    )
+    return out.transpose(1, 2).contiguous(), None

@@ -25,8 +25,9 @@ class HsdpConfig:
     """Free gathered layer weights after forward (ZeRO-3-like); false keeps them (ZeRO-2-like)."""
     cp: int = num(1, ge=1)
     """Context-parallel degree (inside a shard group): each sequence split over this many ranks."""
-    cp_style: Literal["ulysses", "ring"] = "ulysses"
-    """Context parallelism: ulysses (all-to-all of heads; needs heads % cp == 0) or ring (GPU)."""
+    cp_style: Literal["ulysses", "allgather", "ring"] = "ulysses"
+    """Context parallelism: ulysses (all-to-all of heads; needs heads % cp == 0), allgather (each rank
+    attends over all-gathered whole-sequence keys/values; any head count) or ring (GPU)."""
     tp: int = num(1, ge=1)
     """Tensor-parallel degree (inside a shard group): projections split over this many ranks."""
     tp_sequence_parallel: bool = True

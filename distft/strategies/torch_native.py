@@ -85,7 +85,7 @@ class TorchNativeStrategy(Strategy):
     def setup(self, model: torch.nn.Module) -> None:
         self.model = self._placed(model)
         if self.cp_size > 1:
-            cp.attach(self.model)
+            cp.attach(self.model, self.cfg.strategy.cp_style)
         self.module = getattr(self.model, "module", self.model)  # DDP wraps, FSDP2 does not
         self.optimizer = build_adamw(self.module, self.cfg)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
@@ -164,7 +164,7 @@ class TorchNativeStrategy(Strategy):
             return model.to(self.info.device).eval()
         model = self._placed(model).eval()
         if self.cp_size > 1:  # a reference's forward inside the policy's split runs split too
-            cp.attach(model)
+            cp.attach(model, self.cfg.strategy.cp_style)
         return model
 
     # Checkpoints: DCP writes one shard per rank and reshards on load (any world size).
