@@ -38,8 +38,8 @@ def _prepared(cfg, tok, run_dir, is_main=True):
 @pytest.mark.parametrize(
     "overrides,encoding",
     [
-        ([], "tokens"),
-        (["data.packing=true", "data.max_length=48"], "tokens"),
+        ([], "tokens16"),  # the tiny tokenizer: ids far below 65,536
+        (["data.packing=true", "data.max_length=48"], "tokens16"),
         (["method=dpo", "data.num_examples=300"], "json"),
         (["method=classify", "data.num_examples=300"], "json"),
     ],
@@ -74,6 +74,10 @@ def test_tokens_encoding_round_trips_packed_and_odd_rows(tmp_path):
     assert list(Rows(tmp_path / "b.arrow", "json")) == odd
     gap = [{"input_ids": [1, 2], "labels": [1, 2], "position_ids": [0, 2]}]
     assert write_rows(tmp_path / "c.arrow", gap) == "json"
+    small = rows[:2] * 500  # every id below 65,536: two bytes a token
+    assert write_rows(tmp_path / "d.arrow", small) == "tokens16"
+    assert list(Rows(tmp_path / "d.arrow", "tokens16")) == small
+    assert Rows(tmp_path / "d.arrow", "tokens16").lengths().tolist() == [5, 0] * 500
 
 
 def test_a_second_run_reuses_the_cache_and_gets_its_report(tmp_path, tok, monkeypatch):
@@ -204,3 +208,11 @@ def test_row_writer_switches_to_json_for_the_whole_file(tmp_path):
     w.add(other)
     rows = w.close()
     assert rows.encoding == "json" and list(rows) == tokens + other
+    # tokens16 widens to tokens (int32 ids) from the first batch with an id of 65,536 or more.
+    wide = [{"input_ids": [70000, 3], "labels": [-100, 3], "position_ids": [0, 1]}]
+    w = RowWriter(tmp_path / "y.arrow")
+    w.add(tokens)
+    assert w.encoding == "tokens16"
+    w.add(wide)
+    rows = w.close()
+    assert rows.encoding == "tokens" and list(rows) == tokens + wide

@@ -3,11 +3,13 @@
 A split is written once by the preparing rank and read by all: row i is decoded only when it is
 asked for, so a rank's memory holds the rows of its current batches, not the split.
 
-Two encodings:
+Three encodings:
   tokens  examples of the form {input_ids, labels, position_ids} (SFT, packed or not): input_ids
           as int32, the labels as one bit per token (a target equals its input id, the rest are
           -100) and position_ids as the offsets where a packed segment starts (positions restart
           at 0 there). About 4 bytes a token instead of the 3 × 8 of three int64 lists.
+  tokens16  the same with uint16 input_ids, while every id is below 65,536 (vocabularies up to
+          64k: Llama-2, Mistral, GPT-2, Phi-3): about 2 bytes a token.
   json    anything else (preference pairs, canonical rows with chat messages): one JSON text per
           row, decoded exactly as the rows were written (the cache kept JSON before).
 """
@@ -33,10 +35,14 @@ TOKENS_SCHEMA = pa.schema(
     ]
 )
 JSON_SCHEMA = pa.schema([("json", pa.large_string())])
+TOKENS16_SCHEMA = TOKENS_SCHEMA.set(0, pa.field("input_ids", pa.list_(pa.uint16())))
+SCHEMAS = {"tokens16": TOKENS16_SCHEMA, "tokens": TOKENS_SCHEMA, "json": JSON_SCHEMA}
+ENCODINGS = tuple(SCHEMAS)  # narrowest first: a file widens to the next when a batch does not fit
+TOKEN_ENCODINGS = ("tokens16", "tokens")
 
 
-def token_table(rows: list[dict]) -> pa.Table | None:
-    """The tokens encoding of a batch, or None when a row does not fit it exactly."""
+def token_table(rows: list[dict], encoding: str = "tokens") -> pa.Table | None:
+    """The tokens (or tokens16) encoding of a batch, or None when a row does not fit it exactly."""
     if not all(isinstance(r, dict) and tuple(r) == TOKEN_KEYS for r in rows):
         return None
     ids = pa.array([r["input_ids"] for r in rows], type=pa.list_(pa.int64()))
@@ -46,7 +52,8 @@ def token_table(rows: list[dict]) -> pa.Table | None:
     if not all(np.array_equal(offsets, a.offsets.to_numpy()) for a in (labels, pos)):
         return None
     i, lab, p = (a.values.to_numpy(zero_copy_only=False) for a in (ids, labels, pos))
-    if len(i) and (i.min() < np.iinfo(np.int32).min or i.max() > np.iinfo(np.int32).max):
+    id_type = np.uint16 if encoding == "tokens16" else np.int32
+    if len(i) and (i.min() < np.iinfo(id_type).min or i.max() > np.iinfo(id_type).max):
         return None
     targets = lab == i
     if not np.all(targets | (lab == IGNORE)):
@@ -66,12 +73,17 @@ def token_table(rows: list[dict]) -> pa.Table | None:
     row_offsets = pa.array(offsets.astype(np.int32))
     return pa.table(
         {
-            "input_ids": pa.ListArray.from_arrays(row_offsets, pa.array(i.astype(np.int32))),
+            "input_ids": pa.ListArray.from_arrays(row_offsets, pa.array(i.astype(id_type))),
             "targets": pa.ListArray.from_arrays(row_offsets, pa.array(targets)),
             "starts": pa.ListArray.from_arrays(pa.array(starts_off.astype(np.int32)), pa.array(local)),
         },
-        schema=TOKENS_SCHEMA,
+        schema=SCHEMAS[encoding],
     )
+
+
+def encoded(rows: list[dict], encoding: str) -> pa.Table | None:
+    """A batch in `encoding` (json always fits; the token encodings may not: None)."""
+    return _json_batch(rows) if encoding == "json" else token_table(rows, encoding)
 
 
 def _json_batch(rows: list[dict]) -> pa.Table:
@@ -79,8 +91,9 @@ def _json_batch(rows: list[dict]) -> pa.Table:
 
 
 class RowWriter:
-    """Write rows batch by batch: the tokens encoding while every batch fits it, else (from the
-    first batch that does not) json for the whole file, rewriting what was written."""
+    """Write rows batch by batch in the narrowest encoding every batch so far fits (tokens16, then
+    tokens, then json); from the first batch that does not fit, the whole file is rewritten in the
+    next encoding that does."""
 
     def __init__(self, path: Path, encoding: str | None = None):
         from datasets.arrow_writer import ArrowWriter
@@ -89,39 +102,40 @@ class RowWriter:
         self.path, self.encoding, self._writer, self.count = Path(path), encoding, None, 0
 
     def _open(self, encoding: str) -> None:
-        schema = TOKENS_SCHEMA if encoding == "tokens" else JSON_SCHEMA
-        self.encoding, self._writer = encoding, self._arrow_writer(path=str(self.path), schema=schema)
+        self.encoding = encoding
+        self._writer = self._arrow_writer(path=str(self.path), schema=SCHEMAS[encoding])
 
     def add(self, rows: list[dict]) -> None:
         for i in range(0, len(rows), BATCH):
             self._add(rows[i : i + BATCH])
 
     def _add(self, batch: list[dict]) -> None:
-        table = token_table(batch) if self.encoding in (None, "tokens") else None
+        for encoding in ENCODINGS[ENCODINGS.index(self.encoding or ENCODINGS[0]) :]:
+            table = encoded(batch, encoding)
+            if table is not None:
+                break
         if self._writer is None:
-            self._open("tokens" if table is not None else "json")
-        elif table is None and self.encoding == "tokens":  # switch: rewrite what is written as json
+            self._open(encoding)
+        elif encoding != self.encoding:  # wider: rewrite what is written in it
             self._writer.finalize()
-            old = Rows(self.path, "tokens").pin()
-            self._open("json")
+            old = Rows(self.path, self.encoding).pin()
+            self._open(encoding)
             for k in range(0, len(old), BATCH):
-                self._writer.write_table(_json_batch(old[k : k + BATCH]))
-        self._writer.write_table(table if self.encoding == "tokens" else _json_batch(batch))
+                self._writer.write_table(encoded(old[k : k + BATCH], encoding))
+        self._writer.write_table(table)
         self.count += len(batch)
 
     def close(self) -> Rows:
         if self._writer is None:
             self._open(self.encoding or "json")
-            self._writer.write_table(
-                JSON_SCHEMA.empty_table() if self.encoding == "json" else TOKENS_SCHEMA.empty_table()
-            )
+            self._writer.write_table(SCHEMAS[self.encoding].empty_table())
         self._writer.finalize()
         return Rows(self.path, self.encoding)
 
 
 def write_rows(path: Path, rows: Iterable[dict], encoding: str | None = None) -> str:
-    """Write rows to an Arrow file; returns the encoding used (`tokens` only when every row fits
-    it, unless `encoding` forces json)."""
+    """Write rows to an Arrow file; returns the encoding used (the narrowest every row fits, from
+    `encoding` on: "json" forces json)."""
     writer = RowWriter(path, encoding)
     writer.add(rows if isinstance(rows, Sequence) else list(rows))  # a Sequence is read in batches
     return writer.close().encoding
@@ -197,7 +211,7 @@ class Rows(Sequence):
 
     def lengths(self) -> np.ndarray:
         """Tokens per row from the Arrow offsets (no row decoded); zeros for json rows."""
-        if self.encoding != "tokens":
+        if self.encoding not in TOKEN_ENCODINGS:
             return np.zeros(self._len, dtype=np.int64)
         col = self._table.column("input_ids").combine_chunks()
         return np.diff(col.offsets.to_numpy())[: self._len]
