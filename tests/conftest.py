@@ -1,10 +1,24 @@
-"""Shared fixtures: the tiny default model directory, built once per test session."""
+"""Shared fixtures: the tiny default model directory, built once per test session; every test's
+environment variables restored after it."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+
+
+@pytest.fixture(autouse=True)
+def _environment_restored():
+    """A test that sets variables in pytest's own process (MASTER_PORT for an in-process group,
+    RANK, ...) must not hand them to later tests' jobs: sbatch, srun and submitit pass the
+    environment on (a leaked MASTER_PORT failed three SLURM tests)."""
+    saved = dict(os.environ)
+    yield
+    if dict(os.environ) != saved:
+        os.environ.clear()
+        os.environ.update(saved)
 
 
 @pytest.fixture(scope="session")

@@ -127,16 +127,13 @@ def test_warm_adapter_swaps_local_shards_without_collectives(tmp_path):
     2-rank GRPO test above covers sharded values and resume): swapping the warm-up adapter in and
     out launches no collective (it gathered and scattered the trained adapter on every reference
     forward before), and the forwards see the right values, also after a reload."""
-    import os
-
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor.debug import CommDebugMode
 
     from distft.methods.rl.warm_adapter import WarmAdapter
-    from tests.util import free_port
 
-    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())})
-    torch.distributed.init_process_group("gloo", rank=0, world_size=1)
+    # An in-memory store: no port, and no MASTER_* variables left behind for later tests' jobs.
+    torch.distributed.init_process_group("gloo", store=torch.distributed.HashStore(), rank=0, world_size=1)
     try:
         torch.manual_seed(0)
         model = torch.nn.Sequential(torch.nn.Linear(6, 4), torch.nn.Linear(4, 3))
