@@ -1,8 +1,9 @@
-"""Context parallelism (strategy.cp, Ulysses and all-gather) and the FSDP2 family's device mesh.
+"""Context parallelism (strategy.cp: Ulysses, all-gather and ring) and the FSDP2 family's device mesh.
 
 One pair of real gloo processes spawned inside pytest runs, in turn: cp=2 on 2 ranks with packing
-off and on (and all-gather attention with packing); dp=2 saving a checkpoint that cp=2 (dp=1)
-resumes through DCP; DPO, KTO, GRPO and PPO under cp=2 (whole-row losses); then rank 0 alone runs
+off and on (and all-gather and ring attention with packing); dp=2 saving a checkpoint that cp=2 (dp=1)
+resumes through DCP; DPO, KTO, GRPO and PPO under cp=2 (whole-row losses; DPO with ring and KTO
+with all-gather attention too); then rank 0 alone runs
 the 1-rank references. fp32, dropout off, the same global batch: losses and final parameters must
 agree within 1e-4 relative. Quick single-process tests cover the batch slicing, token counting
 and the one-line config errors.
@@ -84,6 +85,7 @@ def _worker(rank: int, world: int, port: int, root: str) -> None:
     _run(root_p, "cp_nopack", rank, *CP, "data.packing=false")
     _run(root_p, "cp_pack", rank, *CP, "data.packing=true")
     _run(root_p, "ag_pack", rank, *CP, "strategy.cp_style=allgather", "data.packing=true")
+    _run(root_p, "ring_pack", rank, *CP, "strategy.cp_style=ring", "data.packing=true")
     # Resume across meshes: dp=2 × micro 2 saves step 3; dp=1 × cp=2 × micro 4 continues it.
     _run(
         root_p,
@@ -98,6 +100,8 @@ def _worker(rank: int, world: int, port: int, root: str) -> None:
     _run(root_p, "cp_resumed", rank, *CP, "data.packing=false", f"resume={step3}")
     _run(root_p, "cp_dpo", rank, *CP, *DPO)
     _run(root_p, "cp_kto", rank, *CP, *KTO)
+    _run(root_p, "ring_dpo", rank, *CP, "strategy.cp_style=ring", *DPO)
+    _run(root_p, "ag_kto", rank, *CP, "strategy.cp_style=allgather", *KTO)
     _run(root_p, "cp_grpo", rank, *CP, *GRPO)
     _run(root_p, "cp_ppo", rank, *CP, *PPO)
     torch.distributed.destroy_process_group()
@@ -162,15 +166,18 @@ def test_ulysses_cp2_equals_one_rank_packing_off_and_on(runs):
 
 
 @pytest.mark.slow
-def test_allgather_cp2_equals_one_rank_with_packing(runs):
+@pytest.mark.parametrize("style", ["allgather", "ring"])
+def test_allgather_and_ring_cp2_equal_one_rank_with_packing(runs, style):
     """cp_style=allgather (each rank's query slice against the all-gathered whole-sequence keys and
-    values, the packing mask's rows of the slice): the same losses, weights and held-out loss."""
-    ag, one = runs / "ag_pack", runs / "one_pack"
+    values, the packing mask's rows of the slice) and cp_style=ring (key/value blocks passed round,
+    merged by log-sum-exp, backward by a second turn): the same losses, weights and held-out loss."""
+    prefix = {"allgather": "ag", "ring": "ring"}[style]
+    run, one = runs / f"{prefix}_pack", runs / "one_pack"
     steps = range(1, STEPS + 1)
-    diffs = (loss_diff(ag, one, steps), param_diff(ag, one), loss_diff(ag, one, [STEPS], "eval/loss"))
-    print("allgather cp=2 vs 1 rank, packing (loss, params, eval loss; rel):", diffs)
-    layout = json.loads((ag / "layout.json").read_text())
-    assert layout == {"dp": 1, "cp": 2, "attn": "distft_cp_allgather"}, layout
+    diffs = (loss_diff(run, one, steps), param_diff(run, one), loss_diff(run, one, [STEPS], "eval/loss"))
+    print(f"{style} cp=2 vs 1 rank, packing (loss, params, eval loss; rel):", diffs)
+    layout = json.loads((run / "layout.json").read_text())
+    assert layout == {"dp": 1, "cp": 2, "attn": f"distft_cp_{style}"}, layout
     assert max(diffs) <= TOL, diffs
 
 
@@ -195,12 +202,15 @@ def test_dpo_kto_grpo_and_ppo_under_cp2_equal_one_rank(runs):
         "grpo": (3, ("loss", "reward", "grad_norm")),
         "ppo": (3, ("loss", "value_loss", "grad_norm", "critic_grad_norm")),
     }
+    cases["ring_dpo"], cases["ag_kto"] = cases["dpo"], cases["kto"]  # the other attention styles
+    attn = {"ring": "distft_cp_ring", "ag": "distft_cp_allgather"}
     for name, (steps, keys) in cases.items():
-        cp, one = runs / f"cp_{name}", runs / f"one_{name}"
+        style, _, method = name.rpartition("_")
+        cp, one = runs / (name if style else f"cp_{name}"), runs / f"one_{method}"
         report[name] = {k: loss_diff(cp, one, range(1, steps + 1), k) for k in keys}
         report[name]["params"] = param_diff(cp, one)
         layout = json.loads((cp / "layout.json").read_text())
-        assert layout == {"dp": 1, "cp": 2, "attn": "distft_ulysses"}, layout
+        assert layout == {"dp": 1, "cp": 2, "attn": attn.get(style, "distft_ulysses")}, layout
     print("cp=2 vs 1 rank, whole-row methods (rel):", report)
     for name, diffs in report.items():
         assert max(diffs.values()) <= TOL, f"{name}: {diffs}"
@@ -251,8 +261,6 @@ def test_cp_config_errors_are_one_line():
     cases = {
         ("strategy.cp=3",): "does not divide the world size 2",
         ("strategy.cp=2", "model.num_heads=3", "model.num_kv_heads=3"): "divisible by cp",
-        ("strategy.cp=2", "strategy.cp_style=ring"): "needs a GPU.*use strategy.cp_style=ulysses",
-        ("strategy.cp=2", "strategy.cp_style=ring", "data.max_length=66"): "must be divisible by 4",
         ("strategy.cp=2", "method=reward"): "not yet method=reward",
         ("strategy.cp=2", "method=dpo", "train.loss_chunks=2"): "set train.loss_chunks=0",
     }
@@ -264,3 +272,50 @@ def test_cp_config_errors_are_one_line():
         with pytest.raises(ConfigError, match="strategy=fsdp") as e:
             load_config([f"strategy={other}", "strategy.cp=2"])
         assert "\n" not in str(e.value)
+
+
+def _ring_worker(rank: int, world: int, port: int) -> None:
+    """Ring attention on this rank's slices against sdpa over the whole sequence (float64 inputs;
+    the ring computes in fp32): outputs and q/k/v gradients, with grouped heads, packing and a
+    sliding window."""
+    import torch.distributed as dist
+    import torch.nn.functional as F
+
+    from distft.parallel import cp
+    from distft.parallel.ring import ring_attention
+
+    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    b, heads, kv_heads, length, d = 2, 4, 2, 8 * world, 8
+    q, dout = torch.randn(b, heads, length, d).double(), torch.randn(b, length, heads, d).double()
+    k, v = torch.randn(b, kv_heads, length, d).double(), torch.randn(b, kv_heads, length, d).double()
+    pos = torch.arange(length).repeat(b, 1)
+    pos[0, 5:] -= 5  # packed: examples of 5, 12 and 7 tokens in row 0, 13 and 11 in row 1
+    pos[0, 17:] -= 12
+    pos[1, 13:] -= 13
+    rows = slice(rank * 8, rank * 8 + 8)
+    for window in (None, 6):
+        module = type("Layer", (), {"sliding_window": window})()
+        with cp.active(dist.group.WORLD, world):
+            cp._STATE.positions = pos
+            mask = cp._mask(window)
+            ref_in = [t.clone().requires_grad_() for t in (q, k, v)]
+            kr, vr = (t.repeat_interleave(heads // kv_heads, 1) for t in ref_in[1:])
+            ref = F.scaled_dot_product_attention(ref_in[0], kr, vr, attn_mask=mask).transpose(1, 2)
+            ref.backward(dout)
+            mine = [t[:, :, rows].clone().requires_grad_() for t in (q, k, v)]
+            out, _ = ring_attention(module, *mine, None, scaling=d**-0.5)
+            out.backward(dout[:, rows])
+        pairs = [(out, ref[:, rows])] + [(m.grad, r.grad[:, :, rows]) for m, r in zip(mine, ref_in)]
+        errs = [float((a - r).abs().max()) for a, r in pairs]
+        assert max(errs) < 1e-5, (rank, window, errs)
+        assert all(float(r.abs().max()) > 0.1 for _, r in pairs)  # the compared values are not all ~0
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_ring_attention_equals_whole_sequence_attention_on_3_ranks():
+    import torch.multiprocessing as mp
+
+    mp.spawn(_ring_worker, args=(3, free_port()), nprocs=3, join=True)

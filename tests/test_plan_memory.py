@@ -113,6 +113,13 @@ def test_context_and_tensor_parallel_degrees(shapes):
     assert tp2.activations == pytest.approx(base.activations / 2)  # heads, MLP width and vocabulary over tp
     assert cp2.states == pytest.approx(base.states)  # FSDP2 still shards states over all 8 ranks
     assert tp2.buffers < base.buffers  # a gathered block is half a block under tp=2
+    # All-gather cp keeps each layer's whole-sequence keys and values; ring and Ulysses the slice's.
+    styles = {
+        st: estimate(shape, _with(fsdp, cp=2, cp_style=st), 8, 1, 32768, **kw) for st in ("ring", "allgather")
+    }
+    assert styles["ring"].activations == pytest.approx(cp2.activations)
+    kv_half = shape.layers * 32768 / 2 * 2 * (shape.kv_heads / shape.heads) * shape.hidden * 2  # bf16
+    assert styles["allgather"].activations - cp2.activations == pytest.approx(kv_half)
 
 
 def _with(strategy_cfg, **degrees):

@@ -4,12 +4,12 @@ Equivalences (fp32, dropout off, 5 steps, the same global batch of 4): tp=2 on 2
 rank, for full fine-tuning and LoRA, and dp=2 × tp=2 on 4 ranks equals dp=2 on 2 ranks (full), in
 losses and exported weights. Checkpoints cross tp meshes through DCP: (dp=1, tp=2) saves step 3
 and (dp=2, tp=1) resumes it, and the reverse, and (dp=2, tp=2) saves for (dp=4) to resume; losses
-and exports continue the uninterrupted runs.
+and exports continue the uninterrupted runs. cp=2 × tp=2 on 4 ranks (packed rows) equals one rank.
 One 2-rank spawn runs all 2-rank jobs, then rank 0 alone the 1-rank references (the stack is
 imported once); it also checks the sharding itself (placements, local heads, LoRA adapters
 following their base layer), that a tp group counts its tokens once, and other families' plans
 (Qwen2, Mistral, Gemma, Phi-3's fused projections) against the unsharded model. One 4-rank spawn
-runs the dp=2 × tp=2 job and the dp=4 job that resumes its checkpoint.
+runs the dp=2 × tp=2 job, the dp=4 job that resumes its checkpoint and the cp=2 × tp=2 job.
 """
 
 from __future__ import annotations
@@ -53,9 +53,13 @@ RUNS = {  # name: (world, overrides); every job's global batch is 4 examples
     "one_lora": (1, [*LORA, "train.micro_batch_size=4"]),
     "dp2tp2_full": (4, ["strategy.tp=2", "train.micro_batch_size=2", *SAVE]),
     "dp4_from_dp2tp2": (4, ["train.micro_batch_size=1", "resume={root}/dp2tp2_full/checkpoints/step_3"]),
+    # cp=2 × tp=2 on 4 ranks (one data-parallel rank): Ulysses over each tp rank's local heads,
+    # sequence parallelism inside each cp slice, packed rows.
+    "cp2tp2_full": (4, ["strategy.tp=2", "strategy.cp=2", "train.micro_batch_size=4", "data.packing=true"]),
+    "one_packed_full": (1, ["train.micro_batch_size=4", "data.packing=true"]),
 }
 SAME = {  # (tensor-parallel job, its reference) per tuning
-    "full": [("tp2", "one"), ("dp2tp2", "dp2")],
+    "full": [("tp2", "one"), ("dp2tp2", "dp2"), ("cp2tp2", "one_packed")],
     "lora": [("tp2", "one")],
 }
 RESUMED = [  # (resumed, uninterrupted)

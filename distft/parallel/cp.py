@@ -1,4 +1,4 @@
-"""Context parallelism (Ulysses; all-gather at the end of this file): each rank of a
+"""Context parallelism (Ulysses; all-gather at the end of this file; ring in ring.py): each rank of a
 context-parallel group holds a contiguous 1/cp slice of every sequence of the micro-batch;
 around attention an all-to-all trades the sequence split for a head split (each rank then
 attends over the full sequence for heads/cp heads, with the exact causal and packing mask), and
@@ -48,6 +48,8 @@ ATTN = "distft_ulysses"
 """The attention implementation name registered with transformers (cp_style=ulysses)."""
 ATTN_ALLGATHER = "distft_cp_allgather"
 """The one for cp_style=allgather."""
+ATTN_RING = "distft_cp_ring"
+"""The one for cp_style=ring (distft.parallel.ring)."""
 SPLIT_KEYS = ("input_ids", "labels", "position_ids")
 WHOLE = "cp_whole_rows"
 """Batch key (True): the method's loss needs whole rows (the model splits and gathers itself)."""
@@ -61,7 +63,7 @@ class _State:
     whole: bool = False  # inputs come whole: split in the forward, logits gathered after it
     width: int = 0  # whole mode: the row length of the current forward
     positions: torch.Tensor | None = None  # global position ids of the current forward (B, L)
-    masks: dict = field(default_factory=dict)  # sliding window (or None) -> mask of this forward
+    masks: dict = field(default_factory=dict)  # sliding window (or None) -> mask; "seg", "causal"
 
 
 _STATE = _State()
@@ -115,13 +117,16 @@ def active(group, size: int, whole: bool = False):
 
 # ----------------------------------------------------------------------------- model
 def attach(model: torch.nn.Module, style: str = "ulysses") -> None:
-    """Route `model`'s attention through the context-parallel function of `style` (ulysses or
-    allgather) and split its forward inside `active()`. `model` is what training calls forward on
+    """Route `model`'s attention through the context-parallel function of `style` (ulysses,
+    allgather or ring) and split its forward inside `active()`. `model` is what training calls forward on
     (a PEFT wrapper or the transformers model)."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-    name, fn = (ATTN_ALLGATHER, allgather_attention) if style == "allgather" else (ATTN, ulysses_attention)
+    from distft.parallel.ring import ring_attention
+
+    styles = {"ulysses": (ATTN, ulysses_attention), "allgather": (ATTN_ALLGATHER, allgather_attention)}
+    name, fn = styles.get(style) or (ATTN_RING, ring_attention)
     AttentionInterface.register(name, fn)
     AttentionMaskInterface.register(name, sdpa_mask)  # outside active(): sdpa's own masks
     root = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -187,6 +192,15 @@ def _restore_length(module, args, output):
     return output
 
 
+def segments() -> torch.Tensor:
+    """(B, L) example index of every position of the current forward's whole sequence: a position
+    id that does not continue the previous one starts a packed example."""
+    if "seg" not in _STATE.masks:
+        pos = _STATE.positions
+        _STATE.masks["seg"] = (torch.diff(pos, prepend=pos[:, :1] - 1, dim=-1) != 1).cumsum(-1)
+    return _STATE.masks["seg"]
+
+
 def _mask(window: int | None) -> torch.Tensor | None:
     """Causal mask over the whole sequence that keeps packed examples apart (a position-id reset
     starts an example, as transformers detects packing), and a sliding window if the layer has
@@ -194,8 +208,7 @@ def _mask(window: int | None) -> torch.Tensor | None:
     if window in _STATE.masks:
         return _STATE.masks[window]
     pos = _STATE.positions
-    first = pos[:, :1] - 1
-    seg = (torch.diff(pos, prepend=first, dim=-1) != 1).cumsum(-1)
+    seg = segments()
     mask = None
     if bool((seg[:, -1] != 0).any()) or window:
         n = pos.size(1)
@@ -257,7 +270,7 @@ def allgather_attention(module, query, key, value, attention_mask, dropout=0.0, 
     query slice and attends over the keys and values of the whole sequence, all-gathered along it
     (autograd-aware: backward reduce-scatters their gradients), with this slice's rows of the
     causal and packing mask. Exact like Ulysses, with no condition on the head counts; each rank
-    holds whole-sequence K/V (ring attention passes them round in blocks instead, on GPU)."""
+    holds whole-sequence K/V (ring attention passes them round in blocks instead: distft.parallel.ring)."""
     from torch.distributed._functional_collectives import all_gather_tensor_autograd, wait_tensor
     from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 
@@ -269,9 +282,11 @@ def allgather_attention(module, query, key, value, attention_mask, dropout=0.0, 
     rows = query.size(2)
     lo = _STATE.rank * rows
     full = _mask(getattr(module, "sliding_window", None))
-    if full is None:  # plain causal over the whole sequence: this slice's rows of it
-        idx = torch.arange(k.size(2), device=query.device)
-        full = (idx[:, None] >= idx[None, :])[None, None]
+    if full is None:  # plain causal over the whole sequence: this slice's rows of it (once per forward)
+        if "causal" not in _STATE.masks:
+            idx = torch.arange(k.size(2), device=query.device)
+            _STATE.masks["causal"] = (idx[:, None] >= idx[None, :])[None, None]
+        full = _STATE.masks["causal"]
     out = F.scaled_dot_product_attention(
         query, k, v, attn_mask=full[:, :, lo : lo + rows], dropout_p=dropout, scale=scaling
     )

@@ -79,15 +79,20 @@ def activation_bytes(
     loss_chunks: int = 0,
     cp: int = 1,
     tp: int = 1,
+    cp_style: str = "ulysses",
 ) -> float:
     """Saved activations of one micro-batch on one rank. Context parallelism splits the sequence
     over `cp` ranks and tensor parallelism (with sequence parallelism on norms) a block's
-    activations and the vocabulary-sharded logits over `tp`; `loss_chunks` keeps one chunk's logits."""
+    activations and the vocabulary-sharded logits over `tp`; `loss_chunks` keeps one chunk's logits.
+    All-gather context parallelism also keeps each layer's whole-sequence keys and values (ring
+    and Ulysses keep only the slice's)."""
     tokens = micro * seq / max(cp, 1)
     kv = shape.kv_heads / max(shape.heads, 1)
     per_layer = tokens * (ACT_PER_HIDDEN * shape.hidden + 2 * kv * shape.hidden) + tokens * (
         ACT_PER_MLP * shape.intermediate
     )
+    if cp > 1 and cp_style == "allgather":
+        per_layer += (micro * seq - tokens) * 2 * kv * shape.hidden
     per_layer *= act_bytes / max(tp, 1)
     if checkpointing:  # each block keeps its input; one block's activations live during recompute
         blocks = shape.layers * tokens * shape.hidden * act_bytes / max(tp, 1) + per_layer
@@ -139,11 +144,12 @@ def estimate(
     divide the activations and, for tp, the gathered blocks; `ep` the routed experts a block gathers."""
     strategy_cfg = shipped_config(strategy) if isinstance(strategy, str) else strategy
     cp, tp = degrees(strategy_cfg)
+    cp_style = getattr(strategy_cfg, "cp_style", "ulysses")
     ep = ep_degree(strategy_cfg)
     job = Job(world, micro, seq, precision, tuning, adapter, checkpointing, gpu, ranks_per_node, tp, ep)
     states = STRATEGIES[strategy_cfg.name].memory(shape, strategy_cfg, job)
     act_bytes = job.compute_bytes
-    mesh = {"loss_chunks": loss_chunks, "cp": cp, "tp": tp}
+    mesh = {"loss_chunks": loss_chunks, "cp": cp, "tp": tp, "cp_style": cp_style}
     act = {ckpt: activation_bytes(shape, micro, seq, act_bytes, ckpt, **mesh) for ckpt in (False, True)}
     host, notes = states.host_offload, list(states.notes)
     if activation_offload and gpu:  # on CPU host memory is the device memory: nothing moves

@@ -45,15 +45,15 @@ def with_degrees(strategy_cfg, cp: int, tp: int):
     return out
 
 
-def candidates(shape: ModelShape, world: int, seq: int, activation_heavy: bool) -> list[tuple[int, int]]:
-    """(cp, tp) pairs whose product divides the world, tp dividing the attention and KV heads and
-    cp dividing the sequence into load-balanced halves; fewest model-parallel ranks first."""
+def candidates(shape: ModelShape, world: int, activation_heavy: bool) -> list[tuple[int, int]]:
+    """(cp, tp) pairs whose product divides the world, tp dividing the attention and KV heads;
+    fewest model-parallel ranks first (a sequence is padded to a multiple of cp)."""
     out = []
     for tp in range(1, world + 1):
         if world % tp or shape.heads % tp or shape.kv_heads % tp:
             continue
         for cp in range(1, world // tp + 1):
-            if (world // tp) % cp or (cp > 1 and seq % (2 * cp)):
+            if (world // tp) % cp:
                 continue
             out.append((cp, tp))
     return sorted(out, key=lambda d: (d[0] * d[1], d[1] if activation_heavy else d[0]))
@@ -65,7 +65,7 @@ def suggest_mesh(plan, strategy_cfg, shape: ModelShape, world: int, seq: int, li
     given, skips meshes the job cannot run (the strategy's own validation)."""
     base: Estimate = plan(with_degrees(strategy_cfg, 1, 1))
     heavy = max(base.activations_ckpt if base.checkpointing else base.activations, 0) > base.states
-    for cp, tp in candidates(shape, world, seq, heavy):
+    for cp, tp in candidates(shape, world, heavy):
         meshed = with_degrees(strategy_cfg, cp, tp)
         if valid is not None and not valid(meshed):
             continue

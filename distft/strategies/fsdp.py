@@ -29,7 +29,8 @@ class FsdpConfig:
     """Context-parallel degree: each sequence split over this many ranks (they share one batch share)."""
     cp_style: Literal["ulysses", "allgather", "ring"] = "ulysses"
     """Context parallelism: ulysses (all-to-all of heads; needs heads % cp == 0), allgather (each rank
-    attends over all-gathered whole-sequence keys/values; any head count) or ring (GPU)."""
+    attends over all-gathered whole-sequence keys/values; any head count) or ring (key/value blocks passed
+    round the cp ranks; no rank holds the whole sequence's; any head count)."""
     tp: int = num(1, ge=1)
     """Tensor-parallel degree: attention and MLP projections split over this many ranks."""
     tp_sequence_parallel: bool = True
@@ -87,22 +88,6 @@ def check_mesh(cfg, gpu: bool, world: int | None = None) -> None:
         )
     if tp > 1 and heads and heads % (tp * (cp if s.cp_style == "ulysses" else 1)):
         raise ConfigError(f"strategy.tp={tp}: the model's {heads} attention heads are not divisible by it")
-    if s.cp_style == "ring":
-        length = int(cfg.data.max_length)
-        if length % (2 * cp):
-            raise ConfigError(
-                f"{name} strategy.cp_style=ring splits each sequence into 2·cp={2 * cp} load-balanced "
-                f"chunks: data.max_length={length} must be divisible by {2 * cp}"
-            )
-        if not gpu:
-            raise ConfigError(
-                f"{name} strategy.cp_style=ring needs a GPU: torch's context-parallel attention shards "
-                "only the CUDA sdpa kernels (flash/efficient/cudnn), not the CPU one; "
-                "use strategy.cp_style=ulysses on CPU"
-            )
-        raise ConfigError(
-            f"{name} strategy.cp_style=ring is not yet supported; use strategy.cp_style=ulysses"
-        )
     if cfg.method.name != "sft" and cfg.train.loss_chunks:
         raise ConfigError(
             f"strategy.cp={cp} with method={cfg.method.name} gathers whole rows' logits; "
@@ -110,7 +95,7 @@ def check_mesh(cfg, gpu: bool, world: int | None = None) -> None:
         )
     if cfg.model.attn_implementation != "sdpa":
         raise ConfigError(
-            f"strategy.cp={cp} replaces the attention kernel with Ulysses over sdpa; "
+            f"strategy.cp={cp} replaces the attention kernel with its {s.cp_style} attention; "
             f"set model.attn_implementation=sdpa (got {cfg.model.attn_implementation})"
         )
     if cfg.train.compile:
