@@ -5,9 +5,12 @@ widened to 256 (4 layers, 8 heads) so activations, not the runtime, dominate.
 
     .venv/bin/python bench/context_parallel.py                 # ~5 min on 2 idle CPU cores
     .venv/bin/python bench/context_parallel.py --length 8192
+    .venv/bin/python bench/context_parallel.py --styles ulysses,allgather,ring
 
 cp=1: each rank trains on its own 4k row (dp=2); cp=2: both ranks share one row, 2k tokens each
-(attention over the whole row for half the heads). Activation memory is peak RSS of the job minus
+(attention over the whole row for half the heads). `--styles` adds cp=2 runs with all-gather
+and ring attention (whole-sequence keys and values on every rank vs blocks passed round).
+Activation memory is peak RSS of the job minus
 peak RSS of the same job on 128-token rows (the runtime baseline: Python, torch, model, data),
 per rank; glibc's mmap threshold is pinned so freed blocks go back to the OS (see
 bench/memory_scaling.py). Results: outputs/bench/context_parallel/results.{json,md}.
@@ -33,6 +36,7 @@ def parse() -> argparse.Namespace:
         default="model.hidden_size=256 model.num_layers=4 model.num_heads=8 "
         "model.num_kv_heads=8 model.intermediate_size=768",
     )
+    p.add_argument("--styles", default="ulysses", help="cp=2 attention styles: ulysses,allgather,ring")
     p.add_argument("--extra", default="", help="extra overrides for every run, space separated")
     p.add_argument("--out", default=str(REPO / "outputs/bench/context_parallel"))
     return p.parse_args()
@@ -49,11 +53,12 @@ def rows_file(path: Path, length: int, n: int = 24) -> Path:
     return path
 
 
-def run(a, cp: int, length: int, out: Path) -> list[float]:
+def run(a, cp: int, length: int, out: Path, style: str = "ulysses") -> list[float]:
     shutil.rmtree(out, ignore_errors=True)
     data = rows_file(out.parent / f"rows_{length}.jsonl", length)
     args = [
-        f"output_dir={out}", "resume=never", "strategy=fsdp", f"strategy.cp={cp}", "train.precision=fp32",
+        f"output_dir={out}", "resume=never", "strategy=fsdp", f"strategy.cp={cp}",
+        f"strategy.cp_style={style}", "train.precision=fp32",
         f"train.max_steps={a.steps}", "train.micro_batch_size=1", "data.packing=false",
         f"data.path=[{data}]", f"data.max_length={length}",
         f"model.max_position_embeddings={max(length, 256)}",
@@ -68,27 +73,23 @@ def main() -> None:
     a = parse()
     out = Path(a.out)
     peaks = {}
-    for cp in (1, 2):
-        base = run(a, cp, 128, out / f"cp{cp}_base")
-        long = run(a, cp, a.length, out / f"cp{cp}_long")
-        peaks[cp] = {"base_gib": base, "long_gib": long, "act_gib": [x - b for x, b in zip(long, base)]}
-        print(f"cp={cp}: peak RSS per rank {long} GiB, baseline {base} GiB", flush=True)
-    act1, act2 = max(peaks[1]["act_gib"]), max(peaks[2]["act_gib"])
-    result = {
-        "length": a.length,
-        "peaks": peaks,
-        "activation_ratio_cp2_over_cp1": act2 / act1,
-        "total_ratio_cp2_over_cp1": max(peaks[2]["long_gib"]) / max(peaks[1]["long_gib"]),
-    }
+    for cp, style in [(1, "ulysses")] + [(2, st) for st in a.styles.split(",")]:
+        key = "cp1" if cp == 1 else f"cp2_{style}"
+        base = run(a, cp, 128, out / f"{key}_base", style)
+        long = run(a, cp, a.length, out / f"{key}_long", style)
+        peaks[key] = {"base_gib": base, "long_gib": long, "act_gib": [x - b for x, b in zip(long, base)]}
+        print(f"{key}: peak RSS per rank {long} GiB, baseline {base} GiB", flush=True)
+    act1, top1 = max(peaks["cp1"]["act_gib"]), max(peaks["cp1"]["long_gib"])
+    result = {"length": a.length, "peaks": peaks}
+    md = f"| {a.length}-token row, FSDP2, 2 ranks | activation memory per rank, GiB | ratio "
+    md += "| peak RSS per rank, GiB | ratio |\n"
+    md += "|---|---|---|---|---|\n"
+    for key, p in peaks.items():
+        act, top = max(p["act_gib"]), max(p["long_gib"])
+        result[f"activation_ratio_{key}_over_cp1"] = act / act1
+        md += f"| {key} | {act:.3f} | {act / act1:.2f} | {top:.3f} | {top / top1:.2f} |\n"
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(result, indent=2))
-    md = (
-        f"| {a.length}-token row, FSDP2, 2 ranks | cp=1 | cp=2 | ratio |\n|---|---|---|---|\n"
-        f"| activation memory per rank (peak RSS − {128}-token baseline), GiB | {act1:.3f} | {act2:.3f} "
-        f"| {act2 / act1:.2f} |\n"
-        f"| peak RSS per rank, GiB | {max(peaks[1]['long_gib']):.3f} | {max(peaks[2]['long_gib']):.3f} "
-        f"| {result['total_ratio_cp2_over_cp1']:.2f} |\n"
-    )
     (out / "results.md").write_text(md)
     print(md)
 

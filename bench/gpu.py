@@ -5,10 +5,13 @@
   2. QLoRA peak memory: a Llama-3.1-8B-shaped model (hidden 4096, 32 layers, 32/8 heads, MLP 14336,
      vocab 128256), NF4 + LoRA r=8, bf16, gradient checkpointing, sequence 2048, micro-batch 1 —
      target ≤ 8 GiB (torchtune: 7.4 GiB on an RTX 4090).
+  3. Long context: the 1B shape on 32k-token rows, each sequence split over all GPUs by context
+     parallelism (`--cp-style ulysses|allgather|ring`), checkpointing and chunked loss.
 
     .venv/bin/python bench/gpu.py                 # both, on all visible GPUs for the MFU run
     .venv/bin/python bench/gpu.py --only mfu --gpus 8 --micro 2
     .venv/bin/python bench/gpu.py --only kernels  # the MFU run without, then with Liger + flash-attn
+    .venv/bin/python bench/gpu.py --only longctx  # 32k-token rows split over all GPUs (strategy.cp)
     .venv/bin/python bench/gpu.py --smoke         # CPU, shrunken shapes: checks the script itself
 
 Both run distft's own training entry (`python -m distft.train`) on a model directory written
@@ -48,19 +51,21 @@ LLAMA_8B = dict(
 
 def parse() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--only", choices=["mfu", "qlora", "kernels"], default=None)
+    p.add_argument("--only", choices=["mfu", "qlora", "kernels", "longctx"], default=None)
     p.add_argument("--gpus", type=int, default=0, help="GPUs for the MFU run (0: all visible)")
     p.add_argument("--micro", type=int, default=4, help="micro-batch of the MFU run")
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--seq", type=int, default=2048)
     p.add_argument("--compile", action="store_true", help="train.compile=true for the MFU run")
+    p.add_argument("--long-seq", type=int, default=32768, help="tokens per row of the long-context run")
+    p.add_argument("--cp-style", default="ulysses", help="strategy.cp_style of the long-context run")
     p.add_argument("--out", default=str(REPO / "outputs/bench/gpu"))
     p.add_argument(
         "--smoke", action="store_true", help="CPU, 2 layers of width 64, seq 128, 3 steps: the script runs"
     )
     a = p.parse_args()
     if a.smoke:
-        a.seq, a.steps, a.micro, a.gpus = 128, 3, 2, 1
+        a.seq, a.steps, a.micro, a.gpus, a.long_seq = 128, 3, 2, 1, 256
     return a
 
 
@@ -72,7 +77,7 @@ def shrink(shape: dict) -> dict:
     return {**shape, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2}
 
 
-def write_model(path: Path, shape: dict) -> Path:
+def write_model(path: Path, shape: dict, positions: int = 8192) -> Path:
     """Random-init Llama with the given shape in bf16 (initialized on the GPU, saved once)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -84,7 +89,7 @@ def write_model(path: Path, shape: dict) -> Path:
     tok = build_tokenizer()
     cfg = LlamaConfig(
         **shape,
-        max_position_embeddings=8192,
+        max_position_embeddings=positions,
         pad_token_id=tok.pad_token_id,
         eos_token_id=tok.eos_token_id,
         bos_token_id=None,
@@ -226,6 +231,31 @@ def run_qlora(a, out: Path) -> dict:
     }
 
 
+def run_longctx(a, out: Path, gpus: int) -> dict:
+    """Long context: rows of `--long-seq` tokens (32k by default) on the 1B shape, each sequence
+    split over all GPUs (strategy.cp = GPUs), gradient checkpointing and chunked loss."""
+    seq, nproc = a.long_seq, 2 if a.smoke else gpus
+    model = write_model(out / f"llama-1b-{seq}", shrink(LLAMA_1B) if a.smoke else LLAMA_1B, positions=seq)
+    rows = write_rows(out / f"rows-{seq}.jsonl", 16, seq)
+    args = [
+        *common_overrides(model, rows, seq), "strategy=fsdp", f"strategy.cp={nproc}",
+        f"strategy.cp_style={a.cp_style}", "tuning=full", "train.gradient_checkpointing=true",
+        "train.loss_chunks=8", "train.micro_batch_size=1", f"cluster.nproc_per_node={nproc}",
+        f"cluster.gpus_per_node={0 if a.smoke else gpus}",
+    ]  # fmt: skip
+    m = run_job(a, out / "longctx", args, nproc, a.steps if a.smoke else 6)
+    return {
+        "what": f"Llama-1B shape, {seq}-token rows, FSDP2 cp={nproc} ({a.cp_style}), bf16, grad. "
+        f"checkpointing, loss chunks 8, micro 1, {nproc} GPU(s)" + SMOKE * a.smoke,
+        "mfu": steady(m, "mfu"),
+        "tokens_per_s": steady(m, "tokens_per_s"),
+        "peak_gib": max(r["mem_gib"] for r in m),
+        "planner_gib": memory_terms(args, nproc, 1, seq),
+        "target": ">= 32k tokens per sequence trains, resumes, exports",
+        "ok": seq >= 32768,
+    }
+
+
 def main() -> None:
     import torch
 
@@ -242,6 +272,8 @@ def main() -> None:
         results.append(run_mfu(a, out, gpus))
     if a.only in (None, "qlora"):
         results.append(run_qlora(a, out))
+    if a.only in (None, "longctx"):
+        results.append(run_longctx(a, out, gpus))
     if a.only in (None, "kernels") and not a.smoke:  # with and without Liger and flash-attention
         import importlib.util
 

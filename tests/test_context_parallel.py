@@ -85,7 +85,7 @@ def _worker(rank: int, world: int, port: int, root: str) -> None:
     _run(root_p, "cp_nopack", rank, *CP, "data.packing=false")
     _run(root_p, "cp_pack", rank, *CP, "data.packing=true")
     _run(root_p, "ag_pack", rank, *CP, "strategy.cp_style=allgather", "data.packing=true")
-    _run(root_p, "ring_pack", rank, *CP, "strategy.cp_style=ring", "data.packing=true")
+    _run(root_p, "ring_pack", rank, *CP, "strategy.cp_style=ring", "data.packing=true", "train.loss_chunks=2")
     # Resume across meshes: dp=2 × micro 2 saves step 3; dp=1 × cp=2 × micro 4 continues it.
     _run(
         root_p,
@@ -170,7 +170,8 @@ def test_ulysses_cp2_equals_one_rank_packing_off_and_on(runs):
 def test_allgather_and_ring_cp2_equal_one_rank_with_packing(runs, style):
     """cp_style=allgather (each rank's query slice against the all-gathered whole-sequence keys and
     values, the packing mask's rows of the slice) and cp_style=ring (key/value blocks passed round,
-    merged by log-sum-exp, backward by a second turn): the same losses, weights and held-out loss."""
+    merged by log-sum-exp, backward by a second turn; with chunked loss): the same losses, weights and
+    held-out loss."""
     prefix = {"allgather": "ag", "ring": "ring"}[style]
     run, one = runs / f"{prefix}_pack", runs / "one_pack"
     steps = range(1, STEPS + 1)
@@ -276,13 +277,12 @@ def test_cp_config_errors_are_one_line():
 
 def _ring_worker(rank: int, world: int, port: int) -> None:
     """Ring attention on this rank's slices against sdpa over the whole sequence (float64 inputs;
-    the ring computes in fp32): outputs and q/k/v gradients, with grouped heads, packing and a
-    sliding window."""
+    the ring computes in fp32): outputs and q/k/v gradients, with grouped heads, with and without
+    packing and a sliding window, through the CPU flash kernel and the plain-matmul path (GPU's)."""
     import torch.distributed as dist
     import torch.nn.functional as F
 
-    from distft.parallel import cp
-    from distft.parallel.ring import ring_attention
+    from distft.parallel import cp, ring
 
     os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -290,27 +290,41 @@ def _ring_worker(rank: int, world: int, port: int) -> None:
     b, heads, kv_heads, length, d = 2, 4, 2, 8 * world, 8
     q, dout = torch.randn(b, heads, length, d).double(), torch.randn(b, length, heads, d).double()
     k, v = torch.randn(b, kv_heads, length, d).double(), torch.randn(b, kv_heads, length, d).double()
-    pos = torch.arange(length).repeat(b, 1)
-    pos[0, 5:] -= 5  # packed: examples of 5, 12 and 7 tokens in row 0, 13 and 11 in row 1
-    pos[0, 17:] -= 12
-    pos[1, 13:] -= 13
+    packed = torch.arange(length).repeat(b, 1)
+    packed[0, 5:] -= 5  # examples of 5, 12 and 7 tokens in row 0, 13 and 11 in row 1
+    packed[0, 17:] -= 12
+    packed[1, 13:] -= 13
+    plain = torch.arange(length).repeat(b, 1)
     rows = slice(rank * 8, rank * 8 + 8)
-    for window in (None, 6):
+    fused = ring._fused
+    cases = [
+        (plain, None, True),
+        (packed, None, True),
+        (packed, 6, True),
+        (packed, 6, False),
+        (plain, None, False),
+    ]
+    for pos, window, use_fused in cases:
+        ring._fused = fused if use_fused else (lambda q: False)
+        ring.TILE = 2 * heads * 3 * 8  # the matmul path in tiles of 3 query rows
         module = type("Layer", (), {"sliding_window": window})()
         with cp.active(dist.group.WORLD, world):
             cp._STATE.positions = pos
             mask = cp._mask(window)
+            if mask is None:
+                mask = torch.ones(length, length, dtype=torch.bool).tril()
             ref_in = [t.clone().requires_grad_() for t in (q, k, v)]
             kr, vr = (t.repeat_interleave(heads // kv_heads, 1) for t in ref_in[1:])
             ref = F.scaled_dot_product_attention(ref_in[0], kr, vr, attn_mask=mask).transpose(1, 2)
             ref.backward(dout)
             mine = [t[:, :, rows].clone().requires_grad_() for t in (q, k, v)]
-            out, _ = ring_attention(module, *mine, None, scaling=d**-0.5)
+            out, _ = ring.ring_attention(module, *mine, None, scaling=d**-0.5)
             out.backward(dout[:, rows])
         pairs = [(out, ref[:, rows])] + [(m.grad, r.grad[:, :, rows]) for m, r in zip(mine, ref_in)]
-        errs = [float((a - r).abs().max()) for a, r in pairs]
-        assert max(errs) < 1e-5, (rank, window, errs)
-        assert all(float(r.abs().max()) > 0.1 for _, r in pairs)  # the compared values are not all ~0
+        errs = [float((a - r).detach().abs().max()) for a, r in pairs]
+        assert max(errs) < 1e-5, (rank, window, use_fused, errs)
+        assert all(float(r.detach().abs().max()) > 0.1 for _, r in pairs)  # the compared values are not ~0
+    ring._fused = fused
     dist.destroy_process_group()
 
 

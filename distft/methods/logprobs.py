@@ -134,7 +134,10 @@ def model_hidden(
             logits = torch.tanh(logits / cap) * cap
         return logits
 
-    return captured[-1], project
+    hidden = captured[-1]
+    if hidden.size(1) == input_ids.size(1) - 1:  # context parallelism dropped the look-ahead token
+        hidden = torch.cat([hidden, hidden.new_zeros(hidden.size(0), 1, hidden.size(2))], 1)  # as cp's logits
+    return hidden, project
 
 
 def _chunked(

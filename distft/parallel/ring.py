@@ -7,10 +7,12 @@ accumulators, which arrive back at their owners after a full turn.
 
 Unlike all-gather context parallelism no rank ever holds the whole sequence's keys and values:
 saved for backward are the rank's own q, k, v slices, its output and log-sum-exp, so attention
-memory per rank falls with cp. The blocks are computed in fp32 with plain matmuls (CPU and GPU
-alike; point-to-point sends over gloo or NCCL); blocks that the causal (and packing / sliding
-window) mask hides entirely are skipped. Slices are contiguous, so later ranks attend over more
-blocks than earlier ones (Ulysses splits heads and is balanced).
+memory per rank falls with cp. A block is computed in fp32 by the CPU flash-attention kernel
+(which returns the log-sum-exp and takes it back in its backward, so no block's scores are kept),
+or with plain matmuls elsewhere (GPU: correct, not a fused kernel); point-to-point sends over
+gloo or NCCL. Blocks that the causal (and packing / sliding window) mask hides entirely are
+skipped. Slices are contiguous, so later ranks attend over more blocks than earlier ones
+(Ulysses splits heads and is balanced).
 """
 
 from __future__ import annotations
@@ -32,9 +34,14 @@ def _exchange(group, send: torch.Tensor, rank: int, n: int) -> tuple[torch.Tenso
     return recv, dist.batch_isend_irecv(ops)
 
 
-def _keep(meta: dict, src: int) -> torch.Tensor | None:
-    """(B, 1, 1, c, c) mask of this rank's rows against block `src`'s columns; None if all hidden."""
+def _keep(meta: dict, src: int):
+    """What this rank's rows see of block `src`'s columns: None (nothing), "all", "causal" (the
+    diagonal block of plain causal attention) or a (B, 1, c, c) bool mask (packing, window)."""
     c, rank = meta["c"], meta["rank"]
+    if src > rank:
+        return None  # causal: later blocks are hidden whatever the packing
+    if not meta["packed"] and not meta["window"]:
+        return "causal" if src == rank else "all"
     qi = torch.arange(rank * c, rank * c + c, device=meta["seg"].device)
     kj = torch.arange(src * c, src * c + c, device=qi.device)
     keep = (qi[:, None] >= kj[None, :])[None]
@@ -42,7 +49,79 @@ def _keep(meta: dict, src: int) -> torch.Tensor | None:
         keep = keep & (qi[:, None] - kj[None, :] < meta["window"])[None]
     seg = meta["seg"]
     keep = keep & (seg[:, rank * c : rank * c + c, None] == seg[:, None, src * c : src * c + c])
-    return keep[:, None, None] if bool(keep.any()) else None
+    return keep[:, None] if bool(keep.any()) else None
+
+
+def _fused(q: torch.Tensor) -> bool:
+    """The CPU flash-attention kernel (it returns the log-sum-exp and has a backward taking it)."""
+    return q.device.type == "cpu"
+
+
+def _bias(keep, dtype) -> torch.Tensor | None:
+    if not isinstance(keep, torch.Tensor):
+        return None
+    return torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill_(~keep, float("-inf"))
+
+
+TILE = 2**26
+"""Elements of one tile's scores (B × H × rows × c) on the plain-matmul path: query rows are
+taken in tiles of this size, so a block's scores never exist whole (256 MiB in fp32)."""
+
+
+def _tiles(q: torch.Tensor, c: int) -> list[tuple[int, int]]:
+    rows = max(1, TILE // max(q.size(0) * q.size(1) * c, 1))
+    return [(r, min(r + rows, q.size(2))) for r in range(0, q.size(2), rows)]
+
+
+def _scores(q, k, keep, scale, r0: int) -> torch.Tensor:
+    """Masked scores of query rows r0.. (a tile) against one block's keys."""
+    s = (q @ k.transpose(-1, -2)) * scale
+    if _causal(keep):
+        keep = torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).tril(diagonal=r0)
+    elif isinstance(keep, torch.Tensor):
+        keep = keep[..., r0 : r0 + s.size(-2), :]
+    return s.masked_fill(~keep, float("-inf")) if isinstance(keep, torch.Tensor) else s
+
+
+def _block(q, k, v, keep, scale) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of q (B, H, c, D) over one block k, v (B, H, c, D): (out, lse (B, H, c));
+    rows that see nothing of the block get lse -inf."""
+    if _fused(q):
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q, k, v, 0.0, _causal(keep), attn_mask=_bias(keep, q.dtype), scale=scale
+        )
+    else:
+        outs, lses = [], []
+        for r0, r1 in _tiles(q, k.size(2)):
+            s = _scores(q[:, :, r0:r1], k, keep, scale, r0)
+            lses.append(torch.logsumexp(s, -1))
+            outs.append(torch.exp(s - _safe(lses[-1])[..., None]) @ v)
+        out, lse = torch.cat(outs, 2), torch.cat(lses, 2)
+    if isinstance(keep, torch.Tensor):  # the fused kernel reports lse 0 for a row it masks whole
+        lse = lse.masked_fill(~keep.any(-1), float("-inf"))
+    return out, lse
+
+
+def _block_grad(dout, q, k, v, out, lse, keep, scale):
+    """Gradients of one block's share, given the whole attention's `out` and `lse`."""
+    if _fused(q):
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            dout, q, k, v, out, lse, 0.0, _causal(keep), attn_mask=_bias(keep, q.dtype), scale=scale
+        )
+    dq, dk, dv = [], torch.zeros_like(k), torch.zeros_like(v)
+    for r0, r1 in _tiles(q, k.size(2)):
+        rows = slice(r0, r1)
+        p = torch.exp(_scores(q[:, :, rows], k, keep, scale, r0) - lse[:, :, rows, None])
+        g = dout[:, :, rows]
+        dv += p.transpose(-1, -2) @ g
+        ds = p * (g @ v.transpose(-1, -2) - (g * out[:, :, rows]).sum(-1, keepdim=True)) * scale
+        dq.append(ds @ k)
+        dk += ds.transpose(-1, -2) @ q[:, :, rows]
+    return torch.cat(dq, 2), dk, dv
+
+
+def _causal(keep) -> bool:
+    return isinstance(keep, str) and keep == "causal"
 
 
 def _safe(lse: torch.Tensor) -> torch.Tensor:
@@ -50,12 +129,24 @@ def _safe(lse: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
 
 
+def _expand(t: torch.Tensor, groups: int) -> torch.Tensor:
+    """(B, Hkv, c, D) → (B, Hkv·groups, c, D): each key/value head repeated for its query heads."""
+    return t if groups == 1 else t.repeat_interleave(groups, 1)
+
+
+def _fold(t: torch.Tensor, groups: int) -> torch.Tensor:
+    """Inverse of `_expand` for gradients: the query heads' shares summed per key/value head."""
+    b, h, c, d = t.shape
+    return t if groups == 1 else t.reshape(b, h // groups, groups, c, d).sum(2)
+
+
 class _Ring(torch.autograd.Function):
-    """q (B, Hkv, G, c, D), k and v (B, Hkv, 1, c, D), fp32 → out (B, Hkv, G, c, D)."""
+    """q (B, H, c, D), k and v (B, Hkv, c, D), fp32 → out (B, H, c, D)."""
 
     @staticmethod
     def forward(ctx, q, k, v, meta):
         group, rank, n, scale = meta["group"], meta["rank"], meta["n"], meta["scale"]
+        groups = q.size(1) // k.size(1)
         out = torch.zeros_like(q)
         lse = torch.full(q.shape[:-1], float("-inf"), dtype=q.dtype, device=q.device)
         kv = torch.stack([k, v])
@@ -64,13 +155,11 @@ class _Ring(torch.autograd.Function):
             pending = _exchange(group, kv, rank, n) if step < n - 1 else None
             keep = _keep(meta, src)
             if keep is not None:
-                s = (q @ kv[0].transpose(-1, -2)) * scale
-                s = s.masked_fill(~keep, float("-inf"))
-                block = torch.logsumexp(s, -1)
-                o = torch.exp(s - _safe(block)[..., None]) @ kv[1]
-                new = _safe(torch.logaddexp(lse, block))
-                out = out * torch.exp(lse - new)[..., None] + o * torch.exp(block - new)[..., None]
-                lse = torch.logaddexp(lse, block)
+                o, block = _block(q, _expand(kv[0], groups), _expand(kv[1], groups), keep, scale)
+                new = torch.logaddexp(lse, block)
+                safe = _safe(new)
+                out = out * torch.exp(lse - safe)[..., None] + o * torch.exp(block - safe)[..., None]
+                lse = new
             if pending is not None:
                 kv, works = pending
                 for w in works:
@@ -84,9 +173,8 @@ class _Ring(torch.autograd.Function):
         q, k, v, out, lse = ctx.saved_tensors
         meta = ctx.meta
         group, rank, n, scale = meta["group"], meta["rank"], meta["n"], meta["scale"]
+        groups = q.size(1) // k.size(1)
         dout = dout.contiguous()
-        delta = (dout * out).sum(-1, keepdim=True)  # rowsum(dO ∘ O)
-        lse = _safe(lse)[..., None]
         dq = torch.zeros_like(q)
         # k, v and their gradient accumulators travel together; after n moves they are home.
         bundle = torch.stack([k, v, torch.zeros_like(k), torch.zeros_like(v)])
@@ -94,14 +182,12 @@ class _Ring(torch.autograd.Function):
             src = (rank - step) % n
             keep = _keep(meta, src)
             if keep is not None:
-                kb, vb = bundle[0], bundle[1]
-                s = (q @ kb.transpose(-1, -2)) * scale
-                p = torch.exp(s.masked_fill(~keep, float("-inf")) - lse)
-                dv = (p.transpose(-1, -2) @ dout).sum(2, keepdim=True)
-                ds = p * (dout @ vb.transpose(-1, -2) - delta) * scale
-                dq = dq + ds @ kb
-                dk = (ds.transpose(-1, -2) @ q).sum(2, keepdim=True)
-                bundle = torch.stack([kb, vb, bundle[2] + dk, bundle[3] + dv])
+                kb, vb = _expand(bundle[0], groups), _expand(bundle[1], groups)
+                dqb, dk, dv = _block_grad(dout, q, kb, vb, out, lse, keep, scale)
+                dq = dq + dqb
+                bundle = torch.stack(
+                    [bundle[0], bundle[1], bundle[2] + _fold(dk, groups), bundle[3] + _fold(dv, groups)]
+                )
             bundle, works = _exchange(group, bundle, rank, n)
             for w in works:
                 w.wait()
@@ -117,8 +203,8 @@ def ring_attention(module, query, key, value, attention_mask, dropout=0.0, scali
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
     if dropout:
         raise ConfigError("strategy.cp_style=ring: attention dropout is not supported; set it to 0")
-    b, heads, c, d = query.shape
-    kv_heads = key.size(1)
+    c, d = query.shape[2:]
+    seg = cp.segments()
     meta = {
         "group": state.group,
         "rank": state.rank,
@@ -126,9 +212,9 @@ def ring_attention(module, query, key, value, attention_mask, dropout=0.0, scali
         "c": c,
         "scale": scaling if scaling is not None else d**-0.5,
         "window": getattr(module, "sliding_window", None),
-        "seg": cp.segments(),
+        "seg": seg,
+        "packed": bool((seg[:, -1] != 0).any()),
     }
-    q = query.float().reshape(b, kv_heads, heads // kv_heads, c, d)
-    k, v = (t.float().unsqueeze(2).contiguous() for t in (key, value))
-    out = _Ring.apply(q, k, v, meta).reshape(b, heads, c, d).to(query.dtype)
+    q, k, v = (t.float().contiguous() for t in (query, key, value))
+    out = _Ring.apply(q, k, v, meta).to(query.dtype)
     return out.transpose(1, 2).contiguous(), None

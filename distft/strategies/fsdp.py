@@ -63,7 +63,6 @@ def check_mesh(cfg, gpu: bool, world: int | None = None) -> None:
     """strategy.cp / tp: the mesh fits the job and the model, before any rank starts."""
     s = cfg.strategy
     cp, tp = meshes.degrees(s)
-    name = f"strategy={s.name}"
     if world is None:  # a rank knows its job's size; the launcher plans cluster.nodes × nproc_per_node
         world = int(os.environ.get("WORLD_SIZE") or cfg.cluster.nodes * cfg.cluster.nproc_per_node)
     if cp * tp > 1 and world:

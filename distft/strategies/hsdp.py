@@ -27,7 +27,8 @@ class HsdpConfig:
     """Context-parallel degree (inside a shard group): each sequence split over this many ranks."""
     cp_style: Literal["ulysses", "allgather", "ring"] = "ulysses"
     """Context parallelism: ulysses (all-to-all of heads; needs heads % cp == 0), allgather (each rank
-    attends over all-gathered whole-sequence keys/values; any head count) or ring (GPU)."""
+    attends over all-gathered whole-sequence keys/values; any head count) or ring (key/value blocks passed
+    round the cp ranks; no rank holds the whole sequence's; any head count)."""
     tp: int = num(1, ge=1)
     """Tensor-parallel degree (inside a shard group): projections split over this many ranks."""
     tp_sequence_parallel: bool = True
