@@ -137,16 +137,20 @@ def steady(rows: list[dict], key: str) -> float:
 def memory_terms(overrides: list[str], world: int, micro: int, seq: int) -> dict:
     """The planner's per-rank bytes (GiB) for this config: what holds the memory."""
     from distft.config.load import load_config
+    from distft.parallel.mesh import degrees
     from distft.plan.auto import plan_one
-    from distft.plan.memory import activation_bytes
+    from distft.plan.memory import activation_bytes, logits_bytes
     from distft.plan.shape import model_shape
 
     cfg, _ = load_config(overrides)
     shape = model_shape(cfg)
     e = plan_one(cfg, shape, cfg.strategy, world, micro, seq)
     act_bytes = 2.0 if cfg.train.precision in ("bf16", "fp16") else 4.0
-    logits = micro * seq * shape.vocab * (act_bytes + 12)  # as distft.plan.memory.activation_bytes
-    acts = activation_bytes(shape, micro, seq, act_bytes, e.checkpointing)
+    cp, tp = degrees(cfg.strategy)
+    chunks = cfg.train.loss_chunks
+    logits = logits_bytes(shape, micro * seq / cp, act_bytes, chunks) / tp  # as activation_bytes counts them
+    style = getattr(cfg.strategy, "cp_style", "ulysses")
+    acts = activation_bytes(shape, micro, seq, act_bytes, e.checkpointing, chunks, cp, tp, style)
     gib = 2**30
     return {
         "params": e.params / gib,
