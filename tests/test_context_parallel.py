@@ -238,6 +238,12 @@ def test_shard_batch_scores_every_target_once_with_global_positions():
     assert torch.equal(scored, batch["labels"][:, 1:])
     assert parts[1]["position_ids"][0].tolist() == [1, 2, 3, 4]  # global, continuing the last run
     assert [p["num_tokens"] for p in parts] == [batch["num_tokens"]] * 2  # the strategy counts once
+    # Balanced (ring): 4 chunks of 2 (width 8), rank 0 holds chunks 0 and 3, rank 1 chunks 1 and 2.
+    parts = [shard_batch(batch, r, 2, balanced=True) for r in range(2)]
+    assert sum(p["num_targets"] for p in parts) == 5
+    assert parts[0]["position_ids"][0].tolist() == [0, 1, 4, 5, 6]  # row 0's padded positions 0 1 0 1 2 3 4 5
+    assert parts[1]["input_ids"][0, :4].tolist() == [7, 8, 9, 9]  # chunks 1, 2: tokens 2-5 (5 repeats 4)
+    assert parts[1]["labels"][0, 1:].tolist() == [8, 9, -100, -100]  # each token's own target
     # A whole-row batch (DPO's pairs) stays whole on every rank of the group.
     whole = shard_batch({**batch, WHOLE: True}, 1, 2)
     assert torch.equal(whole["input_ids"], batch["input_ids"]) and whole["num_targets"] == 5
@@ -276,9 +282,10 @@ def test_cp_config_errors_are_one_line():
 
 
 def _ring_worker(rank: int, world: int, port: int) -> None:
-    """Ring attention on this rank's slices against sdpa over the whole sequence (float64 inputs;
+    """Ring attention on this rank's chunks against sdpa over the whole sequence (float64 inputs;
     the ring computes in fp32): outputs and q/k/v gradients, with grouped heads, with and without
-    packing and a sliding window, through the CPU flash kernel and the plain-matmul path (GPU's)."""
+    packing and a sliding window, through the CPU flash kernel and the plain-matmul path (GPU's),
+    on balanced (two chunks a rank) and contiguous layouts."""
     import torch.distributed as dist
     import torch.nn.functional as F
 
@@ -295,20 +302,22 @@ def _ring_worker(rank: int, world: int, port: int) -> None:
     packed[0, 17:] -= 12
     packed[1, 13:] -= 13
     plain = torch.arange(length).repeat(b, 1)
-    rows = slice(rank * 8, rank * 8 + 8)
     fused = ring._fused
-    cases = [
-        (plain, None, True),
-        (packed, None, True),
-        (packed, 6, True),
-        (packed, 6, False),
-        (plain, None, False),
+    cases = [  # positions, window, CPU flash kernel, balanced chunks
+        (plain, None, True, True),
+        (packed, None, True, True),
+        (packed, 6, True, True),
+        (packed, 6, False, True),
+        (plain, None, False, True),
+        (packed, None, True, False),
+        (plain, None, False, False),
     ]
-    for pos, window, use_fused in cases:
+    for pos, window, use_fused, balanced in cases:
         ring._fused = fused if use_fused else (lambda q: False)
         ring.TILE = 2 * heads * 3 * 8  # the matmul path in tiles of 3 query rows
+        rows = cp.positions_index(length, rank, world, balanced)
         module = type("Layer", (), {"sliding_window": window})()
-        with cp.active(dist.group.WORLD, world):
+        with cp.active(dist.group.WORLD, world, balanced=balanced):
             cp._STATE.positions = pos
             mask = cp._mask(window)
             if mask is None:
@@ -322,7 +331,7 @@ def _ring_worker(rank: int, world: int, port: int) -> None:
             out.backward(dout[:, rows])
         pairs = [(out, ref[:, rows])] + [(m.grad, r.grad[:, :, rows]) for m, r in zip(mine, ref_in)]
         errs = [float((a - r).detach().abs().max()) for a, r in pairs]
-        assert max(errs) < 1e-5, (rank, window, use_fused, errs)
+        assert max(errs) < 1e-5, (rank, window, use_fused, balanced, errs)
         assert all(float(r.detach().abs().max()) > 0.1 for _, r in pairs)  # the compared values are not ~0
     ring._fused = fused
     dist.destroy_process_group()

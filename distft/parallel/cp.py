@@ -61,6 +61,7 @@ class _State:
     size: int = 1
     rank: int = 0
     whole: bool = False  # inputs come whole: split in the forward, logits gathered after it
+    balanced: bool = False  # each rank holds chunks r and 2n-1-r of 2n (chunks_of)
     width: int = 0  # whole mode: the row length of the current forward
     positions: torch.Tensor | None = None  # global position ids of the current forward (B, L)
     masks: dict = field(default_factory=dict)  # sliding window (or None) -> mask; "seg", "causal"
@@ -76,11 +77,39 @@ def is_whole(batch: dict) -> bool:
     return bool(batch.get(WHOLE)) or "input_ids" not in batch
 
 
-def shard_batch(batch: dict, rank: int, size: int) -> dict:
-    """This rank's slice (plus one look-ahead token) of a collated batch with input_ids, labels
-    and position_ids; other keys are kept (num_tokens too: the strategy counts them once per
-    group, distft.parallel.mesh.MeshShape.counts_tokens), num_targets is the slice's. A whole-row
-    batch (`is_whole`) is kept whole."""
+def chunks_of(rank: int, size: int, balanced: bool) -> list[int]:
+    """The sequence chunks a rank of a cp group holds: chunk `rank` of `size` (contiguous), or
+    (balanced, for causal masks) chunks `rank` and `2·size − 1 − rank` of 2·size, so every rank
+    has as many early as late positions to attend from."""
+    return [rank, 2 * size - 1 - rank] if balanced else [rank]
+
+
+def positions_index(width: int, rank: int, size: int, balanced: bool, device=None) -> torch.Tensor:
+    """Indices into a row padded to a multiple of the chunk count of the positions `rank` holds."""
+    parts = 2 * size if balanced else size
+    h = width // parts
+    return torch.cat([torch.arange(c * h, c * h + h, device=device) for c in chunks_of(rank, size, balanced)])
+
+
+def _padded(x: torch.Tensor, to: int, fill=None, step: bool = False) -> torch.Tensor:
+    """`x` (B, W) padded to width `to`: `fill`, continuing positions (`step`), or its last column."""
+    extra = to - x.size(1)
+    if extra <= 0:
+        return x
+    if fill is not None:
+        return torch.cat([x, x.new_full((x.size(0), extra), fill)], 1)
+    if step:
+        return torch.cat([x, x[:, -1:] + torch.arange(1, extra + 1, dtype=x.dtype, device=x.device)], 1)
+    return torch.cat([x, x[:, -1:].expand(-1, extra)], 1)
+
+
+def shard_batch(batch: dict, rank: int, size: int, balanced: bool = False) -> dict:
+    """This rank's part of every sequence (its chunks, `chunks_of`) of a collated batch with
+    input_ids, labels and position_ids, plus one trailing token the forward drops: its labels are
+    shifted so that a method's usual `logits[:, :-1]` against `labels[:, 1:]` scores the target
+    of each of its tokens, every target once over the group. Other keys are kept (num_tokens too:
+    the strategy counts them once per group, distft.parallel.mesh.MeshShape.counts_tokens),
+    num_targets is the part's. A whole-row batch (`is_whole`) is kept whole."""
     if is_whole(batch):
         return dict(batch)
     missing = [k for k in SPLIT_KEYS if k not in batch]
@@ -89,30 +118,31 @@ def shard_batch(batch: dict, rank: int, size: int) -> dict:
             f"strategy.cp>1 needs token batches with {', '.join(SPLIT_KEYS)}; missing {missing}"
         )
     ids, labels, pos = (batch[k] for k in SPLIT_KEYS)
-    width = ids.size(1)
-    chunk = -(-width // size)
-    extra = chunk * size + 1 - width  # to a multiple of cp, plus the last rank's look-ahead token
-    ids = torch.cat([ids, ids[:, -1:].expand(-1, extra)], 1)
-    labels = torch.cat([labels, labels.new_full((labels.size(0), extra), IGNORE)], 1)
-    steps = torch.arange(1, extra + 1, dtype=pos.dtype, device=pos.device)
-    pos = torch.cat([pos, pos[:, -1:] + steps], 1)
-    lo, hi = rank * chunk, rank * chunk + chunk + 1
+    parts = 2 * size if balanced else size
+    width = -(-ids.size(1) // parts) * parts  # padding continues the last position run, never a target
+    ids, pos = _padded(ids, width + 1), _padded(pos, width + 1, step=True)
+    labels = _padded(labels, width + 1, fill=IGNORE)
+    idx = positions_index(width, rank, size, balanced, ids.device)
     out = dict(batch)
-    out.update(input_ids=ids[:, lo:hi], labels=labels[:, lo:hi], position_ids=pos[:, lo:hi])
+    out["input_ids"] = torch.cat([ids[:, idx], ids[:, -1:]], 1)
+    out["position_ids"] = torch.cat([pos[:, idx], pos[:, -1:]], 1)
+    out["labels"] = torch.cat([labels.new_full((labels.size(0), 1), IGNORE), labels[:, idx + 1]], 1)
     out["num_targets"] = int((out["labels"][:, 1:] != IGNORE).sum())
     return out
 
 
 @contextlib.contextmanager
-def active(group, size: int, whole: bool = False):
+def active(group, size: int, whole: bool = False, balanced: bool = False):
     """Split forwards of models `attach`ed to run inside this block (one training step's
-    micro-batch); `whole`: their inputs are whole rows (split here, logits gathered back)."""
-    _STATE.group, _STATE.size, _STATE.whole = group, size, whole
+    micro-batch); `whole`: their inputs are whole rows (split here, logits gathered back);
+    `balanced`: ranks hold two chunks each (`chunks_of`; ring attention)."""
+    _STATE.group, _STATE.size, _STATE.whole, _STATE.balanced = group, size, whole, balanced
     _STATE.rank = torch.distributed.get_rank(group)
     try:
         yield
     finally:
-        _STATE.group, _STATE.positions, _STATE.masks, _STATE.whole = None, None, {}, False
+        _STATE.group, _STATE.positions, _STATE.masks = None, None, {}
+        _STATE.whole = _STATE.balanced = False
 
 
 # ----------------------------------------------------------------------------- model
@@ -151,26 +181,32 @@ def _split_inputs(module, args, kwargs):
         kwargs["position_ids"] = local
     parts = [torch.empty_like(local) for _ in range(_STATE.size)]
     torch.distributed.all_gather(parts, local, group=_STATE.group)
-    _STATE.positions, _STATE.masks = torch.cat(parts, 1), {}
+    _STATE.positions, _STATE.masks = _in_order(torch.cat(parts, 1)), {}
     return args, kwargs
 
 
+def _in_order(x: torch.Tensor) -> torch.Tensor:
+    """(B, L, ...) gathered in rank order → sequence order (balanced chunks interleave)."""
+    if not _STATE.balanced:
+        return x
+    n, width = _STATE.size, x.size(1)
+    order = torch.cat([positions_index(width, r, n, True, x.device) for r in range(n)])
+    return x[:, torch.argsort(order)]
+
+
 def _whole_slice(ids: torch.Tensor, pos: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """This rank's contiguous 1/cp of whole rows (padded to a multiple of cp by repeating the last
-    token with continuing positions; the padding's logits are cut after the gather)."""
+    """This rank's chunks of whole rows (padded to a multiple of the chunk count by repeating the
+    last token with continuing positions; the padding's logits are cut after the gather)."""
     b, width = ids.shape
     if pos is None:
         pos = torch.arange(width, device=ids.device).expand(b, width)
     n = _STATE.size
-    chunk = -(-width // n)
-    extra = chunk * n - width
-    if extra:
-        ids = torch.cat([ids, ids[:, -1:].expand(-1, extra)], 1)
-        steps = torch.arange(1, extra + 1, dtype=pos.dtype, device=pos.device)
-        pos = torch.cat([pos, pos[:, -1:] + steps], 1)
+    parts = 2 * n if _STATE.balanced else n
+    padded = -(-width // parts) * parts
+    ids, pos = _padded(ids, padded), _padded(pos, padded, step=True)
     _STATE.width = width
-    lo = _STATE.rank * chunk
-    return ids[:, lo : lo + chunk], pos[:, lo : lo + chunk].contiguous()
+    idx = positions_index(padded, _STATE.rank, n, _STATE.balanced, ids.device)
+    return ids[:, idx], pos[:, idx].contiguous()
 
 
 def _gather_seq(x: torch.Tensor) -> torch.Tensor:
@@ -185,7 +221,7 @@ def _restore_length(module, args, output):
     if _STATE.group is None:
         return None
     if _STATE.whole:
-        output.logits = _gather_seq(output.logits)[:, : _STATE.width]
+        output.logits = _in_order(_gather_seq(output.logits))[:, : _STATE.width]
         return output
     logits = output.logits
     output.logits = torch.cat([logits, logits.new_zeros(logits.size(0), 1, logits.size(2))], 1)

@@ -10,9 +10,10 @@ saved for backward are the rank's own q, k, v slices, its output and log-sum-exp
 memory per rank falls with cp. A block is computed in fp32 by the CPU flash-attention kernel
 (which returns the log-sum-exp and takes it back in its backward, so no block's scores are kept),
 or with plain matmuls elsewhere (GPU: correct, not a fused kernel); point-to-point sends over
-gloo or NCCL. Blocks that the causal (and packing / sliding window) mask hides entirely are
-skipped. Slices are contiguous, so later ranks attend over more blocks than earlier ones
-(Ulysses splits heads and is balanced).
+gloo or NCCL. Chunks that the causal (and packing / sliding window) mask hides entirely are
+skipped, and each rank holds two chunks of the sequence, one early and one late
+(`cp.chunks_of`: rank r of n holds chunks r and 2n−1−r of 2n), so every rank attends over
+about the same number of key/value positions under a causal mask.
 """
 
 from __future__ import annotations
@@ -34,22 +35,35 @@ def _exchange(group, send: torch.Tensor, rank: int, n: int) -> tuple[torch.Tenso
     return recv, dist.batch_isend_irecv(ops)
 
 
-def _keep(meta: dict, src: int):
-    """What this rank's rows see of block `src`'s columns: None (nothing), "all", "causal" (the
-    diagonal block of plain causal attention) or a (B, 1, c, c) bool mask (packing, window)."""
-    c, rank = meta["c"], meta["rank"]
-    if src > rank:
-        return None  # causal: later blocks are hidden whatever the packing
+def _keep(meta: dict, qa: int, kb: int):
+    """What sequence chunk `qa`'s rows see of chunk `kb`'s columns: None (nothing), "all",
+    "causal" (a diagonal chunk of plain causal attention) or a (B, 1, h, h) bool mask (packing,
+    sliding window)."""
+    if kb > qa:
+        return None  # causal: later chunks are hidden whatever the packing
     if not meta["packed"] and not meta["window"]:
-        return "causal" if src == rank else "all"
-    qi = torch.arange(rank * c, rank * c + c, device=meta["seg"].device)
-    kj = torch.arange(src * c, src * c + c, device=qi.device)
+        return "causal" if kb == qa else "all"
+    h = meta["h"]
+    qi = torch.arange(qa * h, qa * h + h, device=meta["seg"].device)
+    kj = torch.arange(kb * h, kb * h + h, device=qi.device)
     keep = (qi[:, None] >= kj[None, :])[None]
     if meta["window"]:
         keep = keep & (qi[:, None] - kj[None, :] < meta["window"])[None]
     seg = meta["seg"]
-    keep = keep & (seg[:, rank * c : rank * c + c, None] == seg[:, None, src * c : src * c + c])
+    keep = keep & (seg[:, qi, None] == seg[:, None, kj])
     return keep[:, None] if bool(keep.any()) else None
+
+
+def _pairs(meta: dict, src: int):
+    """(rows of q, columns of the block, mask) for each of this rank's chunks against each of
+    rank `src`'s chunks that it sees anything of."""
+    h, mine = meta["h"], cp.chunks_of(meta["rank"], meta["n"], meta["balanced"])
+    theirs = cp.chunks_of(src, meta["n"], meta["balanced"])
+    for a, qa in enumerate(mine):
+        for b, kb in enumerate(theirs):
+            keep = _keep(meta, qa, kb)
+            if keep is not None:
+                yield slice(a * h, a * h + h), slice(b * h, b * h + h), keep
 
 
 def _fused(q: torch.Tensor) -> bool:
@@ -141,7 +155,7 @@ def _fold(t: torch.Tensor, groups: int) -> torch.Tensor:
 
 
 class _Ring(torch.autograd.Function):
-    """q (B, H, c, D), k and v (B, Hkv, c, D), fp32 → out (B, H, c, D)."""
+    """q (B, H, c, D), k and v (B, Hkv, c, D), fp32 → out (B, H, c, D); c is one or two chunks."""
 
     @staticmethod
     def forward(ctx, q, k, v, meta):
@@ -153,13 +167,14 @@ class _Ring(torch.autograd.Function):
         for step in range(n):
             src = (rank - step) % n
             pending = _exchange(group, kv, rank, n) if step < n - 1 else None
-            keep = _keep(meta, src)
-            if keep is not None:
-                o, block = _block(q, _expand(kv[0], groups), _expand(kv[1], groups), keep, scale)
-                new = torch.logaddexp(lse, block)
+            kx, vx = _expand(kv[0], groups), _expand(kv[1], groups)
+            for rows, cols, keep in _pairs(meta, src):
+                o, block = _block(q[:, :, rows], kx[:, :, cols], vx[:, :, cols], keep, scale)
+                new = torch.logaddexp(lse[:, :, rows], block)
                 safe = _safe(new)
-                out = out * torch.exp(lse - safe)[..., None] + o * torch.exp(block - safe)[..., None]
-                lse = new
+                old = torch.exp(lse[:, :, rows] - safe)[..., None]
+                out[:, :, rows] = out[:, :, rows] * old + o * torch.exp(block - safe)[..., None]
+                lse[:, :, rows] = new
             if pending is not None:
                 kv, works = pending
                 for w in works:
@@ -180,14 +195,15 @@ class _Ring(torch.autograd.Function):
         bundle = torch.stack([k, v, torch.zeros_like(k), torch.zeros_like(v)])
         for step in range(n):
             src = (rank - step) % n
-            keep = _keep(meta, src)
-            if keep is not None:
-                kb, vb = _expand(bundle[0], groups), _expand(bundle[1], groups)
-                dqb, dk, dv = _block_grad(dout, q, kb, vb, out, lse, keep, scale)
-                dq = dq + dqb
-                bundle = torch.stack(
-                    [bundle[0], bundle[1], bundle[2] + _fold(dk, groups), bundle[3] + _fold(dv, groups)]
-                )
+            kx, vx = _expand(bundle[0], groups), _expand(bundle[1], groups)
+            for rows, cols, keep in _pairs(meta, src):
+                dqb, dk, dv = _block_grad(
+                    dout[:, :, rows], q[:, :, rows], kx[:, :, cols], vx[:, :, cols],
+                    out[:, :, rows], lse[:, :, rows], keep, scale,
+                )  # fmt: skip
+                dq[:, :, rows] += dqb
+                bundle[2][:, :, cols] += _fold(dk, groups)
+                bundle[3][:, :, cols] += _fold(dv, groups)
             bundle, works = _exchange(group, bundle, rank, n)
             for w in works:
                 w.wait()
@@ -209,7 +225,8 @@ def ring_attention(module, query, key, value, attention_mask, dropout=0.0, scali
         "group": state.group,
         "rank": state.rank,
         "n": state.size,
-        "c": c,
+        "balanced": state.balanced,
+        "h": c // (2 if state.balanced else 1),  # chunk length
         "scale": scaling if scaling is not None else d**-0.5,
         "window": getattr(module, "sliding_window", None),
         "seg": seg,

@@ -77,7 +77,8 @@ class TorchNativeStrategy(Strategy):
         if self.shape is None or self.shape.cp * self.shape.tp == 1:
             return batch
         if self.cp_size > 1:
-            batch = cp.shard_batch(batch, self.mesh["cp"].get_local_rank(), self.cp_size)
+            rank, balanced = self.mesh["cp"].get_local_rank(), self.cfg.strategy.cp_style == "ring"
+            batch = cp.shard_batch(batch, rank, self.cp_size, balanced)
         if "num_tokens" in batch and not self.shape.counts_tokens(self.info.rank):
             batch = {**batch, "num_tokens": 0}
         return batch
@@ -112,7 +113,8 @@ class TorchNativeStrategy(Strategy):
         slices (Ulysses attention over the cp group); other forwards see whole sequences."""
         if self.cp_size == 1:
             return contextlib.nullcontext()
-        return cp.active(self.mesh["cp"].get_group(), self.cp_size, whole=cp.is_whole(batch))
+        balanced = self.cfg.strategy.cp_style == "ring"  # ring splits load-balanced chunks
+        return cp.active(self.mesh["cp"].get_group(), self.cp_size, cp.is_whole(batch), balanced)
 
     def backward(self, loss: torch.Tensor, is_last: bool) -> None:
         (self.scaler.scale(loss) if self.scaler else loss).backward()
