@@ -342,3 +342,22 @@ def test_ring_attention_equals_whole_sequence_attention_on_3_ranks():
     import torch.multiprocessing as mp
 
     mp.spawn(_ring_worker, args=(3, free_port()), nprocs=3, join=True)
+
+
+@pytest.mark.quick
+def test_ring_chunks_balance_causal_work_over_ranks():
+    """Under a causal mask every rank of a balanced ring attends over as many key positions
+    (chunk pairs seen, a diagonal one counting half); contiguous slices load the last rank most."""
+    from distft.parallel import ring
+
+    def work(n: int, balanced: bool) -> list[float]:
+        out = []
+        for rank in range(n):
+            meta = {"rank": rank, "n": n, "balanced": balanced, "h": 1, "packed": False, "window": None}
+            pairs = [keep for src in range(n) for _, _, keep in ring._pairs(meta, src)]
+            out.append(sum(0.5 if keep == "causal" else 1.0 for keep in pairs))
+        return out
+
+    for n in (2, 4, 8):
+        assert len(set(work(n, True))) == 1, work(n, True)
+        assert work(n, False) == [r + 0.5 for r in range(n)]
