@@ -144,6 +144,11 @@ def test_mesh_suggestion_prefers_cp_for_long_sequences_and_tp_for_large_models(s
     mesh, est = suggest_mesh(plan(long_seq), fsdp, shape, 8, long_seq, 0.6 * base.total)
     assert mesh.cp > 1 and mesh.tp == 1 and est.total <= 0.6 * base.total  # activations dominate: cp
     assert mesh.dp * mesh.cp * mesh.tp == 8 and mesh.overrides() == f"strategy.cp={mesh.cp} strategy.tp=1"
+    # Heads that cp does not divide (Ulysses refused by the strategy's validation): ring, same memory.
+    odd = replace(shape, heads=9, kv_heads=3)
+    ulysses_ok = lambda s: getattr(s, "cp_style", "ulysses") != "ulysses" or odd.heads % s.cp == 0  # noqa: E731
+    found = suggest_mesh(plan(long_seq), fsdp, odd, 8, long_seq, 0.6 * base.total, ulysses_ok)
+    assert found[0].cp_style == "ring" and "strategy.cp_style=ring" in found[0].overrides(), found
     big = shapes["llama-3.1-70b"]
 
     def plan70(s):

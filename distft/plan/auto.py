@@ -127,7 +127,9 @@ def pick_strategy(cfg, shape: ModelShape, world: int, seq: int) -> tuple[object,
         )  # fmt: skip
         if found:
             mesh, est = found
-            chosen = with_degrees(strategy_config(meshed), mesh.cp, mesh.tp)
+            chosen = with_degrees(
+                strategy_config(meshed), mesh.cp, mesh.tp, mesh.cp_style if mesh.cp > 1 else None
+            )
             return chosen, [*estimates, est]
     smallest = min(estimates, key=lambda e: e.total)
     raise ConfigError(
@@ -146,7 +148,7 @@ def describe(strategy_cfg, world: int) -> str:
     if cp * tp == 1:
         return f"strategy={strategy_cfg.name}"
     mesh = mesh_of(strategy_cfg, world)
-    return f"strategy={strategy_cfg.name} strategy.cp={cp} strategy.tp={tp} (mesh {mesh})"
+    return f"strategy={strategy_cfg.name} {mesh.overrides()} (mesh {mesh})"
 
 
 def pick_micro(cfg, shape: ModelShape, world: int, seq: int, max_micro: int | None = None) -> int:

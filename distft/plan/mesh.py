@@ -23,25 +23,30 @@ class Mesh:
     dp: int
     cp: int
     tp: int
+    cp_style: str = "ulysses"
 
     def __str__(self) -> str:
         return f"dp={self.dp} × cp={self.cp} × tp={self.tp}"
 
     def overrides(self) -> str:
-        return f"strategy.cp={self.cp} strategy.tp={self.tp}"
+        style = f" strategy.cp_style={self.cp_style}" if self.cp > 1 and self.cp_style != "ulysses" else ""
+        return f"strategy.cp={self.cp}{style} strategy.tp={self.tp}"
 
 
 def mesh_of(strategy_cfg, world: int) -> Mesh:
     """The mesh a strategy config asks for (cp and tp default to 1 where it has none)."""
     cp, tp = degrees(strategy_cfg)
-    return Mesh(max(world // max(cp * tp, 1), 1), cp, tp)
+    return Mesh(max(world // max(cp * tp, 1), 1), cp, tp, getattr(strategy_cfg, "cp_style", "ulysses"))
 
 
-def with_degrees(strategy_cfg, cp: int, tp: int):
-    """A copy of a strategy config with cp / tp set (whether or not its dataclass declares them)."""
+def with_degrees(strategy_cfg, cp: int, tp: int, cp_style: str | None = None):
+    """A copy of a strategy config with cp / tp (and cp_style) set, whether or not its dataclass
+    declares them."""
     out = copy.copy(strategy_cfg)
     object.__setattr__(out, "cp", cp)
     object.__setattr__(out, "tp", tp)
+    if cp_style is not None:
+        object.__setattr__(out, "cp_style", cp_style)
     return out
 
 
@@ -66,10 +71,13 @@ def suggest_mesh(plan, strategy_cfg, shape: ModelShape, world: int, seq: int, li
     base: Estimate = plan(with_degrees(strategy_cfg, 1, 1))
     heavy = max(base.activations_ckpt if base.checkpointing else base.activations, 0) > base.states
     for cp, tp in candidates(shape, world, heavy):
-        meshed = with_degrees(strategy_cfg, cp, tp)
-        if valid is not None and not valid(meshed):
-            continue
-        est = plan(meshed)
-        if est.total <= limit:
-            return Mesh(world // (cp * tp), cp, tp), est
+        # Ulysses first; ring where the heads do not divide by cp (same activation memory, no condition)
+        for style in ("ulysses", "ring") if cp > 1 else ("ulysses",):
+            meshed = with_degrees(strategy_cfg, cp, tp, style if cp > 1 else None)
+            if valid is not None and not valid(meshed):
+                continue
+            est = plan(meshed)
+            if est.total <= limit:
+                return Mesh(world // (cp * tp), cp, tp, style), est
+            break  # it fits no better in the other style
     return None
