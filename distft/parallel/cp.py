@@ -36,13 +36,14 @@ run plain sdpa over whole sequences on each rank.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
 from distft.data.sft_format import IGNORE
 from distft.errors import ConfigError
+from distft.parallel.layout import STATE as _STATE
+from distft.parallel.layout import positions_index, segments
 
 ATTN = "distft_ulysses"
 """The attention implementation name registered with transformers (cp_style=ulysses)."""
@@ -55,40 +56,11 @@ WHOLE = "cp_whole_rows"
 """Batch key (True): the method's loss needs whole rows (the model splits and gathers itself)."""
 
 
-@dataclass
-class _State:
-    group: object = None  # the context-parallel process group while a training forward runs
-    size: int = 1
-    rank: int = 0
-    whole: bool = False  # inputs come whole: split in the forward, logits gathered after it
-    balanced: bool = False  # each rank holds chunks r and 2n-1-r of 2n (chunks_of)
-    width: int = 0  # whole mode: the row length of the current forward
-    positions: torch.Tensor | None = None  # global position ids of the current forward (B, L)
-    masks: dict = field(default_factory=dict)  # sliding window (or None) -> mask; "seg", "causal"
-
-
-_STATE = _State()
-
-
 # ----------------------------------------------------------------------------- batch
 def is_whole(batch: dict) -> bool:
     """A batch whose loss needs whole rows: marked `WHOLE`, or without token ids (the RL update's
     micro-batches are row slices of rollouts the loss reads itself)."""
     return bool(batch.get(WHOLE)) or "input_ids" not in batch
-
-
-def chunks_of(rank: int, size: int, balanced: bool) -> list[int]:
-    """The sequence chunks a rank of a cp group holds: chunk `rank` of `size` (contiguous), or
-    (balanced, for causal masks) chunks `rank` and `2·size − 1 − rank` of 2·size, so every rank
-    has as many early as late positions to attend from."""
-    return [rank, 2 * size - 1 - rank] if balanced else [rank]
-
-
-def positions_index(width: int, rank: int, size: int, balanced: bool, device=None) -> torch.Tensor:
-    """Indices into a row padded to a multiple of the chunk count of the positions `rank` holds."""
-    parts = 2 * size if balanced else size
-    h = width // parts
-    return torch.cat([torch.arange(c * h, c * h + h, device=device) for c in chunks_of(rank, size, balanced)])
 
 
 def _padded(x: torch.Tensor, to: int, fill=None, step: bool = False) -> torch.Tensor:
@@ -104,7 +76,7 @@ def _padded(x: torch.Tensor, to: int, fill=None, step: bool = False) -> torch.Te
 
 
 def shard_batch(batch: dict, rank: int, size: int, balanced: bool = False) -> dict:
-    """This rank's part of every sequence (its chunks, `chunks_of`) of a collated batch with
+    """This rank's part of every sequence (its chunks, `layout.chunks_of`) of a collated batch with
     input_ids, labels and position_ids, plus one trailing token the forward drops: its labels are
     shifted so that a method's usual `logits[:, :-1]` against `labels[:, 1:]` scores the target
     of each of its tokens, every target once over the group. Other keys are kept (num_tokens too:
@@ -135,7 +107,7 @@ def shard_batch(batch: dict, rank: int, size: int, balanced: bool = False) -> di
 def active(group, size: int, whole: bool = False, balanced: bool = False):
     """Split forwards of models `attach`ed to run inside this block (one training step's
     micro-batch); `whole`: their inputs are whole rows (split here, logits gathered back);
-    `balanced`: ranks hold two chunks each (`chunks_of`; ring attention)."""
+    `balanced`: ranks hold two chunks each (`layout.chunks_of`; ring attention)."""
     _STATE.group, _STATE.size, _STATE.whole, _STATE.balanced = group, size, whole, balanced
     _STATE.rank = torch.distributed.get_rank(group)
     try:
@@ -226,15 +198,6 @@ def _restore_length(module, args, output):
     logits = output.logits
     output.logits = torch.cat([logits, logits.new_zeros(logits.size(0), 1, logits.size(2))], 1)
     return output
-
-
-def segments() -> torch.Tensor:
-    """(B, L) example index of every position of the current forward's whole sequence: a position
-    id that does not continue the previous one starts a packed example."""
-    if "seg" not in _STATE.masks:
-        pos = _STATE.positions
-        _STATE.masks["seg"] = (torch.diff(pos, prepend=pos[:, :1] - 1, dim=-1) != 1).cumsum(-1)
-    return _STATE.masks["seg"]
 
 
 def _mask(window: int | None) -> torch.Tensor | None:

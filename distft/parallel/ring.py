@@ -12,7 +12,7 @@ memory per rank falls with cp. A block is computed in fp32 by the CPU flash-atte
 or with plain matmuls elsewhere (GPU: correct, not a fused kernel); point-to-point sends over
 gloo or NCCL. Chunks that the causal (and packing / sliding window) mask hides entirely are
 skipped, and each rank holds two chunks of the sequence, one early and one late
-(`cp.chunks_of`: rank r of n holds chunks r and 2n−1−r of 2n), so every rank attends over
+(`layout.chunks_of`: rank r of n holds chunks r and 2n−1−r of 2n), so every rank attends over
 about the same number of key/value positions under a causal mask.
 """
 
@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from distft.errors import ConfigError
-from distft.parallel import cp
+from distft.parallel import layout
 
 
 def _exchange(group, send: torch.Tensor, rank: int, n: int) -> tuple[torch.Tensor, list]:
@@ -57,8 +57,8 @@ def _keep(meta: dict, qa: int, kb: int):
 def _pairs(meta: dict, src: int):
     """(rows of q, columns of the block, mask) for each of this rank's chunks against each of
     rank `src`'s chunks that it sees anything of."""
-    h, mine = meta["h"], cp.chunks_of(meta["rank"], meta["n"], meta["balanced"])
-    theirs = cp.chunks_of(src, meta["n"], meta["balanced"])
+    h, mine = meta["h"], layout.chunks_of(meta["rank"], meta["n"], meta["balanced"])
+    theirs = layout.chunks_of(src, meta["n"], meta["balanced"])
     for a, qa in enumerate(mine):
         for b, kb in enumerate(theirs):
             keep = _keep(meta, qa, kb)
@@ -214,13 +214,13 @@ def ring_attention(module, query, key, value, attention_mask, dropout=0.0, scali
     """transformers attention function, cp_style=ring: (B, H, L/cp, D) slices in, (B, L/cp, H, D) out."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    state = cp._STATE
+    state = layout.STATE
     if state.group is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
     if dropout:
         raise ConfigError("strategy.cp_style=ring: attention dropout is not supported; set it to 0")
     c, d = query.shape[2:]
-    seg = cp.segments()
+    seg = layout.segments()
     meta = {
         "group": state.group,
         "rank": state.rank,
