@@ -7,11 +7,15 @@
      target ≤ 8 GiB (torchtune: 7.4 GiB on an RTX 4090).
   3. Long context: the 1B shape on 32k-token rows, each sequence split over all GPUs by context
      parallelism (`--cp-style ulysses|allgather|ring`), checkpointing and chunked loss.
+  4. The realistic workload (bench/realistic.py's log-normal instruction rows and BPE tokenizer) on a
+     1B Llama shape, packed (flash-attention varlen where flash_attn is installed), bf16, compile
+     off and on, Liger where installed: MFU against the GPU's peak, target ≥ 45%.
 
     .venv/bin/python bench/gpu.py                 # both, on all visible GPUs for the MFU run
     .venv/bin/python bench/gpu.py --only mfu --gpus 8 --micro 2
     .venv/bin/python bench/gpu.py --only kernels  # the MFU run without, then with Liger + flash-attn
     .venv/bin/python bench/gpu.py --only longctx  # 32k-token rows split over all GPUs (strategy.cp)
+    .venv/bin/python bench/gpu.py --only realistic  # instruction-like length spread, packed
     .venv/bin/python bench/gpu.py --smoke         # CPU, shrunken shapes: checks the script itself
 
 Both run distft's own training entry (`python -m distft.train`) on a model directory written
@@ -51,7 +55,7 @@ LLAMA_8B = dict(
 
 def parse() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--only", choices=["mfu", "qlora", "kernels", "longctx"], default=None)
+    p.add_argument("--only", choices=["mfu", "qlora", "kernels", "longctx", "realistic"], default=None)
     p.add_argument("--gpus", type=int, default=0, help="GPUs for the MFU run (0: all visible)")
     p.add_argument("--micro", type=int, default=4, help="micro-batch of the MFU run")
     p.add_argument("--steps", type=int, default=30)
@@ -260,6 +264,53 @@ def run_longctx(a, out: Path, gpus: int) -> dict:
     }
 
 
+def run_realistic(a, out: Path, gpus: int) -> list[dict]:
+    """bench/realistic.py's rows and tokenizer on a 1B Llama shape (16 layers of 2048), packed rows of
+    2048 tokens: one run per variant (plain, compile, Liger + flash-attention where installed)."""
+    import importlib.util
+
+    from realistic import build
+
+    shape = argparse.Namespace(
+        rows=400 if a.smoke else 20000, seed=0, vocab=8192, hidden=64 if a.smoke else 2048,
+        layers=2 if a.smoke else 16, max_length=a.seq,
+    )  # fmt: skip
+    work = out / "realistic"
+    if not (work / "model" / "config.json").is_file():
+        work.mkdir(parents=True, exist_ok=True)
+        build(work, shape)
+    flash = importlib.util.find_spec("flash_attn") is not None and not a.smoke
+    args = [
+        "model=hf", f"model.name_or_path={work / 'model'}", f"data.path=[{work / 'rows.jsonl'}]",
+        f"data.max_length={a.seq}", "data.packing=true", "data.splits=[1,0,0]", "strategy=fsdp",
+        "tuning=full",
+        f"train.precision={'fp32' if a.smoke else 'bf16'}", f"train.micro_batch_size={a.micro}",
+        "train.eval_generate=false", "train.eval_every=0", "train.export=last", "train.progress=false",
+        "train.lr_scheduler=constant", "train.warmup_steps=0", f"cluster.nproc_per_node={gpus}",
+        f"cluster.gpus_per_node={0 if a.smoke else gpus}",
+        *(["model.attn_implementation=flash_attention_2"] if flash else []),
+    ]  # fmt: skip
+    variants = {"plain": []} if a.smoke else {"plain": [], "compile": ["train.compile=true"]}
+    if importlib.util.find_spec("liger_kernel") and not a.smoke:
+        variants["liger"] = ["model.kernels=liger"]
+    results = []
+    attn = "flash-attn varlen" if flash else "sdpa"
+    for name, extra in variants.items():
+        m = run_job(a, out / f"realistic-{name}", [*args, *extra], gpus, a.steps)
+        first = [r for r in m if r["step"] <= a.steps]
+        results.append({
+            "what": f"realistic rows, Llama-1B shape, packed {a.seq}, "
+            f"{attn}, {name}, micro {a.micro}, {gpus} GPU(s)" + SMOKE * a.smoke,
+            "mfu": steady(first, "mfu"),
+            "tokens_per_s": steady(first, "tokens_per_s"),
+            "peak_gib": max(r["mem_gib"] for r in m),
+            "planner_gib": memory_terms(args, gpus, a.micro, a.seq),
+            "target": "MFU >= 45%",
+            "ok": steady(first, "mfu") >= 0.45,
+        })  # fmt: skip
+    return results
+
+
 def main() -> None:
     import torch
 
@@ -278,6 +329,8 @@ def main() -> None:
         results.append(run_qlora(a, out))
     if a.only in (None, "longctx"):
         results.append(run_longctx(a, out, gpus))
+    if a.only in (None, "realistic"):
+        results += run_realistic(a, out, max(gpus, 1))
     if a.only in (None, "kernels") and not a.smoke:  # with and without Liger and flash-attention
         import importlib.util
 
