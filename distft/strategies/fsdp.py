@@ -119,12 +119,13 @@ def check_mesh(cfg, gpu: bool, world: int | None = None) -> None:
         )
 
 
-EP_TUNINGS = ("full",)
+EP_TUNINGS = ("full", "lora")
 EP_METHODS = ("sft",)
 
 
 def check_ep(cfg, world: int, ep: int | None = None) -> None:
-    """strategy.ep (or `ep`): an MoE model whose experts and ranks it divides, full tuning, no cp/tp."""
+    """strategy.ep (or `ep`): an MoE model whose experts and ranks it divides, full or LoRA tuning
+    (LoRA: at least 2 experts a rank), no cp/tp."""
     ep = ep or meshes.ep_degree(cfg.strategy)
     if ep == 1:
         return
@@ -135,8 +136,7 @@ def check_ep(cfg, world: int, ep: int | None = None) -> None:
         )
     if cfg.tuning.name not in EP_TUNINGS:
         raise ConfigError(
-            f"strategy.ep={ep} works with tuning=full only (not tuning={cfg.tuning.name}): PEFT keeps "
-            "all experts' adapters in one matrix per layer, which the expert split does not cut; "
+            f"strategy.ep={ep} works with tuning={'|'.join(EP_TUNINGS)} (not yet tuning={cfg.tuning.name}); "
             "set strategy.ep=1"
         )
     if cfg.method.name not in EP_METHODS:
@@ -151,7 +151,8 @@ def check_ep(cfg, world: int, ep: int | None = None) -> None:
     config = _model_config(cfg)
     name = cfg.model.name_or_path or f"model={cfg.model.name}"
     if config is not None:  # a hub id: checked when the model is built
-        expert_parallel.check(ep, world or ep, expert_parallel.num_experts(config), name)
+        lora = cfg.tuning.name == "lora"
+        expert_parallel.check(ep, world or ep, expert_parallel.num_experts(config), name, lora=lora)
 
 
 def _model_config(cfg) -> dict | None:

@@ -47,16 +47,26 @@ def compare_losses(name: str, run: Path, ref: Path, steps, tol: float, what: str
     return Check(name, d <= tol, f"{d:.2e} rel", f"{tol:g} rel", detail)
 
 
+EXPORTED = ("model.safetensors", "adapter_model.safetensors", "merged/model.safetensors")
+
+
 def compare_exports(name: str, run: Path, ref: Path, tol: float, what: str) -> Check:
-    """The two runs' exported full weights: the same tensor names, within `tol` of the largest."""
+    """The two runs' exported weights (full weights; an adapter's, and its merged weights when
+    written): the same files and tensor names, within `tol` of each file's largest."""
     from safetensors.torch import load_file
 
-    a, b = (load_file(str(r / "export" / "model.safetensors")) for r in (run, ref))
-    if a.keys() != b.keys():
-        return Check(name, False, "different tensors", "-", f"{sorted(a.keys() ^ b.keys())[:4]}")
-    d = max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
-    d /= max(max(float(b[k].float().abs().max()) for k in b), 1e-12)
-    return Check(name, d <= tol, f"{d:.2e} rel weights", f"{tol:g} rel", f"{what}; exported weights")
+    files = [f for f in EXPORTED if (ref / "export" / f).is_file()]
+    if not files or any(not (run / "export" / f).is_file() for f in files):
+        return Check(name, False, "different files", "-", f"{what}; exported {files or 'nothing'}")
+    worst = 0.0
+    for f in files:
+        a, b = (load_file(str(r / "export" / f)) for r in (run, ref))
+        if a.keys() != b.keys():
+            return Check(name, False, "different tensors", "-", f"{f}: {sorted(a.keys() ^ b.keys())[:4]}")
+        d = max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+        worst = max(worst, d / max(max(float(b[k].float().abs().max()) for k in b), 1e-12))
+    detail = f"{what}; exported {' + '.join(files)}"
+    return Check(name, worst <= tol, f"{worst:.2e} rel weights", f"{tol:g} rel", detail)
 
 
 def _load_exported(export: Path, cfg):

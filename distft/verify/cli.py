@@ -11,8 +11,9 @@ equivalence checks, each by real runs (torchrun subprocesses) in a work dir:
   export          export/ not empty, loadable, reproduces the trained model's logits
   tensor parallel 2 ranks × tp=2 vs the reference's tp (same global batch; strategy=fsdp; on by
                   default when strategy.tp > 1, else ask with --only tensor_parallel)
-  expert parallel 2 ranks × ep=2 vs the reference at ep=1 (MoE models, fsdp/hsdp, tuning=full;
-                  on by default when strategy.ep > 1, else ask with --only expert_parallel)
+  expert parallel 2 ranks × ep=2 vs the reference at ep=1 (MoE models, fsdp/hsdp, tuning=full or
+                  lora; losses and exported weights; on by default when strategy.ep > 1, else ask
+                  with --only expert_parallel)
 
 Prints a pass/fail table with the measured differences and tolerances (also verify.json in the
 work dir); exit 0 when every applicable check passed, 1 otherwise, 2 on a config error.
@@ -219,9 +220,8 @@ def _expert_parallel(cfg, train, ref: Path, k: int, steps: int, tol: float) -> c
         return losses
     weights = _guarded(name, lambda: checks.compare_exports(name, run, ref, tol, what))
     measured = f"{losses.measured}, {weights.measured}"
-    return checks.Check(
-        name, weights.passed, measured, losses.tolerance, f"{losses.detail}; exported weights"
-    )
+    detail = f"{losses.detail}; {weights.detail.split('; ', 1)[-1]}"
+    return checks.Check(name, weights.passed, measured, losses.tolerance, detail)
 
 
 def _tensor_parallel(cfg, train, ref: Path, micro: int, steps: int, tol: float) -> checks.Check:
