@@ -120,7 +120,7 @@ def check_mesh(cfg, gpu: bool, world: int | None = None) -> None:
 
 
 EP_TUNINGS = ("full", "lora")
-EP_METHODS = ("sft",)
+EP_METHODS = ("sft", "dpo")
 
 
 def check_ep(cfg, world: int, ep: int | None = None) -> None:

@@ -151,8 +151,10 @@ def run_checks(cfg, small: list[str], wanted: list[str], work: Path, args) -> li
     ref = None
     if needs_ref:
         exported = {"export", "expert_parallel"} & set(wanted)
-        export = "train.export=last" if exported else "train.export=none"
-        ref = train("reference", 2, f"train.save_every={k}", export)
+        export = ["train.export=last" if exported else "train.export=none"]
+        if "expert_parallel" in wanted and hasattr(cfg.tuning, "merge_on_export"):
+            export.append("tuning.merge_on_export=true")  # an adapter is compared by its merged weights
+        ref = train("reference", 2, f"train.save_every={k}", *export)
     if "grad_accum" in wanted:
         run = train("grad_accum", 2, f"train.micro_batch_size={max(1, m // 2)}", "train.grad_accum=2")
         what = f"2 ranks × micro {max(1, m // 2)} × accum 2 vs 2 ranks × micro {m}"
@@ -213,7 +215,8 @@ def _expert_parallel(cfg, train, ref: Path, k: int, steps: int, tol: float) -> c
         fsdp.check_ep(cfg, 2, ep=2)
     except ConfigError as e:
         return checks.Check(name, None, "n/a", "-", str(e))
-    run = train("expert_parallel", 2, "strategy.ep=2", "train.export=last", f"train.save_every={k}")
+    merged = ["tuning.merge_on_export=true"] if hasattr(cfg.tuning, "merge_on_export") else []
+    run = train("expert_parallel", 2, "strategy.ep=2", "train.export=last", f"train.save_every={k}", *merged)
     what = "2 ranks at ep=2 vs 2 ranks at ep=1"
     losses = checks.compare_losses(name, run, ref, range(1, steps + 1), tol, what)
     if not losses.passed:
