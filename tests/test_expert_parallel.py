@@ -120,14 +120,17 @@ def test_ep2_equals_ep1_in_distft_verify_and_its_checkpoint_resumes_at_ep1_on_on
 
 
 @pytest.mark.slow
-def test_lora_ep2_equals_ep1_for_qwen2_moe_trained_by_dpo(tmp_path, tiny_model_dir, capsys):
+def test_lora_ep2_equals_ep1_for_qwen2_moe_trained_by_dpo_and_resumes_at_ep1(
+    tmp_path, tiny_model_dir, capsys
+):
     """distft-verify's expert_parallel check with LoRA on the experts (each rank keeps its experts'
     factors), DPO and Qwen2-MoE (shared expert beside the routed ones): 2 ranks at ep=2 vs at ep=1,
-    6 fp32 steps' losses and the merged exported weights within 1e-4; the adapter files hold the
-    same tensors in PEFT's shapes, loadable by PEFT at ep=1 (the export checks itself)."""
+    6 fp32 steps' losses and the merged exported weights within 1e-4, the adapter files of the same
+    tensors in PEFT's shapes; then ep=2's step-3 checkpoint (expert LoRA split by expert) resumed on
+    1 rank at ep=1 with the same losses and merged weights."""
     moe = moe_dir(tmp_path / "qwen2_moe", tiny_model_dir, "qwen2_moe")
     user = ["model=hf", f"model.name_or_path={moe}", "strategy=fsdp", "train.precision=fp32"]
-    user += ["strategy.ep=2", "tuning=lora", "method=dpo"]
+    user += ["tuning=lora", "method=dpo", "strategy.ep=2"]
     work = tmp_path / "verify"
     from distft.verify.cli import main as verify
 
@@ -139,21 +142,28 @@ def test_lora_ep2_equals_ep1_for_qwen2_moe_trained_by_dpo(tmp_path, tiny_model_d
     assert len(measured) == 2 and all(float(x) <= 1e-4 for x in measured), row  # losses, merged weights
     ep2, ep1 = work / "expert_parallel", work / "reference"
     assert "each rank holds 2 of 4 experts in each of 2 MoE layers (ep=2)" in (ep2 / "train.log").read_text()
-    a, b = train_losses(ep2), train_losses(ep1)
-    assert sorted(a) == [1, 2, 3, 4, 5, 6] and a == pytest.approx(b, rel=1e-4)
+    a = train_losses(ep2)
+    assert sorted(a) == [1, 2, 3, 4, 5, 6] and a == pytest.approx(train_losses(ep1), rel=1e-4)
     assert len({round(v, 5) for v in a.values()}) > 1, a  # DPO's loss moved off log 2
     from safetensors.torch import load_file
 
     factors = load_file(str(ep2 / "export" / "adapter_model.safetensors"))
     experts = {k: v for k, v in factors.items() if ".mlp.experts." in k}
     assert len(experts) == 2 * 2 * 2, sorted(experts)  # lora_A/B of gate_up_proj and down_proj, 2 layers
-    # PEFT's 2-D layout: lora_A (experts·r × in), lora_B (out × r·experts); trained, not the init
+    # PEFT's 2-D layout (lora_A: experts·r × in; lora_B: out × r·experts), lora_B trained off zero
     assert {tuple(v.shape) for k, v in experts.items() if "lora_A" in k} == {(32, 32)}
     assert all(float(v.abs().max()) > 0 for k, v in experts.items() if "lora_B" in k)
-    merged, base = (
-        load_file(str(ep2 / "export" / "merged" / "model.safetensors")),
-        load_file(str(moe / "model.safetensors")),
-    )
-    assert (
-        max(float((merged[k] - base[k]).abs().max()) for k in base) > 1e-3
-    )  # the adapters changed the model
+    merged = load_file(str(ep2 / "export" / "merged" / "model.safetensors"))
+    base = load_file(str(moe / "model.safetensors"))
+    assert max(float((merged[k] - base[k]).abs().max()) for k in base) > 1e-3  # the adapters changed it
+    # ep=2's step-3 checkpoint on 1 rank at ep=1 (the factors resharded by DCP), same global batch
+    resumed = tmp_path / "resumed"
+    same = ["train.micro_batch_size=4", "train.grad_accum=2", "train.max_steps=6", "data.num_examples=200"]
+    ckpt = f"resume={ep2 / 'checkpoints' / 'step_3'}"
+    train(resumed, *user[:-1], *same, "train.eval_every=0", "tuning.merge_on_export=true", ckpt, nproc=1)
+    c = train_losses(resumed)
+    assert sorted(c) == [4, 5, 6] and c == pytest.approx({s: a[s] for s in c}, rel=1e-4), (a, c)
+    from distft.verify.checks import compare_exports
+
+    check = compare_exports("resumed", resumed, ep2, 1e-4, "ep=1 from ep=2's step 3")
+    assert check.passed, check

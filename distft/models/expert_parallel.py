@@ -119,27 +119,48 @@ def _plan(root: torch.nn.Module) -> tuple[dict[str, str], list[str]]:
     return out, blocks
 
 
-# A LoRA factor split by expert keeps PEFT's values in a 3-D layout whose expert dimension DTensor can
-# shard (PEFT's own 2-D layout interleaves lora_B's columns as rank × experts); the 2-D shape PEFT
-# saves is kept on the factor's module under this attribute (`peft_layout` restores it).
+# PEFT keeps a layer's expert LoRA as 2-D factors, lora_A (experts·r × in) and lora_B (out × r·experts,
+# its columns rank-major): the expert split cannot cut lora_B into whole experts. On fsdp/hsdp the
+# factors are held as (experts, r, in) and (out, r, experts) instead, at every ep (PEFT reshapes them
+# by its num_experts either way), so DCP checkpoints have one layout and reshard across ep; the 2-D
+# shape PEFT saves is kept on the factor's module under this attribute (`peft_layout` restores it).
 PEFT_SHAPE = "_distft_peft_shape"
 
 
-def _split_lora(wrapper: torch.nn.Module, ep_mesh, local_experts: int) -> None:
-    """A ParamWrapper's factors split like its experts: lora_A (experts·r × in) viewed as
-    (experts, r, in), lora_B (out × r·experts) as (out, r, experts), each a DTensor sharded on the
-    experts dimension over `ep_mesh`, so this rank keeps the factors of the experts it holds. PEFT
-    reshapes both by its `num_experts`, which becomes the local count."""
-    from torch.distributed.tensor import Shard, distribute_tensor
-
-    total = wrapper.num_experts
-    for factors, layout, dim in ((wrapper.lora_A, "e r i", 0), (wrapper.lora_B, "o r e", 2)):
+def stack_lora(wrapper: torch.nn.Module) -> list[tuple[torch.nn.Module, int]]:
+    """A ParamWrapper's factors in the expert-stacked layout, in place; each factor's module and
+    its experts dimension."""
+    experts, out = wrapper.num_experts, []
+    for factors, dim in ((wrapper.lora_A, 0), (wrapper.lora_B, 2)):
         for linear in factors.values():
             w = linear.weight
-            shape = (total, -1, w.shape[-1]) if layout == "e r i" else (w.shape[0], -1, total)
-            split = distribute_tensor(w.detach().reshape(shape), ep_mesh, [Shard(dim)], src_data_rank=None)
-            linear.weight = torch.nn.Parameter(split, requires_grad=w.requires_grad)
-            setattr(linear, PEFT_SHAPE, tuple(w.shape))
+            if getattr(linear, PEFT_SHAPE, None) is None:
+                shape = (experts, -1, w.shape[-1]) if dim == 0 else (w.shape[0], -1, experts)
+                setattr(linear, PEFT_SHAPE, tuple(w.shape))
+                linear.weight = torch.nn.Parameter(w.detach().reshape(shape), requires_grad=w.requires_grad)
+            out.append((linear, dim))
+    return out
+
+
+def stack_experts_lora(root: torch.nn.Module) -> None:
+    """Every MoE layer's expert LoRA in the expert-stacked layout (fsdp/hsdp at ep=1)."""
+    from distft.tuning.moe import expert_blocks
+
+    for name in expert_blocks(root):
+        for wrapper in peft_wrappers(root.get_submodule(name))[0]:
+            stack_lora(wrapper)
+
+
+def _split_lora(wrapper: torch.nn.Module, ep_mesh, local_experts: int) -> None:
+    """A ParamWrapper's stacked factors split like its experts: DTensors sharded on the experts
+    dimension over `ep_mesh`, so this rank keeps the factors of the experts it holds; PEFT's
+    `num_experts` becomes the local count."""
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    for linear, dim in stack_lora(wrapper):
+        w = linear.weight
+        split = distribute_tensor(w.detach(), ep_mesh, [Shard(dim)], src_data_rank=None)
+        linear.weight = torch.nn.Parameter(split, requires_grad=w.requires_grad)
     wrapper.num_experts = local_experts
 
 

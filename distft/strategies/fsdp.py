@@ -225,6 +225,10 @@ def parallelize(model: torch.nn.Module, cfg, info, mesh, shape: meshes.MeshShape
         efsdp = meshes.experts_fsdp_mesh(experts_mesh, shape)
         policy = {k: v for k, v in kwargs.items() if k != "mesh"}
         shard_experts(root, experts_mesh["ep"], mesh["tp"], efsdp, shape.dp, **policy)
+    else:  # expert LoRA in the layout ep > 1 splits: checkpoints reshard across ep
+        from distft.models.expert_parallel import stack_experts_lora
+
+        stack_experts_lora(root)
     for layer in decoder_layers(root):
         fully_shard(layer, **kwargs)
     fully_shard(root, **kwargs)
