@@ -76,7 +76,7 @@ def test_ep_config_errors_are_one_line(tmp_path, tiny_model_dir):
         check_ep(cfg, 4, ep=4)
     assert "\n" not in str(e.value)
     check_ep(load_config(["strategy=fsdp", "model=hf", moe])[0], 4, ep=4)  # full: 1 a rank
-    for ok in (["strategy=hsdp"], ["strategy=fsdp", "tuning=lora", "method=dpo"]):
+    for ok in (["strategy=hsdp"], ["strategy=fsdp", "tuning=lora", "tuning.train_router=true", "method=dpo"]):
         validate(load_config([*ok, "model=hf", moe, "strategy.ep=2"])[0])  # accepted
 
 
