@@ -8,6 +8,8 @@ experts) and routes every token to its experts' ranks by all-to-all (gloo runs i
 experts are then FSDP2-sharded over their copies (efsdp = shard group / ep ranks), and the
 decoder layers' fully_shard leaves them alone. DCP saves them as global tensors, so a checkpoint
 resumes at another ep or world size, and the full state dict (export) gathers them whole.
+Under LoRA each expert's adapter factors go with it (`_split_lora`, in the stacked layout that
+`stack_lora` also gives them at ep=1), and the export writes them in PEFT's own shapes.
 """
 
 from __future__ import annotations
