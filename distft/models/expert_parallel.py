@@ -145,12 +145,13 @@ def stack_lora(wrapper: torch.nn.Module) -> list[tuple[torch.nn.Module, int]]:
 
 
 def stack_experts_lora(root: torch.nn.Module) -> None:
-    """Every MoE layer's expert LoRA in the expert-stacked layout (fsdp/hsdp at ep=1)."""
-    from distft.tuning.moe import expert_blocks
+    """Every MoE layer's expert LoRA in the expert-stacked layout (fsdp/hsdp at ep=1): each PEFT
+    ParamWrapper of a 3-D (experts-stacked) parameter."""
+    from peft.tuners.lora.layer import ParamWrapper
 
-    for name in expert_blocks(root):
-        for wrapper in peft_wrappers(root.get_submodule(name))[0]:
-            stack_lora(wrapper)
+    for module in root.modules():
+        if isinstance(module, ParamWrapper) and getattr(module, "_param_ndim", 2) == 3:
+            stack_lora(module)
 
 
 def _split_lora(wrapper: torch.nn.Module, ep_mesh, local_experts: int) -> None:
