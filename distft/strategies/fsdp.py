@@ -103,12 +103,13 @@ def check_mesh(cfg, gpu: bool, world: int | None = None) -> None:
         )
 
 
-EP_TUNINGS = ("full",)
-EP_METHODS = ("sft",)
+EP_TUNINGS = ("full", "lora")
+EP_METHODS = ("sft", "dpo")
 
 
 def check_ep(cfg, world: int, ep: int | None = None) -> None:
-    """strategy.ep (or `ep`): an MoE model whose experts and ranks it divides, full tuning, no cp/tp."""
+    """strategy.ep (or `ep`): an MoE model whose experts and ranks it divides, full or LoRA tuning
+    (LoRA: at least 2 experts a rank), no cp/tp."""
     ep = ep or meshes.ep_degree(cfg.strategy)
     if ep == 1:
         return
@@ -119,8 +120,7 @@ def check_ep(cfg, world: int, ep: int | None = None) -> None:
         )
     if cfg.tuning.name not in EP_TUNINGS:
         raise ConfigError(
-            f"strategy.ep={ep} works with tuning=full only (not tuning={cfg.tuning.name}): PEFT keeps "
-            "all experts' adapters in one matrix per layer, which the expert split does not cut; "
+            f"strategy.ep={ep} works with tuning={'|'.join(EP_TUNINGS)} (not yet tuning={cfg.tuning.name}); "
             "set strategy.ep=1"
         )
     if cfg.method.name not in EP_METHODS:
@@ -135,7 +135,8 @@ def check_ep(cfg, world: int, ep: int | None = None) -> None:
     config = _model_config(cfg)
     name = cfg.model.name_or_path or f"model={cfg.model.name}"
     if config is not None:  # a hub id: checked when the model is built
-        expert_parallel.check(ep, world or ep, expert_parallel.num_experts(config), name)
+        lora = cfg.tuning.name == "lora"
+        expert_parallel.check(ep, world or ep, expert_parallel.num_experts(config), name, lora=lora)
 
 
 def _model_config(cfg) -> dict | None:
@@ -208,6 +209,10 @@ def parallelize(model: torch.nn.Module, cfg, info, mesh, shape: meshes.MeshShape
         efsdp = meshes.experts_fsdp_mesh(experts_mesh, shape)
         policy = {k: v for k, v in kwargs.items() if k != "mesh"}
         shard_experts(root, experts_mesh["ep"], mesh["tp"], efsdp, shape.dp, **policy)
+    else:  # expert LoRA in the layout ep > 1 splits: checkpoints reshard across ep
+        from distft.models.expert_parallel import stack_experts_lora
+
+        stack_experts_lora(root)
     for layer in decoder_layers(root):
         fully_shard(layer, **kwargs)
     fully_shard(root, **kwargs)

@@ -216,6 +216,10 @@ class TorchNativeStrategy(Strategy):
         """Full (unsharded) weights on rank 0, empty elsewhere; a collective."""
         opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
         sd = get_model_state_dict(self.model, options=opts)
+        if self.shape is not None:  # fsdp/hsdp keep expert LoRA stacked by expert: PEFT's shapes
+            from distft.models.expert_parallel import peft_layout
+
+            sd = peft_layout(self.model, sd)
         return sd if self.info.is_main else {}
 
     def barrier(self) -> None:

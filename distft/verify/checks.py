@@ -48,15 +48,29 @@ def compare_losses(name: str, run: Path, ref: Path, steps, tol: float, what: str
 
 
 def compare_exports(name: str, run: Path, ref: Path, tol: float, what: str) -> Check:
-    """The two runs' exported full weights: the same tensor names, within `tol` of the largest."""
+    """The two runs' exported weights within `tol` of the largest: the full weights, or for an
+    adapter its merged weights (export/merged: what the adapter does to the base; its low-rank
+    factors themselves are not unique enough to compare, as Adam scales a component whose gradient
+    is near zero by that gradient's rounding), with the adapter files' tensors of the same names
+    and shapes."""
     from safetensors.torch import load_file
 
-    a, b = (load_file(str(r / "export" / "model.safetensors")) for r in (run, ref))
-    if a.keys() != b.keys():
-        return Check(name, False, "different tensors", "-", f"{sorted(a.keys() ^ b.keys())[:4]}")
+    adapter = (ref / "export" / "adapter_model.safetensors").is_file()
+    weights = "merged/model.safetensors" if adapter else "model.safetensors"
+    files = [weights, *(["adapter_model.safetensors"] if adapter else [])]
+    if missing := [
+        str(r / "export" / f) for r in (run, ref) for f in files if not (r / "export" / f).is_file()
+    ]:
+        return Check(name, False, "not exported", "-", f"{what}; missing {missing[0]}")
+    for f in reversed(files):  # the weights compared last, still loaded
+        a, b = (load_file(str(r / "export" / f)) for r in (run, ref))
+        if {k: v.shape for k, v in a.items()} != {k: v.shape for k, v in b.items()}:
+            diff = sorted(a.keys() ^ b.keys()) or [k for k in a if a[k].shape != b[k].shape]
+            return Check(name, False, "different tensors", "-", f"{f}: {diff[:4]}")
     d = max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
     d /= max(max(float(b[k].float().abs().max()) for k in b), 1e-12)
-    return Check(name, d <= tol, f"{d:.2e} rel weights", f"{tol:g} rel", f"{what}; exported weights")
+    detail = f"{what}; exported {weights}" + (" (adapter merged)" if adapter else "")
+    return Check(name, d <= tol, f"{d:.2e} rel weights", f"{tol:g} rel", detail)
 
 
 def _load_exported(export: Path, cfg):

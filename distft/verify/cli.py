@@ -11,8 +11,9 @@ equivalence checks, each by real runs (torchrun subprocesses) in a work dir:
   export          export/ not empty, loadable, reproduces the trained model's logits
   tensor parallel 2 ranks × tp=2 vs the reference's tp (same global batch; strategy=fsdp; on by
                   default when strategy.tp > 1, else ask with --only tensor_parallel)
-  expert parallel 2 ranks × ep=2 vs the reference at ep=1 (MoE models, fsdp/hsdp, tuning=full;
-                  on by default when strategy.ep > 1, else ask with --only expert_parallel)
+  expert parallel 2 ranks × ep=2 vs the reference at ep=1 (MoE models, fsdp/hsdp, tuning=full or
+                  lora; losses and exported weights; on by default when strategy.ep > 1, else ask
+                  with --only expert_parallel)
 
 Prints a pass/fail table with the measured differences and tolerances (also verify.json in the
 work dir); exit 0 when every applicable check passed, 1 otherwise, 2 on a config error.
@@ -150,8 +151,10 @@ def run_checks(cfg, small: list[str], wanted: list[str], work: Path, args) -> li
     ref = None
     if needs_ref:
         exported = {"export", "expert_parallel"} & set(wanted)
-        export = "train.export=last" if exported else "train.export=none"
-        ref = train("reference", 2, f"train.save_every={k}", export)
+        export = ["train.export=last" if exported else "train.export=none"]
+        if "expert_parallel" in wanted and hasattr(cfg.tuning, "merge_on_export"):
+            export.append("tuning.merge_on_export=true")  # an adapter is compared by its merged weights
+        ref = train("reference", 2, f"train.save_every={k}", *export)
     if "grad_accum" in wanted:
         run = train("grad_accum", 2, f"train.micro_batch_size={max(1, m // 2)}", "train.grad_accum=2")
         what = f"2 ranks × micro {max(1, m // 2)} × accum 2 vs 2 ranks × micro {m}"
@@ -212,16 +215,16 @@ def _expert_parallel(cfg, train, ref: Path, k: int, steps: int, tol: float) -> c
         fsdp.check_ep(cfg, 2, ep=2)
     except ConfigError as e:
         return checks.Check(name, None, "n/a", "-", str(e))
-    run = train("expert_parallel", 2, "strategy.ep=2", "train.export=last", f"train.save_every={k}")
+    merged = ["tuning.merge_on_export=true"] if hasattr(cfg.tuning, "merge_on_export") else []
+    run = train("expert_parallel", 2, "strategy.ep=2", "train.export=last", f"train.save_every={k}", *merged)
     what = "2 ranks at ep=2 vs 2 ranks at ep=1"
     losses = checks.compare_losses(name, run, ref, range(1, steps + 1), tol, what)
     if not losses.passed:
         return losses
     weights = _guarded(name, lambda: checks.compare_exports(name, run, ref, tol, what))
     measured = f"{losses.measured}, {weights.measured}"
-    return checks.Check(
-        name, weights.passed, measured, losses.tolerance, f"{losses.detail}; exported weights"
-    )
+    detail = f"{losses.detail}; {weights.detail.split('; ', 1)[-1]}"
+    return checks.Check(name, weights.passed, measured, losses.tolerance, detail)
 
 
 def _tensor_parallel(cfg, train, ref: Path, micro: int, steps: int, tol: float) -> checks.Check:
