@@ -20,11 +20,9 @@ from distft.strategies.torch_native import TorchNativeStrategy
 
 
 @dataclass
-class FsdpConfig:
-    name: str = "fsdp"
-    """Strategy."""
-    reshard_after_forward: bool = True
-    """Free gathered layer weights after forward (ZeRO-3-like); false keeps them (ZeRO-2-like)."""
+class MeshDims:
+    """The model-parallel dimensions of the FSDP2 family's device mesh (under hsdp, inside a shard group)."""
+
     cp: int = num(1, ge=1)
     """Context-parallel degree: each sequence split over this many ranks (they share one batch share)."""
     cp_style: Literal["ulysses", "allgather", "ring"] = "ulysses"
@@ -38,6 +36,14 @@ class FsdpConfig:
     memory; a block's input is all-gathered, its output reduce-scattered)."""
     ep: int = num(1, ge=1)
     """Expert-parallel degree (MoE models): experts split over this many ranks, tokens sent by all-to-all."""
+
+
+@dataclass
+class FsdpConfig(MeshDims):
+    name: str = "fsdp"
+    """Strategy."""
+    reshard_after_forward: bool = True
+    """Free gathered layer weights after forward (ZeRO-3-like); false keeps them (ZeRO-2-like)."""
 
 
 config = FsdpConfig

@@ -5,7 +5,6 @@ replicated across groups, so only gradient all-reduces cross the slower inter-no
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
 from distft.errors import ConfigError
 from distft.parallel import mesh as meshes
@@ -16,26 +15,13 @@ from distft.strategies.torch_native import TorchNativeStrategy
 
 
 @dataclass
-class HsdpConfig:
+class HsdpConfig(fsdp.MeshDims):
     name: str = "hsdp"
     """Strategy."""
     shard_size: int = num(0, ge=0)
     """Ranks per shard group (0: the ranks of one node). world size / shard_size replicas."""
     reshard_after_forward: bool = True
     """Free gathered layer weights after forward (ZeRO-3-like); false keeps them (ZeRO-2-like)."""
-    cp: int = num(1, ge=1)
-    """Context-parallel degree (inside a shard group): each sequence split over this many ranks."""
-    cp_style: Literal["ulysses", "allgather", "ring"] = "ulysses"
-    """Context parallelism: ulysses (all-to-all of heads; needs heads % cp == 0), allgather (each rank
-    attends over all-gathered whole-sequence keys/values; any head count) or ring (key/value blocks passed
-    round the cp ranks; no rank holds the whole sequence's; any head count)."""
-    tp: int = num(1, ge=1)
-    """Tensor-parallel degree (inside a shard group): projections split over this many ranks."""
-    tp_sequence_parallel: bool = True
-    """With tp > 1: norms and the residual stream split by sequence over the tp ranks (less activation
-    memory; a block's input is all-gathered, its output reduce-scattered)."""
-    ep: int = num(1, ge=1)
-    """Expert-parallel degree (MoE models, inside a shard group): experts split over this many ranks."""
 
 
 config = HsdpConfig
