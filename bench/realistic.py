@@ -41,7 +41,7 @@ from trl_compare import distft_stamps, steady, trl_stamps
 SIDES = ("distft", "trl-default", "trl-best")
 
 
-def parse() -> argparse.Namespace:
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rows", type=int, default=3000)
     p.add_argument("--repeats", type=int, default=3)
@@ -57,7 +57,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(REPO / "outputs/bench/realistic"))
     p.add_argument("--distft-extra", default="", help="extra distft overrides, space separated")
-    return p.parse_args()
+    return p.parse_args(argv)
 
 
 def make_rows(n: int, seed: int) -> list[dict]:
@@ -131,8 +131,9 @@ def build(out: Path, a) -> tuple[Path, Path, float]:
     return data, model_dir, statistics.mean(lengths)
 
 
-def run_distft(a, work: dict, out: Path) -> dict:
-    args = [
+def distft_args(a, work: dict, out: Path) -> list[str]:
+    """distft's overrides for the realistic work (also bench/ab.py --realistic)."""
+    return [
         f"output_dir={out}", "resume=never", "model=hf", f"model.name_or_path={work['model']}",
         f"data.path=[{work['data']}]", f"data.cache_dir={out / 'cache'}", "data.splits=[1,0,0]",
         f"data.max_length={a.max_length}", "data.packing=true", "tuning=full", f"strategy={a.strategy}",
@@ -141,7 +142,10 @@ def run_distft(a, work: dict, out: Path) -> dict:
         f"train.lr={a.lr}", f"train.warmup_steps={work['warmup']}", "train.lr_scheduler=cosine",
         *a.distft_extra.split(),
     ]  # fmt: skip
-    res = launch("distft.train", args, a.nproc, out / "rss", out / "run.log")
+
+
+def run_distft(a, work: dict, out: Path) -> dict:
+    res = launch("distft.train", distft_args(a, work, out), a.nproc, out / "rss", out / "run.log")
     rows = [r for r in metrics(out) if "loss" in r]
     tps, first = steady(distft_stamps(rows))
     losses = [r["loss"] for r in rows]
@@ -170,9 +174,8 @@ def run_trl(a, work: dict, out: Path, packing: str) -> dict:
     }  # fmt: skip
 
 
-def main() -> None:
-    a = parse()
-    out = Path(a.out)
+def prepare(a, out: Path) -> dict:
+    """Build the work under `out` and size the sides' batches."""
     out.mkdir(parents=True, exist_ok=True)
     data, model_dir, mean_len = build(out, a)
     tokens = sum(1 for _ in data.open()) * mean_len
@@ -186,6 +189,13 @@ def main() -> None:
         f"~{steps} optimizer steps per epoch; trl-default micro-batch {work['rows_per_micro']} rows",
         flush=True,
     )
+    return work
+
+
+def main() -> None:
+    a = parse()
+    out = Path(a.out)
+    work = prepare(a, out)
     sides = a.sides.split(",")
     results: list[dict] = []
     for rep in range(a.repeats):
