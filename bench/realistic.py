@@ -259,11 +259,50 @@ def summarize(results: list[dict], sides: list[str], a) -> str:
                 f"{spread([x['first_step_s'] / y['first_step_s'] for x, y in pairs])} | "
                 f"{spread([x['final_loss'] - y['final_loss'] for x, y in pairs])} |"
             )
+    lines += targets(results, sides)
     lines += [
         "",
         f"1-minute load average before the runs: {spread([r['load_before'] for r in results])} (2 cores)",
     ]
     return "\n".join(lines) + "\n"
+
+
+# Issue 18's targets on this work: (label, peer side, metric, ratio bound, True when at least).
+TARGETS = [
+    ("tokens/s >= 1.3x TRL defaults", "trl-default", "tokens_per_s", 1.3, True),
+    ("tokens/s >= 1.1x TRL best (bfd)", "trl-best", "tokens_per_s", 1.1, True),
+    ("first step <= 0.6x TRL defaults", "trl-default", "first_step_s", 0.6, False),
+    ("first step <= 0.6x TRL best (bfd)", "trl-best", "first_step_s", 0.6, False),
+]
+
+
+def targets(results: list[dict], sides: list[str]) -> list[str]:
+    """The target table: each ratio's median over the repeats against its bound, met or not."""
+    if "distft" not in sides:
+        return []
+    mine = sorted((r for r in results if r["side"] == "distft"), key=lambda r: r["repeat"])
+    lines = ["", "| target | distft/peer (min / median / max) | met? |", "|---|---|---|"]
+    for label, peer, key, bound, at_least in TARGETS:
+        theirs = sorted((r for r in results if r["side"] == peer), key=lambda r: r["repeat"])
+        ratios = [x[key] / y[key] for x, y in zip(mine, theirs)]
+        if not ratios:
+            lines.append(f"| {label} | {peer} not run | - |")
+            continue
+        median = statistics.median(ratios)
+        met = median >= bound if at_least else median <= bound
+        lines.append(f"| {label} | {spread(ratios)} | {'met' if met else 'not met'} |")
+    mfu = [r["mfu"] for r in mine if r["mfu"] == r["mfu"]]
+    if mfu:
+        median = statistics.median(mfu)
+        lines.append(
+            f"| MFU >= 50% of the calibrated matmul ceiling | {spread([100 * m for m in mfu])} % "
+            f"| {'met' if median >= 0.5 else 'not met'} |"
+        )
+    lines.append(
+        "| whole job <= 0.8x TRL's on the short ZeRO-2 epoch | bench/trl_compare.py --tunings full "
+        "--strategy zero2 --rows 2000 --micro 8 (whole job column) | see there |"
+    )
+    return lines
 
 
 if __name__ == "__main__":
