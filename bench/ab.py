@@ -8,9 +8,11 @@
 Each commit is exported (git archive) to outputs/bench/ab/<commit> and run from there with the
 same venv (PYTHONPATH points at the export). Reported: steady-state tokens/s (after the first 10%
 of steps), whole-job wall time (launch to exit) and time to the end of the first step of each run,
-and the after/before ratios, min / median / max over the repeats. By default the job's evals,
-generation and export are off (the loop's speed); --whole-job keeps the job's own defaults (evals
-before and after, export with its check, report), so the fixed costs of a start and an end count.
+the CPU seconds of all ranks together (user + system, whole job: much less sensitive to the
+machine's load than wall time), and the after/before ratios, min / median / max over the repeats.
+By default the job's evals, generation and export are off (the loop's speed); --whole-job keeps
+the job's own defaults (evals before and after, export with its check, report), so the fixed
+costs of a start and an end count.
 --realistic ROWS runs bench/realistic.py's distft side instead (BPE tokenizer, 17M Llama, ROWS
 log-normal prompt/completion rows, packing, evals off; the work built once under --out/work).
 """
@@ -70,7 +72,7 @@ def main() -> None:
 
         ra = realistic.parse([f"--rows={a.realistic}", f"--nproc={a.nproc}"])
         work = realistic.prepare(ra, out / "work")
-    keys = ("tokens_per_s", "wall_s", "first_step_s")
+    keys = ("tokens_per_s", "wall_s", "first_step_s", "cpu_s")
     res: dict[str, dict[str, list[float]]] = {side: {k: [] for k in keys} for side in ("before", "after")}
     loads: list[float] = []
     for rep in range(a.repeats):
@@ -86,11 +88,12 @@ def main() -> None:
             r = launch("distft.train", args, a.nproc, run / "rss", run / "run.log", env=env)
             got = {"tokens_per_s": steady_tokens_per_s(run), "wall_s": r["wall_s"]}
             got["first_step_s"] = first_step_s(run, r["t0"])
+            got["cpu_s"] = sum(r["cpu_s"])  # all ranks' CPU seconds: far less load-dependent than wall time
             for k in keys:
                 res[side][k].append(got[k])
             print(
                 f"[{rep}] {side:6s} {got['tokens_per_s']:8.0f} tokens/s, whole job {got['wall_s']:6.1f} s, "
-                f"first step {got['first_step_s']:5.1f} s (load {load:.1f})",
+                f"first step {got['first_step_s']:5.1f} s, CPU {got['cpu_s']:6.1f} s (load {load:.1f})",
                 flush=True,
             )
     ratios = {k: [x / y for x, y in zip(res["after"][k], res["before"][k])] for k in keys}
