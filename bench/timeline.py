@@ -3,6 +3,7 @@
     .venv/bin/python bench/timeline.py                                  # the default job, 2 ranks
     .venv/bin/python bench/timeline.py --overrides "train.epochs=1 strategy=zero2"
     .venv/bin/python bench/timeline.py --commit main     # that commit's code (git archive, as ab.py)
+    .venv/bin/python bench/timeline.py --profile "strategy setup (zero)"   # cProfile one phase, rank 0
 
 Each rank runs `distft.train` through this file (as bench/rss.py does), which wraps the engine's
 phase functions (PHASES) with wall-clock stamps and writes them, with the import time of the stack
@@ -57,13 +58,28 @@ T0 = time.time()
 
 
 def _wrap(label: str, fn):
+    profile = os.environ.get("TIMELINE_PROFILE") == label and os.environ.get("RANK", "0") == "0"
+
     @functools.wraps(fn)
     def timed(*args, **kwargs):
         start = time.time()
+        if profile:  # --profile LABEL: cProfile this phase on rank 0, top functions to profile.txt
+            import cProfile
+            import io
+            import pstats
+
+            prof = cProfile.Profile()
+            prof.enable()
         try:
             return fn(*args, **kwargs)
         finally:
             STAMPS.append((label, start, time.time()))
+            if profile:
+                prof.disable()
+                text = io.StringIO()
+                pstats.Stats(prof, stream=text).sort_stats("cumulative").print_stats(40)
+                Path(os.environ["TIMELINE_DIR"]).mkdir(parents=True, exist_ok=True)
+                (Path(os.environ["TIMELINE_DIR"]) / "profile.txt").write_text(text.getvalue())
 
     return timed
 
@@ -129,6 +145,7 @@ def main() -> None:
     p.add_argument("--overrides", default="", help="distft overrides, space separated")
     p.add_argument("--out", default=str(REPO / "outputs/bench/timeline"))
     p.add_argument("--commit", default="", help="run this commit's distft (default: the working tree)")
+    p.add_argument("--profile", default="", help="a phase label: cProfile it on rank 0 (profile.txt)")
     a = p.parse_args()
     import shutil
     import subprocess
@@ -145,7 +162,7 @@ def main() -> None:
         from ab import export
 
         tree = export(a.commit, REPO / "outputs/bench/ab/src")
-    env = bench_env(TIMELINE_DIR=str(out / "timeline"), PYTHONPATH=str(tree))
+    env = bench_env(TIMELINE_DIR=str(out / "timeline"), PYTHONPATH=str(tree), TIMELINE_PROFILE=a.profile)
     load = load_average()
     launched = time.time()
     out.mkdir(parents=True)
