@@ -50,7 +50,22 @@ PHASES = [
     ("checkpoint", "distft.engine.trainer", "Trainer.save"),
     ("export", "distft.engine.export", "export"),
     ("report", "distft.engine.finish", "write_report"),
+    # Inside the loop, summed over the steps after the first ("loop shares"):
+    ("forward + loss", "distft.methods.sft", "SFT.loss"),
+    (
+        "backward (DDP/FSDP: with gradient all-reduce)",
+        "distft.strategies.torch_native",
+        "TorchNativeStrategy.backward",
+    ),
+    ("optimizer step (clip + AdamW)", "distft.strategies.torch_native", "TorchNativeStrategy.step"),
+    ("backward (ZeRO: with reduction)", "distft.strategies.deepspeed_zero", "DeepSpeedStrategy.backward"),
+    ("optimizer step (ZeRO)", "distft.strategies.deepspeed_zero", "DeepSpeedStrategy.step"),
+    ("collate", "distft.methods.sft", "SFT.collate"),
+    ("loss/token all-reduce", "distft.runtime.dist", "all_reduce_sum"),
 ]
+INNER = {
+    label for label, _, _ in PHASES[PHASES.index(("forward + loss", "distft.methods.sft", "SFT.loss")) :]
+}
 # Libraries a plain full-tuning SFT job should not need to import (each costs seconds).
 HEAVY = ("peft", "bitsandbytes", "deepspeed", "trl", "matplotlib", "matplotlib.pyplot", "datasets", "sklearn")
 STAMPS: list[tuple[str, float, float]] = []
@@ -119,7 +134,7 @@ def table(path: Path, launched: float) -> str:
     stamps = sorted(d["stamps"], key=lambda s: s[1])
     steps = [s for s in stamps if s[0] == "train step"]
     rows = [("launch to interpreter", launched, d["t0"])]
-    rows += [tuple(s) for s in stamps if s[0] != "train step"]
+    rows += [tuple(s) for s in stamps if s[0] != "train step" and s[0] not in INNER]
     if steps:
         rows.append(("first step", steps[0][1], steps[0][2]))
         rows.append((f"loop ({len(steps) - 1} more steps)", steps[0][2], steps[-1][2]))
@@ -133,6 +148,20 @@ def table(path: Path, launched: float) -> str:
         lines.append(
             f"before the first step: {steps[0][1] - launched:.2f} s; "
             f"after the last: {d['end'] - steps[-1][2]:.2f} s"
+        )
+    if len(steps) > 1:  # where the loop's time went: the inner phases within steps 2..N
+        lo, hi = steps[0][2], steps[-1][2]
+        loop = hi - lo
+        lines.append(f"loop shares (steps 2..{len(steps)}, {loop:.2f} s):")
+        inner = 0.0
+        for label in [lb for lb, _, _ in PHASES if lb in INNER]:
+            sec = sum(e - b for lb, b, e in stamps if lb == label and b >= lo and e <= hi)
+            if sec:
+                inner += sec
+                lines.append(f"  {label:48s} {sec:8.2f} s {100 * sec / loop:5.1f}%")
+        rest = loop - inner
+        lines.append(
+            f"  {'rest (sampler, logging, Python between)':48s} {rest:8.2f} s {100 * rest / loop:5.1f}%"
         )
     return "\n".join(lines)
 
