@@ -246,3 +246,23 @@ def test_tf32_on_a_real_gpu_run(tmp_path):
             assert r["mfu"] is None
         else:
             assert r["mfu"] / r["tokens_per_s"] == pytest.approx(fpt / peak, rel=0.02)
+
+
+@pytest.mark.quick
+def test_engine_meter_counts_the_head_on_scored_tokens_for_methods_that_do_so(tmp_path, monkeypatch):
+    """distft.engine.build.mfu_meter: SFT/DPO/KTO (`scored_head`) get the train rows' scored share."""
+    from types import SimpleNamespace
+
+    monkeypatch.setenv("DISTFT_CACHE", str(tmp_path))  # the CPU peak's cache
+    monkeypatch.setattr(mfu, "calibrate_cpu", lambda dtype, threads: 1e9)
+
+    from distft.engine.build import mfu_meter
+
+    cfg = SimpleNamespace(data=SimpleNamespace(max_length=32), train=SimpleNamespace(precision="fp32"))
+    info = SimpleNamespace(device=torch.device("cpu"), world_size=1)
+    rows = [{"input_ids": [1] * 8, "labels": [-100] * 4 + [5] * 4}]  # 4 of 8 positions scored
+    data = SimpleNamespace(train=rows)
+    model, (h, v) = llama(), (SHAPE["hidden"], SHAPE["vocab"])
+    full = mfu_meter(cfg, info, model, data, SimpleNamespace(scored_head=False)).flops_per_token
+    scored = mfu_meter(cfg, info, model, data, SimpleNamespace(scored_head=True)).flops_per_token
+    assert full - scored == 6 * v * h * (1 - 4 / 8)
