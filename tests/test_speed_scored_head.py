@@ -18,6 +18,7 @@ from transformers import (
 )
 
 from distft.methods.logprobs import model_logps, model_nll, model_token_logps, token_logps
+from tests.test_loss_memory import _assert_same  # values and gradients within 1e-5
 
 SMALL = dict(
     vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -69,22 +70,6 @@ def _head_rows(model) -> list[int]:
     rows: list[int] = []
     _output_head(model).register_forward_hook(lambda _m, _a, out: rows.append(out.numel() // out.size(-1)))
     return rows
-
-
-def _value_and_grads(model, fn) -> tuple[torch.Tensor, dict]:
-    model.zero_grad(set_to_none=True)
-    value = fn()
-    value.sum().backward()
-    return value.detach(), {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
-
-
-def _assert_same(model, reference, scored) -> None:
-    v0, g0 = _value_and_grads(model, reference)
-    v1, g1 = _value_and_grads(model, scored)
-    torch.testing.assert_close(v1, v0, rtol=1e-5, atol=1e-8)
-    assert g0.keys() == g1.keys() and any("lm_head" in k or "embed_tokens" in k for k in g0)
-    for k in g0:
-        torch.testing.assert_close(g1[k], g0[k], rtol=1e-5, atol=1e-8, msg=k)
 
 
 @pytest.mark.quick
