@@ -157,6 +157,11 @@ def run_distft(a, work: dict, out: Path) -> dict:
     }  # fmt: skip
 
 
+def nan_if_none(x: float | None) -> float:
+    """TRL logs no loss in a run shorter than its logging interval."""
+    return math.nan if x is None else x
+
+
 def run_trl(a, work: dict, out: Path, packing: str) -> dict:
     micro = a.micro if packing != "none" else work["rows_per_micro"]
     args = [
@@ -169,7 +174,7 @@ def run_trl(a, work: dict, out: Path, packing: str) -> dict:
     stamps = trl_stamps(t["steps"])
     tps, first = steady(stamps)
     return {
-        **res, "tokens_per_s": tps, "first_step_s": first - res["t0"], "final_loss": t["last_logged_loss"],
+        **res, "tokens_per_s": tps, "first_step_s": first - res["t0"], "final_loss": nan_if_none(t["last_logged_loss"]),
         "epoch_loss": t["train_loss"], "steps": len(stamps), "mfu": math.nan,
     }  # fmt: skip
 
