@@ -174,8 +174,9 @@ def run_trl(a, work: dict, out: Path, packing: str) -> dict:
     stamps = trl_stamps(t["steps"])
     tps, first = steady(stamps)
     return {
-        **res, "tokens_per_s": tps, "first_step_s": first - res["t0"], "final_loss": nan_if_none(t["last_logged_loss"]),
-        "epoch_loss": t["train_loss"], "steps": len(stamps), "mfu": math.nan,
+        **res, "tokens_per_s": tps, "first_step_s": first - res["t0"],
+        "final_loss": nan_if_none(t["last_logged_loss"]), "epoch_loss": t["train_loss"], "steps": len(stamps),
+        "mfu": math.nan,
     }  # fmt: skip
 
 
