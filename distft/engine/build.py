@@ -83,7 +83,7 @@ def mfu_meter(cfg, info, model: torch.nn.Module, data, method=None) -> MfuMeter:
     """FLOPs per token from the unwrapped model (sharding hides shapes); mean example length as T;
     the head counted on the scored tokens only for methods that project only those."""
     seq_len = mean_length(data.train, cfg.data.max_length)
-    scored = scored_fraction(data.train) if getattr(method, "scored_head", False) else None
+    scored = scored_fraction(data.train) if method is not None and method.scored_head else None
     return MfuMeter.for_model(
         model, seq_len, info.device, PRECISION_DTYPES[cfg.train.precision], info.world_size, scored or 1.0
     )
