@@ -3,13 +3,18 @@
     .venv/bin/python bench/ab.py 11c1b3b 4341672                  # the default job, 1 epoch
     .venv/bin/python bench/ab.py HEAD~1 HEAD --overrides "strategy=fsdp"
     .venv/bin/python bench/ab.py HEAD~1 HEAD --whole-job --overrides "data.num_examples=400"
+    .venv/bin/python bench/ab.py HEAD~1 HEAD --realistic 600      # bench/realistic.py's work, 600 rows
 
 Each commit is exported (git archive) to outputs/bench/ab/<commit> and run from there with the
 same venv (PYTHONPATH points at the export). Reported: steady-state tokens/s (after the first 10%
 of steps), whole-job wall time (launch to exit) and time to the end of the first step of each run,
-and the after/before ratios, min / median / max over the repeats. By default the job's evals,
-generation and export are off (the loop's speed); --whole-job keeps the job's own defaults (evals
-before and after, export with its check, report), so the fixed costs of a start and an end count.
+the CPU seconds of all ranks together (user + system, whole job: much less sensitive to the
+machine's load than wall time), and the after/before ratios, min / median / max over the repeats.
+By default the job's evals, generation and export are off (the loop's speed); --whole-job keeps
+the job's own defaults (evals before and after, export with its check, report), so the fixed
+costs of a start and an end count.
+--realistic ROWS runs bench/realistic.py's distft side instead (BPE tokenizer, 17M Llama, ROWS
+log-normal prompt/completion rows, packing, evals off; the work built once under --out/work).
 """
 
 from __future__ import annotations
@@ -55,13 +60,19 @@ def main() -> None:
     p.add_argument("--overrides", default="", help="extra distft overrides, space separated")
     p.add_argument("--out", default=str(REPO / "outputs/bench/ab"))
     p.add_argument("--whole-job", action="store_true", help="keep the job's evals, export and report")
+    p.add_argument("--realistic", type=int, default=0, metavar="ROWS", help="bench/realistic.py's work")
     a = p.parse_args()
     out = Path(a.out)
     trees = {"before": export(a.before, out / "src"), "after": export(a.after, out / "src")}
     base = ["train.epochs=1", "train.eval_generate=false", "train.progress=false", "train.export=none"]
     if a.whole_job:
         base = ["train.progress=false"]
-    keys = ("tokens_per_s", "wall_s", "first_step_s")
+    if a.realistic:
+        import realistic
+
+        ra = realistic.parse([f"--rows={a.realistic}", f"--nproc={a.nproc}"])
+        work = realistic.prepare(ra, out / "work")
+    keys = ("tokens_per_s", "wall_s", "first_step_s", "cpu_s")
     res: dict[str, dict[str, list[float]]] = {side: {k: [] for k in keys} for side in ("before", "after")}
     loads: list[float] = []
     for rep in range(a.repeats):
@@ -70,21 +81,25 @@ def main() -> None:
             shutil.rmtree(run, ignore_errors=True)
             env = bench_env(PYTHONPATH=str(trees[side]))
             args = [f"output_dir={run}", "resume=never", *base, *a.overrides.split()]
+            if a.realistic:
+                args = [*realistic.distft_args(ra, work, run), *a.overrides.split()]
             load = load_average()
             loads.append(load)
             r = launch("distft.train", args, a.nproc, run / "rss", run / "run.log", env=env)
             got = {"tokens_per_s": steady_tokens_per_s(run), "wall_s": r["wall_s"]}
             got["first_step_s"] = first_step_s(run, r["t0"])
+            got["cpu_s"] = sum(r["cpu_s"])  # all ranks' CPU seconds: far less load-dependent than wall time
             for k in keys:
                 res[side][k].append(got[k])
             print(
                 f"[{rep}] {side:6s} {got['tokens_per_s']:8.0f} tokens/s, whole job {got['wall_s']:6.1f} s, "
-                f"first step {got['first_step_s']:5.1f} s (load {load:.1f})",
+                f"first step {got['first_step_s']:5.1f} s, CPU {got['cpu_s']:6.1f} s (load {load:.1f})",
                 flush=True,
             )
     ratios = {k: [x / y for x, y in zip(res["after"][k], res["before"][k])] for k in keys}
     lines = [
-        f"{a.before} → {a.after}, {a.nproc} ranks, {'whole job' if a.whole_job else 'loop only'}, "
+        f"{a.before} → {a.after}, {a.nproc} ranks, "
+        f"{f'realistic {a.realistic} rows' if a.realistic else 'whole job' if a.whole_job else 'loop only'}, "
         f"overrides: {a.overrides or '(default job)'}; min / median / max over {a.repeats}; "
         f"1-minute load {spread(loads)}"
     ]

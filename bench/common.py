@@ -33,7 +33,7 @@ def launch(
     module: str, args: list[str], nproc: int, rss_dir: Path, log: Path, env: dict | None = None
 ) -> dict:
     """Run `module` on `nproc` ranks (torchrun, as distft-launch does, also for one rank) through
-    bench/rss.py; returns the start time, wall time, exit code and per-rank peak RSS."""
+    bench/rss.py; returns the start time, wall time, per-rank peak RSS and per-rank CPU seconds."""
     wrapper = [str(BENCH / "rss.py"), module, *args]
     cmd = [
         sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
@@ -49,14 +49,16 @@ def launch(
     if rc != 0:
         tail = log.read_text()[-3000:]
         raise RuntimeError(f"{module} failed ({rc}); log {log}:\n{tail}")
-    return {"t0": t0, "wall_s": wall, "rss_gib": read_rss(rss_dir, nproc)}
+    rss, cpu = read_rss(rss_dir, nproc), read_rss(rss_dir, nproc, "cpu_s")
+    return {"t0": t0, "wall_s": wall, "rss_gib": rss, "cpu_s": cpu}
 
 
-def read_rss(rss_dir: Path, nproc: int) -> list[float]:
+def read_rss(rss_dir: Path, nproc: int, key: str = "peak_rss_gib") -> list[float]:
+    """Per rank: what bench/rss.py recorded at its exit (peak RSS in GiB, or `cpu_s`)."""
     out = []
     for r in range(nproc):
         p = rss_dir / f"rank{r}.json"
-        out.append(json.loads(p.read_text())["peak_rss_gib"] if p.is_file() else float("nan"))
+        out.append(json.loads(p.read_text()).get(key, float("nan")) if p.is_file() else float("nan"))
     return out
 
 

@@ -41,7 +41,7 @@ from trl_compare import distft_stamps, steady, trl_stamps
 SIDES = ("distft", "trl-default", "trl-best")
 
 
-def parse() -> argparse.Namespace:
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rows", type=int, default=3000)
     p.add_argument("--repeats", type=int, default=3)
@@ -57,7 +57,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(REPO / "outputs/bench/realistic"))
     p.add_argument("--distft-extra", default="", help="extra distft overrides, space separated")
-    return p.parse_args()
+    return p.parse_args(argv)
 
 
 def make_rows(n: int, seed: int) -> list[dict]:
@@ -131,8 +131,9 @@ def build(out: Path, a) -> tuple[Path, Path, float]:
     return data, model_dir, statistics.mean(lengths)
 
 
-def run_distft(a, work: dict, out: Path) -> dict:
-    args = [
+def distft_args(a, work: dict, out: Path) -> list[str]:
+    """distft's overrides for the realistic work (also bench/ab.py --realistic)."""
+    return [
         f"output_dir={out}", "resume=never", "model=hf", f"model.name_or_path={work['model']}",
         f"data.path=[{work['data']}]", f"data.cache_dir={out / 'cache'}", "data.splits=[1,0,0]",
         f"data.max_length={a.max_length}", "data.packing=true", "tuning=full", f"strategy={a.strategy}",
@@ -141,7 +142,10 @@ def run_distft(a, work: dict, out: Path) -> dict:
         f"train.lr={a.lr}", f"train.warmup_steps={work['warmup']}", "train.lr_scheduler=cosine",
         *a.distft_extra.split(),
     ]  # fmt: skip
-    res = launch("distft.train", args, a.nproc, out / "rss", out / "run.log")
+
+
+def run_distft(a, work: dict, out: Path) -> dict:
+    res = launch("distft.train", distft_args(a, work, out), a.nproc, out / "rss", out / "run.log")
     rows = [r for r in metrics(out) if "loss" in r]
     tps, first = steady(distft_stamps(rows))
     losses = [r["loss"] for r in rows]
@@ -151,6 +155,11 @@ def run_distft(a, work: dict, out: Path) -> dict:
         "final_loss": statistics.mean(losses[-10:]), "epoch_loss": statistics.mean(losses),
         "steps": len(rows), "mfu": statistics.median(mfu) if mfu else math.nan,
     }  # fmt: skip
+
+
+def nan_if_none(x: float | None) -> float:
+    """TRL logs no loss in a run shorter than its logging interval."""
+    return math.nan if x is None else x
 
 
 def run_trl(a, work: dict, out: Path, packing: str) -> dict:
@@ -165,14 +174,14 @@ def run_trl(a, work: dict, out: Path, packing: str) -> dict:
     stamps = trl_stamps(t["steps"])
     tps, first = steady(stamps)
     return {
-        **res, "tokens_per_s": tps, "first_step_s": first - res["t0"], "final_loss": t["last_logged_loss"],
-        "epoch_loss": t["train_loss"], "steps": len(stamps), "mfu": math.nan,
+        **res, "tokens_per_s": tps, "first_step_s": first - res["t0"],
+        "final_loss": nan_if_none(t["last_logged_loss"]), "epoch_loss": t["train_loss"], "steps": len(stamps),
+        "mfu": math.nan,
     }  # fmt: skip
 
 
-def main() -> None:
-    a = parse()
-    out = Path(a.out)
+def prepare(a, out: Path) -> dict:
+    """Build the work under `out` and size the sides' batches."""
     out.mkdir(parents=True, exist_ok=True)
     data, model_dir, mean_len = build(out, a)
     tokens = sum(1 for _ in data.open()) * mean_len
@@ -186,6 +195,13 @@ def main() -> None:
         f"~{steps} optimizer steps per epoch; trl-default micro-batch {work['rows_per_micro']} rows",
         flush=True,
     )
+    return work
+
+
+def main() -> None:
+    a = parse()
+    out = Path(a.out)
+    work = prepare(a, out)
     sides = a.sides.split(",")
     results: list[dict] = []
     for rep in range(a.repeats):
@@ -249,11 +265,50 @@ def summarize(results: list[dict], sides: list[str], a) -> str:
                 f"{spread([x['first_step_s'] / y['first_step_s'] for x, y in pairs])} | "
                 f"{spread([x['final_loss'] - y['final_loss'] for x, y in pairs])} |"
             )
+    lines += targets(results, sides)
     lines += [
         "",
         f"1-minute load average before the runs: {spread([r['load_before'] for r in results])} (2 cores)",
     ]
     return "\n".join(lines) + "\n"
+
+
+# Issue 18's targets on this work: (label, peer side, metric, ratio bound, True when at least).
+TARGETS = [
+    ("tokens/s >= 1.3x TRL defaults", "trl-default", "tokens_per_s", 1.3, True),
+    ("tokens/s >= 1.1x TRL best (bfd)", "trl-best", "tokens_per_s", 1.1, True),
+    ("first step <= 0.6x TRL defaults", "trl-default", "first_step_s", 0.6, False),
+    ("first step <= 0.6x TRL best (bfd)", "trl-best", "first_step_s", 0.6, False),
+]
+
+
+def targets(results: list[dict], sides: list[str]) -> list[str]:
+    """The target table: each ratio's median over the repeats against its bound, met or not."""
+    if "distft" not in sides:
+        return []
+    mine = sorted((r for r in results if r["side"] == "distft"), key=lambda r: r["repeat"])
+    lines = ["", "| target | distft/peer (min / median / max) | met? |", "|---|---|---|"]
+    for label, peer, key, bound, at_least in TARGETS:
+        theirs = sorted((r for r in results if r["side"] == peer), key=lambda r: r["repeat"])
+        ratios = [x[key] / y[key] for x, y in zip(mine, theirs)]
+        if not ratios:
+            lines.append(f"| {label} | {peer} not run | - |")
+            continue
+        median = statistics.median(ratios)
+        met = median >= bound if at_least else median <= bound
+        lines.append(f"| {label} | {spread(ratios)} | {'met' if met else 'not met'} |")
+    mfu = [r["mfu"] for r in mine if r["mfu"] == r["mfu"]]
+    if mfu:
+        median = statistics.median(mfu)
+        lines.append(
+            f"| MFU >= 50% of the calibrated matmul ceiling | {spread([100 * m for m in mfu])} % "
+            f"| {'met' if median >= 0.5 else 'not met'} |"
+        )
+    lines.append(
+        "| whole job <= 0.8x TRL's on the short ZeRO-2 epoch | bench/trl_compare.py --tunings full "
+        "--strategy zero2 --rows 2000 --micro 8 (whole job column) | see there |"
+    )
+    return lines
 
 
 if __name__ == "__main__":

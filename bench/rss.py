@@ -1,7 +1,9 @@
 """Run a Python module as this rank's program and record its peak RSS when it exits.
 
 `python bench/rss.py <module> [args...]` behaves like `python -m <module> [args...]`; at exit it
-writes {"rank": r, "peak_rss_gib": x} to $BENCH_RSS_DIR/rank<r>.json. Both sides of a comparison
+writes {"rank": r, "peak_rss_gib": x, "cpu_s": user + system CPU seconds of the process (all its
+threads)} to $BENCH_RSS_DIR/rank<r>.json: CPU time depends far less on other jobs' load than
+wall time does. Both sides of a comparison
 are started through this same wrapper, so the measurement costs them the same.
 """
 
@@ -21,9 +23,11 @@ def _dump() -> None:
     if not out:
         return
     rank = int(os.environ.get("RANK", "0"))
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    peak = usage.ru_maxrss / 2**20  # KiB on Linux
     Path(out).mkdir(parents=True, exist_ok=True)
-    (Path(out) / f"rank{rank}.json").write_text(json.dumps({"rank": rank, "peak_rss_gib": peak}))
+    row = {"rank": rank, "peak_rss_gib": peak, "cpu_s": usage.ru_utime + usage.ru_stime}
+    (Path(out) / f"rank{rank}.json").write_text(json.dumps(row))
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
     .venv/bin/python bench/timeline.py                                  # the default job, 2 ranks
     .venv/bin/python bench/timeline.py --overrides "train.epochs=1 strategy=zero2"
     .venv/bin/python bench/timeline.py --commit main     # that commit's code (git archive, as ab.py)
+    .venv/bin/python bench/timeline.py --profile "strategy setup (zero)"   # cProfile one phase, rank 0
 
 Each rank runs `distft.train` through this file (as bench/rss.py does), which wraps the engine's
 phase functions (PHASES) with wall-clock stamps and writes them, with the import time of the stack
@@ -37,16 +38,34 @@ PHASES = [
     ("mfu meter", "distft.engine.build", "mfu_meter"),
     ("strategy make", "distft.strategies.ddp", "make"),
     ("strategy setup", "distft.strategies.torch_native", "TorchNativeStrategy.setup"),
+    ("strategy make (zero)", "distft.strategies.deepspeed_zero", "make"),
+    ("strategy setup (zero)", "distft.strategies.deepspeed_zero", "DeepSpeedStrategy.setup"),
     ("lr schedule", "distft.engine.schedule", "lr_schedule"),
     ("run info", "distft.engine.run_info", "write"),
     ("metrics logger", "distft.engine.metrics", "MetricsLogger.__init__"),
     ("eval before", "distft.methods.sft", "SFT.evaluate"),
     ("train step", "distft.engine.trainer", "Trainer.train_step"),
     ("final eval", "distft.engine.trainer", "Trainer.eval_split"),
+    ("finish", "distft.engine.finish", "finish"),
     ("checkpoint", "distft.engine.trainer", "Trainer.save"),
     ("export", "distft.engine.export", "export"),
     ("report", "distft.engine.finish", "write_report"),
+    # Inside the loop, summed over the steps after the first ("loop shares"):
+    ("forward + loss", "distft.methods.sft", "SFT.loss"),
+    (
+        "backward (DDP/FSDP: with gradient all-reduce)",
+        "distft.strategies.torch_native",
+        "TorchNativeStrategy.backward",
+    ),
+    ("optimizer step (clip + AdamW)", "distft.strategies.torch_native", "TorchNativeStrategy.step"),
+    ("backward (ZeRO: with reduction)", "distft.strategies.deepspeed_zero", "DeepSpeedStrategy.backward"),
+    ("optimizer step (ZeRO)", "distft.strategies.deepspeed_zero", "DeepSpeedStrategy.step"),
+    ("collate", "distft.methods.sft", "SFT.collate"),
+    ("loss/token all-reduce", "distft.runtime.dist", "all_reduce_sum"),
 ]
+INNER = {
+    label for label, _, _ in PHASES[PHASES.index(("forward + loss", "distft.methods.sft", "SFT.loss")) :]
+}
 # Libraries a plain full-tuning SFT job should not need to import (each costs seconds).
 HEAVY = ("peft", "bitsandbytes", "deepspeed", "trl", "matplotlib", "matplotlib.pyplot", "datasets", "sklearn")
 STAMPS: list[tuple[str, float, float]] = []
@@ -54,13 +73,28 @@ T0 = time.time()
 
 
 def _wrap(label: str, fn):
+    profile = os.environ.get("TIMELINE_PROFILE") == label and os.environ.get("RANK", "0") == "0"
+
     @functools.wraps(fn)
     def timed(*args, **kwargs):
         start = time.time()
+        if profile:  # --profile LABEL: cProfile this phase on rank 0, top functions to profile.txt
+            import cProfile
+            import io
+            import pstats
+
+            prof = cProfile.Profile()
+            prof.enable()
         try:
             return fn(*args, **kwargs)
         finally:
             STAMPS.append((label, start, time.time()))
+            if profile:
+                prof.disable()
+                text = io.StringIO()
+                pstats.Stats(prof, stream=text).sort_stats("cumulative").print_stats(40)
+                Path(os.environ["TIMELINE_DIR"]).mkdir(parents=True, exist_ok=True)
+                (Path(os.environ["TIMELINE_DIR"]) / "profile.txt").write_text(text.getvalue())
 
     return timed
 
@@ -100,7 +134,7 @@ def table(path: Path, launched: float) -> str:
     stamps = sorted(d["stamps"], key=lambda s: s[1])
     steps = [s for s in stamps if s[0] == "train step"]
     rows = [("launch to interpreter", launched, d["t0"])]
-    rows += [tuple(s) for s in stamps if s[0] != "train step"]
+    rows += [tuple(s) for s in stamps if s[0] != "train step" and s[0] not in INNER]
     if steps:
         rows.append(("first step", steps[0][1], steps[0][2]))
         rows.append((f"loop ({len(steps) - 1} more steps)", steps[0][2], steps[-1][2]))
@@ -115,6 +149,20 @@ def table(path: Path, launched: float) -> str:
             f"before the first step: {steps[0][1] - launched:.2f} s; "
             f"after the last: {d['end'] - steps[-1][2]:.2f} s"
         )
+    if len(steps) > 1:  # where the loop's time went: the inner phases within steps 2..N
+        lo, hi = steps[0][2], steps[-1][2]
+        loop = hi - lo
+        lines.append(f"loop shares (steps 2..{len(steps)}, {loop:.2f} s):")
+        inner = 0.0
+        for label in [lb for lb, _, _ in PHASES if lb in INNER]:
+            sec = sum(e - b for lb, b, e in stamps if lb == label and b >= lo and e <= hi)
+            if sec:
+                inner += sec
+                lines.append(f"  {label:48s} {sec:8.2f} s {100 * sec / loop:5.1f}%")
+        rest = loop - inner
+        lines.append(
+            f"  {'rest (sampler, logging, Python between)':48s} {rest:8.2f} s {100 * rest / loop:5.1f}%"
+        )
     return "\n".join(lines)
 
 
@@ -126,6 +174,7 @@ def main() -> None:
     p.add_argument("--overrides", default="", help="distft overrides, space separated")
     p.add_argument("--out", default=str(REPO / "outputs/bench/timeline"))
     p.add_argument("--commit", default="", help="run this commit's distft (default: the working tree)")
+    p.add_argument("--profile", default="", help="a phase label: cProfile it on rank 0 (profile.txt)")
     a = p.parse_args()
     import shutil
     import subprocess
@@ -142,7 +191,7 @@ def main() -> None:
         from ab import export
 
         tree = export(a.commit, REPO / "outputs/bench/ab/src")
-    env = bench_env(TIMELINE_DIR=str(out / "timeline"), PYTHONPATH=str(tree))
+    env = bench_env(TIMELINE_DIR=str(out / "timeline"), PYTHONPATH=str(tree), TIMELINE_PROFILE=a.profile)
     load = load_average()
     launched = time.time()
     out.mkdir(parents=True)

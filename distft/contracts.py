@@ -229,6 +229,9 @@ class Method:
 
     config: ClassVar[type]
     auto_class: Any = None
+    scored_head: bool = False
+    """Its output head runs on the scored tokens only (distft.methods.logprobs): the MFU meter
+    counts the head's FLOPs on that share of the tokens."""
 
     def __init__(self, cfg, tokenizer) -> None:
         self.cfg = cfg

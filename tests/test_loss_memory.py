@@ -63,10 +63,10 @@ def test_chunked_loss_never_holds_whole_sequence_logits():
     """The head only ever sees a chunk's positions: forward and the recompute in backward."""
     model, batch = _llama(tie=True), _batch(t=12)
     seen = []
-    model.lm_head.register_forward_hook(lambda m, a, out: seen.append(out.shape[1]))
+    model.lm_head.register_forward_hook(lambda m, a, out: seen.append(out.numel() // out.size(-1)))
     model_nll(model, batch, 4).backward()
     assert seen[0] == 0  # the model's own head call keeps no position
-    assert max(seen) == 3 and len(seen) == 1 + 4 + 4  # 11 scored positions in chunks of 3; recomputed
+    assert max(seen) == 5 and len(seen) == 1 + 4 + 4  # 20 scored positions in chunks of 5; recomputed
 
 
 @pytest.mark.quick

@@ -74,6 +74,35 @@ def test_frozen_base_costs_4n_plus_2n_trainable():
 
 
 @pytest.mark.quick
+@pytest.mark.parametrize("tie", [True, False])
+def test_head_counted_on_the_scored_share_of_tokens(tie):
+    """The head runs on scored positions only (distft.methods.logprobs): its 6·V·H per token is
+    counted times the scored fraction; the rest of the model on every token."""
+    model = llama(tie=tie)
+    h, v = SHAPE["hidden"], SHAPE["vocab"]
+    assert mfu.head_params(model) == (v * h, v * h)
+    cpu = torch.device("cpu")
+    full = mfu.MfuMeter.for_model(model, 32, cpu, torch.float32, 1).flops_per_token
+    part = mfu.MfuMeter.for_model(model, 32, cpu, torch.float32, 1, head_fraction=0.25).flops_per_token
+    assert full - part == 6 * v * h * 0.75
+
+
+@pytest.mark.quick
+def test_scored_fraction_of_sft_and_preference_examples():
+    sft = [
+        {"input_ids": [1] * 6, "labels": [-100, -100, -100, 4, 5, 6]},  # 3 scored positions of 6
+        {"input_ids": [1] * 4, "labels": [-100, 2, -100, 3]},  # 2 of 4 (a packed row)
+    ]
+    assert mfu.scored_fraction(sft) == 5 / 10
+    dpo = [{"prompt_ids": [1, 2, 3], "chosen_ids": [4, 5], "rejected_ids": [6]}]
+    assert mfu.scored_fraction(dpo) == 3 / (5 + 4)
+    kto = [{"prompt_ids": [1, 2], "completion_ids": [3, 4], "kl_ids": [5, 6], "label": 1}]
+    assert mfu.scored_fraction(kto) == 4 / 8
+    assert mfu.scored_fraction([{"text": "x", "label": 1}]) is None
+    assert mfu.scored_fraction(sft * 5000, sample=100) == 5 / 10  # a sample of evenly spaced rows
+
+
+@pytest.mark.quick
 @pytest.mark.parametrize(
     "name, peak",
     [
@@ -217,3 +246,23 @@ def test_tf32_on_a_real_gpu_run(tmp_path):
             assert r["mfu"] is None
         else:
             assert r["mfu"] / r["tokens_per_s"] == pytest.approx(fpt / peak, rel=0.02)
+
+
+@pytest.mark.quick
+def test_engine_meter_counts_the_head_on_scored_tokens_for_methods_that_do_so(tmp_path, monkeypatch):
+    """distft.engine.build.mfu_meter: SFT/DPO/KTO (`scored_head`) get the train rows' scored share."""
+    from types import SimpleNamespace
+
+    monkeypatch.setenv("DISTFT_CACHE", str(tmp_path))  # the CPU peak's cache
+    monkeypatch.setattr(mfu, "calibrate_cpu", lambda dtype, threads: 1e9)
+
+    from distft.engine.build import mfu_meter
+
+    cfg = SimpleNamespace(data=SimpleNamespace(max_length=32), train=SimpleNamespace(precision="fp32"))
+    info = SimpleNamespace(device=torch.device("cpu"), world_size=1)
+    rows = [{"input_ids": [1] * 8, "labels": [-100] * 4 + [5] * 4}]  # 4 of 8 positions scored
+    data = SimpleNamespace(train=rows)
+    model, (h, v) = llama(), (SHAPE["hidden"], SHAPE["vocab"])
+    full = mfu_meter(cfg, info, model, data, SimpleNamespace(scored_head=False)).flops_per_token
+    scored = mfu_meter(cfg, info, model, data, SimpleNamespace(scored_head=True)).flops_per_token
+    assert full - scored == 6 * v * h * (1 - 4 / 8)

@@ -94,7 +94,7 @@ class Trainer:
         model = build.model(cfg, info, method, tuning, model_path, strategy)  # sharded where it can be
         saved = checkpoint.read_state(resume_path) if resume_path is not None else {}
         run_fingerprint["params"] = fingerprint.check_params(model, saved, resume_path, run_dir)
-        perf = build.mfu_meter(cfg, info, model, data)
+        perf = build.mfu_meter(cfg, info, model, data, method)
         if resume_path is not None:
             checkpoint.check_compatible(strategy, saved, resume_path, cfg.strategy.name)
             strategy.prepare_resume(resume_path, saved)

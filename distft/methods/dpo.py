@@ -106,6 +106,7 @@ def reward_metrics(chosen: torch.Tensor, rejected: torch.Tensor) -> dict:
 class DPO(PairRows, Method):
     config = DPOConfig
     auto_class = None  # AutoModelForCausalLM
+    scored_head = True  # log-probs project only the completions (distft.methods.logprobs)
 
     def __init__(self, cfg, tokenizer):
         super().__init__(cfg, tokenizer)

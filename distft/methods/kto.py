@@ -155,6 +155,7 @@ def encode_unpaired(rows: list[dict], tokenizer, cfg) -> tuple[list[dict], dict]
 class KTO(Method):
     config = KTOConfig
     auto_class = None  # AutoModelForCausalLM
+    scored_head = True  # log-probs project only the completions (distft.methods.logprobs)
 
     def __init__(self, cfg, tokenizer):
         super().__init__(cfg, tokenizer)

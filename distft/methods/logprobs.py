@@ -6,6 +6,14 @@ scored; the logit at position t predicts the label at t+1. Built on TRL's
 `selective_log_softmax` (gathers before normalizing, so the full log-softmax over the vocabulary
 is never materialized).
 
+The output projection runs only on the positions whose next label is scored (completion tokens
+under SFT's default, the chosen/rejected/KTO completions): a pre-hook on the model's output
+head hands it the K scored rows of the final hidden states instead of all N×T, inside the
+model's own forward (so every strategy's and adapter's hooks, soft-capping and logit scaling
+apply as usual). Exact: the same logits for those rows, and the others were never scored. Where
+the head does not see hidden states shaped like the labels (context parallelism's slices, models
+that are not plain causal LMs) it runs on every position as before.
+
 `chunks` > 0 (`train.loss_chunks`) computes the output projection and the per-token loss chunk by
 chunk over the sequence, each chunk under `torch.utils.checkpoint`: the model returns its final
 hidden states (the head runs on zero positions), and a chunk's full-vocabulary logits exist only
@@ -38,20 +46,9 @@ def token_logps(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token log-probs (float32) of `labels[:, 1:]` under `logits[:, :-1]`, and the float mask
     of scored tokens (unscored positions hold 0)."""
-    from trl.trainer.utils import selective_log_softmax
-
     targets = labels[:, 1:]
     mask = (targets != IGNORE).float()
-    index = targets.clamp(min=0)
-    if logits.dtype in (torch.float32, torch.float64):
-        logps = selective_log_softmax(logits[:, :-1], index, temperature=temperature)
-    else:  # half precision: normalize each row in fp32, one row at a time to bound memory
-        logps = torch.cat(
-            [
-                selective_log_softmax(row[None, :-1].float(), idx[None], temperature=temperature)
-                for row, idx in zip(logits, index)
-            ]
-        )
+    logps = _selective_logps(logits[:, :-1], targets.clamp(min=0), temperature)
     return logps.float() * mask, mask
 
 
@@ -70,6 +67,47 @@ def _causal_lm(model: torch.nn.Module) -> torch.nn.Module:
             model = model.module
         else:
             return model
+
+
+def _output_head(model: torch.nn.Module) -> torch.nn.Module | None:
+    """The causal LM's output projection (under any wrapper), None for models without one."""
+    lm = _causal_lm(model)
+    get = getattr(lm, "get_output_embeddings", None)
+    try:
+        head = get() if get is not None else None
+    except (AttributeError, NotImplementedError):
+        return None
+    return head if isinstance(head, torch.nn.Module) and getattr(lm, "base_model", lm) is not lm else None
+
+
+def scored_logits(
+    model: torch.nn.Module, inputs: dict, labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A forward of `inputs` whose head runs only on the scored positions: (logits [K, V] of the K
+    positions t with `labels[:, t + 1]` scored, row-major; their targets [K]). Falls back to every
+    position, (logits[:, :-1] [N, T-1, V], labels[:, 1:]), when the head did not see plain hidden
+    states of the labels' shape."""
+    targets = labels[:, 1:]
+    scored = targets != IGNORE
+    taken: list[bool] = []
+
+    def keep_scored(_module, args):
+        h = args[0] if args else None
+        if taken or type(h) is not torch.Tensor or h.dim() != 3 or h.shape[:2] != labels.shape:
+            return None  # a DTensor, a slice of the sequence, an unexpected caller: leave it whole
+        taken.append(True)
+        return (h[:, :-1][scored], *args[1:])
+
+    head = _output_head(model)
+    handle = head.register_forward_pre_hook(keep_scored) if head is not None else None
+    try:
+        out = model(**inputs)
+    finally:
+        if handle is not None:
+            handle.remove()
+    if taken:
+        return out.logits.reshape(-1, out.logits.size(-1)), targets[scored]
+    return out.logits[:, :-1], targets
 
 
 def _fsdp_owner(lm: torch.nn.Module, head: torch.nn.Module) -> torch.nn.Module | None:
@@ -143,16 +181,50 @@ def model_hidden(
 def _chunked(
     project: Callable, hidden: torch.Tensor, targets: torch.Tensor, chunks: int, fn: Callable
 ) -> list[torch.Tensor]:
-    """`fn(logits, targets)` over `chunks` slices of the sequence; each slice's logits are
-    recomputed in backward instead of saved."""
+    """`fn(logits, targets)` over `chunks` slices of the sequence ([N, T, H] hidden states) or of
+    the scored rows ([K, H]); each slice's logits are recomputed in backward instead of saved."""
 
     def run(h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return fn(project(h), t)
 
+    dim = hidden.dim() - 2
     return [
         checkpoint(run, h, t, use_reentrant=False)
-        for h, t in zip(hidden.chunk(chunks, dim=1), targets.chunk(chunks, dim=1))
+        for h, t in zip(hidden.chunk(chunks, dim=dim), targets.chunk(chunks, dim=dim))
     ]
+
+
+def _scored_rows(
+    hidden: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(hidden states, targets, mask): the K scored positions' rows ([K, H], [K], the [N, T-1]
+    mask) when the hidden states line up with the labels, else the shifted sequences and None."""
+    targets = labels[:, 1:]
+    if hidden.shape[:2] != labels.shape:
+        return hidden[:, :-1], targets, None
+    scored = targets != IGNORE
+    return hidden[:, :-1][scored], targets[scored], scored
+
+
+def _selective_logps(logits: torch.Tensor, index: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Log-probs of `index` under `logits` ([..., V]); half precision is normalized in fp32 one
+    sequence (or 1,024 rows) at a time to bound memory."""
+    from trl.trainer.utils import selective_log_softmax
+
+    if logits.dtype in (torch.float32, torch.float64):
+        return selective_log_softmax(logits, index, temperature=temperature)
+    step = 1 if logits.dim() == 3 else 1024
+    return torch.cat(
+        [
+            selective_log_softmax(part.float(), idx, temperature=temperature)
+            for part, idx in zip(logits.split(step), index.split(step))
+        ]
+    )
+
+
+def _unflatten(values: torch.Tensor, scored: torch.Tensor) -> torch.Tensor:
+    """[K] values of the scored positions back into an [N, T-1] float32 tensor (0 elsewhere)."""
+    return values.float().new_zeros(scored.shape).masked_scatter(scored, values.float())
 
 
 def model_token_logps(
@@ -163,21 +235,24 @@ def model_token_logps(
     chunks: int = 0,
     temperature: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """`token_logps` of a forward pass, chunked over the sequence when `chunks` > 0."""
+    """`token_logps` of a forward pass (the head on scored positions only), chunked when `chunks` > 0."""
+    mask = (labels[:, 1:] != IGNORE).float()
     if not chunks:
-        out = model(input_ids=input_ids, position_ids=position_ids, use_cache=False)
-        return token_logps(out.logits, labels, temperature)
-    from trl.trainer.utils import selective_log_softmax
-
+        inputs = {"input_ids": input_ids, "position_ids": position_ids, "use_cache": False}
+        logits, targets = scored_logits(model, inputs, labels)
+        if logits.dim() == 3:  # every position (see scored_logits)
+            return _selective_logps(logits, targets.clamp(min=0), temperature).float() * mask, mask
+        return _unflatten(_selective_logps(logits, targets, temperature), mask.bool()), mask
     hidden, project = model_hidden(model, input_ids, position_ids)
-    targets = labels[:, 1:]
-    mask = (targets != IGNORE).float()
+    rows, targets, scored = _scored_rows(hidden, labels)
 
     def logps(logits: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        return selective_log_softmax(logits, index, temperature=temperature)
+        return _selective_logps(logits, index, temperature)
 
-    parts = _chunked(project, hidden[:, :-1], targets.clamp(min=0), chunks, logps)
-    return torch.cat(parts, dim=1).float() * mask, mask
+    parts = torch.cat(_chunked(project, rows, targets.clamp(min=0), chunks, logps), dim=rows.dim() - 2)
+    if scored is None:
+        return parts.float() * mask, mask
+    return _unflatten(parts, scored), mask
 
 
 def model_logps(model, batch: dict, chunks: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -196,17 +271,20 @@ def _nll_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 
 def model_nll(model, batch: dict, chunks: int = 0, inputs: dict | None = None) -> torch.Tensor:
-    """Summed next-token cross-entropy (float32) of the batch's scored labels. `inputs`: the
-    forward's arguments when the batch carries more than text (images); default ids and positions."""
-    targets = batch["labels"][:, 1:]
+    """Summed next-token cross-entropy (float32) of the batch's scored labels, the head run on the
+    scored positions only. `inputs`: the forward's arguments when the batch carries more than text
+    (images: every position, the model's own forward); default ids and positions."""
+    labels = batch["labels"]
     if not chunks:
-        if inputs is None:
-            inputs = {
-                "input_ids": batch["input_ids"],
-                "position_ids": batch.get("position_ids"),
-                "use_cache": False,
-            }
-        out = model(**inputs)
-        return _nll_sum(out.logits[:, :-1], targets)
+        if inputs is not None:
+            out = model(**inputs)
+            return _nll_sum(out.logits[:, :-1], labels[:, 1:])
+        inputs = {
+            "input_ids": batch["input_ids"],
+            "position_ids": batch.get("position_ids"),
+            "use_cache": False,
+        }
+        return _nll_sum(*scored_logits(model, inputs, labels))
     hidden, project = model_hidden(model, batch["input_ids"], batch.get("position_ids"))
-    return torch.stack(_chunked(project, hidden[:, :-1], targets, chunks, _nll_sum)).sum()
+    rows, targets, _ = _scored_rows(hidden, labels)
+    return torch.stack(_chunked(project, rows, targets, chunks, _nll_sum)).sum()

@@ -1,4 +1,5 @@
-"""Supervised fine-tuning: next-token loss on completion tokens (and EOS), summed per token."""
+"""Supervised fine-tuning: next-token loss on completion tokens (and EOS), summed per token; the
+output head runs on those scored positions only (distft.methods.logprobs)."""
 
 from __future__ import annotations
 
@@ -62,6 +63,11 @@ class SFT(Method):
             rows_out = [as_row(ex) for ex in examples]
         return rows_out, stats
 
+    @property
+    def scored_head(self) -> bool:
+        """The output head runs on the scored positions only (text; image batches: every position)."""
+        return vlm.processor_of(self.tokenizer) is None
+
     def collate(self, examples: list[dict]) -> dict:
         batch = pad_batch(examples, self.tokenizer.pad_token_id)
         processor = vlm.processor_of(self.tokenizer)
@@ -70,11 +76,11 @@ class SFT(Method):
     def loss(self, model, batch: dict) -> tuple[torch.Tensor, dict]:
         """Summed token loss over the batch's targets (the engine normalizes it by the global target
         count) and extra metrics as {name: (sum, count)}, averaged over the step by the engine."""
-        inputs = vision.model_inputs(batch)  # input_ids, position_ids (+ image tensors)
-        # Image batches take the model's own forward: the chunked path runs the decoder on text only.
-        images = any(k in batch for k in vision.IMAGE_INPUTS)
-        chunks = 0 if images else self.cfg.train.loss_chunks
-        return model_nll(model, batch, chunks, inputs), {}
+        # Image batches take the model's own forward over every position (the chunked and the
+        # scored-positions paths run the decoder on text only).
+        if any(k in batch for k in vision.IMAGE_INPUTS):
+            return model_nll(model, batch, 0, vision.model_inputs(batch)), {}
+        return model_nll(model, batch, self.cfg.train.loss_chunks), {}
 
     def evaluate(self, model, rows: list[dict], info, sharded: bool) -> dict:
         """eval.metrics (default exact match) of greedy generations on held-out rows."""

@@ -3,6 +3,9 @@
 N counts the weights that do matmuls: every parameter except embedding lookups (an output head
 tied to the embedding is a real matmul and counted once). With a frozen base (LoRA, QLoRA) the
 backward skips the frozen weights' gradients, so a token costs 4N + 2·N_trainable instead of 6N.
+Methods whose output head runs only on the scored positions (SFT's completion tokens, the
+preference methods' completions: distft.methods.logprobs) count the head's 6·V·H per token
+times the scored fraction of the tokens, the work actually done.
 GPU peaks are the vendors' dense figures for the matmul kind the run uses (fp32, tf32, bf16,
 fp16: an fp32 run is not measured against the bf16 peak); a CPU's peak is measured once by a short
 matmul calibration and cached on disk (per CPU model, thread count and dtype).
@@ -14,6 +17,7 @@ import json
 import os
 import platform
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -81,6 +85,37 @@ def matmul_params(model: torch.nn.Module) -> tuple[int, int]:
         total += n
         trainable += n if head.weight.requires_grad else 0
     return total, trainable
+
+
+def head_params(model: torch.nn.Module) -> tuple[int, int]:
+    """(numel, trainable numel) of the output head's weight, (0, 0) without a head."""
+    head = _output_head(model)
+    weight = getattr(head, "weight", None)
+    if not isinstance(weight, torch.Tensor):
+        return 0, 0
+    n = _logical_numel(head, weight)
+    return n, n if weight.requires_grad else 0
+
+
+def scored_fraction(examples: Sequence[dict], sample: int = 1024) -> float | None:
+    """Scored positions per forwarded token of encoded examples (at most `sample` of them, evenly
+    spaced): SFT rows (`input_ids`, `labels`; position t is scored when `labels[t + 1]` is) or
+    prompt + completion rows (`prompt_ids` and each other `*_ids` list: DPO's chosen/rejected,
+    KTO's completion and KL rows). None when the examples carry neither."""
+    scored = tokens = 0
+    for i in range(0, len(examples), max(1, len(examples) // sample)):
+        ex = examples[i]
+        if not isinstance(ex, dict):
+            continue
+        if "input_ids" in ex and "labels" in ex:
+            scored += sum(1 for label in list(ex["labels"])[1:] if label != -100)
+            tokens += len(ex["input_ids"])
+        elif "prompt_ids" in ex:
+            for key, ids in ex.items():
+                if key.endswith("_ids") and key != "prompt_ids" and not isinstance(ids, (str, int)):
+                    scored += len(ids)
+                    tokens += len(ex["prompt_ids"]) + len(ids)
+    return scored / tokens if tokens else None
 
 
 def _logical_numel(module: torch.nn.Module, p: torch.nn.Parameter) -> int:
@@ -212,8 +247,14 @@ class MfuMeter:
         return tokens_per_s * self.flops_per_token / (self.peak_flops * self.world_size)
 
     @classmethod
-    def for_model(cls, model, seq_len: float, device, dtype: torch.dtype, world_size: int) -> MfuMeter:
+    def for_model(
+        cls, model, seq_len: float, device, dtype: torch.dtype, world_size: int, head_fraction: float = 1.0
+    ) -> MfuMeter:
+        """`head_fraction`: the share of tokens the output head runs on (1: every token)."""
         n, n_trainable = matmul_params(model)
+        head, head_trainable = head_params(model)
+        n -= round(head * (1 - head_fraction))
+        n_trainable -= round(head_trainable * (1 - head_fraction))
         config = getattr(model, "config", None)
         layers, heads, head_dim = model_shape(config) if config is not None else (0, 0, 0)
         fpt = flops_per_token(n, n_trainable, layers, heads, head_dim, seq_len)

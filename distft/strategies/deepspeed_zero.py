@@ -14,6 +14,7 @@ import torch
 
 from distft.contracts import Strategy
 from distft.errors import ConfigError, DistftError
+from distft.perf import warm
 from distft.ranges import num
 from distft.strategies.memory import States, frozen_bytes, zero3_gathered
 from distft.strategies.optim import build_adamw
@@ -284,6 +285,7 @@ class DeepSpeedStrategy(Strategy):
         self.adapter_only = any(not p.requires_grad for p in model.parameters())
         optimizer = build_adamw(model, self.cfg, cpu_adam=self.cfg.strategy.offload_optimizer)
         self.config = ds_config(self.cfg, BatchGeometry.of(self.cfg, self.info), model)
+        warm.deepspeed_muon()  # imported by initialize and each reduction; kernels compiled at import
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, config=self.config
         )
