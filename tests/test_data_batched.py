@@ -145,7 +145,8 @@ def test_batched_errors_come_in_the_old_order(tmp_path, monkeypatch):
 
 
 def test_minhash_signatures_are_datasketchs(monkeypatch):
-    """clean._signatures hashes many texts per numpy step; the values are datasketch's own."""
+    """clean._signatures hashes many texts per numpy step (ASCII texts' shingles cut by numpy, each
+    distinct one hashed once); the values are datasketch's own."""
     import numpy as np
     from datasketch import MinHash
 
@@ -154,6 +155,7 @@ def test_minhash_signatures_are_datasketchs(monkeypatch):
     monkeypatch.setattr(c, "SIG_SHINGLES", 300)  # several steps, texts longer than one step
     rng = random.Random(3)
     texts = ["".join(rng.choice("ab cdé\n") for _ in range(rng.randint(0, 400))) for _ in range(300)]
-    texts += ["", "abc", "abcdef", "Ünïcode ☃ text"]
+    texts += ["".join(rng.choice("ab cd\n") for _ in range(rng.randint(0, 400))) for _ in range(300)]  # ASCII
+    texts += ["", "abc", "abcde", "abcdef", "Ünïcode ☃ text", "nul\0in a text", "A  TAB\tand CASE"]
     want = MinHash.bulk([c._shingles(t) for t in texts], num_perm=c.NUM_PERM)
     assert np.array_equal(c._signatures(texts), np.stack([m.hashvalues for m in want]).astype(np.uint32))

@@ -18,7 +18,9 @@ answers differ ("What is 3 times 4?" → 12, "What is 3 times 5?" → 15) all su
 from __future__ import annotations
 
 import functools
+import hashlib
 import ipaddress
+import operator
 import re
 import unicodedata
 from collections.abc import Callable
@@ -337,45 +339,98 @@ def _permutations():
     return m.scheme, m.permutations
 
 
-SIG_SHINGLES = 1 << 15  # shingles hashed in one numpy step (x 128 x 4 bytes)
+SIG_SHINGLES = 1 << 16  # shingles permuted in one numpy step (x 128 x 4 bytes)
+_DIGEST = operator.methodcaller("digest")
+
+
+def _sha1_32(shingles: list[bytes]):
+    """datasketch's sha1_hash32 of each shingle (the first 4 bytes of its SHA-1, little-endian),
+    the loop in C (map) and the values read from the joined digests."""
+    import numpy as np
+
+    joined = b"".join(map(_DIGEST, map(hashlib.sha1, shingles)))
+    return np.frombuffer(joined, dtype="<u4").reshape(-1, 5)[:, 0]
+
+
+def _ascii_shingle_hashes(texts: list[str]):
+    """Hashes of the 5-character shingles of ASCII texts longer than a shingle (with no NUL), and
+    each text's count of shingles: the shingles are 40-bit integers cut from the texts' bytes by
+    numpy, and each distinct one is hashed once (texts share most of theirs). Repeats within a
+    text stay: the minimum does not change."""
+    import numpy as np
+
+    data = np.frombuffer("".join(texts).encode("ascii"), dtype=np.uint8)
+    lengths = np.fromiter(map(len, texts), dtype=np.int64, count=len(texts))
+    counts = lengths - SHINGLE + 1
+    text_start = np.repeat(np.cumsum(lengths) - lengths, counts)
+    first = np.repeat(np.cumsum(counts) - counts, counts)
+    pos = np.arange(int(counts.sum()), dtype=np.int64) - first + text_start
+    value = np.zeros(len(pos), dtype=np.uint64)
+    for k in range(SHINGLE):
+        value = (value << np.uint64(8)) | data[pos + k]
+    distinct, which = np.unique(value, return_inverse=True)
+    as_bytes = distinct.astype(">u8").view(np.uint8).reshape(-1, 8)[:, 8 - SHINGLE :]
+    shingles = np.ascontiguousarray(as_bytes).view(f"S{SHINGLE}").ravel().tolist()  # no NUL to lose
+    return _sha1_32(shingles)[which], counts
+
+
+def _other(texts: list[str]):
+    """Hashes of the shingles of any texts (`_shingles`, each text's distinct ones), and their counts."""
+    import numpy as np
+
+    shingles = [_shingles(t) for t in texts]
+    counts = np.fromiter(map(len, shingles), dtype=np.int64, count=len(shingles))
+    return _sha1_32([x for sh in shingles for x in sh]), counts
+
+
+def _minimums(hashes, counts, out) -> None:
+    """out[k] = the MinHash of text k, whose shingle hashes are the next counts[k] of `hashes`:
+    datasketch's MurmurHash3 finalizer, affine permutations (uint32 arithmetic wraps, as
+    datasketch's does) and the minimum, for SIG_SHINGLES shingles of many texts per step."""
+    import numpy as np
+    from datasketch.minhash import _fmix
+
+    _, (a, b) = _permutations()
+    a, b = a.astype(np.uint32).reshape(-1, 1), b.astype(np.uint32).reshape(-1, 1)
+    mixed = _fmix(hashes, 32)
+    ends = np.cumsum(counts)
+    starts = ends - counts
+    i = 0
+    while i < len(counts):
+        j = max(i + 1, int(np.searchsorted(ends, starts[i] + SIG_SHINGLES, side="right")))
+        lo, hi = starts[i], ends[j - 1]
+        permuted = a * mixed[lo:hi].reshape(1, -1) + b  # [128, shingles]
+        out[i:j] = np.minimum.reduceat(permuted, starts[i:j] - lo, axis=1).T  # each text has >= 1
+        i = j
 
 
 def _signatures(texts: list[str]):
     """datasketch's MinHash hash values of each text's shingles, computed as MinHash.update_batch
     computes them (sha1_hash32, the MurmurHash3 finalizer, the affine permutations, the minimum)
     but for many texts per numpy step instead of one (a test compares them with MinHash.bulk)."""
-    import hashlib
-
     import numpy as np
-    from datasketch.minhash import _fmix
 
-    scheme, (a, b) = _permutations()
-    shingles = [_shingles(t) for t in texts]
+    scheme, _ = _permutations()
     if scheme != "affine32":  # a datasketch whose default differs: its own bulk computation
         from datasketch import MinHash
 
-        sigs = MinHash.bulk(shingles, num_perm=NUM_PERM)
+        sigs = MinHash.bulk([_shingles(t) for t in texts], num_perm=NUM_PERM)
         return (
             np.stack([m.hashvalues for m in sigs]).astype(np.uint32)
             if sigs
             else np.zeros((0, NUM_PERM), np.uint32)
         )
+    norm = [" ".join(t.casefold().split()) for t in texts]
+    fast = np.fromiter(
+        (len(t) > SHINGLE and t.isascii() and "\0" not in t for t in norm), dtype=bool, count=len(norm)
+    )
     out = np.empty((len(texts), NUM_PERM), np.uint32)
-    i = 0
-    while i < len(texts):
-        j, total = i, 0
-        while j < len(texts) and (j == i or total + len(shingles[j]) <= SIG_SHINGLES):
-            total += len(shingles[j])
-            j += 1
-        hv = np.fromiter(
-            (int.from_bytes(hashlib.sha1(x).digest()[:4], "little") for sh in shingles[i:j] for x in sh),
-            dtype=np.uint32,
-            count=total,
-        )
-        phv = _fmix(hv.reshape(-1, 1), 32) * a + b  # uint32 arithmetic wraps, as datasketch's does
-        starts = np.cumsum([0] + [len(sh) for sh in shingles[i : j - 1]])
-        out[i:j] = np.minimum.reduceat(phv, starts, axis=0)  # every text has at least one shingle
-        i = j
+    groups = ((np.flatnonzero(fast), norm, _ascii_shingle_hashes), (np.flatnonzero(~fast), texts, _other))
+    for group, source, hashes_of in groups:
+        if len(group):
+            part = np.empty((len(group), NUM_PERM), np.uint32)
+            _minimums(*hashes_of([source[i] for i in group]), part)
+            out[group] = part
     return out
 
 
