@@ -119,14 +119,29 @@ class StoreRows(Sequence):
                 row[PRETOKENIZED] = unpack_tokens(packed)
         return row
 
+    def _rows(self, indices: np.ndarray) -> list[dict]:
+        """Rows at store indices, with one take per record batch they fall in."""
+        chunk_of = np.searchsorted(self._starts, indices, side="right") - 1
+        out: list = [None] * len(indices)
+        for k in np.unique(chunk_of).tolist():
+            where = np.flatnonzero(chunk_of == k)
+            local = pa.array(indices[where] - self._starts[k])
+            rows = map(pickle.loads, self._chunks[k].take(local).to_pylist())
+            tokens = self._token_chunks[k].take(local).to_pylist() if self._token_chunks is not None else None
+            for n, (j, row) in enumerate(zip(where.tolist(), rows)):
+                if tokens is not None and tokens[n] is not None:
+                    row[PRETOKENIZED] = unpack_tokens(tokens[n])
+                out[j] = row
+        return out
+
     def __getitem__(self, k):
         if isinstance(k, slice):
-            return [self._row(int(i)) for i in self.indices[k]]
+            return self._rows(self.indices[k])
         return self._row(int(self.indices[k]))
 
     def __iter__(self) -> Iterator[dict]:
-        for i in self.indices:
-            yield self._row(int(i))
+        for i in range(0, len(self.indices), BATCH):
+            yield from self._rows(self.indices[i : i + BATCH])
 
 
 # ---------------------------------------------------------------- one batch (in a worker)
