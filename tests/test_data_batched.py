@@ -157,12 +157,12 @@ def test_batched_errors_come_in_the_old_order(tmp_path, monkeypatch):
 
 
 def test_minhash_signatures_are_datasketchs(monkeypatch):
-    """clean._signatures hashes many texts per numpy step (ASCII texts' shingles cut by numpy, each
+    """near_dedup._signatures hashes many texts per numpy step (ASCII texts' shingles cut by numpy, each
     distinct one hashed once); the values are datasketch's own."""
     import numpy as np
     from datasketch import MinHash
 
-    from distft.data import clean as c
+    from distft.data import near_dedup as c
 
     monkeypatch.setattr(c, "SIG_SHINGLES", 300)  # several steps, texts longer than one step
     rng = random.Random(3)

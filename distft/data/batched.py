@@ -31,6 +31,7 @@ import numpy as np
 import pyarrow as pa
 
 from distft.data import clean as cl
+from distft.data import near_dedup as nd
 from distft.data.report import first_word
 from distft.data.schemas import (
     assistant_turns_error,
@@ -195,7 +196,7 @@ def _features(rows: list[dict]) -> dict:
         "content": b"".join(_digest(cl.content_key(r)) for r in rows),
         "prompt": b"".join(_digest(p) for p, _ in parts),
         "answer": b"".join(_digest(a) for _, a in parts),
-        "bands": cl.band_hashes(cl._signatures([p for p, _ in parts]), *near) if near else None,
+        "bands": nd.band_hashes(nd._signatures([p for p, _ in parts]), *near) if near else None,
         "labels": [str(r["label"]) if "label" in r and "text" in r else None for r in rows],
         "first_words": [first_word(r) for r in rows],
         "src": np.asarray([r.get("_src", 0) for r in rows], dtype=np.int64),
@@ -394,7 +395,7 @@ def _deduplicated(d, got: Batches, store: Store, digest: dict, near, res: cl.Cle
         keep = keep[~dup]
     if near and len(keep) > 1:
         hashes = np.concatenate(got.cols["bands"])[keep]
-        kept = cl.near_duplicates(store.rows(keep), d.near_dedup_threshold, res, hashes=hashes)
+        kept = nd.near_duplicates(store.rows(keep), d.near_dedup_threshold, res, hashes=hashes)
         keep = keep[np.asarray(kept, dtype=np.int64)]
     return keep
 
@@ -441,7 +442,7 @@ def prepare_rows(
     d = cfg.data
     specs = list(d.path) if embedded is None else [f"<embedded {cfg.method.name} data>"]
     seen = Sources(specs)
-    near = cl.lsh_params(d.near_dedup_threshold) if d.near_dedup and d.near_dedup_threshold > 0 else None
+    near = nd.lsh_params(d.near_dedup_threshold) if d.near_dedup and d.near_dedup_threshold > 0 else None
     got = _clean_all(cfg, lengths_of, tokens_of, store, kind, embedded, seen, near)
     _raise_errors(cfg, got, seen, embedded)
     digest = {
