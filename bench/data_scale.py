@@ -1,9 +1,10 @@
 """Data preparation at scale: distft's Arrow pipeline against TRL's SFTTrainer preparation.
 
-    python bench/data_scale.py --rows 10000 100000 [--num-proc 2] [--out /tmp/data_scale]
+    python bench/data_scale.py --rows 10000 100000 [--num-proc 2] [--out /tmp/data_scale] [--tokenizer bpe]
 
 For each row count, on the same generated prompt/completion JSONL (tiny model, character
-tokenizer, data.max_length=512):
+tokenizer or with --tokenizer bpe an ~8k byte-level BPE trained as bench/realistic.py trains it,
+data.max_length=512):
   distft prepare   `distft-data` into a fresh data.cache_dir: wall, peak RSS, cache size (the
                    default cleaning: normalization, exact and near dedup) and once more with the
                    cleaning off (the same work TRL does: tokenize and mask)
@@ -50,6 +51,26 @@ def generate(path: Path, n: int, seed: int = 0) -> Path:
     return path
 
 
+def bpe_model_dir(out: Path, vocab: int) -> Path:
+    """The tiny model with bench/realistic.py's byte-level BPE tokenizer (`vocab` entries, trained
+    on the first 20k generated rows, which every row count shares), its embeddings resized to it."""
+    from transformers import AutoModelForCausalLM
+
+    sys.path.insert(0, str(BENCH))  # realistic.py imports its neighbours as top-level modules
+    from realistic import bpe_tokenizer
+
+    sample = generate(out.with_name("bpe_sample.jsonl"), 20_000)
+    with open(sample) as f:
+        tok = bpe_tokenizer((r["prompt"] + r["completion"] for r in map(json.loads, f)), vocab)
+    model = AutoModelForCausalLM.from_pretrained(build_model_dir(out.with_name("model")))
+    model.resize_token_embeddings(len(tok))
+    for c in (model.config, model.generation_config):
+        c.pad_token_id, c.eos_token_id, c.bos_token_id = tok.pad_token_id, tok.eos_token_id, tok.bos_token_id
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
 def _timed(cmd: list[str], rss_dir: Path, log: Path, env: dict) -> dict:
     env = dict(env, BENCH_RSS_DIR=str(rss_dir), RANK="0")
     t0 = time.time()
@@ -85,6 +106,12 @@ def distft_prepare(data: Path, model: Path, work: Path, num_proc: int, clean: bo
     cmd = [sys.executable, str(BENCH / "rss.py"), "distft.data_cli", *args]
     out = _timed(cmd, work / "rss", work / "prep.log", bench_env())
     out["cache_mb"] = round(du(cache) / 2**20, 1)
+    out["cache_files_mb"] = {  # per file of the entry (data/: the cleaned rows as JSONL)
+        f.name: round(du(f) / 2**20 if f.is_dir() else f.stat().st_size / 2**20, 1)
+        for entry in cache.iterdir()
+        if entry.is_dir()
+        for f in entry.iterdir()
+    }
     out["args"] = args
     return out
 
@@ -160,16 +187,21 @@ def main() -> None:
     ap.add_argument("--rows", type=int, nargs="+", default=[10_000, 100_000])
     ap.add_argument("--num-proc", type=int, default=2)
     ap.add_argument("--out", type=Path, default=Path("/tmp/distft_data_scale"))
+    ap.add_argument("--tokenizer", choices=["char", "bpe"], default="char", help="bpe: an ~8k BPE")
+    ap.add_argument("--bpe-vocab", type=int, default=8000)
     ap.add_argument("--skip", nargs="*", default=[], choices=["clean", "raw", "trl", "train", "stream"])
     a = ap.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
-    model = build_model_dir(a.out / "model")
+    if a.tokenizer == "bpe":
+        model = bpe_model_dir(a.out / f"model_bpe{a.bpe_vocab}", a.bpe_vocab)
+    else:
+        model = build_model_dir(a.out / "model")
     results = []
     for n in a.rows:
         work = a.out / f"rows{n}"
         work.mkdir(exist_ok=True)
         data = generate(work / "train.jsonl", n)
-        row = {"rows": n, "jsonl_mb": round(data.stat().st_size / 2**20, 1)}
+        row = {"rows": n, "jsonl_mb": round(data.stat().st_size / 2**20, 1), "tokenizer": a.tokenizer}
         row["load_before"] = round(load_average(), 1)
         if "clean" not in a.skip:
             row["distft_clean"] = distft_prepare(data, model, work / "d_clean", a.num_proc, True)

@@ -85,26 +85,31 @@ def make_rows(n: int, seed: int) -> list[dict]:
     return rows
 
 
-def build(out: Path, a) -> tuple[Path, Path, float]:
-    """The rows (JSONL), the model directory (tokenizer included) and the mean tokens per row."""
-    import torch
+def bpe_tokenizer(texts, vocab: int):
+    """A byte-level BPE tokenizer with `vocab` entries trained on `texts` (also bench/data_scale.py)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
-    data, model_dir = out / "rows.jsonl", out / "model"
-    rows = make_rows(a.rows, a.seed)
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     special = ["<pad>", "<s>", "</s>"]
     trainer = trainers.BpeTrainer(
-        vocab_size=a.vocab, special_tokens=special, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        vocab_size=vocab, special_tokens=special, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
     )
-    tok.train_from_iterator((r["prompt"] + r["completion"] for r in rows), trainer=trainer)
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>"
-    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+
+
+def build(out: Path, a) -> tuple[Path, Path, float]:
+    """The rows (JSONL), the model directory (tokenizer included) and the mean tokens per row."""
+    import torch
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    data, model_dir = out / "rows.jsonl", out / "model"
+    rows = make_rows(a.rows, a.seed)
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tokenizer = bpe_tokenizer((r["prompt"] + r["completion"] for r in rows), a.vocab)
     lengths = [len(tokenizer(r["prompt"] + r["completion"])["input_ids"]) + 1 for r in rows]
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=a.hidden, intermediate_size=a.hidden * 8 // 3 // 64 * 64,

@@ -14,11 +14,13 @@ import pytest
 from distft.config.load import load_config
 from distft.data import batched, report
 from distft.data.clean import clean
-from distft.data.encode import token_lengths
+from distft.data.encode import sft_lengths_and_tokens, token_lengths
 from distft.data.schemas import to_canonical
+from distft.data.sft_format import PRETOKENIZED
 from distft.data.sources import mix, read_sources
 from distft.data.split import split_rows
 from distft.errors import DataError
+from distft.methods.sft import SFT
 from distft.models.tiny import build_tokenizer
 
 pytestmark = pytest.mark.quick
@@ -104,7 +106,9 @@ def test_batched_preparation_decides_as_the_whole_list(tmp_path, monkeypatch, ca
     cfg = load_config(over)[0]
     kind = "classification" if case == "classify" else "sft"
     sources, formats, cleaned, parts, mixed = _old(cfg, tok, kind)
-    new = batched.prepare_rows(cfg, None, token_lengths(tok), batched.Store(tmp_path / "rows.arrow"), kind)
+    tokens_of = sft_lengths_and_tokens(tok) if case == "sft" else None  # SFT: tokenized once
+    store = batched.Store(tmp_path / "rows.arrow")
+    new = batched.prepare_rows(cfg, None, token_lengths(tok), store, kind, tokens_of=tokens_of)
     c = new.cleaned
     # every stage removed something, and the data report says the same, key order included
     counts = cleaned.counts
@@ -118,6 +122,14 @@ def test_batched_preparation_decides_as_the_whole_list(tmp_path, monkeypatch, ca
     for name in ("train", "val", "test"):  # the grouped (and stratified) split, then the mix
         assert list(new.parts[name]) == parts[name], name
     assert new.mixed == mixed[1]
+    if case == "sft":  # the tokens kept while cleaning encode as the rows do, chat rows included
+        for name in ("train", "val", "test"):
+            rows = list(new.parts[name].with_tokens())
+            assert all(PRETOKENIZED in r for r in rows) and not any(
+                PRETOKENIZED in r for r in new.parts[name]
+            )
+            assert any("messages" in r for r in rows)
+            assert SFT.encode(rows, tok, cfg, True) == SFT.encode(parts[name], tok, cfg, True), name
 
 
 def test_batched_errors_come_in_the_old_order(tmp_path, monkeypatch):
@@ -145,15 +157,17 @@ def test_batched_errors_come_in_the_old_order(tmp_path, monkeypatch):
 
 
 def test_minhash_signatures_are_datasketchs(monkeypatch):
-    """clean._signatures hashes many texts per numpy step; the values are datasketch's own."""
+    """near_dedup._signatures hashes many texts per numpy step (ASCII texts' shingles cut by numpy, each
+    distinct one hashed once); the values are datasketch's own."""
     import numpy as np
     from datasketch import MinHash
 
-    from distft.data import clean as c
+    from distft.data import near_dedup as c
 
     monkeypatch.setattr(c, "SIG_SHINGLES", 300)  # several steps, texts longer than one step
     rng = random.Random(3)
     texts = ["".join(rng.choice("ab cdé\n") for _ in range(rng.randint(0, 400))) for _ in range(300)]
-    texts += ["", "abc", "abcdef", "Ünïcode ☃ text"]
+    texts += ["".join(rng.choice("ab cd\n") for _ in range(rng.randint(0, 400))) for _ in range(300)]  # ASCII
+    texts += ["", "abc", "abcde", "abcdef", "Ünïcode ☃ text", "nul\0in a text", "A  TAB\tand CASE"]
     want = MinHash.bulk([c._shingles(t) for t in texts], num_perm=c.NUM_PERM)
     assert np.array_equal(c._signatures(texts), np.stack([m.hashvalues for m in want]).astype(np.uint32))

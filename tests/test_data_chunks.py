@@ -97,7 +97,7 @@ def _lsh_reference(rows, threshold):
     """The previous implementation's decisions: query a datasketch MinHashLSH of the kept rows."""
     from datasketch import MinHash, MinHashLSH
 
-    from distft.data import clean as c
+    from distft.data import near_dedup as c
 
     parts = [c.prompt_and_answer(r) for r in rows]
     sigs = MinHash.bulk([c._shingles(p) for p, _ in parts], num_perm=c.NUM_PERM)
@@ -121,7 +121,7 @@ def _lsh_reference(rows, threshold):
 def test_near_dedup_at_scale_decides_as_datasketch_lsh(monkeypatch):
     import random
 
-    from distft.data import clean as c
+    from distft.data import near_dedup as c
 
     monkeypatch.setattr(c, "SIG_CHUNK", 97)  # several chunks over two workers
     rng = random.Random(5)

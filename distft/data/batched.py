@@ -31,6 +31,7 @@ import numpy as np
 import pyarrow as pa
 
 from distft.data import clean as cl
+from distft.data import near_dedup as nd
 from distft.data.report import first_word
 from distft.data.schemas import (
     assistant_turns_error,
@@ -38,17 +39,19 @@ from distft.data.schemas import (
     to_canonical,
     without_assistant_turn,
 )
+from distft.data.sft_format import PRETOKENIZED, SftTokens
 from distft.data.sources import iter_path, mix_indices
 from distft.data.split import split_indices
 from distft.errors import DataError
 
 BATCH = 2000
-SCHEMA = pa.schema([("row", pa.large_binary())])
+SCHEMA = pa.schema([("row", pa.large_binary()), ("tokens", pa.large_binary())])
 
 
 # ---------------------------------------------------------------- the row store
 class Store:
-    """Kept rows in an Arrow IPC file (one pickled row a record), memory-mapped once written."""
+    """Kept rows in an Arrow IPC file (one pickled row a record, and the row's packed SftTokens
+    where cleaning computed them), memory-mapped once written."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
@@ -56,9 +59,12 @@ class Store:
         self._writer = pa.ipc.new_file(self._sink, SCHEMA)
         self.table: pa.Table | None = None
 
-    def add(self, pickled: list[bytes]) -> None:
+    def add(self, pickled: list[bytes], tokens: list[bytes | None] | None = None) -> None:
         if pickled:
-            self._writer.write_batch(pa.record_batch([pa.array(pickled, pa.large_binary())], schema=SCHEMA))
+            toks = pa.array(tokens or [None] * len(pickled), pa.large_binary())
+            self._writer.write_batch(
+                pa.record_batch([pa.array(pickled, pa.large_binary()), toks], schema=SCHEMA)
+            )
 
     def close(self) -> None:
         self._writer.close()
@@ -69,32 +75,74 @@ class Store:
         return StoreRows(self.table, np.asarray(indices, dtype=np.int64))
 
 
+def pack_tokens(t: SftTokens) -> bytes:
+    """SftTokens in a few bytes: flags (ids of 8 bytes, EOS), the count, the ids (uint16 where they
+    fit) and the targets as bits."""
+    ids = t.ids
+    narrow = not len(ids) or (int(ids.min()) >= 0 and int(ids.max()) < 1 << 16)
+    head = bytes([(not narrow) | (t.add_eos << 1)]) + len(ids).to_bytes(4, "little")
+    body = ids.astype(np.uint16 if narrow else np.int64).tobytes()
+    return head + body + np.packbits(t.targets).tobytes()
+
+
+def unpack_tokens(b: bytes) -> SftTokens:
+    n, wide = int.from_bytes(b[1:5], "little"), b[0] & 1
+    ids = np.frombuffer(b, np.int64 if wide else np.uint16, count=n, offset=5).astype(np.int64)
+    bits = np.frombuffer(b, np.uint8, offset=5 + n * (8 if wide else 2))
+    return SftTokens(ids, np.unpackbits(bits, count=n).astype(bool), bool(b[0] & 2))
+
+
 class StoreRows(Sequence):
     """Rows of a Store by index: row k is decoded when it is asked for. Rows are fetched from the
     file's record batches one by one (a take on the whole chunked column would first concatenate
-    every chunk: a copy of the store per call)."""
+    every chunk: a copy of the store per call). `with_tokens()`: the same rows carrying their
+    SftTokens (sft_format.PRETOKENIZED) where the store has them, for the SFT encoder only."""
 
-    def __init__(self, table: pa.Table, indices: np.ndarray):
-        col = table.column("row")
-        self._chunks = col.chunks
+    def __init__(self, table: pa.Table, indices: np.ndarray, tokens: bool = False):
+        self._table = table
+        self._chunks = table.column("row").chunks
+        self._token_chunks = table.column("tokens").chunks if tokens else None
         self._starts = np.cumsum([0] + [len(c) for c in self._chunks])
         self.indices = indices
+
+    def with_tokens(self) -> StoreRows:
+        return StoreRows(self._table, self.indices, tokens=True)
 
     def __len__(self) -> int:
         return len(self.indices)
 
     def _row(self, i: int) -> dict:
         k = int(np.searchsorted(self._starts, i, side="right")) - 1
-        return pickle.loads(self._chunks[k][i - int(self._starts[k])].as_py())
+        row = pickle.loads(self._chunks[k][i - int(self._starts[k])].as_py())
+        if self._token_chunks is not None:
+            packed = self._token_chunks[k][i - int(self._starts[k])].as_py()
+            if packed is not None:
+                row[PRETOKENIZED] = unpack_tokens(packed)
+        return row
+
+    def _rows(self, indices: np.ndarray) -> list[dict]:
+        """Rows at store indices, with one take per record batch they fall in."""
+        chunk_of = np.searchsorted(self._starts, indices, side="right") - 1
+        out: list = [None] * len(indices)
+        for k in np.unique(chunk_of).tolist():
+            where = np.flatnonzero(chunk_of == k)
+            local = pa.array(indices[where] - self._starts[k])
+            rows = map(pickle.loads, self._chunks[k].take(local).to_pylist())
+            tokens = self._token_chunks[k].take(local).to_pylist() if self._token_chunks is not None else None
+            for n, (j, row) in enumerate(zip(where.tolist(), rows)):
+                if tokens is not None and tokens[n] is not None:
+                    row[PRETOKENIZED] = unpack_tokens(tokens[n])
+                out[j] = row
+        return out
 
     def __getitem__(self, k):
         if isinstance(k, slice):
-            return [self._row(int(i)) for i in self.indices[k]]
+            return self._rows(self.indices[k])
         return self._row(int(self.indices[k]))
 
     def __iter__(self) -> Iterator[dict]:
-        for i in self.indices:
-            yield self._row(int(i))
+        for i in range(0, len(self.indices), BATCH):
+            yield from self._rows(self.indices[i : i + BATCH])
 
 
 # ---------------------------------------------------------------- one batch (in a worker)
@@ -105,38 +153,73 @@ def _digest(text: str) -> bytes:
     return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).digest()
 
 
-def _clean_batch(raw: list[dict]) -> dict:
-    """Map and clean one batch; per stage its drops, and per kept row its features."""
+def _mapped(raw: list[dict], res: cl.Cleaned) -> tuple[list[dict], int, dict, list[dict]]:
+    """Step 1: source rows in the canonical schema (rows without content dropped as empty), how
+    many were loaded, the formats found, and the chat rows without an assistant turn (an error
+    for SFT)."""
     w, c = _W, _W["data"]
     mapped, empty, formats = to_canonical(raw, c.format, c.columns, w["kind"], w["name"], check_turns=False)
-    no_turn = without_assistant_turn(mapped) if w["kind"] == "sft" else []
-    res0, res1, res2 = (cl.Cleaned([], None, {}) for _ in range(3))
     for row in empty:
-        res0.drop("empty", row, "no content")
-    rows = cl._normalize(mapped, c, res1)
+        res.drop("empty", row, "no content")
+    no_turn = without_assistant_turn(mapped) if w["kind"] == "sft" else []
+    return mapped, len(mapped) + len(empty), formats, no_turn
+
+
+def _cleaned(rows: list[dict], res: cl.Cleaned) -> list[dict]:
+    """Step 2: normalization, personal data, the filters (clean's first steps)."""
+    c = _W["data"]
+    rows = cl._normalize(rows, c, res)
     if c.pii_mask:
-        rows = cl._mask_pii(rows, c, res1)
-    rows = cl._filter(rows, c, res1)
-    lengths = w["lengths_of"](rows)
+        rows = cl._mask_pii(rows, c, res)
+    return cl._filter(rows, c, res)
+
+
+def _measured(rows: list[dict], res: cl.Cleaned) -> tuple[list[dict], list[int], list[bytes | None]]:
+    """Step 3: token lengths and the overlong filter; with a `tokens_of` (SFT) the rows' SftTokens
+    come with the lengths, so the encoder does not tokenize the rows again."""
+    w, c = _W, _W["data"]
+    if w["tokens_of"] is not None:
+        lengths, tokens = w["tokens_of"](rows)
+    else:
+        lengths, tokens = w["lengths_of"](rows), [None] * len(rows)
     if c.overlong == "drop" and w["max_tokens"]:
-        rows, lengths = cl._drop_overlong(rows, lengths, w["max_tokens"], res2)
+        tokens = [t for t, n in zip(tokens, lengths) if n <= w["max_tokens"]]  # as _drop_overlong keeps
+        rows, lengths = cl._drop_overlong(rows, lengths, w["max_tokens"], res)
+    return rows, lengths, [None if t is None else pack_tokens(t) for t in tokens]
+
+
+def _features(rows: list[dict]) -> dict:
+    """Step 4: what dedup, the conflict count, the split and the mix need of each kept row."""
     parts = [prompt_and_answer(r) for r in rows]
+    near = _W["near"]
     return {
-        "loaded": len(mapped) + len(empty),
+        "content": b"".join(_digest(cl.content_key(r)) for r in rows),
+        "prompt": b"".join(_digest(p) for p, _ in parts),
+        "answer": b"".join(_digest(a) for _, a in parts),
+        "bands": nd.band_hashes(nd._signatures([p for p, _ in parts]), *near) if near else None,
+        "labels": [str(r["label"]) if "label" in r and "text" in r else None for r in rows],
+        "first_words": [first_word(r) for r in rows],
+        "src": np.asarray([r.get("_src", 0) for r in rows], dtype=np.int64),
+    }
+
+
+def _clean_batch(raw: list[dict]) -> dict:
+    """Map and clean one batch; per stage its drops, and per kept row its features."""
+    res0, res1, res2 = (cl.Cleaned([], None, {}) for _ in range(3))
+    mapped, loaded, formats, no_turn = _mapped(raw, res0)
+    rows = _cleaned(mapped, res1)
+    rows, lengths, tokens = _measured(rows, res2)
+    return {
+        "loaded": loaded,
         "formats": formats,
         "no_turn": (len(no_turn), no_turn[:5]),
         "drops": [res0.drops, res1.drops, res2.drops],
         "normalized": res1.normalized,
         "pii": res1.pii,
         "rows": [pickle.dumps(r, protocol=pickle.HIGHEST_PROTOCOL) for r in rows],
+        "tokens": tokens,
         "lengths": np.asarray(lengths, dtype=np.int64),
-        "content": b"".join(_digest(cl.content_key(r)) for r in rows),
-        "prompt": b"".join(_digest(p) for p, _ in parts),
-        "answer": b"".join(_digest(a) for _, a in parts),
-        "bands": cl.band_hashes(cl._signatures([p for p, _ in parts]), *w["near"]) if w["near"] else None,
-        "labels": [str(r["label"]) if "label" in r and "text" in r else None for r in rows],
-        "first_words": [first_word(r) for r in rows],
-        "src": np.asarray([r.get("_src", 0) for r in rows], dtype=np.int64),
+        **_features(rows),
     }
 
 
@@ -159,8 +242,9 @@ def ordered(fn, items: Iterator, num_proc: int, init, initargs) -> Iterator:
             yield pending.popleft().get
 
 
-def _init(data_cfg, kind, name, lengths_of, max_tokens, near) -> None:
+def _init(data_cfg, kind, name, lengths_of, max_tokens, near, tokens_of=None) -> None:
     _W.update(data=data_cfg, kind=kind, name=name, lengths_of=lengths_of, max_tokens=max_tokens, near=near)
+    _W["tokens_of"] = tokens_of
 
 
 # ---------------------------------------------------------------- the whole source
@@ -225,72 +309,83 @@ class Prepared:
     mixed: dict[int, int] | None = None
 
 
-def prepare_rows(cfg, method, lengths_of, store: Store, kind: str | None, embedded=None) -> Prepared:
-    """Read, map, clean and split data.path (or the `embedded` rows) in batches."""
-    d = cfg.data
-    specs = list(d.path) if embedded is None else [f"<embedded {cfg.method.name} data>"]
-    seen = Sources(specs)
-    near = cl.lsh_params(d.near_dedup_threshold) if d.near_dedup and d.near_dedup_threshold > 0 else None
-    initargs = (d, kind, cfg.method.name, lengths_of, d.max_length, near)
-    stages: list[dict] = [{}, {}, {}]
-    formats: dict[str, int] = {}
-    pii: dict[str, int] = {}
-    loaded = normalized = no_turn = 0
-    first_no_turn: list[dict] = []
+@dataclass
+class Batches:
+    """What the batches gave, merged in order: counts for the report and the per-row arrays."""
+
+    stages: list[dict] = field(default_factory=lambda: [{}, {}, {}])
+    formats: dict[str, int] = field(default_factory=dict)
+    pii: dict[str, int] = field(default_factory=dict)
+    loaded: int = 0
+    normalized: int = 0
+    no_turn: int = 0
+    first_no_turn: list[dict] = field(default_factory=list)
     error: Exception | None = None
-    cols: dict[str, list] = {k: [] for k in ("lengths", "content", "prompt", "answer", "bands", "src")}
-    labels: list = []
-    words: list = []
-    batches = _read(specs, d.bad_lines, embedded, seen)
+    cols: dict[str, list] = field(
+        default_factory=lambda: {k: [] for k in ("lengths", "content", "prompt", "answer", "bands", "src")}
+    )
+    labels: list = field(default_factory=list)
+    words: list = field(default_factory=list)
+
+    def add(self, out: dict, store: Store) -> None:
+        self.loaded += out["loaded"]
+        for k, v in out["formats"].items():
+            self.formats[k] = self.formats.get(k, 0) + v
+        self.no_turn += out["no_turn"][0]
+        self.first_no_turn += out["no_turn"][1][: 5 - len(self.first_no_turn)]
+        for into, drops in zip(self.stages, out["drops"]):
+            _merge_drops(into, drops)
+        self.normalized += out["normalized"]
+        for k, v in out["pii"].items():
+            self.pii[k] = self.pii.get(k, 0) + v
+        store.add(out["rows"], out["tokens"])
+        for k in self.cols:
+            self.cols[k].append(out[k])
+        self.labels += out["labels"]
+        self.words += out["first_words"]
+
+
+def _clean_all(cfg, lengths_of, tokens_of, store: Store, kind, embedded, seen: Sources, near) -> Batches:
+    """Every batch through `_clean_batch` (in data.num_proc workers), merged in order into the store."""
+    d = cfg.data
+    initargs = (d, kind, cfg.method.name, lengths_of, d.max_length, near, tokens_of)
+    got = Batches()
+    batches = _read(seen.specs, d.bad_lines, embedded, seen)
     for job in ordered(_clean_batch, batches, d.num_proc, _init, initargs):
         try:
             out = job()
         except DataError as e:  # the first schema error, raised once every source is read
-            error = error or e
+            got.error = got.error or e
             continue
-        if error is not None:
-            continue
-        loaded += out["loaded"]
-        for k, v in out["formats"].items():
-            formats[k] = formats.get(k, 0) + v
-        no_turn += out["no_turn"][0]
-        first_no_turn += out["no_turn"][1][: 5 - len(first_no_turn)]
-        for into, drops in zip(stages, out["drops"]):
-            _merge_drops(into, drops)
-        normalized += out["normalized"]
-        for k, v in out["pii"].items():
-            pii[k] = pii.get(k, 0) + v
-        store.add(out["rows"])
-        for k in cols:
-            cols[k].append(out[k])
-        labels += out["labels"]
-        words += out["first_words"]
+        if got.error is None:
+            got.add(out, store)
     store.close()
+    return got
+
+
+def _raise_errors(cfg, got: Batches, seen: Sources, embedded) -> None:
+    """In the old order: no rows at all, the first row of no known schema, chat rows without an
+    assistant turn."""
     if not sum(seen.rows):
         bad = sum(len(b) for b in seen.bad_lines)
         extra = f" ({bad} malformed lines skipped)" if bad else ""
         where = (
-            ", ".join(specs) if embedded is None else f"the embedded default data of method={cfg.method.name}"
+            ", ".join(seen.specs)
+            if embedded is None
+            else f"the embedded default data of method={cfg.method.name}"
         )
         raise DataError(f"no rows in {where}{extra}; check data.path")
-    if error is not None:
-        raise error
-    if no_turn:
-        raise assistant_turns_error(no_turn, first_no_turn, cfg.method.name)
+    if got.error is not None:
+        raise got.error
+    if got.no_turn:
+        raise assistant_turns_error(got.no_turn, got.first_no_turn, cfg.method.name)
 
-    n = store.table.num_rows
-    lengths = np.concatenate(cols["lengths"]) if n else np.zeros(0, dtype=np.int64)
-    digest = {
-        k: np.frombuffer(b"".join(cols[k]), dtype="<u8").reshape(-1, 2)
-        for k in ("content", "prompt", "answer")
-    }
-    res = cl.Cleaned([], None, {"loaded": loaded})
-    res.normalized, res.pii = normalized, pii if d.pii_mask else {}
-    for drops in stages:
-        _merge_drops(res.drops, drops)
-    keep = np.arange(n)
+
+def _deduplicated(d, got: Batches, store: Store, digest: dict, near, res: cl.Cleaned) -> np.ndarray:
+    """Indices of the rows kept by exact dedup (first occurrence wins), then near dedup."""
+    keep = np.arange(store.table.num_rows)
     all_rows = store.rows(keep)
-    if d.dedup:  # first occurrence wins
+    if d.dedup:
         first = _first_occurrences(digest["content"])
         dup = first != keep
         for i in np.flatnonzero(dup)[: cl.EXAMPLES_PER_REASON]:
@@ -299,34 +394,68 @@ def prepare_rows(cfg, method, lengths_of, store: Store, kind: str | None, embedd
             res.drops["exact_duplicate"]["count"] = int(dup.sum())
         keep = keep[~dup]
     if near and len(keep) > 1:
-        hashes = np.concatenate(cols["bands"])[keep]
-        kept = cl.near_duplicates(store.rows(keep), d.near_dedup_threshold, res, hashes=hashes)
+        hashes = np.concatenate(got.cols["bands"])[keep]
+        kept = nd.near_duplicates(store.rows(keep), d.near_dedup_threshold, res, hashes=hashes)
         keep = keep[np.asarray(kept, dtype=np.int64)]
+    return keep
+
+
+def _kept(got: Batches, store: Store, digest: dict, keep: np.ndarray, res: cl.Cleaned) -> None:
+    """The kept rows, their lengths, labels and first words, the conflicts and the counts in `res`."""
+    n = store.table.num_rows
+    lengths = np.concatenate(got.cols["lengths"]) if n else np.zeros(0, dtype=np.int64)
     if len(keep):  # prompts with more than one distinct answer
         pairs = np.unique(np.concatenate([digest["prompt"][keep], digest["answer"][keep]], axis=1), axis=0)
         res.conflicts = int((np.unique(pairs[:, :2], axis=0, return_counts=True)[1] > 1).sum())
     res.rows, res.lengths = store.rows(keep), lengths[keep].tolist()
-    res.first_words = [words[i] for i in keep]
-    kept_labels = [labels[i] for i in keep]
+    res.first_words = [got.words[i] for i in keep]
+    kept_labels = [got.labels[i] for i in keep]
     res.labels = kept_labels if kept_labels and all(x is not None for x in kept_labels) else None
     for reason in ("empty", "too_short", "too_long", "filtered", "exact_duplicate", "near_duplicate"):
         res.counts[reason] = res.drops.get(reason, {}).get("count", 0)
     res.counts["duplicates_removed"] = res.counts["exact_duplicate"] + res.counts["near_duplicate"]
     res.counts["kept"] = len(keep)
-    prepared = Prepared(res, {}, seen, formats)
-    if not len(keep):
-        return prepared
 
+
+def _split(cfg, got: Batches, store: Store, digest: dict, keep: np.ndarray, prepared: Prepared) -> None:
+    """The grouped (and stratified) split of the kept rows, then the mix of the train split."""
+    d, res = cfg.data, prepared.cleaned
     keys = [bytes(k) for k in digest["prompt"][keep]]  # equal exactly when the prompts are
     strat = res.labels if d.stratify else None
     parts = split_indices(keys, strat, d.splits, cfg.train.seed, res.rows.__getitem__)
     train = parts[0]
     if d.weights:
-        srcs = np.concatenate(cols["src"])[keep]
+        srcs = np.concatenate(got.cols["src"])[keep]
         picked, prepared.mixed = mix_indices(
             srcs[np.asarray(train, dtype=np.int64)].tolist(), d.weights, cfg.train.seed
         )
         train = [train[i] for i in picked]
     for name, idx in zip(("train", "val", "test"), (train, parts[1], parts[2])):
         prepared.parts[name] = store.rows(keep[np.asarray(idx, dtype=np.int64)])
+
+
+def prepare_rows(
+    cfg, method, lengths_of, store: Store, kind: str | None, embedded=None, tokens_of=None
+) -> Prepared:
+    """Read, map, clean and split data.path (or the `embedded` rows) in batches. `tokens_of(rows)`
+    (optional) gives the rows' lengths and SftTokens (or None) at once, kept in the store."""
+    d = cfg.data
+    specs = list(d.path) if embedded is None else [f"<embedded {cfg.method.name} data>"]
+    seen = Sources(specs)
+    near = nd.lsh_params(d.near_dedup_threshold) if d.near_dedup and d.near_dedup_threshold > 0 else None
+    got = _clean_all(cfg, lengths_of, tokens_of, store, kind, embedded, seen, near)
+    _raise_errors(cfg, got, seen, embedded)
+    digest = {
+        k: np.frombuffer(b"".join(got.cols[k]), dtype="<u8").reshape(-1, 2)
+        for k in ("content", "prompt", "answer")
+    }
+    res = cl.Cleaned([], None, {"loaded": got.loaded})
+    res.normalized, res.pii = got.normalized, got.pii if d.pii_mask else {}
+    for drops in got.stages:
+        _merge_drops(res.drops, drops)
+    keep = _deduplicated(d, got, store, digest, near, res)
+    _kept(got, store, digest, keep, res)
+    prepared = Prepared(res, {}, seen, got.formats)
+    if len(keep):
+        _split(cfg, got, store, digest, keep, prepared)
     return prepared

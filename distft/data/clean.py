@@ -8,16 +8,16 @@ kept, so code survives), no trailing spaces on a line, at most one blank line in
 trimmed. The prompt keeps its end and the completion its start: that boundary is what the model
 learns (" Paris" after "Capital:" must stay " Paris").
 
-Near duplicates (datasketch MinHash over character 5-grams, signatures computed by data.num_proc
-workers and banded as datasketch's LSH bands them, default Jaccard ≥ 0.85 on the prompt) are
-removed only when the answers also match (equal ignoring case and punctuation, or near-equal for
-answers of 50+ characters) and every number in the rows is the same, so templated rows whose
-answers differ ("What is 3 times 4?" → 12, "What is 3 times 5?" → 15) all survive.
+Near duplicates (distft/data/near_dedup.py: datasketch MinHash over character 5-grams,
+signatures computed by data.num_proc workers and banded as datasketch's LSH bands them, default
+Jaccard ≥ 0.85 on the prompt) are removed only when the answers also match (equal ignoring case
+and punctuation, or near-equal for answers of 50+ characters) and every number in the rows is the
+same, so templated rows whose answers differ ("What is 3 times 4?" → 12, "What is 3 times 5?" →
+15) all survive.
 """
 
 from __future__ import annotations
 
-import functools
 import ipaddress
 import re
 import unicodedata
@@ -28,9 +28,6 @@ from distft.data.schemas import prompt_and_answer, required_texts
 from distft.errors import ConfigError
 
 EXAMPLES_PER_REASON = 20
-SHINGLE = 5
-NUM_PERM = 128
-LONG_ANSWER = 50
 PII_KINDS = ("email", "phone", "ip", "card")
 
 _TRAILING = re.compile(r"[^\S\n]+\n")
@@ -217,6 +214,8 @@ def clean(
     if c.dedup:  # 4. exact duplicates (first occurrence wins)
         rows, lengths = _take(rows, lengths, _exact_duplicates(rows, res))
     if c.near_dedup and c.near_dedup_threshold > 0 and len(rows) > 1:  # 5. near duplicates
+        from distft.data.near_dedup import near_duplicates
+
         keep = near_duplicates(rows, c.near_dedup_threshold, res, getattr(c, "num_proc", 1))
         rows, lengths = _take(rows, lengths, keep)
     res.conflicts = _conflicts(rows)
@@ -307,191 +306,6 @@ def _exact_duplicates(rows: list[dict], res: Cleaned) -> list[int]:
 
 def _take(rows: list, lengths: list | None, keep: list[int]) -> tuple[list, list | None]:
     return [rows[i] for i in keep], None if lengths is None else [lengths[i] for i in keep]
-
-
-def _shingles(text: str) -> list[bytes]:
-    t = " ".join(text.casefold().split())
-    if len(t) <= SHINGLE:
-        return [t.encode()]
-    return list({t[i : i + SHINGLE].encode() for i in range(len(t) - SHINGLE + 1)})
-
-
-@functools.lru_cache(maxsize=8)
-def lsh_params(threshold: float) -> tuple[int, int]:
-    """datasketch's optimal (bands, rows) for the threshold: a numerical integration of ~0.15 s,
-    done once per threshold, not once per index (streaming builds one index per block)."""
-    from datasketch.lsh import _optimal_param
-
-    return _optimal_param(threshold, NUM_PERM, 0.5, 0.5)
-
-
-SIG_CHUNK = 5000  # rows per MinHash task of a worker
-
-
-@functools.lru_cache(maxsize=1)
-def _permutations():
-    """datasketch's default scheme and permutations for NUM_PERM (seed 1)."""
-    from datasketch import MinHash
-
-    m = MinHash(num_perm=NUM_PERM)
-    return m.scheme, m.permutations
-
-
-SIG_SHINGLES = 1 << 15  # shingles hashed in one numpy step (x 128 x 4 bytes)
-
-
-def _signatures(texts: list[str]):
-    """datasketch's MinHash hash values of each text's shingles, computed as MinHash.update_batch
-    computes them (sha1_hash32, the MurmurHash3 finalizer, the affine permutations, the minimum)
-    but for many texts per numpy step instead of one (a test compares them with MinHash.bulk)."""
-    import hashlib
-
-    import numpy as np
-    from datasketch.minhash import _fmix
-
-    scheme, (a, b) = _permutations()
-    shingles = [_shingles(t) for t in texts]
-    if scheme != "affine32":  # a datasketch whose default differs: its own bulk computation
-        from datasketch import MinHash
-
-        sigs = MinHash.bulk(shingles, num_perm=NUM_PERM)
-        return (
-            np.stack([m.hashvalues for m in sigs]).astype(np.uint32)
-            if sigs
-            else np.zeros((0, NUM_PERM), np.uint32)
-        )
-    out = np.empty((len(texts), NUM_PERM), np.uint32)
-    i = 0
-    while i < len(texts):
-        j, total = i, 0
-        while j < len(texts) and (j == i or total + len(shingles[j]) <= SIG_SHINGLES):
-            total += len(shingles[j])
-            j += 1
-        hv = np.fromiter(
-            (int.from_bytes(hashlib.sha1(x).digest()[:4], "little") for sh in shingles[i:j] for x in sh),
-            dtype=np.uint32,
-            count=total,
-        )
-        phv = _fmix(hv.reshape(-1, 1), 32) * a + b  # uint32 arithmetic wraps, as datasketch's does
-        starts = np.cumsum([0] + [len(sh) for sh in shingles[i : j - 1]])
-        out[i:j] = np.minimum.reduceat(phv, starts, axis=0)  # every text has at least one shingle
-        i = j
-    return out
-
-
-def signatures(texts: list[str], num_proc: int = 1):
-    """MinHash signatures (datasketch, 128 permutations) as one uint32 array [n, 128]: its hash
-    values are below 2**32, so this is exact and 4 bytes a value, computed in chunks by
-    `num_proc` forked workers."""
-    import multiprocessing as mp
-
-    import numpy as np
-
-    chunks = [texts[i : i + SIG_CHUNK] for i in range(0, len(texts), SIG_CHUNK)]
-    if num_proc <= 1 or len(chunks) <= 1:
-        parts = [_signatures(c) for c in chunks]
-    else:
-        with mp.get_context("fork").Pool(num_proc) as pool:
-            parts = pool.map(_signatures, chunks)
-    return np.concatenate(parts) if parts else np.zeros((0, NUM_PERM), np.uint32)
-
-
-def band_hashes(sigs, bands: int, width: int):
-    """A 64-bit hash of each LSH band of each signature, [n, bands] (datasketch's banding: band k
-    is permutations [k*width, (k+1)*width)): rows that share a band share its hash."""
-    import numpy as np
-
-    mult = np.arange(1, width + 1, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)
-    out = np.empty((len(sigs), bands), dtype=np.uint64)
-    with np.errstate(over="ignore"):
-        for k in range(bands):
-            out[:, k] = (sigs[:, k * width : (k + 1) * width].astype(np.uint64) * mult).sum(axis=1)
-    return out
-
-
-def _band_candidates(hashes) -> dict[int, set[int]]:
-    """For each row, the earlier rows whose band hashes match in at least one band (a superset of
-    the rows sharing a band; `near` checks the bands themselves). Buckets by sorting, so memory is
-    a few arrays of n, not an index of n x bands byte keys."""
-    import numpy as np
-
-    cands: dict[int, set[int]] = {}
-    for k in range(hashes.shape[1]):
-        h = hashes[:, k]
-        order = np.argsort(h, kind="stable")  # equal hashes keep row order
-        hs = h[order]
-        starts = np.flatnonzero(np.r_[True, hs[1:] != hs[:-1]])
-        sizes = np.diff(np.r_[starts, len(hs)])
-        for a, size in zip(starts[sizes > 1], sizes[sizes > 1]):
-            group = order[a : a + size].tolist()
-            for m, i in enumerate(group[1:], 1):
-                cands.setdefault(i, set()).update(group[:m])
-    return cands
-
-
-def near_duplicates(rows, threshold: float, res: Cleaned, num_proc: int = 1, hashes=None) -> list[int]:
-    """Indices of rows to keep; later near-duplicates of an earlier kept row are dropped. The
-    same decisions as querying a datasketch MinHashLSH of the kept rows row by row (a test checks
-    it), at a memory of ~4 x 128 bytes a row. With `hashes` (the rows' band hashes, computed
-    batch by batch: 8 bytes a band) `rows` is only read for candidate pairs (it may be
-    memory-mapped), whose signatures are computed again."""
-    from datasketch import MinHash
-
-    bands, width = lsh_params(threshold)
-    sigs: dict[int, object] | object
-    if hashes is None:
-        sigs = signatures([prompt_and_answer(r)[0] for r in rows], num_proc)
-        hashes = band_hashes(sigs, bands, width)
-    else:
-        sigs = {}
-    parts: dict[int, tuple[str, str, list, str]] = {}
-    answer_sigs: dict[int, object] = {}
-
-    def part(i: int) -> tuple[str, str, list, str]:
-        """prompt, answer, numbers, loose answer of row i (rows of candidate pairs only)."""
-        if i not in parts:
-            p, a = prompt_and_answer(rows[i])
-            parts[i] = (p, a, _NUMBER.findall(p + "\n" + a), loose(a))
-        return parts[i]
-
-    def sig(i: int):
-        if isinstance(sigs, dict):
-            if i not in sigs:
-                sigs[i] = _signatures([part(i)[0]])[0]
-            return sigs[i]
-        return sigs[i]
-
-    def answer_sig(i: int):
-        if i not in answer_sigs:
-            answer_sigs[i] = MinHash.bulk([_shingles(part(i)[1])], num_perm=NUM_PERM)[0]
-        return answer_sigs[i]
-
-    def same_answer(i: int, j: int) -> bool:
-        (_, a_i, _, loose_i), (_, a_j, _, loose_j) = part(i), part(j)
-        if loose_i == loose_j:
-            return bool(loose_i) or a_i.strip() == a_j.strip()
-        if min(len(loose_i), len(loose_j)) >= LONG_ANSWER:
-            return answer_sig(i).jaccard(answer_sig(j)) >= threshold
-        return False
-
-    def near(i: int, j: int) -> bool:
-        a, b = sig(i), sig(j)
-        share = any(
-            (a[k * width : (k + 1) * width] == b[k * width : (k + 1) * width]).all() for k in range(bands)
-        )
-        return share and part(i)[2] == part(j)[2] and same_answer(i, j) and (a == b).mean() >= threshold
-
-    cands = _band_candidates(hashes)
-    kept = [False] * len(hashes)
-    keep = []
-    for i in range(len(hashes)):
-        match = [j for j in sorted(cands.get(i, ())) if kept[j] and near(i, j)]
-        if match:
-            res.drop("near_duplicate", rows[i], f"near {rows[match[0]].get('_source', '?')}")
-            continue
-        kept[i] = True
-        keep.append(i)
-    return keep
 
 
 def _conflicts(rows: list[dict]) -> int:

@@ -22,7 +22,7 @@ from distft.data.collate import pack_bins
 from distft.data.preference import Skips
 from distft.data.rows import Rows, RowWriter, write_rows
 from distft.data.schemas import length_text
-from distft.data.sft_format import encode_texts
+from distft.data.sft_format import SftTokens, encode_texts, render, sft_tokens
 from distft.errors import DataError
 
 CHUNK = 2000
@@ -167,3 +167,35 @@ def token_lengths(tokenizer, chunk: int = 10_000):
         return out
 
     return lengths
+
+
+def sft_lengths_and_tokens(tokenizer, chunk: int = 10_000):
+    """`tokens_of` for SFT (distft/data/batched.py): each row's token length as `token_lengths`
+    gives it, and its SftTokens (what the SFT encoder tokenizes), from one tokenization. A row
+    whose rendered text is not its length text (images, no chat template, ...) gets its length
+    from `token_lengths` and no tokens (the encoder tokenizes it, or reports it)."""
+    lengths_of = token_lengths(tokenizer, chunk)
+    eos = tokenizer.eos_token_id is not None
+
+    def of(rows: list[dict]) -> tuple[list[int], list[SftTokens | None]]:
+        same = []
+        for k, row in enumerate(rows):
+            try:
+                text, _, add_eos = render(row, tokenizer)
+            except DataError:
+                continue
+            if text == length_text(row, tokenizer) and (not eos or add_eos == ("completion" in row)):
+                same.append(k)
+        tokens: list[SftTokens | None] = [None] * len(rows)
+        for i in range(0, len(same), chunk):  # token lists of one chunk at a time
+            for k, t in zip(
+                same[i : i + chunk], sft_tokens([rows[k] for k in same[i : i + chunk]], tokenizer)
+            ):
+                tokens[k] = t
+        other = [k for k, t in enumerate(tokens) if t is None]
+        lengths = [0 if t is None else len(t.ids) + (eos and t.add_eos) for t in tokens]
+        for k, n in zip(other, lengths_of([rows[k] for k in other])):
+            lengths[k] = n
+        return lengths, tokens
+
+    return of

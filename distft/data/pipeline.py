@@ -19,9 +19,9 @@ from pathlib import Path
 from distft.continual import mix_replay
 from distft.data import cache as data_cache
 from distft.data import report as data_report
-from distft.data.batched import Store, prepare_rows
+from distft.data.batched import Store, StoreRows, prepare_rows
 from distft.data.collate import packing_efficiency
-from distft.data.encode import encode_split, token_lengths
+from distft.data.encode import encode_split, row_wise, sft_lengths_and_tokens, token_lengths
 from distft.data.prepared import PreparedData
 from distft.data.rows import Rows, write_rows
 from distft.data.schemas import method_kind
@@ -50,7 +50,12 @@ def _prepare(cfg, method, tokenizer, encoder, folder: Path, in_memory: bool) -> 
     kind = declared if isinstance(declared, str) else None
     embedded = None if d.path else method.default_rows(cfg)
     store = Store(folder / "rows.arrow")
-    prepared = prepare_rows(cfg, method, token_lengths(tokenizer), store, kind, embedded)
+    # SFT rows are tokenized once, while cleaning (their lengths), and the encoder reads the tokens
+    # back from the store: not for a VLM (its processor encodes) or rows that become lists below
+    reuse = row_wise(method) and getattr(tokenizer, "processor", None) is None
+    reuse = reuse and not (in_memory or getattr(d, "replay_path", None))
+    tokens_of = sft_lengths_and_tokens(tokenizer) if reuse else None
+    prepared = prepare_rows(cfg, method, token_lengths(tokenizer), store, kind, embedded, tokens_of)
     cleaned, seen = prepared.cleaned, prepared.sources
     src_info = [
         {"path": spec, "rows": seen.rows[i], "bad_lines": len(seen.bad_lines[i])}
@@ -129,6 +134,8 @@ def _build_entry(cfg, method, tokenizer, root: Path, key: str) -> None:
     tmp = data_cache.new_tmp(root, key)
 
     def to_arrow(name, part, train, cfg, method, tokenizer):
+        if isinstance(part, StoreRows):  # with the SftTokens cleaning computed (if any)
+            part = part.with_tokens()
         return encode_split(name, part, train, cfg, method, tokenizer, tmp)
 
     data = prepare(cfg, method, tokenizer, to_arrow, tmp)

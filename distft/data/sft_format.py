@@ -61,33 +61,70 @@ def tokenize_sft(row: dict, tokenizer, max_length: int, train_on_prompt: bool) -
     return tokenize_sft_batch([row], tokenizer, max_length, train_on_prompt)[0]
 
 
-def tokenize_sft_batch(
-    rows: list[dict], tokenizer, max_length: int, train_on_prompt: bool
-) -> list[Tokenized]:
-    """tokenize_sft of every row, with one batched tokenizer call (the fast tokenizer's
-    encode_batch gives each text the ids and offsets it gives alone) and the labels from the
-    offsets in numpy: a token is a target when it starts inside a span and is not empty."""
+PRETOKENIZED = "_sft_tokens"
+"""Row key under which a row may carry its `SftTokens` (computed while cleaning, distft/data/batched.py);
+set only on the rows handed to the encoder, never written out."""
+
+
+@dataclass
+class SftTokens:
+    """A row's rendered text as token ids, which of them are targets (they start inside a span of
+    the answer and are not empty), and whether the encoder appends EOS: before truncation."""
+
+    ids: object  # np.ndarray of ints
+    targets: object  # np.ndarray of bool
+    add_eos: bool
+
+
+def sft_tokens(rows: list[dict], tokenizer, rendered: list | None = None) -> list[SftTokens]:
+    """Each row's SftTokens, from one batched tokenizer call (the fast tokenizer's encode_batch
+    gives each text the ids and offsets it gives alone) and the targets from the offsets in numpy,
+    for the whole batch at once. `rendered`: the rows' `render` when the caller has it."""
+    import itertools
+
     import numpy as np
 
-    rendered = [render(row, tokenizer) for row in rows]
+    if rendered is None:
+        rendered = [render(row, tokenizer) for row in rows]
     if not rendered:
         return []
     all_ids, all_offsets = encode_texts(tokenizer, [r[0] for r in rendered], offsets=True)
+    counts = np.fromiter(map(len, all_ids), dtype=np.int64, count=len(all_ids))
+    total = int(counts.sum())
+    ids = np.fromiter(itertools.chain.from_iterable(all_ids), dtype=np.int64, count=total)
+    chain = itertools.chain.from_iterable
+    off = np.fromiter(chain(chain(all_offsets)), dtype=np.int64, count=2 * total).reshape(-1, 2)
+    most = max(len(r[1]) for r in rendered)
+    spans = np.zeros((len(rendered), max(most, 1), 2), dtype=np.int64)  # (0, 0): no span
+    for k, (_, row_spans, _) in enumerate(rendered):
+        if row_spans:
+            spans[k, : len(row_spans)] = row_spans
+    row_of = np.repeat(np.arange(len(rendered)), counts)
+    a, b = off[:, 0:1], off[:, 1]
+    targets = ((spans[row_of, :, 0] <= a) & (a < spans[row_of, :, 1])).any(axis=1) & (b > a[:, 0])
+    ends = np.cumsum(counts)
+    return [
+        SftTokens(ids[e - n : e], targets[e - n : e], add_eos)
+        for (_, _, add_eos), n, e in zip(rendered, counts.tolist(), ends.tolist())
+    ]
+
+
+def tokenize_sft_batch(
+    rows: list[dict], tokenizer, max_length: int, train_on_prompt: bool
+) -> list[Tokenized]:
+    """tokenize_sft of every row (`sft_tokens`; rows that carry their SftTokens under PRETOKENIZED
+    are not tokenized again)."""
+    import numpy as np
+
+    todo = [row for row in rows if PRETOKENIZED not in row]
+    computed = iter(sft_tokens(todo, tokenizer))
     eos = tokenizer.eos_token_id
     out = []
-    for (_, spans, add_eos), ids, offsets in zip(rendered, all_ids, all_offsets):
-        ids = list(ids)
-        if train_on_prompt:
-            labels = list(ids)
-        else:
-            off = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
-            a, b = off[:, 0], off[:, 1]
-            target = np.zeros(len(ids), dtype=bool)
-            for s, e in spans:
-                target |= (s <= a) & (a < e)
-            target &= b > a
-            labels = np.where(target, np.asarray(ids, dtype=np.int64), IGNORE).tolist()
-        if add_eos and eos is not None:
+    for row in rows:
+        tok = row[PRETOKENIZED] if PRETOKENIZED in row else next(computed)
+        ids = tok.ids.tolist()
+        labels = list(ids) if train_on_prompt else np.where(tok.targets, tok.ids, IGNORE).tolist()
+        if tok.add_eos and eos is not None:
             ids.append(eos)
             labels.append(eos)
         if labels:
