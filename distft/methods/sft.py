@@ -45,7 +45,7 @@ class SFT(Method):
         examples, truncated, dropped = [], 0, 0
         for ex in tokenize_sft_batch(rows, tokenizer, cfg.data.max_length, cfg.method.train_on_prompt):
             truncated += ex.truncated
-            if all(label == IGNORE for label in ex.labels):
+            if max(ex.labels, default=IGNORE) == IGNORE:  # ids are >= 0: no target left (in C, not per token)
                 dropped += 1  # truncation removed every target token
                 continue
             examples.append(ex)
