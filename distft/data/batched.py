@@ -32,6 +32,7 @@ import pyarrow as pa
 
 from distft.data import clean as cl
 from distft.data import near_dedup as nd
+from distft.data.cleaned import EXAMPLES_PER_REASON
 from distft.data.report import first_word
 from distft.data.schemas import (
     assistant_turns_error,
@@ -282,7 +283,7 @@ def _merge_drops(into: dict, drops: dict) -> None:
     for reason, d in drops.items():
         m = into.setdefault(reason, {"count": 0, "examples": []})
         m["count"] += d["count"]
-        m["examples"] += d["examples"][: cl.EXAMPLES_PER_REASON - len(m["examples"])]
+        m["examples"] += d["examples"][: EXAMPLES_PER_REASON - len(m["examples"])]
 
 
 def _first_occurrences(digests: np.ndarray) -> np.ndarray:
@@ -388,7 +389,7 @@ def _deduplicated(d, got: Batches, store: Store, digest: dict, near, res: cl.Cle
     if d.dedup:
         first = _first_occurrences(digest["content"])
         dup = first != keep
-        for i in np.flatnonzero(dup)[: cl.EXAMPLES_PER_REASON]:
+        for i in np.flatnonzero(dup)[:EXAMPLES_PER_REASON]:
             res.drop("exact_duplicate", all_rows[i], f"same as {all_rows[first[i]].get('_source', '?')}")
         if dup.any():
             res.drops["exact_duplicate"]["count"] = int(dup.sum())

@@ -22,19 +22,16 @@ import ipaddress
 import re
 import unicodedata
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
+from distft.data.cleaned import Cleaned
 from distft.data.schemas import prompt_and_answer, required_texts
 from distft.errors import ConfigError
 
-EXAMPLES_PER_REASON = 20
 PII_KINDS = ("email", "phone", "ip", "card")
 
 _TRAILING = re.compile(r"[^\S\n]+\n")
 _RUN = re.compile(r"(?<=\S)[^\S\n]+")
 _BLANK_LINES = re.compile(r"\n{3,}")
-_LOOSE = re.compile(r"[\W_]+")
-_NUMBER = re.compile(r"\d+")
 
 
 def normalize_text(
@@ -150,36 +147,6 @@ def mask_pii(text: str, kinds: list[str], region: str = "US") -> tuple[str, dict
     if "phone" in kinds:
         text, counts["phone"] = _phones(text, region)
     return text, counts
-
-
-# ---------------------------------------------------------------- result
-@dataclass
-class Cleaned:
-    rows: list[dict]
-    lengths: list[int] | None
-    """Token lengths of the kept rows (when a length function was given)."""
-    counts: dict[str, int]
-    """loaded, empty, too_short, too_long, filtered, exact_duplicates, near_duplicates, kept, ..."""
-    drops: dict[str, dict] = field(default_factory=dict)
-    """reason → {"count": n, "examples": [{"where": ..., "detail": ...}, ...]}"""
-    pii: dict[str, int] = field(default_factory=dict)
-    normalized: int = 0
-    conflicts: int = 0
-    """Prompts that appear with different answers (kept; such rows stay in one split)."""
-    first_words: list | None = None
-    """First word of each kept row's completion (None: none), when computed batch by batch."""
-    labels: list | None = None
-    """Each kept row's label (str) when every kept row is a classification row, batch by batch."""
-
-    def drop(self, reason: str, row: dict, detail: str = "") -> None:
-        d = self.drops.setdefault(reason, {"count": 0, "examples": []})
-        d["count"] += 1
-        if len(d["examples"]) < EXAMPLES_PER_REASON:
-            d["examples"].append({"where": row.get("_source", "?"), "detail": detail})
-
-
-def loose(s: str) -> str:
-    return _LOOSE.sub("", s.casefold())
 
 
 def content_key(row: dict) -> str:

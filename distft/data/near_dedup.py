@@ -8,9 +8,19 @@ from __future__ import annotations
 import functools
 import hashlib
 import operator
+import re
 
-from distft.data.clean import _NUMBER, Cleaned, loose
+from distft.data.cleaned import Cleaned
 from distft.data.schemas import prompt_and_answer
+
+_LOOSE = re.compile(r"[\W_]+")
+_NUMBER = re.compile(r"\d+")
+
+
+def loose(s: str) -> str:
+    """Text without case, punctuation or spaces: answers equal up to those count as the same."""
+    return _LOOSE.sub("", s.casefold())
+
 
 SHINGLE = 5
 NUM_PERM = 128
