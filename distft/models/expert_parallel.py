@@ -14,6 +14,8 @@ Under LoRA each expert's adapter factors go with it (`_split_lora`, in the stack
 
 from __future__ import annotations
 
+import sys
+
 import torch
 
 from distft.errors import ConfigError
@@ -147,6 +149,8 @@ def stack_lora(wrapper: torch.nn.Module) -> list[tuple[torch.nn.Module, int]]:
 def stack_experts_lora(root: torch.nn.Module) -> None:
     """Every MoE layer's expert LoRA in the expert-stacked layout (fsdp/hsdp at ep=1): each PEFT
     ParamWrapper of a 3-D (experts-stacked) parameter."""
+    if "peft" not in sys.modules:  # no adapter anywhere: importing PEFT would pull in bitsandbytes
+        return
     from peft.tuners.lora.layer import ParamWrapper
 
     for module in root.modules():
