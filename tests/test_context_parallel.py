@@ -86,6 +86,7 @@ def _worker(rank: int, world: int, port: int, root: str) -> None:
     _run(root_p, "cp_pack", rank, *CP, "data.packing=true")
     _run(root_p, "ag_pack", rank, *CP, "strategy.cp_style=allgather", "data.packing=true")
     _run(root_p, "ring_pack", rank, *CP, "strategy.cp_style=ring", "data.packing=true", "train.loss_chunks=2")
+    _run(root_p, "ring_nopack", rank, *CP, "strategy.cp_style=ring", "data.packing=false")
     # Resume across meshes: dp=2 × micro 2 saves step 3; dp=1 × cp=2 × micro 4 continues it.
     _run(
         root_p,
@@ -166,18 +167,18 @@ def test_ulysses_cp2_equals_one_rank_packing_off_and_on(runs):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("style", ["allgather", "ring"])
-def test_allgather_and_ring_cp2_equal_one_rank_with_packing(runs, style):
+@pytest.mark.parametrize("run", ["ag_pack", "ring_pack", "ring_nopack"])
+def test_allgather_and_ring_cp2_equal_one_rank(runs, run):
     """cp_style=allgather (each rank's query slice against the all-gathered whole-sequence keys and
     values, the packing mask's rows of the slice) and cp_style=ring (key/value blocks passed round,
-    merged by log-sum-exp, backward by a second turn; with chunked loss): the same losses, weights and
-    held-out loss."""
-    prefix = {"allgather": "ag", "ring": "ring"}[style]
-    run, one = runs / f"{prefix}_pack", runs / "one_pack"
+    merged by log-sum-exp, backward by a second turn; packed with chunked loss, and unpacked): the
+    same losses, weights and held-out loss as 1 rank."""
+    style = {"ag": "allgather", "ring": "ring"}[run.split("_")[0]]
+    mine, one = runs / run, runs / f"one_{run.split('_')[1]}"
     steps = range(1, STEPS + 1)
-    diffs = (loss_diff(run, one, steps), param_diff(run, one), loss_diff(run, one, [STEPS], "eval/loss"))
-    print(f"{style} cp=2 vs 1 rank, packing (loss, params, eval loss; rel):", diffs)
-    layout = json.loads((run / "layout.json").read_text())
+    diffs = (loss_diff(mine, one, steps), param_diff(mine, one), loss_diff(mine, one, [STEPS], "eval/loss"))
+    print(f"{run} cp=2 vs 1 rank (loss, params, eval loss; rel):", diffs)
+    layout = json.loads((mine / "layout.json").read_text())
     assert layout == {"dp": 1, "cp": 2, "attn": f"distft_cp_{style}"}, layout
     assert max(diffs) <= TOL, diffs
 
