@@ -167,6 +167,13 @@ def memory_terms(overrides: list[str], world: int, micro: int, seq: int) -> dict
     }
 
 
+def result(what: str, rows: list[dict], peak_rows: list[dict], planner: dict, target: str) -> dict:
+    """One table row: steady MFU and tokens/s of `rows`, the peak memory over `peak_rows`."""
+    peak = max(r["mem_gib"] for r in peak_rows)
+    out = {"what": what, "mfu": steady(rows, "mfu"), "tokens_per_s": steady(rows, "tokens_per_s")}
+    return {**out, "peak_gib": peak, "planner_gib": planner, "target": target}
+
+
 def run_job(a, run: Path, args: list[str], nproc: int, steps: int) -> list[dict]:
     """Train `steps` steps with a checkpoint and export at the end, then resume from it for
     RESUME_STEPS more (a second launch, resume=auto) and export again; the metrics rows of both."""
@@ -204,17 +211,10 @@ def run_mfu(a, out: Path, gpus: int, kernels: bool = False) -> dict:
     ]  # fmt: skip
     m = run_job(a, out / ("mfu-kernels" if kernels else "mfu"), args, gpus, a.steps)
     first = [r for r in m if r["step"] <= a.steps]
-    return {
-        "what": f"Llama-1B shape, FSDP2 bf16, seq {a.seq}, micro {a.micro}, {gpus} GPU(s)"
-        + (", Liger + flash-attention 2" if kernels else "")
-        + SMOKE * a.smoke,
-        "mfu": steady(first, "mfu"),
-        "tokens_per_s": steady(first, "tokens_per_s"),
-        "peak_gib": max(r["mem_gib"] for r in m),
-        "planner_gib": memory_terms(args, gpus, a.micro, a.seq),
-        "target": "MFU >= 40%",
-        "ok": steady(first, "mfu") >= 0.40,
-    }
+    what = f"Llama-1B shape, FSDP2 bf16, seq {a.seq}, micro {a.micro}, {gpus} GPU(s)"
+    what += (", Liger + flash-attention 2" if kernels else "") + SMOKE * a.smoke
+    r = result(what, first, m, memory_terms(args, gpus, a.micro, a.seq), "MFU >= 40%")
+    return {**r, "ok": r["mfu"] >= 0.40}
 
 
 def run_qlora(a, out: Path) -> dict:
@@ -226,17 +226,9 @@ def run_qlora(a, out: Path) -> dict:
         f"cluster.gpus_per_node={0 if a.smoke else 1}", "cluster.nproc_per_node=1",
     ]  # fmt: skip
     m = run_job(a, out / "qlora", args, 1, a.steps if a.smoke else 8)
-    peak = max(r["mem_gib"] for r in m)
-    return {
-        "what": f"Llama-8B shape, QLoRA NF4 r=8, bf16, grad. checkpointing, seq {a.seq}, micro 1, 1 GPU"
-        + SMOKE * a.smoke,
-        "mfu": steady(m, "mfu"),
-        "tokens_per_s": steady(m, "tokens_per_s"),
-        "peak_gib": peak,
-        "planner_gib": memory_terms(args, 1, 1, a.seq),
-        "target": "peak <= 8 GiB",
-        "ok": peak <= 8.0,
-    }
+    what = f"Llama-8B shape, QLoRA NF4 r=8, bf16, grad. checkpointing, seq {a.seq}, micro 1, 1 GPU"
+    r = result(what + SMOKE * a.smoke, m, m, memory_terms(args, 1, 1, a.seq), "peak <= 8 GiB")
+    return {**r, "ok": r["peak_gib"] <= 8.0}
 
 
 def run_longctx(a, out: Path, gpus: int) -> dict:
@@ -252,16 +244,10 @@ def run_longctx(a, out: Path, gpus: int) -> dict:
         f"cluster.gpus_per_node={0 if a.smoke else gpus}",
     ]  # fmt: skip
     m = run_job(a, out / "longctx", args, nproc, a.steps if a.smoke else 6)
-    return {
-        "what": f"Llama-1B shape, {seq}-token rows, FSDP2 cp={nproc} ({a.cp_style}), bf16, grad. "
-        f"checkpointing, loss chunks 8, micro 1, {nproc} GPU(s)" + SMOKE * a.smoke,
-        "mfu": steady(m, "mfu"),
-        "tokens_per_s": steady(m, "tokens_per_s"),
-        "peak_gib": max(r["mem_gib"] for r in m),
-        "planner_gib": memory_terms(args, nproc, 1, seq),
-        "target": ">= 32k tokens per sequence trains, resumes, exports",
-        "ok": seq >= 32768,
-    }
+    what = f"Llama-1B shape, {seq}-token rows, FSDP2 cp={nproc} ({a.cp_style}), bf16, grad. "
+    what += f"checkpointing, loss chunks 8, micro 1, {nproc} GPU(s)" + SMOKE * a.smoke
+    target = ">= 32k tokens per sequence trains, resumes, exports"
+    return {**result(what, m, m, memory_terms(args, nproc, 1, seq), target), "ok": seq >= 32768}
 
 
 def run_realistic(a, out: Path, gpus: int) -> list[dict]:
@@ -295,19 +281,15 @@ def run_realistic(a, out: Path, gpus: int) -> list[dict]:
         variants["liger"] = ["model.kernels=liger"]
     results = []
     attn = "flash-attn varlen" if flash else "sdpa"
+    planner = memory_terms(args, gpus, a.micro, a.seq)  # the variants change kernels, not memory terms
     for name, extra in variants.items():
         m = run_job(a, out / f"realistic-{name}", [*args, *extra], gpus, a.steps)
         first = [r for r in m if r["step"] <= a.steps]
-        results.append({
-            "what": f"realistic rows, Llama-1B shape, packed {a.seq}, "
-            f"{attn}, {name}, micro {a.micro}, {gpus} GPU(s)" + SMOKE * a.smoke,
-            "mfu": steady(first, "mfu"),
-            "tokens_per_s": steady(first, "tokens_per_s"),
-            "peak_gib": max(r["mem_gib"] for r in m),
-            "planner_gib": memory_terms(args, gpus, a.micro, a.seq),
-            "target": "MFU >= 45%",
-            "ok": steady(first, "mfu") >= 0.45,
-        })  # fmt: skip
+        what = (
+            f"realistic rows, Llama-1B shape, packed {a.seq}, {attn}, {name}, micro {a.micro}, {gpus} GPU(s)"
+        )
+        r = result(what + SMOKE * a.smoke, first, m, planner, "MFU >= 45%")
+        results.append({**r, "ok": r["mfu"] >= 0.45})
     return results
 
 

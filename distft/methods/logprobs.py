@@ -88,15 +88,17 @@ def scored_logits(
     position, (logits[:, :-1] [N, T-1, V], labels[:, 1:]), when the head did not see plain hidden
     states of the labels' shape."""
     targets = labels[:, 1:]
-    scored = targets != IGNORE
-    taken: list[bool] = []
+    taken: list[torch.Tensor] = []  # the scored rows' targets, once the head took them
 
     def keep_scored(_module, args):
         h = args[0] if args else None
-        if taken or type(h) is not torch.Tensor or h.dim() != 3 or h.shape[:2] != labels.shape:
-            return None  # a DTensor, a slice of the sequence, an unexpected caller: leave it whole
-        taken.append(True)
-        return (h[:, :-1][scored], *args[1:])
+        if taken or type(h) is not torch.Tensor or h.dim() != 3:
+            return None  # a DTensor, an unexpected caller: leave it whole
+        rows, scored_targets, scored = _scored_rows(h, labels)
+        if scored is None:
+            return None  # a slice of the sequence (context parallelism): every position
+        taken.append(scored_targets)
+        return (rows, *args[1:])
 
     head = _output_head(model)
     handle = head.register_forward_pre_hook(keep_scored) if head is not None else None
@@ -106,7 +108,7 @@ def scored_logits(
         if handle is not None:
             handle.remove()
     if taken:
-        return out.logits.reshape(-1, out.logits.size(-1)), targets[scored]
+        return out.logits.reshape(-1, out.logits.size(-1)), taken[0]
     return out.logits[:, :-1], targets
 
 

@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from distft.data.sft_format import IGNORE
 from distft.errors import ConfigError
 from distft.parallel.layout import STATE as _STATE
-from distft.parallel.layout import positions_index, segments
+from distft.parallel.layout import chunk_count, positions_index, segments
 
 ATTN = "distft_ulysses"
 """The attention implementation name registered with transformers (cp_style=ulysses)."""
@@ -90,7 +90,7 @@ def shard_batch(batch: dict, rank: int, size: int, balanced: bool = False) -> di
             f"strategy.cp>1 needs token batches with {', '.join(SPLIT_KEYS)}; missing {missing}"
         )
     ids, labels, pos = (batch[k] for k in SPLIT_KEYS)
-    parts = 2 * size if balanced else size
+    parts = chunk_count(size, balanced)
     width = -(-ids.size(1) // parts) * parts  # padding continues the last position run, never a target
     ids, pos = _padded(ids, width + 1), _padded(pos, width + 1, step=True)
     labels = _padded(labels, width + 1, fill=IGNORE)
@@ -101,6 +101,12 @@ def shard_batch(batch: dict, rank: int, size: int, balanced: bool = False) -> di
     out["labels"] = torch.cat([labels.new_full((labels.size(0), 1), IGNORE), labels[:, idx + 1]], 1)
     out["num_targets"] = int((out["labels"][:, 1:] != IGNORE).sum())
     return out
+
+
+def balanced(style: str) -> bool:
+    """Whether `style` splits sequences into balanced chunks (`layout.chunks_of`): ring attention
+    skips the chunk pairs a causal mask hides, so each rank needs early and late positions."""
+    return style == "ring"
 
 
 @contextlib.contextmanager
@@ -127,8 +133,12 @@ def attach(model: torch.nn.Module, style: str = "ulysses") -> None:
 
     from distft.parallel.ring import ring_attention
 
-    styles = {"ulysses": (ATTN, ulysses_attention), "allgather": (ATTN_ALLGATHER, allgather_attention)}
-    name, fn = styles.get(style) or (ATTN_RING, ring_attention)
+    styles = {
+        "ulysses": (ATTN, ulysses_attention),
+        "allgather": (ATTN_ALLGATHER, allgather_attention),
+        "ring": (ATTN_RING, ring_attention),
+    }
+    name, fn = styles[style]
     AttentionInterface.register(name, fn)
     AttentionMaskInterface.register(name, sdpa_mask)  # outside active(): sdpa's own masks
     root = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -173,7 +183,7 @@ def _whole_slice(ids: torch.Tensor, pos: torch.Tensor | None) -> tuple[torch.Ten
     if pos is None:
         pos = torch.arange(width, device=ids.device).expand(b, width)
     n = _STATE.size
-    parts = 2 * n if _STATE.balanced else n
+    parts = chunk_count(n, _STATE.balanced)
     padded = -(-width // parts) * parts
     ids, pos = _padded(ids, padded), _padded(pos, padded, step=True)
     _STATE.width = width

@@ -24,6 +24,11 @@ class _State:
 STATE = _State()
 
 
+def chunk_count(size: int, balanced: bool) -> int:
+    """How many chunks a sequence is cut into for a cp group of `size` ranks."""
+    return 2 * size if balanced else size
+
+
 def chunks_of(rank: int, size: int, balanced: bool) -> list[int]:
     """The sequence chunks a rank of a cp group holds: chunk `rank` of `size` (contiguous), or
     (balanced, for causal masks) chunks `rank` and `2·size − 1 − rank` of 2·size, so every rank
@@ -33,8 +38,7 @@ def chunks_of(rank: int, size: int, balanced: bool) -> list[int]:
 
 def positions_index(width: int, rank: int, size: int, balanced: bool, device=None) -> torch.Tensor:
     """Indices into a row padded to a multiple of the chunk count of the positions `rank` holds."""
-    parts = 2 * size if balanced else size
-    h = width // parts
+    h = width // chunk_count(size, balanced)
     return torch.cat([torch.arange(c * h, c * h + h, device=device) for c in chunks_of(rank, size, balanced)])
 
 

@@ -127,9 +127,7 @@ def pick_strategy(cfg, shape: ModelShape, world: int, seq: int) -> tuple[object,
         )  # fmt: skip
         if found:
             mesh, est = found
-            chosen = with_degrees(
-                strategy_config(meshed), mesh.cp, mesh.tp, mesh.cp_style if mesh.cp > 1 else None
-            )
+            chosen = with_degrees(strategy_config(meshed), mesh.cp, mesh.tp, mesh.cp_style)
             return chosen, [*estimates, est]
     smallest = min(estimates, key=lambda e: e.total)
     raise ConfigError(

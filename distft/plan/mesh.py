@@ -73,7 +73,7 @@ def suggest_mesh(plan, strategy_cfg, shape: ModelShape, world: int, seq: int, li
     for cp, tp in candidates(shape, world, heavy):
         # Ulysses first; ring where the heads do not divide by cp (same activation memory, no condition)
         for style in ("ulysses", "ring") if cp > 1 else ("ulysses",):
-            meshed = with_degrees(strategy_cfg, cp, tp, style if cp > 1 else None)
+            meshed = with_degrees(strategy_cfg, cp, tp, style)
             if valid is not None and not valid(meshed):
                 continue
             est = plan(meshed)

@@ -77,7 +77,7 @@ class TorchNativeStrategy(Strategy):
         if self.shape is None or self.shape.cp * self.shape.tp == 1:
             return batch
         if self.cp_size > 1:
-            rank, balanced = self.mesh["cp"].get_local_rank(), self.cfg.strategy.cp_style == "ring"
+            rank, balanced = self.mesh["cp"].get_local_rank(), cp.balanced(self.cfg.strategy.cp_style)
             batch = cp.shard_batch(batch, rank, self.cp_size, balanced)
         if "num_tokens" in batch and not self.shape.counts_tokens(self.info.rank):
             batch = {**batch, "num_tokens": 0}
@@ -113,7 +113,7 @@ class TorchNativeStrategy(Strategy):
         slices (Ulysses attention over the cp group); other forwards see whole sequences."""
         if self.cp_size == 1:
             return contextlib.nullcontext()
-        balanced = self.cfg.strategy.cp_style == "ring"  # ring splits load-balanced chunks
+        balanced = cp.balanced(self.cfg.strategy.cp_style)
         return cp.active(self.mesh["cp"].get_group(), self.cp_size, cp.is_whole(batch), balanced)
 
     def backward(self, loss: torch.Tensor, is_last: bool) -> None:
