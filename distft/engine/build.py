@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 
 from distft.dtypes import PRECISION_DTYPES
 from distft.engine import checkpoint, fingerprint, runlock
-from distft.models import base_dtype, kernels, vlm
+from distft.models import attention, base_dtype, kernels, vlm
 from distft.models.sharded_load import host_stubs, load_for, meta_tuning
 from distft.perf.mfu import MfuMeter, mean_length, scored_fraction
 from distft.runtime import dist
@@ -67,6 +67,7 @@ def model(cfg, info, method, tuning, model_path: str, strategy) -> torch.nn.Modu
     meta = meta_tuning(cfg) and not image_text
     out = load_for(strategy, model_path, cfg, info, dtype, extra, method.auto_class, meta)
     kernels.apply(out, cfg.model)  # model.kernels=liger (GPU; validated before any rank starts)
+    attention.use_for(out, cfg, info.device)  # packed rows on CPU: attention per example, not masked
     if cfg.train.gradient_checkpointing:
         out.gradient_checkpointing_enable({"use_reentrant": False})
     out.config.use_cache = False
