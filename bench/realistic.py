@@ -35,7 +35,7 @@ import shutil
 import statistics
 from pathlib import Path
 
-from common import REPO, launch, load_average, metrics, spread
+from common import REPO, heldout_loss, launch, load_average, metrics, spread
 from trl_compare import distft_stamps, steady, trl_stamps
 
 SIDES = ("distft", "trl-default", "trl-best")
@@ -44,6 +44,7 @@ SIDES = ("distft", "trl-default", "trl-best")
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rows", type=int, default=3000)
+    p.add_argument("--heldout", type=int, default=200, help="rows of the same language kept out of training")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--sides", default=",".join(SIDES))
     p.add_argument("--nproc", type=int, default=2)
@@ -107,8 +108,10 @@ def build(out: Path, a) -> tuple[Path, Path, float]:
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
     data, model_dir = out / "rows.jsonl", out / "model"
-    rows = make_rows(a.rows, a.seed)
+    rows = make_rows(a.rows + a.heldout, a.seed)  # the first a.rows rows do not depend on a.heldout
+    rows, held = rows[: a.rows], rows[a.rows :]
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (out / "heldout.jsonl").write_text("".join(json.dumps(r) + "\n" for r in held))
     tokenizer = bpe_tokenizer((r["prompt"] + r["completion"] for r in rows), a.vocab)
     lengths = [len(tokenizer(r["prompt"] + r["completion"])["input_ids"]) + 1 for r in rows]
     config = LlamaConfig(
@@ -159,7 +162,14 @@ def run_distft(a, work: dict, out: Path) -> dict:
         **res, "tokens_per_s": tps, "first_step_s": first - res["t0"],
         "final_loss": statistics.mean(losses[-10:]), "epoch_loss": statistics.mean(losses),
         "steps": len(rows), "mfu": statistics.median(mfu) if mfu else math.nan,
+        "heldout_loss": heldout(work, out / "export"),
     }  # fmt: skip
+
+
+def heldout(work: dict, model_dir: Path) -> float:
+    """The trained model's loss on the held-out rows (bench/common.py: one function for every side)."""
+    rows = [json.loads(x) for x in Path(work["heldout"]).read_text().splitlines() if x.strip()]
+    return heldout_loss(model_dir, work["model"], rows) if rows else math.nan
 
 
 def nan_if_none(x: float | None) -> float:
@@ -181,7 +191,7 @@ def run_trl(a, work: dict, out: Path, packing: str) -> dict:
     return {
         **res, "tokens_per_s": tps, "first_step_s": first - res["t0"],
         "final_loss": nan_if_none(t["last_logged_loss"]), "epoch_loss": t["train_loss"], "steps": len(stamps),
-        "mfu": math.nan,
+        "mfu": math.nan, "heldout_loss": heldout(work, out / "final"),
     }  # fmt: skip
 
 
@@ -192,7 +202,7 @@ def prepare(a, out: Path) -> dict:
     tokens = sum(1 for _ in data.open()) * mean_len
     steps = max(1, int(tokens // (a.micro * a.max_length * a.nproc)))
     work = {
-        "data": data, "model": model_dir, "warmup": max(1, steps // 20),
+        "data": data, "model": model_dir, "warmup": max(1, steps // 20), "heldout": out / "heldout.jsonl",
         # TRL's defaults pad rows: as many rows per micro-batch as fill the packed rows' tokens
         "rows_per_micro": max(1, round(a.micro * a.max_length / mean_len)),
     }  # fmt: skip
@@ -224,7 +234,8 @@ def main() -> None:
             print(
                 f"[{rep}] {side:11s} tok/s {r['tokens_per_s']:7.0f}  first step {r['first_step_s']:5.1f}s"
                 f"  wall {r['wall_s']:6.1f}s  rss/rank {'/'.join(f'{x:.2f}' for x in r['rss_gib'])} GiB"
-                f"  loss(last10) {r['final_loss']:.4f}  steps {r['steps']}  load {load:.1f}",
+                f"  loss(last10) {r['final_loss']:.4f}  held-out {r['heldout_loss']:.4f}"
+                f"  steps {r['steps']}  load {load:.1f}",
                 flush=True,
             )
             (out / "results.json").write_text(
@@ -244,8 +255,8 @@ def summarize(results: list[dict], sides: list[str], a) -> str:
         f"packed micro {a.micro}; min / median / max over {a.repeats} repeats",
         "",
         "| side | tokens/s | whole job (s) | first step (s) | peak RSS/rank (GiB) | loss, last 10 "
-        "| loss, epoch | MFU |",
-        "|---|---|---|---|---|---|---|---|",
+        "| loss, epoch | held-out loss | MFU |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for side in sides:
         rs = pick(side)
@@ -253,14 +264,14 @@ def summarize(results: list[dict], sides: list[str], a) -> str:
             f"| {side} | {spread([r['tokens_per_s'] for r in rs])} | {spread([r['wall_s'] for r in rs])} | "
             f"{spread([r['first_step_s'] for r in rs])} | {spread([max(r['rss_gib']) for r in rs])} | "
             f"{spread([r['final_loss'] for r in rs])} | {spread([r['epoch_loss'] for r in rs])} | "
-            f"{spread([r['mfu'] for r in rs])} |"
+            f"{spread([r['heldout_loss'] for r in rs])} | {spread([r['mfu'] for r in rs])} |"
         )
     if "distft" in sides:
         lines += [
             "",
             "| distft against | tokens/s ratio | whole-job time ratio | first-step ratio "
-            "| last-10 loss diff |",
-            "|---|---|---|---|---|",
+            "| last-10 loss diff | held-out loss diff |",
+            "|---|---|---|---|---|---|",
         ]
         for peer in (s for s in sides if s != "distft"):
             pairs = list(zip(pick("distft"), pick(peer)))
@@ -268,7 +279,8 @@ def summarize(results: list[dict], sides: list[str], a) -> str:
                 f"| {peer} | {spread([x['tokens_per_s'] / y['tokens_per_s'] for x, y in pairs])} | "
                 f"{spread([x['wall_s'] / y['wall_s'] for x, y in pairs])} | "
                 f"{spread([x['first_step_s'] / y['first_step_s'] for x, y in pairs])} | "
-                f"{spread([x['final_loss'] - y['final_loss'] for x, y in pairs])} |"
+                f"{spread([x['final_loss'] - y['final_loss'] for x, y in pairs])} | "
+                f"{spread([x['heldout_loss'] - y['heldout_loss'] for x, y in pairs])} |"
             )
     lines += targets(results, sides)
     lines += [
@@ -277,6 +289,10 @@ def summarize(results: list[dict], sides: list[str], a) -> str:
     ]
     return "\n".join(lines) + "\n"
 
+
+HELDOUT_TOL = 0.05
+"""The sides train the same thing when their models' mean loss on the held-out rows (same rows,
+tokenizer and completion-only scoring, bench/common.py heldout_loss) differs by at most this."""
 
 # Issue 18's targets on this work: (label, peer side, metric, ratio bound, True when at least).
 TARGETS = [
@@ -302,6 +318,15 @@ def targets(results: list[dict], sides: list[str]) -> list[str]:
         median = statistics.median(ratios)
         met = median >= bound if at_least else median <= bound
         lines.append(f"| {label} | {spread(ratios)} | {'met' if met else 'not met'} |")
+    for peer in (s for s in sides if s != "distft"):
+        theirs = sorted((r for r in results if r["side"] == peer), key=lambda r: r["repeat"])
+        diffs = [x["heldout_loss"] - y["heldout_loss"] for x, y in zip(mine, theirs)]
+        if diffs:
+            median = statistics.median(diffs)
+            lines.append(
+                f"| same training: held-out loss within ±{HELDOUT_TOL} nats of {peer} | "
+                f"{spread(diffs)} (distft − peer) | {'met' if abs(median) <= HELDOUT_TOL else 'not met'} |"
+            )
     mfu = [r["mfu"] for r in mine if r["mfu"] == r["mfu"]]
     if mfu:
         median = statistics.median(mfu)
