@@ -9,7 +9,8 @@ Each commit is exported (git archive) to outputs/bench/ab/<commit> and run from 
 same venv (PYTHONPATH points at the export). Reported: steady-state tokens/s (after the first 10%
 of steps), whole-job wall time (launch to exit) and time to the end of the first step of each run,
 the CPU seconds of all ranks together (user + system, whole job: much less sensitive to the
-machine's load than wall time), the median MFU of the steady-state steps, and the after/before ratios, min / median / max over the repeats.
+machine's load than wall time), the median MFU of the steady-state steps, and the after/before
+ratios, min / median / max over the repeats.
 By default the job's evals, generation and export are off (the loop's speed); --whole-job keeps
 the job's own defaults (evals before and after, export with its check, report), so the fixed
 costs of a start and an end count.
