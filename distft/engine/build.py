@@ -15,7 +15,7 @@ from distft.dtypes import PRECISION_DTYPES
 from distft.engine import checkpoint, fingerprint, runlock
 from distft.models import attention, base_dtype, kernels, vlm
 from distft.models.sharded_load import host_stubs, load_for, meta_tuning
-from distft.perf.mfu import MfuMeter, mean_length, scored_fraction
+from distft.perf.mfu import MfuMeter, attention_span, scored_fraction
 from distft.runtime import dist
 
 
@@ -81,9 +81,10 @@ def model(cfg, info, method, tuning, model_path: str, strategy) -> torch.nn.Modu
 
 
 def mfu_meter(cfg, info, model: torch.nn.Module, data, method=None) -> MfuMeter:
-    """FLOPs per token from the unwrapped model (sharding hides shapes); mean example length as T;
-    the head counted on the scored tokens only for methods that project only those."""
-    seq_len = mean_length(data.train, cfg.data.max_length)
+    """FLOPs per token from the unwrapped model (sharding hides shapes); the token-weighted example
+    length as T (`attention_span`); the head counted on the scored tokens only for methods that
+    project only those."""
+    seq_len = attention_span(data.train, cfg.data.max_length)
     scored = scored_fraction(data.train) if method is not None and method.scored_head else None
     return MfuMeter.for_model(
         model, seq_len, info.device, PRECISION_DTYPES[cfg.train.precision], info.world_size, scored or 1.0
