@@ -28,8 +28,11 @@ def use_for(model: torch.nn.Module, cfg, device: torch.device) -> bool:
     """Route `model`'s attention through `varlen_attention` where it pays: packed rows
     (data.packing), model.attn_implementation=sdpa, a CPU device (CUDA has flash-attention's
     varlen kernels: model.attn_implementation), no context or tensor parallelism (cp has its own
-    attention functions; tp's sharded heads are left to sdpa)."""
+    attention functions; tp's sharded heads are left to sdpa), no train.compile (per-example
+    shapes would recompile the blocks)."""
     if not (cfg.data.packing and cfg.model.attn_implementation == "sdpa" and device.type == "cpu"):
+        return False
+    if cfg.train.compile:
         return False
     if getattr(cfg.strategy, "cp", 1) * getattr(cfg.strategy, "tp", 1) > 1:
         return False
