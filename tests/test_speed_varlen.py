@@ -95,3 +95,19 @@ def test_varlen_keeps_the_masked_path_for_masks_it_does_not_explain():
     assert _close(loss_v, loss_m)
     assert all(_close(a, b) for a, b in zip(grads_v, grads_m))
     assert attention.spans(batch["position_ids"].expand(2, -1))[1] == [(0, 11), (11, 17), (17, 24)]
+
+
+@pytest.mark.quick
+def test_used_for_packed_rows_on_cpu_with_sdpa_only():
+    from distft.config.load import load_config
+
+    def chosen(*overrides: str, device: str = "cpu") -> str:
+        model = LlamaForCausalLM(LlamaConfig(**SMALL, attn_implementation="sdpa"))
+        attention.use_for(model, load_config(list(overrides))[0], torch.device(device))
+        return model.config._attn_implementation
+
+    assert chosen("data.packing=true") == attention.ATTN
+    assert chosen("data.packing=false") == "sdpa"
+    assert chosen("data.packing=true", "train.compile=true") == "sdpa"
+    assert chosen("data.packing=true", device="cuda") == "sdpa"  # flash-attention's varlen there
+    assert chosen("data.packing=true", "model.attn_implementation=eager") == "sdpa"
