@@ -140,10 +140,12 @@ def build(out: Path, a) -> tuple[Path, Path, float]:
 
 
 def distft_args(a, work: dict, out: Path) -> list[str]:
-    """distft's overrides for the realistic work (also bench/ab.py --realistic)."""
+    """distft's overrides for the realistic work (also bench/ab.py --realistic, whose runs each get
+    a cache of their own: `work` without "cache")."""
+    cache = work.get("cache") or out / "cache"
     return [
         f"output_dir={out}", "resume=never", "model=hf", f"model.name_or_path={work['model']}",
-        f"data.path=[{work['data']}]", f"data.cache_dir={out / 'cache'}", "data.splits=[1,0,0]",
+        f"data.path=[{work['data']}]", f"data.cache_dir={cache}", "data.splits=[1,0,0]",
         f"data.max_length={a.max_length}", "data.packing=true", "tuning=full", f"strategy={a.strategy}",
         "train.precision=fp32", "train.epochs=1", "train.eval_every=0", "train.eval_generate=false",
         "train.progress=false", f"train.micro_batch_size={a.micro}", "train.grad_accum=1",
@@ -217,6 +219,11 @@ def main() -> None:
     a = parse()
     out = Path(a.out)
     work = prepare(a, out)
+    # distft's data cache is shared by the repeats of this invocation (new for each invocation), as
+    # TRL's datasets cache is: load_dataset and its map results are keyed by the rows file written
+    # above, so TRL's later repeats reuse its tokenization too.
+    work["cache"] = out / "distft_data_cache"
+    shutil.rmtree(work["cache"], ignore_errors=True)
     sides = a.sides.split(",")
     results: list[dict] = []
     for rep in range(a.repeats):
