@@ -29,9 +29,10 @@ def packed_positions(rows: int, length: int, seed: int) -> torch.Tensor:
     from distft.data.collate import pack_bins
 
     rng = random.Random(seed)
-    lengths = [int(min(length, max(20, rng.lognormvariate(math.log(110), 0.75)))) for _ in range(rows * 20)]
+    lengths = [int(min(length, max(20, rng.lognormvariate(math.log(110), 0.75)))) for _ in range(rows * 40)]
     out = []
-    for b in pack_bins(lengths, length)[:rows]:
+    bins = pack_bins(lengths, length)
+    for b in rng.sample(bins, rows):  # not the first bins: best-fit decreasing fills them with the longest
         pos = [p for i in b for p in range(lengths[i])]
         last = pos[-1]
         out.append(pos + list(range(last + 1, last + 1 + length - len(pos))))  # padding continues the run

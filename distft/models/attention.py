@@ -108,17 +108,16 @@ def varlen_attention(module, query, key, value, attention_mask, dropout=0.0, sca
     groups = getattr(module, "num_key_value_groups", 1)
     if groups > 1:
         key, value = repeat_kv(key, groups), repeat_kv(value, groups)
-    rows = []
     bounds = spans(pos)
-    for r in range(b):
-        row = bounds[r if len(bounds) > 1 else 0]
-        q, k, v = query[r : r + 1], key[r : r + 1], value[r : r + 1]
+    rows = []
+    # split/unbind, not slicing: their backward joins the pieces' gradients once, where each
+    # slice's backward would fill and add a zero tensor of the whole input
+    # (4-D pieces: sdpa's CPU flash kernel takes (B, H, L, D) only)
+    for r, (q, k, v) in enumerate(zip(query.split(1), key.split(1), value.split(1))):
+        lengths = [e - s for s, e in bounds[r if len(bounds) > 1 else 0]]
         parts = [
-            F.scaled_dot_product_attention(
-                q[:, :, s:e], k[:, :, s:e], v[:, :, s:e], dropout_p=dropout, is_causal=True, scale=scaling
-            )
-            for s, e in row
+            F.scaled_dot_product_attention(qs, ks, vs, dropout_p=dropout, is_causal=True, scale=scaling)
+            for qs, ks, vs in zip(q.split(lengths, 2), k.split(lengths, 2), v.split(lengths, 2))
         ]
-        rows.append(torch.cat(parts, 2) if len(parts) > 1 else parts[0])
-    out = torch.cat(rows, 0) if b > 1 else rows[0]
-    return out.transpose(1, 2).contiguous(), None
+        rows.append(torch.cat(parts, 2))
+    return torch.cat(rows).transpose(1, 2).contiguous(), None
