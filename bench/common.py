@@ -99,6 +99,7 @@ def heldout_loss(model_dir: Path, tokenizer_dir: Path, rows: list[dict], batch: 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     total, count = 0.0, 0
+    rows = sorted(rows, key=lambda r: len(r["prompt"]) + len(r["completion"]))  # batches of like lengths
     for i in range(0, len(rows), batch):
         ids, labels = [], []
         for r in rows[i : i + batch]:
