@@ -158,8 +158,9 @@ def attention_span(examples: Sequence[dict], default: float, sample: int = 4096)
         if not isinstance(ex, dict) or "input_ids" not in ex:
             continue
         pos = ex.get("position_ids")
-        if pos is None:
-            lengths = [len(ex["input_ids"])]
+        n = len(ex["input_ids"])
+        if pos is None or n == 0 or (pos[0] == 0 and pos[-1] == n - 1):  # one example (no torch call)
+            lengths = [n]
         else:
             pos = torch.as_tensor(pos)
             starts = torch.nonzero(torch.diff(pos) != 1).flatten() + 1
