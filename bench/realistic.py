@@ -21,7 +21,10 @@ Sides (same rows, model, tokenizer, optimizer, lr schedule, max length 1024, fp3
 
 Reported per run: non-padding tokens/s of training (steady state: steps after the first 10%),
 whole-job wall time (launch to exit), time to the end of the first optimizer step, peak RSS per
-rank, last-10-steps and epoch-mean loss; then ratios against each TRL side as min / median / max
+rank, last-10-steps and epoch-mean loss, and the saved model's loss on `--heldout` rows of the same
+language kept out of training (bench/common.py heldout_loss: one function, tokenizer and
+completion-only masking for every side; the sides train the same thing when it agrees within
+HELDOUT_TOL); then ratios against each TRL side as min / median / max
 over the repeats, the order of the sides rotating per repeat. Results: outputs/bench/realistic/.
 """
 

@@ -9,8 +9,9 @@ sort/reverse task, no split, no eval), max length, micro-batch, grad-accum, rank
 precision, learning-rate schedule; one epoch; both save the final model. Each side runs through
 bench/rss.py (peak RSS per rank). Reported per run: steady-state non-padding tokens/s (steps after
 the first 10%), time from launch to the end of the first optimizer step, peak RSS per rank, the
-loss averaged over the last 10 steps and over the epoch; then distft/TRL ratios as min/median/max
-over the repeats. Results land in outputs/bench/trl/results.{json,md}.
+loss averaged over the last 10 steps and over the epoch, and (full tuning) each saved model's loss
+on the next 200 rows of the embedded task (bench/common.py heldout_loss); then distft/TRL ratios as
+min/median/max over the repeats. Results land in outputs/bench/trl/results.{json,md}.
 """
 
 from __future__ import annotations
