@@ -9,7 +9,8 @@ Each commit is exported (git archive) to outputs/bench/ab/<commit> and run from 
 same venv (PYTHONPATH points at the export). Reported: steady-state tokens/s (after the first 10%
 of steps), whole-job wall time (launch to exit) and time to the end of the first step of each run,
 the CPU seconds of all ranks together (user + system, whole job: much less sensitive to the
-machine's load than wall time), and the after/before ratios, min / median / max over the repeats.
+machine's load than wall time), the median MFU of the steady-state steps, and the after/before
+ratios, min / median / max over the repeats.
 By default the job's evals, generation and export are off (the loop's speed); --whole-job keeps
 the job's own defaults (evals before and after, export with its check, report), so the fixed
 costs of a start and an end count.
@@ -46,6 +47,13 @@ def steady_tokens_per_s(run_dir: Path) -> float:
     return statistics.median(r["tokens_per_s"] for r in rows)
 
 
+def median_mfu(run_dir: Path) -> float:
+    """Median MFU (share of the calibrated matmul ceiling) of the steady-state steps; nan if unmetered."""
+    rows = [r for r in metrics(run_dir) if "loss" in r]
+    mfu = [r["mfu"] for r in rows[len(rows) // 10 :] if r.get("mfu")]
+    return statistics.median(mfu) if mfu else float("nan")
+
+
 def first_step_s(run_dir: Path, t0: float) -> float:
     """Launch to the end of the first optimizer step (its logged row's time)."""
     return steady(distft_stamps([r for r in metrics(run_dir) if "loss" in r]))[1] - t0
@@ -72,7 +80,7 @@ def main() -> None:
 
         ra = realistic.parse([f"--rows={a.realistic}", f"--nproc={a.nproc}"])
         work = realistic.prepare(ra, out / "work")
-    keys = ("tokens_per_s", "wall_s", "first_step_s", "cpu_s")
+    keys = ("tokens_per_s", "wall_s", "first_step_s", "cpu_s", "mfu")
     res: dict[str, dict[str, list[float]]] = {side: {k: [] for k in keys} for side in ("before", "after")}
     loads: list[float] = []
     for rep in range(a.repeats):
@@ -89,11 +97,13 @@ def main() -> None:
             got = {"tokens_per_s": steady_tokens_per_s(run), "wall_s": r["wall_s"]}
             got["first_step_s"] = first_step_s(run, r["t0"])
             got["cpu_s"] = sum(r["cpu_s"])  # all ranks' CPU seconds: far less load-dependent than wall time
+            got["mfu"] = median_mfu(run)
             for k in keys:
                 res[side][k].append(got[k])
             print(
                 f"[{rep}] {side:6s} {got['tokens_per_s']:8.0f} tokens/s, whole job {got['wall_s']:6.1f} s, "
-                f"first step {got['first_step_s']:5.1f} s, CPU {got['cpu_s']:6.1f} s (load {load:.1f})",
+                f"first step {got['first_step_s']:5.1f} s, CPU {got['cpu_s']:6.1f} s, "
+                f"MFU {100 * got['mfu']:4.1f}% (load {load:.1f})",
                 flush=True,
             )
     ratios = {k: [x / y for x, y in zip(res["after"][k], res["before"][k])] for k in keys}

@@ -85,3 +85,36 @@ def build_model_dir(path: Path, **shape) -> Path:
 
 def load_average() -> float:
     return os.getloadavg()[0]
+
+
+def heldout_loss(model_dir: Path, tokenizer_dir: Path, rows: list[dict], batch: int = 8) -> float:
+    """Mean next-token loss of a trained model on held-out prompt/completion rows, scored the way
+    both sides train them (completion tokens and the EOS after them; TRL's `completion_only_loss`
+    default for prompt/completion data, distft's `data.train_on_prompt=false`): one function, one
+    tokenizer and one masking for every side, so the sides' losses compare."""
+    import torch
+    import torch.nn.functional as F
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    total, count = 0.0, 0
+    rows = sorted(rows, key=lambda r: len(r["prompt"]) + len(r["completion"]))  # batches of like lengths
+    for i in range(0, len(rows), batch):
+        ids, labels = [], []
+        for r in rows[i : i + batch]:
+            enc = tok(r["prompt"] + r["completion"], return_offsets_mapping=True)
+            x = [*enc["input_ids"], tok.eos_token_id]
+            scored = [a >= len(r["prompt"]) for a, _ in enc["offset_mapping"]] + [True]
+            ids.append(x)
+            labels.append([t if s else -100 for t, s in zip(x, scored)])
+        width = max(map(len, ids))
+        mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids])
+        ids_t = torch.tensor([x + [tok.pad_token_id] * (width - len(x)) for x in ids])
+        labels_t = torch.tensor([y + [-100] * (width - len(y)) for y in labels])
+        with torch.no_grad():
+            logits = model(input_ids=ids_t, attention_mask=mask, use_cache=False).logits
+        flat = logits[:, :-1].reshape(-1, logits.size(-1))
+        total += float(F.cross_entropy(flat, labels_t[:, 1:].reshape(-1), ignore_index=-100, reduction="sum"))
+        count += int((labels_t[:, 1:] != -100).sum())
+    return total / count

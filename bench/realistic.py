@@ -21,7 +21,10 @@ Sides (same rows, model, tokenizer, optimizer, lr schedule, max length 1024, fp3
 
 Reported per run: non-padding tokens/s of training (steady state: steps after the first 10%),
 whole-job wall time (launch to exit), time to the end of the first optimizer step, peak RSS per
-rank, last-10-steps and epoch-mean loss; then ratios against each TRL side as min / median / max
+rank, last-10-steps and epoch-mean loss, and the saved model's loss on `--heldout` rows of the same
+language kept out of training (bench/common.py heldout_loss: one function, tokenizer and
+completion-only masking for every side; the sides train the same thing when it agrees within
+HELDOUT_TOL); then ratios against each TRL side as min / median / max
 over the repeats, the order of the sides rotating per repeat. Results: outputs/bench/realistic/.
 """
 
@@ -35,7 +38,7 @@ import shutil
 import statistics
 from pathlib import Path
 
-from common import REPO, launch, load_average, metrics, spread
+from common import REPO, heldout_loss, launch, load_average, metrics, spread
 from trl_compare import distft_stamps, steady, trl_stamps
 
 SIDES = ("distft", "trl-default", "trl-best")
@@ -44,6 +47,7 @@ SIDES = ("distft", "trl-default", "trl-best")
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rows", type=int, default=3000)
+    p.add_argument("--heldout", type=int, default=200, help="rows of the same language kept out of training")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--sides", default=",".join(SIDES))
     p.add_argument("--nproc", type=int, default=2)
@@ -107,8 +111,10 @@ def build(out: Path, a) -> tuple[Path, Path, float]:
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
     data, model_dir = out / "rows.jsonl", out / "model"
-    rows = make_rows(a.rows, a.seed)
+    rows = make_rows(a.rows + a.heldout, a.seed)  # the first a.rows rows do not depend on a.heldout
+    rows, held = rows[: a.rows], rows[a.rows :]
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (out / "heldout.jsonl").write_text("".join(json.dumps(r) + "\n" for r in held))
     tokenizer = bpe_tokenizer((r["prompt"] + r["completion"] for r in rows), a.vocab)
     lengths = [len(tokenizer(r["prompt"] + r["completion"])["input_ids"]) + 1 for r in rows]
     config = LlamaConfig(
@@ -137,10 +143,12 @@ def build(out: Path, a) -> tuple[Path, Path, float]:
 
 
 def distft_args(a, work: dict, out: Path) -> list[str]:
-    """distft's overrides for the realistic work (also bench/ab.py --realistic)."""
+    """distft's overrides for the realistic work (also bench/ab.py --realistic, whose runs each get
+    a cache of their own: `work` without "cache")."""
+    cache = work.get("cache") or out / "cache"
     return [
         f"output_dir={out}", "resume=never", "model=hf", f"model.name_or_path={work['model']}",
-        f"data.path=[{work['data']}]", f"data.cache_dir={out / 'cache'}", "data.splits=[1,0,0]",
+        f"data.path=[{work['data']}]", f"data.cache_dir={cache}", "data.splits=[1,0,0]",
         f"data.max_length={a.max_length}", "data.packing=true", "tuning=full", f"strategy={a.strategy}",
         "train.precision=fp32", "train.epochs=1", "train.eval_every=0", "train.eval_generate=false",
         "train.progress=false", f"train.micro_batch_size={a.micro}", "train.grad_accum=1",
@@ -159,7 +167,14 @@ def run_distft(a, work: dict, out: Path) -> dict:
         **res, "tokens_per_s": tps, "first_step_s": first - res["t0"],
         "final_loss": statistics.mean(losses[-10:]), "epoch_loss": statistics.mean(losses),
         "steps": len(rows), "mfu": statistics.median(mfu) if mfu else math.nan,
+        "heldout_loss": heldout(work, out / "export"),
     }  # fmt: skip
+
+
+def heldout(work: dict, model_dir: Path) -> float:
+    """The trained model's loss on the held-out rows (bench/common.py: one function for every side)."""
+    rows = [json.loads(x) for x in Path(work["heldout"]).read_text().splitlines() if x.strip()]
+    return heldout_loss(model_dir, work["model"], rows) if rows else math.nan
 
 
 def nan_if_none(x: float | None) -> float:
@@ -181,7 +196,7 @@ def run_trl(a, work: dict, out: Path, packing: str) -> dict:
     return {
         **res, "tokens_per_s": tps, "first_step_s": first - res["t0"],
         "final_loss": nan_if_none(t["last_logged_loss"]), "epoch_loss": t["train_loss"], "steps": len(stamps),
-        "mfu": math.nan,
+        "mfu": math.nan, "heldout_loss": heldout(work, out / "final"),
     }  # fmt: skip
 
 
@@ -192,7 +207,7 @@ def prepare(a, out: Path) -> dict:
     tokens = sum(1 for _ in data.open()) * mean_len
     steps = max(1, int(tokens // (a.micro * a.max_length * a.nproc)))
     work = {
-        "data": data, "model": model_dir, "warmup": max(1, steps // 20),
+        "data": data, "model": model_dir, "warmup": max(1, steps // 20), "heldout": out / "heldout.jsonl",
         # TRL's defaults pad rows: as many rows per micro-batch as fill the packed rows' tokens
         "rows_per_micro": max(1, round(a.micro * a.max_length / mean_len)),
     }  # fmt: skip
@@ -207,6 +222,11 @@ def main() -> None:
     a = parse()
     out = Path(a.out)
     work = prepare(a, out)
+    # distft's data cache is shared by the repeats of this invocation (new for each invocation), as
+    # TRL's datasets cache is: load_dataset and its map results are keyed by the rows file written
+    # above, so TRL's later repeats reuse its tokenization too.
+    work["cache"] = out / "distft_data_cache"
+    shutil.rmtree(work["cache"], ignore_errors=True)
     sides = a.sides.split(",")
     results: list[dict] = []
     for rep in range(a.repeats):
@@ -224,7 +244,8 @@ def main() -> None:
             print(
                 f"[{rep}] {side:11s} tok/s {r['tokens_per_s']:7.0f}  first step {r['first_step_s']:5.1f}s"
                 f"  wall {r['wall_s']:6.1f}s  rss/rank {'/'.join(f'{x:.2f}' for x in r['rss_gib'])} GiB"
-                f"  loss(last10) {r['final_loss']:.4f}  steps {r['steps']}  load {load:.1f}",
+                f"  loss(last10) {r['final_loss']:.4f}  held-out {r['heldout_loss']:.4f}"
+                f"  steps {r['steps']}  load {load:.1f}",
                 flush=True,
             )
             (out / "results.json").write_text(
@@ -244,8 +265,8 @@ def summarize(results: list[dict], sides: list[str], a) -> str:
         f"packed micro {a.micro}; min / median / max over {a.repeats} repeats",
         "",
         "| side | tokens/s | whole job (s) | first step (s) | peak RSS/rank (GiB) | loss, last 10 "
-        "| loss, epoch | MFU |",
-        "|---|---|---|---|---|---|---|---|",
+        "| loss, epoch | held-out loss | MFU |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for side in sides:
         rs = pick(side)
@@ -253,14 +274,14 @@ def summarize(results: list[dict], sides: list[str], a) -> str:
             f"| {side} | {spread([r['tokens_per_s'] for r in rs])} | {spread([r['wall_s'] for r in rs])} | "
             f"{spread([r['first_step_s'] for r in rs])} | {spread([max(r['rss_gib']) for r in rs])} | "
             f"{spread([r['final_loss'] for r in rs])} | {spread([r['epoch_loss'] for r in rs])} | "
-            f"{spread([r['mfu'] for r in rs])} |"
+            f"{spread([r['heldout_loss'] for r in rs])} | {spread([r['mfu'] for r in rs])} |"
         )
     if "distft" in sides:
         lines += [
             "",
             "| distft against | tokens/s ratio | whole-job time ratio | first-step ratio "
-            "| last-10 loss diff |",
-            "|---|---|---|---|---|",
+            "| last-10 loss diff | held-out loss diff |",
+            "|---|---|---|---|---|---|",
         ]
         for peer in (s for s in sides if s != "distft"):
             pairs = list(zip(pick("distft"), pick(peer)))
@@ -268,7 +289,8 @@ def summarize(results: list[dict], sides: list[str], a) -> str:
                 f"| {peer} | {spread([x['tokens_per_s'] / y['tokens_per_s'] for x, y in pairs])} | "
                 f"{spread([x['wall_s'] / y['wall_s'] for x, y in pairs])} | "
                 f"{spread([x['first_step_s'] / y['first_step_s'] for x, y in pairs])} | "
-                f"{spread([x['final_loss'] - y['final_loss'] for x, y in pairs])} |"
+                f"{spread([x['final_loss'] - y['final_loss'] for x, y in pairs])} | "
+                f"{spread([x['heldout_loss'] - y['heldout_loss'] for x, y in pairs])} |"
             )
     lines += targets(results, sides)
     lines += [
@@ -277,6 +299,10 @@ def summarize(results: list[dict], sides: list[str], a) -> str:
     ]
     return "\n".join(lines) + "\n"
 
+
+HELDOUT_TOL = 0.05
+"""The sides train the same thing when their models' mean loss on the held-out rows (same rows,
+tokenizer and completion-only scoring, bench/common.py heldout_loss) differs by at most this."""
 
 # Issue 18's targets on this work: (label, peer side, metric, ratio bound, True when at least).
 TARGETS = [
@@ -302,6 +328,15 @@ def targets(results: list[dict], sides: list[str]) -> list[str]:
         median = statistics.median(ratios)
         met = median >= bound if at_least else median <= bound
         lines.append(f"| {label} | {spread(ratios)} | {'met' if met else 'not met'} |")
+    for peer in (s for s in sides if s != "distft"):
+        theirs = sorted((r for r in results if r["side"] == peer), key=lambda r: r["repeat"])
+        diffs = [x["heldout_loss"] - y["heldout_loss"] for x, y in zip(mine, theirs)]
+        if diffs:
+            median = statistics.median(diffs)
+            lines.append(
+                f"| same training: held-out loss within ±{HELDOUT_TOL} nats of {peer} | "
+                f"{spread(diffs)} (distft − peer) | {'met' if abs(median) <= HELDOUT_TOL else 'not met'} |"
+            )
     mfu = [r["mfu"] for r in mine if r["mfu"] == r["mfu"]]
     if mfu:
         median = statistics.median(mfu)

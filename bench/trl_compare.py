@@ -9,8 +9,9 @@ sort/reverse task, no split, no eval), max length, micro-batch, grad-accum, rank
 precision, learning-rate schedule; one epoch; both save the final model. Each side runs through
 bench/rss.py (peak RSS per rank). Reported per run: steady-state non-padding tokens/s (steps after
 the first 10%), time from launch to the end of the first optimizer step, peak RSS per rank, the
-loss averaged over the last 10 steps and over the epoch; then distft/TRL ratios as min/median/max
-over the repeats. Results land in outputs/bench/trl/results.{json,md}.
+loss averaged over the last 10 steps and over the epoch, and (full tuning) each saved model's loss
+on the next 200 rows of the embedded task (bench/common.py heldout_loss); then distft/TRL ratios as
+min/median/max over the repeats. Results land in outputs/bench/trl/results.{json,md}.
 """
 
 from __future__ import annotations
@@ -20,7 +21,19 @@ import json
 import shutil
 from pathlib import Path
 
-from common import REPO, build_model_dir, launch, load_average, metrics, spread
+from common import REPO, build_model_dir, heldout_loss, launch, load_average, metrics, spread
+
+HELDOUT = 200
+"""Rows after the training rows of the same embedded task, scored on every side's saved model."""
+
+
+def heldout(a, tuning: str, model_dir: Path, trained: Path) -> float:
+    """Held-out loss of a full-tuning side's saved model (bench/common.py heldout_loss); adapters: nan."""
+    from distft.data.default_tasks import sft_rows
+
+    if tuning != "full":
+        return float("nan")
+    return heldout_loss(trained, model_dir, sft_rows(a.rows + HELDOUT)[a.rows :])
 
 
 def parse() -> argparse.Namespace:
@@ -91,6 +104,7 @@ def run_distft(a, tuning: str, model_dir: Path, out: Path, warmup: int) -> dict:
         "final_loss": sum(losses[-10:]) / len(losses[-10:]),
         "epoch_loss": sum(losses) / len(losses),
         "steps": len(rows),
+        "heldout_loss": heldout(a, tuning, model_dir, out / "export"),
     }
 
 
@@ -113,6 +127,7 @@ def run_trl(a, tuning: str, model_dir: Path, out: Path, warmup: int) -> dict:
         "final_loss": t["last_logged_loss"],  # TRL logs the mean of the last 10 steps
         "epoch_loss": t["train_loss"],
         "steps": len(stamps),
+        "heldout_loss": heldout(a, tuning, model_dir, out / "final"),
     }
 
 
@@ -139,7 +154,7 @@ def main() -> None:
                     f"[{rep}] {tuning:5s} {side:6s} tok/s {r['tokens_per_s']:8.0f}  first step "
                     f"{r['first_step_s']:5.1f}s  wall {r['wall_s']:5.1f}s  rss/rank "
                     f"{'/'.join(f'{x:.2f}' for x in r['rss_gib'])} GiB  loss(last10) "
-                    f"{r['final_loss']:.4f}  load {load:.1f}",
+                    f"{r['final_loss']:.4f}  held-out {r['heldout_loss']:.4f}  load {load:.1f}",
                     flush=True,
                 )
                 (out / "results.json").write_text(json.dumps({"args": vars(a), "runs": results}, indent=1))
@@ -159,8 +174,8 @@ def summarize(results: list[dict], tunings: list[str], a) -> str:
         f"accum {a.accum}, max_length {a.max_length}, 1 epoch; min / median / max over {a.repeats} repeats",
         "",
         "| tuning | side | tokens/s | whole job (s) | first step (s) | peak RSS/rank (GiB) "
-        "| loss, last 10 steps | loss, epoch mean |",
-        "|---|---|---|---|---|---|---|---|",
+        "| loss, last 10 steps | loss, epoch mean | held-out loss |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for tuning in tunings:
         for side in ("distft", "trl"):
@@ -169,13 +184,14 @@ def summarize(results: list[dict], tunings: list[str], a) -> str:
                 f"| {tuning} | {side} | {spread([r['tokens_per_s'] for r in rs])} | "
                 f"{spread([r['wall_s'] for r in rs])} | {spread([r['first_step_s'] for r in rs])} | "
                 f"{spread([max(r['rss_gib']) for r in rs])} | "
-                f"{spread([r['final_loss'] for r in rs])} | {spread([r['epoch_loss'] for r in rs])} |"
+                f"{spread([r['final_loss'] for r in rs])} | {spread([r['epoch_loss'] for r in rs])} | "
+                f"{spread([r['heldout_loss'] for r in rs])} |"
             )
     lines += [
         "",
         "| tuning | tokens/s distft/TRL | whole job distft/TRL | first step distft/TRL "
-        "| peak RSS distft/TRL | last-10 loss distft − TRL |",
-        "|---|---|---|---|---|---|",
+        "| peak RSS distft/TRL | last-10 loss distft − TRL | held-out loss distft − TRL |",
+        "|---|---|---|---|---|---|---|",
     ]
     for tuning in tunings:
         d, t = pick("distft", tuning), pick("trl", tuning)
@@ -185,7 +201,8 @@ def summarize(results: list[dict], tunings: list[str], a) -> str:
             f"{spread([x['wall_s'] / y['wall_s'] for x, y in pairs])} | "
             f"{spread([x['first_step_s'] / y['first_step_s'] for x, y in pairs])} | "
             f"{spread([max(x['rss_gib']) / max(y['rss_gib']) for x, y in pairs])} | "
-            f"{spread([x['final_loss'] - y['final_loss'] for x, y in pairs])} |"
+            f"{spread([x['final_loss'] - y['final_loss'] for x, y in pairs])} | "
+            f"{spread([x['heldout_loss'] - y['heldout_loss'] for x, y in pairs])} |"
         )
     loads = [r["load_before"] for r in results]
     lines += ["", f"1-minute load average before the runs: {spread(loads)} (2 cores)"]

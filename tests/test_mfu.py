@@ -266,3 +266,12 @@ def test_engine_meter_counts_the_head_on_scored_tokens_for_methods_that_do_so(tm
     full = mfu_meter(cfg, info, model, data, SimpleNamespace(scored_head=False)).flops_per_token
     scored = mfu_meter(cfg, info, model, data, SimpleNamespace(scored_head=True)).flops_per_token
     assert full - scored == 6 * v * h * (1 - 4 / 8)
+
+
+@pytest.mark.quick
+def test_attention_span_is_the_token_weighted_example_length():
+    rows = [{"input_ids": [1] * 10}, {"input_ids": [1] * 30}]  # unpacked: (100 + 900) / 40
+    assert mfu.attention_span(rows, 64) == 25.0
+    packed = [{"input_ids": [1] * 40, "position_ids": [*range(10), *range(30)]}]  # the same two examples
+    assert mfu.attention_span(packed, 64) == 25.0
+    assert mfu.attention_span([{"prompt_ids": [1, 2]}], 64) == 64.0

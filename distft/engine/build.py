@@ -13,9 +13,9 @@ from omegaconf import OmegaConf
 
 from distft.dtypes import PRECISION_DTYPES
 from distft.engine import checkpoint, fingerprint, runlock
-from distft.models import base_dtype, kernels, vlm
+from distft.models import attention, base_dtype, kernels, vlm
 from distft.models.sharded_load import host_stubs, load_for, meta_tuning
-from distft.perf.mfu import MfuMeter, mean_length, scored_fraction
+from distft.perf.mfu import MfuMeter, attention_span, scored_fraction
 from distft.runtime import dist
 
 
@@ -67,6 +67,7 @@ def model(cfg, info, method, tuning, model_path: str, strategy) -> torch.nn.Modu
     meta = meta_tuning(cfg) and not image_text
     out = load_for(strategy, model_path, cfg, info, dtype, extra, method.auto_class, meta)
     kernels.apply(out, cfg.model)  # model.kernels=liger (GPU; validated before any rank starts)
+    attention.use_for(out, cfg, info.device)  # packed rows on CPU: attention per example, not masked
     if cfg.train.gradient_checkpointing:
         out.gradient_checkpointing_enable({"use_reentrant": False})
     out.config.use_cache = False
@@ -80,9 +81,10 @@ def model(cfg, info, method, tuning, model_path: str, strategy) -> torch.nn.Modu
 
 
 def mfu_meter(cfg, info, model: torch.nn.Module, data, method=None) -> MfuMeter:
-    """FLOPs per token from the unwrapped model (sharding hides shapes); mean example length as T;
-    the head counted on the scored tokens only for methods that project only those."""
-    seq_len = mean_length(data.train, cfg.data.max_length)
+    """FLOPs per token from the unwrapped model (sharding hides shapes); the token-weighted example
+    length as T (`attention_span`); the head counted on the scored tokens only for methods that
+    project only those."""
+    seq_len = attention_span(data.train, cfg.data.max_length)
     scored = scored_fraction(data.train) if method is not None and method.scored_head else None
     return MfuMeter.for_model(
         model, seq_len, info.device, PRECISION_DTYPES[cfg.train.precision], info.world_size, scored or 1.0

@@ -5,7 +5,8 @@ tied to the embedding is a real matmul and counted once). With a frozen base (Lo
 backward skips the frozen weights' gradients, so a token costs 4N + 2·N_trainable instead of 6N.
 Methods whose output head runs only on the scored positions (SFT's completion tokens, the
 preference methods' completions: distft.methods.logprobs) count the head's 6·V·H per token
-times the scored fraction of the tokens, the work actually done.
+times the scored fraction of the tokens, the work actually done; T is the length of the example a
+token attends inside, averaged over tokens (`attention_span`: packed rows count their examples).
 GPU peaks are the vendors' dense figures for the matmul kind the run uses (fp32, tf32, bf16,
 fp16: an fp32 run is not measured against the bf16 peak); a CPU's peak is measured once by a short
 matmul calibration and cached on disk (per CPU model, thread count and dtype).
@@ -144,11 +145,30 @@ def flops_per_token(
     return 4 * n_params + 2 * n_trainable + 12 * layers * heads * head_dim * seq_len
 
 
-def mean_length(examples: list[dict], default: float) -> float:
-    """Mean `input_ids` length of encoded examples (the attention span T); `default` when the
-    method's examples carry no `input_ids` (e.g. paired preference rows)."""
-    lengths = [len(ex["input_ids"]) for ex in examples if isinstance(ex, dict) and "input_ids" in ex]
-    return sum(lengths) / len(lengths) if lengths else float(default)
+def attention_span(examples: Sequence[dict], default: float, sample: int = 4096) -> float:
+    """The attention span T of a trained token: the length of its own example (packed rows, which
+    restart their `position_ids` at each example, attend inside each example only), averaged over
+    tokens: sum(l^2) / sum(l) over the examples (a plain mean over examples undercounts, long
+    examples hold more of the tokens; a packed row's own length overcounts). At most `sample`
+    encoded rows, evenly spaced; `default` when they carry no `input_ids` (e.g. paired preference
+    rows)."""
+    squares = tokens = 0
+    for i in range(0, len(examples), max(1, len(examples) // sample)):
+        ex = examples[i]
+        if not isinstance(ex, dict) or "input_ids" not in ex:
+            continue
+        pos = ex.get("position_ids")
+        n = len(ex["input_ids"])
+        if pos is None or n == 0 or (pos[0] == 0 and pos[-1] == n - 1):  # one example (no torch call)
+            lengths = [n]
+        else:
+            pos = torch.as_tensor(pos)
+            starts = torch.nonzero(torch.diff(pos) != 1).flatten() + 1
+            bounds = torch.cat([starts.new_zeros(1), starts, starts.new_full((1,), len(pos))])
+            lengths = torch.diff(bounds).tolist()
+        squares += sum(n * n for n in lengths)
+        tokens += sum(lengths)
+    return squares / tokens if tokens else float(default)
 
 
 def model_shape(config) -> tuple[int, int, int]:
