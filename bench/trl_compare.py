@@ -49,6 +49,14 @@ def parse() -> argparse.Namespace:
     p.add_argument("--max-length", type=int, default=64)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--out", default=str(REPO / "outputs/bench/trl"))
+    p.add_argument("--seed", type=int, default=42, help="both sides' seed (distft train.seed, TRL --seed)")
+    p.add_argument(
+        "--order",
+        default="same",
+        choices=["same", "own"],
+        help="same: TRL trains on distft's rows in distft's batch order (the losses compare); "
+        "own: each side shuffles with its own sampler (held-out loss then varies by ~0.5 nats with the seed)",
+    )
     p.add_argument("--distft-extra", default="", help="extra distft overrides, space separated")
     return p.parse_args()
 
@@ -83,6 +91,23 @@ def trl_stamps(steps: list[dict]) -> list[tuple[int, float, float]]:
     return stamps
 
 
+def order_file(out: Path, tuning: str) -> Path:
+    return out / f"distft-order-{tuning}.jsonl"
+
+
+def write_distft_order(a, run: Path, path: Path) -> None:
+    """The rows distft trained on (its prepared train split), in its sampler's order for the epoch,
+    as prompt/completion JSONL: TRL reads them in file order (`--sequential`), and with the same
+    micro-batch and ranks each of its optimizer steps takes distft's global batch."""
+    from distft.data.sampler import GlobalBatchSampler
+
+    rows = [json.loads(x) for x in (run / "data/train.jsonl").read_text().splitlines() if x.strip()]
+    sampler = GlobalBatchSampler(len(rows), a.micro * a.accum * a.nproc, a.seed)
+    order = [i for step in range(sampler.steps_per_epoch) for i in sampler.global_indices(step)]
+    lines = (json.dumps({"prompt": rows[i]["prompt"], "completion": rows[i]["completion"]}) for i in order)
+    path.write_text("\n".join(lines) + "\n")
+
+
 def run_distft(a, tuning: str, model_dir: Path, out: Path, warmup: int) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     args = [
@@ -91,9 +116,11 @@ def run_distft(a, tuning: str, model_dir: Path, out: Path, warmup: int) -> dict:
         f"data.num_examples={a.rows}", "data.splits=[1,0,0]", f"data.max_length={a.max_length}",
         "train.epochs=1", "train.eval_every=0", "train.eval_generate=false", "train.progress=false",
         f"train.micro_batch_size={a.micro}", f"train.grad_accum={a.accum}", f"train.lr={a.lr}",
-        f"train.warmup_steps={warmup}", "train.lr_scheduler=cosine", *a.distft_extra.split(),
+        f"train.warmup_steps={warmup}", "train.lr_scheduler=cosine", f"train.seed={a.seed}",
+        *a.distft_extra.split(),
     ]  # fmt: skip
     res = launch("distft.train", args, a.nproc, out / "rss", out / "run.log")
+    write_distft_order(a, out, order_file(out.parent, tuning))
     rows = [r for r in metrics(out) if "loss" in r]
     tps, first = steady(distft_stamps(rows))
     losses = [r["loss"] for r in rows]
@@ -114,8 +141,10 @@ def run_trl(a, tuning: str, model_dir: Path, out: Path, warmup: int) -> dict:
         "--model", str(model_dir), "--out", str(out), "--rows", str(a.rows), "--tuning", tuning,
         "--strategy", a.strategy, "--precision", a.precision, "--micro", str(a.micro),
         "--accum", str(a.accum), "--lr", str(a.lr), "--warmup", str(warmup),
-        "--max-length", str(a.max_length),
+        "--max-length", str(a.max_length), "--seed", str(a.seed),
     ]  # fmt: skip
+    if a.order == "same":  # distft ran first in repeat 0 and its order does not change between repeats
+        args += ["--data", str(order_file(out.parent, tuning)), "--sequential"]
     res = launch("trl_sft", args, a.nproc, out / "rss", out / "run.log")
     t = json.loads((out / "bench_timing.json").read_text())
     stamps = trl_stamps(t["steps"])
@@ -124,7 +153,7 @@ def run_trl(a, tuning: str, model_dir: Path, out: Path, warmup: int) -> dict:
         **res,
         "tokens_per_s": tps,
         "first_step_s": first - res["t0"],
-        "final_loss": t["last_logged_loss"],  # TRL logs the mean of the last 10 steps
+        "final_loss": t["last_logged_loss"],  # the mean of the last 10 steps' losses
         "epoch_loss": t["train_loss"],
         "steps": len(stamps),
         "heldout_loss": heldout(a, tuning, model_dir, out / "final"),

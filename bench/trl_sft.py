@@ -33,6 +33,9 @@ def parse() -> argparse.Namespace:
     p.add_argument("--data", default="", help="prompt/completion JSONL (default: the embedded task rows)")
     p.add_argument("--packing", default="none", choices=["none", "bfd", "wrapped"])
     p.add_argument("--epochs", type=float, default=1.0)
+    p.add_argument(
+        "--sequential", action="store_true", help="train on --data's rows in file order (no shuffling)"
+    )
     return p.parse_args()
 
 
@@ -110,8 +113,11 @@ def main() -> None:
         save_strategy="no",
         report_to="none",
         disable_tqdm=True,
+        logging_steps=1,  # every step's loss: the last-10-steps mean takes the same steps as distft's
         use_cpu=not torch.cuda.is_available(),
         dataloader_drop_last=True,  # distft's sampler drops an incomplete last global batch too
+        # --sequential: the rows are already in the order to train (bench/trl_compare.py's same-order run)
+        train_sampling_strategy="sequential" if a.sequential else "random",
         model_init_kwargs={"dtype": dtype},
         **extra,
     )
@@ -151,7 +157,7 @@ def main() -> None:
         out = {
             "steps": stamp.rows,
             "train_loss": result.training_loss,  # mean over the epoch
-            "last_logged_loss": losses[-1] if losses else None,
+            "last_logged_loss": sum(losses[-10:]) / len(losses[-10:]) if losses else None,  # last 10 steps
         }
         Path(a.out, "bench_timing.json").write_text(json.dumps(out))
 
