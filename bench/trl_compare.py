@@ -6,7 +6,11 @@
 
 Same model directory (distft's tiny Llama, random init), tokenizer, data rows (the embedded
 sort/reverse task, no split, no eval), max length, micro-batch, grad-accum, ranks, strategy,
-precision, learning-rate schedule; one epoch; both save the final model. Each side runs through
+precision, learning-rate schedule, seed (`--seed`); one epoch; both save the final model. With
+`--order same` (default) TRL trains on distft's prepared rows in distft's batch order (each
+optimizer step takes the same global batch), so the losses compare step for step; `--order own`
+lets each side shuffle by itself, and then the held-out loss of this short job varies by ~0.5
+nats with the order alone (bench/RESULTS.md, "The short-job loss gap"). Each side runs through
 bench/rss.py (peak RSS per rank). Reported per run: steady-state non-padding tokens/s (steps after
 the first 10%), time from launch to the end of the first optimizer step, peak RSS per rank, the
 loss averaged over the last 10 steps and over the epoch, and (full tuning) each saved model's loss
