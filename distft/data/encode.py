@@ -9,6 +9,11 @@ num_proc is. Skip limits (method.max_skip_fraction) are checked once on the whol
 the chunks' merged counts. KTO, whose examples are paired across the split (KL partners), is
 encoded in chunks too (`method.encode_chunk` with each chunk's start row), then linked by
 `method.link_split` reading the memory-mapped chunks. Other methods are encoded in one call.
+
+The main process only writes: a worker reads its chunk of a row-store split itself (bounds, not
+rows, are sent), encodes it to Arrow tables (SFT rows that carry their tokens straight from numpy,
+distft/data/sft_arrow.py) and renders the split's row copies (`RowCopies`: data/<split>.jsonl and
+the val/test rows), so nothing of a chunk but its tables and texts crosses processes.
 """
 
 from __future__ import annotations
@@ -92,6 +97,7 @@ def _encoded(part, method, tokenizer, cfg, train: bool, num_proc: int, copies) -
     initargs = (method, tokenizer, cfg, train, part, copies is not None, bool(copies and copies.jsons))
     for job in ordered(_encode_chunk, _chunks(part), n, _init, initargs):
         yield job()
+    _WORKER.clear()  # with num_proc=1 this process was the worker: let the split go
 
 
 class RowCopies:

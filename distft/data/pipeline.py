@@ -130,19 +130,16 @@ def _build_entry(cfg, method, tokenizer, root: Path, key: str) -> None:
     """Prepare and write one cache entry (the caller holds the key's writer lock). The encoding
     workers also render data/<split>.jsonl and the val/test rows, written as chunks come back."""
     tmp = data_cache.new_tmp(root, key)
-    encodings = {}
 
     def to_arrow(name, part, train, cfg, method, tokenizer):
         held_out = tmp / f"{name}_rows.arrow" if name != "train" else None
         copies = RowCopies(tmp / "data" / f"{name}.jsonl", held_out)
-        out = encode_split(name, part, train, cfg, method, tokenizer, tmp, copies)
-        if held_out is not None:
-            encodings[f"{name}_rows"] = "json"
-        return out
+        return encode_split(name, part, train, cfg, method, tokenizer, tmp, copies)
 
     data = prepare(cfg, method, tokenizer, to_arrow, tmp)
     write_prepared(tmp, data, rows=False)
-    encodings.update({name: getattr(data, name).encoding for name in ("train", "val", "test")})
+    encodings = {name: getattr(data, name).encoding for name in ("train", "val", "test")}
+    encodings.update(val_rows="json", test_rows="json")  # RowCopies write them in the json encoding
     del data
     (tmp / "rows.arrow").unlink()  # the cleaned rows' store (data/*.jsonl and the splits keep them)
     meta = {"key": key, "encodings": encodings, "created": time.time()}
