@@ -52,17 +52,18 @@ SCHEMA = pa.schema([("row", pa.large_binary()), ("tokens", pa.large_binary())])
 # ---------------------------------------------------------------- the row store
 class Store:
     """Kept rows in an Arrow IPC file (one pickled row a record, and the row's packed SftTokens
-    where cleaning computed them), memory-mapped once written."""
+    where cleaning computed them, else empty), memory-mapped once written."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
         self._sink = pa.OSFile(str(self.path), "wb")
         self._writer = pa.ipc.new_file(self._sink, SCHEMA)
         self.table: pa.Table | None = None
+        self._columns: dict[str, _Column] = {}
 
-    def add(self, pickled: list[bytes], tokens: list[bytes | None] | None = None) -> None:
+    def add(self, pickled: list[bytes], tokens: list[bytes] | None = None) -> None:
         if pickled:
-            toks = pa.array(tokens or [None] * len(pickled), pa.large_binary())
+            toks = pa.array(tokens or [b""] * len(pickled), pa.large_binary())
             self._writer.write_batch(
                 pa.record_batch([pa.array(pickled, pa.large_binary()), toks], schema=SCHEMA)
             )
@@ -72,8 +73,36 @@ class Store:
         self._sink.close()
         self.table = pa.ipc.open_file(pa.memory_map(str(self.path))).read_all()
 
+    def column(self, name: str) -> _Column:
+        if name not in self._columns:
+            self._columns[name] = _Column(self.table.column(name))
+        return self._columns[name]
+
     def rows(self, indices) -> StoreRows:
-        return StoreRows(self.table, np.asarray(indices, dtype=np.int64))
+        return StoreRows(self, np.asarray(indices, dtype=np.int64))
+
+
+class _Column:
+    """A binary column of the store, value g read in O(1): bytes [begin[g], end[g]) of its record
+    batch's data buffer (memory-mapped), with no Arrow call per value."""
+
+    def __init__(self, column: pa.ChunkedArray):
+        self._views, chunk, begin, end = [], [], [], []
+        for k, c in enumerate(column.chunks):
+            offsets = np.frombuffer(c.buffers()[1], dtype=np.int64)[c.offset : c.offset + len(c) + 1]
+            data = c.buffers()[2]
+            self._views.append(memoryview(data if data is not None else b""))
+            chunk.append(np.full(len(c), k, dtype=np.int32))
+            begin.append(offsets[:-1])
+            end.append(offsets[1:])
+        self._chunk, self._begin, self._end = (
+            np.concatenate(x) if x else np.zeros(0, dtype=np.int64) for x in (chunk, begin, end)
+        )
+
+    def values(self, indices: np.ndarray) -> list[memoryview]:
+        views = self._views
+        where = zip(self._chunk[indices].tolist(), self._begin[indices].tolist(), self._end[indices].tolist())
+        return [views[k][a:b] for k, a, b in where]
 
 
 def pack_tokens(t: SftTokens) -> bytes:
@@ -86,7 +115,9 @@ def pack_tokens(t: SftTokens) -> bytes:
     return head + body + np.packbits(t.targets).tobytes()
 
 
-def unpack_tokens(b: bytes) -> SftTokens:
+def unpack_tokens(b) -> SftTokens | None:
+    if not len(b):
+        return None
     n, wide = int.from_bytes(b[1:5], "little"), b[0] & 1
     ids = np.frombuffer(b, np.int64 if wide else np.uint16, count=n, offset=5).astype(np.int64)
     bits = np.frombuffer(b, np.uint8, offset=5 + n * (8 if wide else 2))
@@ -94,52 +125,39 @@ def unpack_tokens(b: bytes) -> SftTokens:
 
 
 class StoreRows(Sequence):
-    """Rows of a Store by index: row k is decoded when it is asked for. Rows are fetched from the
-    file's record batches one by one (a take on the whole chunked column would first concatenate
-    every chunk: a copy of the store per call). `with_tokens()`: the same rows carrying their
-    SftTokens (sft_format.PRETOKENIZED) where the store has them, for the SFT encoder only."""
+    """Rows of a Store by index: row k is decoded when it is asked for, read straight from the
+    memory-mapped file (O(1) a row, whatever the order). `with_tokens()`: the same rows carrying
+    their SftTokens (sft_format.PRETOKENIZED) where the store has them, for the SFT encoder only;
+    `read(a, b)`: rows a..b and their SftTokens apart (what an encoding worker reads)."""
 
-    def __init__(self, table: pa.Table, indices: np.ndarray, tokens: bool = False):
-        self._table = table
-        self._chunks = table.column("row").chunks
-        self._token_chunks = table.column("tokens").chunks if tokens else None
-        self._starts = np.cumsum([0] + [len(c) for c in self._chunks])
+    def __init__(self, store: Store, indices: np.ndarray, tokens: bool = False):
+        self._store = store
         self.indices = indices
+        self._tokens = tokens
 
     def with_tokens(self) -> StoreRows:
-        return StoreRows(self._table, self.indices, tokens=True)
+        return StoreRows(self._store, self.indices, tokens=True)
 
     def __len__(self) -> int:
         return len(self.indices)
 
-    def _row(self, i: int) -> dict:
-        k = int(np.searchsorted(self._starts, i, side="right")) - 1
-        row = pickle.loads(self._chunks[k][i - int(self._starts[k])].as_py())
-        if self._token_chunks is not None:
-            packed = self._token_chunks[k][i - int(self._starts[k])].as_py()
-            if packed is not None:
-                row[PRETOKENIZED] = unpack_tokens(packed)
-        return row
+    def read(self, start: int, end: int) -> tuple[list[dict], list[SftTokens | None]]:
+        idx = self.indices[start:end]
+        rows = list(map(pickle.loads, self._store.column("row").values(idx)))
+        return rows, list(map(unpack_tokens, self._store.column("tokens").values(idx)))
 
     def _rows(self, indices: np.ndarray) -> list[dict]:
-        """Rows at store indices, with one take per record batch they fall in."""
-        chunk_of = np.searchsorted(self._starts, indices, side="right") - 1
-        out: list = [None] * len(indices)
-        for k in np.unique(chunk_of).tolist():
-            where = np.flatnonzero(chunk_of == k)
-            local = pa.array(indices[where] - self._starts[k])
-            rows = map(pickle.loads, self._chunks[k].take(local).to_pylist())
-            tokens = self._token_chunks[k].take(local).to_pylist() if self._token_chunks is not None else None
-            for n, (j, row) in enumerate(zip(where.tolist(), rows)):
-                if tokens is not None and tokens[n] is not None:
-                    row[PRETOKENIZED] = unpack_tokens(tokens[n])
-                out[j] = row
-        return out
+        rows = list(map(pickle.loads, self._store.column("row").values(indices)))
+        if self._tokens:
+            for row, t in zip(rows, map(unpack_tokens, self._store.column("tokens").values(indices))):
+                if t is not None:
+                    row[PRETOKENIZED] = t
+        return rows
 
     def __getitem__(self, k):
         if isinstance(k, slice):
             return self._rows(self.indices[k])
-        return self._row(int(self.indices[k]))
+        return self._rows(self.indices[[k]])[0]
 
     def __iter__(self) -> Iterator[dict]:
         for i in range(0, len(self.indices), BATCH):
@@ -175,7 +193,7 @@ def _cleaned(rows: list[dict], res: cl.Cleaned) -> list[dict]:
     return cl._filter(rows, c, res)
 
 
-def _measured(rows: list[dict], res: cl.Cleaned) -> tuple[list[dict], list[int], list[bytes | None]]:
+def _measured(rows: list[dict], res: cl.Cleaned) -> tuple[list[dict], list[int], list[bytes]]:
     """Step 3: token lengths and the overlong filter; with a `tokens_of` (SFT) the rows' SftTokens
     come with the lengths, so the encoder does not tokenize the rows again."""
     w, c = _W, _W["data"]
@@ -186,7 +204,7 @@ def _measured(rows: list[dict], res: cl.Cleaned) -> tuple[list[dict], list[int],
     if c.overlong == "drop" and w["max_tokens"]:
         tokens = [t for t, n in zip(tokens, lengths) if n <= w["max_tokens"]]  # as _drop_overlong keeps
         rows, lengths = cl._drop_overlong(rows, lengths, w["max_tokens"], res)
-    return rows, lengths, [None if t is None else pack_tokens(t) for t in tokens]
+    return rows, lengths, [b"" if t is None else pack_tokens(t) for t in tokens]
 
 
 def _features(rows: list[dict]) -> dict:

@@ -9,51 +9,142 @@ num_proc is. Skip limits (method.max_skip_fraction) are checked once on the whol
 the chunks' merged counts. KTO, whose examples are paired across the split (KL partners), is
 encoded in chunks too (`method.encode_chunk` with each chunk's start row), then linked by
 `method.link_split` reading the memory-mapped chunks. Other methods are encoded in one call.
+
+The main process only writes: a worker reads its chunk of a row-store split itself (bounds, not
+rows, are sent), encodes it to Arrow tables (SFT rows that carry their tokens straight from numpy,
+distft/data/sft_arrow.py) and renders the split's row copies (`RowCopies`: data/<split>.jsonl and
+the val/test rows), so nothing of a chunk but its tables and texts crosses processes.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import math
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+import numpy as np
+
 from distft.data.collate import pack_bins
 from distft.data.preference import Skips
-from distft.data.rows import Rows, RowWriter, write_rows
+from distft.data.rows import BATCH, Rows, RowWriter, json_table, narrowest, write_rows
 from distft.data.schemas import length_text
-from distft.data.sft_format import SftTokens, encode_texts, render, sft_tokens
+from distft.data.sft_format import PRETOKENIZED, SftTokens, encode_texts, render, sft_tokens
 from distft.errors import DataError
 
-CHUNK = 2000
+CHUNK = 2000  # a multiple of rows.BATCH: a chunk's tables are the batches one writer of the split cuts
 _WORKER: dict = {}
 
 
-def _init(method, tokenizer, cfg, train: bool) -> None:
-    _WORKER.update(method=method, tokenizer=tokenizer, cfg=cfg, train=train)
+def _init(method, tokenizer, cfg, train: bool, part=None, copies: bool = False, jsons: bool = False) -> None:
+    _WORKER.update(method=method, tokenizer=tokenizer, cfg=cfg, train=train, part=part)
+    _WORKER.update(copies=copies, jsons=jsons)
 
 
-def _encode_chunk(chunk: tuple[int, list[dict]]) -> tuple[list[dict], dict]:
-    w, (start, rows) = _WORKER, chunk
-    if hasattr(w["method"], "encode_chunk"):  # examples that refer to their row's place in the split
-        return w["method"].encode_chunk(rows, w["tokenizer"], w["cfg"], w["train"], start)
-    return w["method"].encode(rows, w["tokenizer"], w["cfg"], train=w["train"])
+def copy_texts(rows: list[dict], jsons: bool) -> tuple[bytes, list[str] | None]:
+    """The rows as data/<name>.jsonl lines (without `_src`) and, with `jsons`, as the json
+    encoding's texts (`rows.json_table`)."""
+    lines = "".join(json.dumps({k: v for k, v in r.items() if k != "_src"}, default=str) + "\n" for r in rows)
+    return lines.encode("utf-8"), [json.dumps(r, default=str) for r in rows] if jsons else None
 
 
-def _chunks(part: list[dict]) -> Iterator[tuple[int, list[dict]]]:
-    yield 0, part[:CHUNK]  # an empty split still gets the encoder's stats
-    for i in range(CHUNK, len(part), CHUNK):
-        yield i, part[i : i + CHUNK]
+def _encode_chunk(chunk: tuple[int, int, list[dict] | None]):
+    """One chunk's (encoding, table) batches, example lengths, stats and row copies. A chunk of a
+    StoreRows split comes as its bounds and is read here (in the worker, from the memory-mapped
+    store), so rows are never pickled; SFT rows with their tokens take `sft_tables`."""
+    w, (start, end, rows) = _WORKER, chunk
+    method, tokenizer, cfg = w["method"], w["tokenizer"], w["cfg"]
+    tokens: list = []
+    if rows is None:
+        rows, tokens = w["part"].read(start, end)
+    copied = copy_texts(rows, w["jsons"]) if w["copies"] else None
+    out = None
+    if getattr(method, "encodes_sft_tokens", False) and tokens and all(t is not None for t in tokens):
+        from distft.data.sft_arrow import sft_tables
+        from distft.data.vision import refuse_images
+
+        refuse_images(rows, cfg.model.name_or_path)  # as SFT.encode does first
+        out = sft_tables(tokens, tokenizer.eos_token_id, cfg.data.max_length, cfg.method.train_on_prompt)
+    if out is None:
+        for row, t in zip(rows, tokens):
+            if t is not None:
+                row[PRETOKENIZED] = t
+        if hasattr(method, "encode_chunk"):  # examples that refer to their row's place in the split
+            examples, stats = method.encode_chunk(rows, tokenizer, cfg, w["train"], start)
+        else:
+            examples, stats = method.encode(rows, tokenizer, cfg, train=w["train"])
+        tables = [narrowest(examples[i : i + BATCH]) for i in range(0, len(examples), BATCH)]
+        lengths = np.fromiter((len(ex["input_ids"]) for ex in examples if "input_ids" in ex), dtype=np.int64)
+        out = tables, lengths, stats
+    return (*out, copied)
 
 
-def _encoded(part, method, tokenizer, cfg, train: bool, num_proc: int) -> Iterator[tuple[list[dict], dict]]:
-    """Each chunk's examples and stats in order; workers inherit the tokenizer and method (fork),
-    nothing is pickled but rows, and only a few chunks are read ahead of the writer."""
+def _chunks(part: Sequence[dict]) -> Iterator[tuple[int, int, list[dict] | None]]:
+    """(start, end, rows) of each chunk; rows None where the worker reads them (StoreRows)."""
+    reads = hasattr(part, "read")
+    for i in range(0, max(len(part), 1), CHUNK):  # an empty split still gets the encoder's stats
+        end = min(i + CHUNK, len(part))
+        yield i, end, None if reads else list(part[i:end])
+
+
+def _encoded(part, method, tokenizer, cfg, train: bool, num_proc: int, copies) -> Iterator[tuple]:
+    """Each chunk's `_encode_chunk` in order; workers inherit the tokenizer, method and split
+    (fork), and only a few chunks are read ahead of the writer."""
     from distft.data.batched import ordered
 
     n = num_proc if len(part) > CHUNK else 1
-    for job in ordered(_encode_chunk, _chunks(part), n, _init, (method, tokenizer, cfg, train)):
+    initargs = (method, tokenizer, cfg, train, part, copies is not None, bool(copies and copies.jsons))
+    for job in ordered(_encode_chunk, _chunks(part), n, _init, initargs):
         yield job()
+    _WORKER.clear()  # with num_proc=1 this process was the worker: let the split go
+
+
+class RowCopies:
+    """A split's rows written while it is encoded, in two more forms: `jsonl` (data/<name>.jsonl,
+    the run dir's inspectable copy) and, when `rows` is given, an Arrow file of the rows in the json
+    encoding (val/test rows for generation), cut in rows.BATCH rows as `write_rows` cuts them.
+    The workers render the texts (`copy_texts`); this process only writes them."""
+
+    def __init__(self, jsonl: Path, rows: Path | None = None):
+        self.jsonl, self.rows, self.jsons = jsonl, rows, rows is not None
+        self._file, self._writer, self._pending = None, None, []
+
+    def open(self) -> None:
+        self.close()
+        self.jsonl.parent.mkdir(parents=True, exist_ok=True)
+        self._file = open(self.jsonl, "wb")
+        self._writer = RowWriter(self.rows, "json") if self.rows is not None else None
+        self._pending = []
+
+    def add(self, copied: tuple[bytes, list[str] | None]) -> None:
+        lines, texts = copied
+        self._file.write(lines)
+        if self._writer is not None:
+            self._pending += texts
+            while len(self._pending) >= BATCH:
+                self._writer.add_table("json", json_table(self._pending[:BATCH]))
+                del self._pending[:BATCH]
+
+    def write(self, part: Sequence[dict]) -> None:
+        """All of them, in this process (a split encoded in one call)."""
+        self.open()
+        for i in range(0, len(part), CHUNK):
+            self.add(copy_texts(list(part[i : i + CHUNK]), self.jsons))
+        self.close()
+
+    def close(self) -> str | None:
+        """Flush; the rows file's encoding ("json"), or None without one."""
+        if self._file is None:
+            return None
+        self._file.close()
+        self._file = None
+        if self._writer is None:
+            return None
+        if self._pending:
+            self._writer.add_table("json", json_table(self._pending))
+        self._writer, writer = None, self._writer
+        return writer.close().encoding
 
 
 def row_wise(method) -> bool:
@@ -92,33 +183,54 @@ def _chunk_cfg(cfg, packing: bool):
 
 
 def encode_split(
-    name: str, part: Sequence[dict], train: bool, cfg, method, tokenizer, folder: Path
+    name: str,
+    part: Sequence[dict],
+    train: bool,
+    cfg,
+    method,
+    tokenizer,
+    folder: Path,
+    copies: RowCopies | None = None,
 ) -> tuple[Rows, dict]:
-    """The split's examples in folder/<name>.arrow (memory-mapped) and the encoder's stats."""
+    """The split's examples in folder/<name>.arrow (memory-mapped) and the encoder's stats; with
+    `copies`, the split's rows are written there too (by the same workers)."""
     path = folder / f"{name}.arrow"
     if not chunked(method):
+        if copies is not None:
+            copies.write(part)
         examples, stats = method.encode(list(part), tokenizer, cfg, train=train)
         return Rows(path, write_rows(path, examples)), stats
     packing = train and cfg.data.packing and row_wise(method)
     linked = hasattr(method, "link_split")
     run_cfg = _chunk_cfg(cfg, packing)
     stats: dict = {}
-    lengths: list[int] = []
+    lengths: list[np.ndarray] = []
     first = folder / f"{name}.{'unpacked' if packing else 'unlinked'}.arrow"
     writer = RowWriter(first if packing or linked else path)
+    if copies is not None:
+        copies.open()
     try:
-        for examples, chunk_stats in _encoded(part, method, tokenizer, run_cfg, train, cfg.data.num_proc):
-            writer.add(examples)
-            lengths += [len(ex["input_ids"]) for ex in examples if "input_ids" in ex]
+        for tables, chunk_lengths, chunk_stats, copied in _encoded(
+            part, method, tokenizer, run_cfg, train, cfg.data.num_proc, copies
+        ):
+            for encoding, table in tables:
+                writer.add_table(encoding, table)
+            lengths.append(chunk_lengths)
             _merge(stats, chunk_stats)
+            if copies is not None:
+                copies.add(copied)
     except DataError:
         if row_wise(method):
             raise
         # A check of one chunk (e.g. RL's "every prompt is too long") may not hold for the whole
         # split: encode it in one call, which raises only when the split fails it.
         writer.close()
+        if copies is not None:
+            copies.write(part)
         examples, stats = method.encode(list(part), tokenizer, cfg, train=train)
         return Rows(path, write_rows(path, examples)), stats
+    if copies is not None:
+        copies.close()
     if "skipped_first" in stats:
         what = getattr(method, "skip_what", "preference")
         Skips.of_split(stats, cfg.method.max_skip_fraction, what).check(len(part))
@@ -130,12 +242,13 @@ def encode_split(
         del rows
         first.unlink()
         return out.close(), stats
-    ordered = sorted(lengths) or [0]
+    all_lengths = np.concatenate(lengths).tolist() if lengths else []
+    ordered = sorted(all_lengths) or [0]
     if "tokens_p50" in stats:
         stats["tokens_p50"] = ordered[len(ordered) // 2]
     if not packing:
         return rows, stats
-    bins = pack_bins(lengths, cfg.data.max_length)
+    bins = pack_bins(all_lengths, cfg.data.max_length)
     packed = RowWriter(path)
     for start in range(0, len(bins), CHUNK):
         batch = []

@@ -55,7 +55,7 @@ def _permutations():
     return m.scheme, m.permutations
 
 
-SIG_SHINGLES = 1 << 16  # shingles permuted in one numpy step (x 128 x 4 bytes)
+SIG_SHINGLES = 1 << 14  # shingles permuted in one numpy step, in one reused buffer of 128 x them x 4 bytes
 _DIGEST = operator.methodcaller("digest")
 
 
@@ -102,7 +102,9 @@ def _other(texts: list[str]):
 def _minimums(hashes, counts, out) -> None:
     """out[k] = the MinHash of text k, whose shingle hashes are the next counts[k] of `hashes`:
     datasketch's MurmurHash3 finalizer, affine permutations (uint32 arithmetic wraps, as
-    datasketch's does) and the minimum, for SIG_SHINGLES shingles of many texts per step."""
+    datasketch's does) and the minimum, for SIG_SHINGLES shingles of many texts per step. The
+    steps permute in place in one buffer (8 MB): fresh arrays of this size are mapped and faulted
+    in by the allocator at every step, which cost 3x the arithmetic."""
     import numpy as np
     from datasketch.minhash import _fmix
 
@@ -111,11 +113,16 @@ def _minimums(hashes, counts, out) -> None:
     mixed = _fmix(hashes, 32)
     ends = np.cumsum(counts)
     starts = ends - counts
+    buf = np.empty((len(a), SIG_SHINGLES), np.uint32)
     i = 0
     while i < len(counts):
         j = max(i + 1, int(np.searchsorted(ends, starts[i] + SIG_SHINGLES, side="right")))
         lo, hi = starts[i], ends[j - 1]
-        permuted = a * mixed[lo:hi].reshape(1, -1) + b  # [128, shingles]
+        if hi - lo > buf.shape[1]:  # one text longer than a step
+            buf = np.empty((len(a), hi - lo), np.uint32)
+        permuted = buf[:, : hi - lo]  # [128, shingles]
+        np.multiply(a, mixed[lo:hi].reshape(1, -1), out=permuted)
+        permuted += b
         out[i:j] = np.minimum.reduceat(permuted, starts[i:j] - lo, axis=1).T  # each text has >= 1
         i = j
 

@@ -19,11 +19,11 @@ from pathlib import Path
 from distft.continual import mix_replay
 from distft.data import cache as data_cache
 from distft.data import report as data_report
-from distft.data.batched import Store, StoreRows, prepare_rows
+from distft.data.batched import Store, prepare_rows
 from distft.data.collate import packing_efficiency
-from distft.data.encode import encode_split, row_wise, sft_lengths_and_tokens, token_lengths
+from distft.data.encode import RowCopies, encode_split, row_wise, sft_lengths_and_tokens, token_lengths
 from distft.data.prepared import PreparedData
-from distft.data.rows import Rows, write_rows
+from distft.data.rows import Rows
 from distft.data.schemas import method_kind
 from distft.errors import DataError
 
@@ -113,16 +113,13 @@ def _prepare(cfg, method, tokenizer, encoder, folder: Path, in_memory: bool) -> 
     )
 
 
-def write_prepared(output_dir: Path, data: PreparedData) -> None:
-    """data_report.json and the cleaned, split rows (canonical form) as JSONL in data/."""
+def write_prepared(output_dir: Path, data: PreparedData, rows: bool = True) -> None:
+    """data_report.json and (with `rows`) the cleaned, split rows (canonical form) as JSONL in data/
+    (`encode.copy_texts` renders them: the cache entry's copies are written while encoding)."""
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "data_report.json").write_text(json.dumps(data.report, indent=2, default=str))
-    folder = output_dir / "data"
-    folder.mkdir(exist_ok=True)
-    for name, rows in data.split_rows.items():
-        with open(folder / f"{name}.jsonl", "w", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps({k: v for k, v in row.items() if k != "_src"}, default=str) + "\n")
+    for name, part in data.split_rows.items() if rows else ():
+        RowCopies(output_dir / "data" / f"{name}.jsonl").write(part)
 
 
 SPLIT_FILES = ("train", "val", "test", "val_rows", "test_rows")
@@ -130,19 +127,19 @@ COPY_LIMIT = 64 << 20  # the run dir gets its own copy of data/*.jsonl below thi
 
 
 def _build_entry(cfg, method, tokenizer, root: Path, key: str) -> None:
-    """Prepare and write one cache entry (the caller holds the key's writer lock)."""
+    """Prepare and write one cache entry (the caller holds the key's writer lock). The encoding
+    workers also render data/<split>.jsonl and the val/test rows, written as chunks come back."""
     tmp = data_cache.new_tmp(root, key)
 
     def to_arrow(name, part, train, cfg, method, tokenizer):
-        if isinstance(part, StoreRows):  # with the SftTokens cleaning computed (if any)
-            part = part.with_tokens()
-        return encode_split(name, part, train, cfg, method, tokenizer, tmp)
+        held_out = tmp / f"{name}_rows.arrow" if name != "train" else None
+        copies = RowCopies(tmp / "data" / f"{name}.jsonl", held_out)
+        return encode_split(name, part, train, cfg, method, tokenizer, tmp, copies)
 
     data = prepare(cfg, method, tokenizer, to_arrow, tmp)
-    write_prepared(tmp, data)
+    write_prepared(tmp, data, rows=False)
     encodings = {name: getattr(data, name).encoding for name in ("train", "val", "test")}
-    for name in ("val_rows", "test_rows"):
-        encodings[name] = write_rows(tmp / f"{name}.arrow", getattr(data, name), "json")
+    encodings.update(val_rows="json", test_rows="json")  # RowCopies write them in the json encoding
     del data
     (tmp / "rows.arrow").unlink()  # the cleaned rows' store (data/*.jsonl and the splits keep them)
     meta = {"key": key, "encodings": encodings, "created": time.time()}

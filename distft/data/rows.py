@@ -52,8 +52,7 @@ def token_table(rows: list[dict], encoding: str = "tokens") -> pa.Table | None:
     if not all(np.array_equal(offsets, a.offsets.to_numpy()) for a in (labels, pos)):
         return None
     i, lab, p = (a.values.to_numpy(zero_copy_only=False) for a in (ids, labels, pos))
-    id_type = np.uint16 if encoding == "tokens16" else np.int32
-    if len(i) and (i.min() < np.iinfo(id_type).min or i.max() > np.iinfo(id_type).max):
+    if not _fits(i, encoding):
         return None
     targets = lab == i
     if not np.all(targets | (lab == IGNORE)):
@@ -69,16 +68,42 @@ def token_table(rows: list[dict], encoding: str = "tokens") -> pa.Table | None:
     starts_flat = np.nonzero(restart)[0]
     starts_row = row_of[starts_flat]
     starts_off = np.searchsorted(starts_row, np.arange(len(rows) + 1))
-    local = (starts_flat - offsets[:-1][starts_row]).astype(np.int32)
+    local = starts_flat - offsets[:-1][starts_row]
+    return _token_arrays(offsets, i, targets, starts_off, local, encoding)
+
+
+def _fits(ids: np.ndarray, encoding: str) -> bool:
+    id_type = np.uint16 if encoding == "tokens16" else np.int32
+    return not len(ids) or (ids.min() >= np.iinfo(id_type).min and ids.max() <= np.iinfo(id_type).max)
+
+
+def _token_arrays(offsets, ids, targets, starts_off, starts_local, encoding: str) -> pa.Table:
+    """The table of the token encodings from flat arrays: row offsets, ids, target flags, and per
+    row the offsets into the flat local starts of its position runs."""
+    id_type = np.uint16 if encoding == "tokens16" else np.int32
     row_offsets = pa.array(offsets.astype(np.int32))
     return pa.table(
         {
-            "input_ids": pa.ListArray.from_arrays(row_offsets, pa.array(i.astype(id_type))),
+            "input_ids": pa.ListArray.from_arrays(row_offsets, pa.array(ids.astype(id_type))),
             "targets": pa.ListArray.from_arrays(row_offsets, pa.array(targets)),
-            "starts": pa.ListArray.from_arrays(pa.array(starts_off.astype(np.int32)), pa.array(local)),
+            "starts": pa.ListArray.from_arrays(
+                pa.array(starts_off.astype(np.int32)), pa.array(starts_local.astype(np.int32))
+            ),
         },
         schema=SCHEMAS[encoding],
     )
+
+
+def unpacked_token_table(offsets: np.ndarray, ids: np.ndarray, targets: np.ndarray) -> tuple | None:
+    """The narrowest token encoding of unpacked, non-empty examples given as flat arrays (row
+    offsets, int64 ids, target flags; positions 0, 1, 2, ... in each row): the table `token_table`
+    makes of the same rows as lists (`narrowest`'s choice, without the lists); None beyond int32."""
+    n = len(offsets) - 1
+    encoding = "tokens16" if _fits(ids, "tokens16") else "tokens"
+    if not _fits(ids, encoding):
+        return None
+    zeros = np.zeros(n, dtype=np.int64)
+    return encoding, _token_arrays(offsets, ids, targets, np.arange(n + 1), zeros, encoding)
 
 
 def encoded(rows: list[dict], encoding: str) -> pa.Table | None:
@@ -86,14 +111,43 @@ def encoded(rows: list[dict], encoding: str) -> pa.Table | None:
     return _json_batch(rows) if encoding == "json" else token_table(rows, encoding)
 
 
+def narrowest(rows: list[dict], start: str | None = None) -> tuple[str, pa.Table]:
+    """A batch in the narrowest encoding it fits, from `start` on (the widest so far)."""
+    for encoding in ENCODINGS[ENCODINGS.index(start or ENCODINGS[0]) :]:
+        table = encoded(rows, encoding)
+        if table is not None:
+            return encoding, table
+    raise AssertionError("json fits every row")
+
+
+def json_table(texts: list[str]) -> pa.Table:
+    """The json encoding of rows already dumped (`json.dumps(row, default=str)`)."""
+    return pa.table({"json": texts}, schema=JSON_SCHEMA)
+
+
 def _json_batch(rows: list[dict]) -> pa.Table:
-    return pa.table({"json": [json.dumps(r, default=str) for r in rows]}, schema=JSON_SCHEMA)
+    return json_table([json.dumps(r, default=str) for r in rows])
+
+
+def decode_table(table: pa.Table, encoding: str) -> list[dict]:
+    """The rows of a table in one of the encodings (`Rows` reads its file row by row so)."""
+    return [_decode_row(row, encoding) for row in table.to_pylist()]
+
+
+def _decode_row(row: dict, encoding: str) -> dict:
+    if encoding == "json":
+        return json.loads(row["json"])
+    ids, targets, starts = row["input_ids"], row["targets"], row["starts"]
+    labels = [t if keep else IGNORE for t, keep in zip(ids, targets)]
+    bounds = [*starts, len(ids)]
+    position_ids = [j for a, b in zip(bounds, bounds[1:]) for j in range(b - a)]
+    return {"input_ids": ids, "labels": labels, "position_ids": position_ids}
 
 
 class RowWriter:
     """Write rows batch by batch in the narrowest encoding every batch so far fits (tokens16, then
     tokens, then json); from the first batch that does not fit, the whole file is rewritten in the
-    next encoding that does."""
+    next encoding that does. `add_table` takes a batch a worker has already encoded (`narrowest`)."""
 
     def __init__(self, path: Path, encoding: str | None = None):
         from datasets.arrow_writer import ArrowWriter
@@ -107,13 +161,16 @@ class RowWriter:
 
     def add(self, rows: list[dict]) -> None:
         for i in range(0, len(rows), BATCH):
-            self._add(rows[i : i + BATCH])
+            self._write(*narrowest(rows[i : i + BATCH], self.encoding))
 
-    def _add(self, batch: list[dict]) -> None:
-        for encoding in ENCODINGS[ENCODINGS.index(self.encoding or ENCODINGS[0]) :]:
-            table = encoded(batch, encoding)
-            if table is not None:
-                break
+    def add_table(self, encoding: str, table: pa.Table) -> None:
+        """One batch (of at most BATCH rows) in the narrowest encoding it fits: written as `add`
+        writes its rows (in the file's encoding when that is wider)."""
+        if self.encoding is not None and ENCODINGS.index(encoding) < ENCODINGS.index(self.encoding):
+            encoding, table = self.encoding, encoded(decode_table(table, encoding), self.encoding)
+        self._write(encoding, table)
+
+    def _write(self, encoding: str, table: pa.Table) -> None:
         if self._writer is None:
             self._open(encoding)
         elif encoding != self.encoding:  # wider: rewrite what is written in it
@@ -123,7 +180,7 @@ class RowWriter:
             for k in range(0, len(old), BATCH):
                 self._writer.write_table(encoded(old[k : k + BATCH], encoding))
         self._writer.write_table(table)
-        self.count += len(batch)
+        self.count += table.num_rows
 
     def close(self) -> Rows:
         if self._writer is None:
@@ -167,14 +224,7 @@ class Rows(Sequence):
         return self._len
 
     def _decode(self, i: int) -> dict:
-        row = self._table.slice(i, 1).to_pylist()[0]
-        if self.encoding == "json":
-            return json.loads(row["json"])
-        ids, targets, starts = row["input_ids"], row["targets"], row["starts"]
-        labels = [t if keep else IGNORE for t, keep in zip(ids, targets)]
-        bounds = [*starts, len(ids)]
-        position_ids = [j for a, b in zip(bounds, bounds[1:]) for j in range(b - a)]
-        return {"input_ids": ids, "labels": labels, "position_ids": position_ids}
+        return _decode_row(self._table.slice(i, 1).to_pylist()[0], self.encoding)
 
     def __getitem__(self, i):
         if isinstance(i, slice):

@@ -31,6 +31,7 @@ class SFT(Method):
     config = SFTConfig
     auto_class = None  # AutoModelForCausalLM
     data_schema = "sft"  # trains on prompt/completion, Alpaca, chat messages, ShareGPT rows
+    encodes_sft_tokens = True  # encode below is the one distft/data/sft_arrow.py does on arrays
     eval_metrics = GENERATION_METRICS
 
     @staticmethod
