@@ -118,3 +118,33 @@ def heldout_loss(model_dir: Path, tokenizer_dir: Path, rows: list[dict], batch: 
         total += float(F.cross_entropy(flat, labels_t[:, 1:].reshape(-1), ignore_index=-100, reduction="sum"))
         count += int((labels_t[:, 1:] != -100).sum())
     return total / count
+
+
+def time_forward_backward(sides: dict, repeats: int, zero_grad) -> tuple[dict, list[float]]:
+    """Alternating forward + backward of each side's loss (`sides`: name -> a function returning
+    it), `repeats` rounds after one warm-up round; per side its wall and CPU seconds and losses,
+    and the 1-minute load at each timed run (bench/scored_head.py, bench/varlen_attention.py)."""
+    res: dict[str, dict[str, list[float]]] = {s: {"wall": [], "cpu": [], "loss": []} for s in sides}
+    load = []
+    for rep in range(repeats + 1):  # the first round warms up and is not counted
+        for side in sides if rep % 2 == 0 else reversed(list(sides)):
+            zero_grad()
+            w0, c0 = time.perf_counter(), time.process_time()
+            loss = sides[side]()
+            loss.backward()
+            wall, cpu = time.perf_counter() - w0, time.process_time() - c0
+            if rep:
+                res[side]["wall"].append(wall)
+                res[side]["cpu"].append(cpu)
+                res[side]["loss"].append(float(loss.detach()))
+                load.append(load_average())
+    return res, load
+
+
+def print_timings(res: dict, after: str, before: str) -> None:
+    """Each side's seconds and first loss, then the after/before ratios (`time_forward_backward`)."""
+    for side, r in res.items():
+        print(f"{side:7s} wall {spread(r['wall'])} s, CPU {spread(r['cpu'])} s, loss {r['loss'][0]:.6f}")
+    for k in ("wall", "cpu"):
+        ratios = [x / y for x, y in zip(res[after][k], res[before][k])]
+        print(f"{after}/{before} {k}: {spread(ratios)}")

@@ -13,11 +13,9 @@ max, and the scored/full ratios; the loss of both sides (must agree).
 from __future__ import annotations
 
 import argparse
-import os
-import statistics
-import time
 
 import torch
+from common import print_timings, spread, time_forward_backward
 
 
 def main() -> None:
@@ -45,34 +43,13 @@ def main() -> None:
         "full": lambda: model_nll(model, batch, 0, full_inputs),  # explicit inputs: every position
         "scored": lambda: model_nll(model, batch),
     }
-    res: dict[str, dict[str, list[float]]] = {s: {"wall": [], "cpu": [], "loss": []} for s in sides}
-    load = []
-    for rep in range(a.repeats + 1):  # the first round warms up and is not counted
-        for side in sides if rep % 2 == 0 else reversed(list(sides)):
-            model.zero_grad(set_to_none=True)
-            w0, c0 = time.perf_counter(), time.process_time()
-            loss = sides[side]()
-            loss.backward()
-            wall, cpu = time.perf_counter() - w0, time.process_time() - c0
-            if rep:
-                res[side]["wall"].append(wall)
-                res[side]["cpu"].append(cpu)
-                res[side]["loss"].append(float(loss.detach()))
-                load.append(os.getloadavg()[0])
+    res, load = time_forward_backward(sides, a.repeats, lambda: model.zero_grad(set_to_none=True))
     scored = float((labels[:, 1:] != -100).float().mean())
-
-    def spread(v: list[float]) -> str:
-        return f"{min(v):.2f} / {statistics.median(v):.2f} / {max(v):.2f}"
-
     print(
         f"{a.rows} x {a.length} tokens, {scored:.0%} scored, vocabulary {model.config.vocab_size}, "
         f"{a.repeats} alternating repeats, 1 thread, 1-minute load {spread(load)}"
     )
-    for side, r in res.items():
-        print(f"{side:7s} wall {spread(r['wall'])} s, CPU {spread(r['cpu'])} s, loss {r['loss'][0]:.4f}")
-    for k in ("wall", "cpu"):
-        ratios = [x / y for x, y in zip(res["scored"][k], res["full"][k])]
-        print(f"scored/full {k}: {spread(ratios)}")
+    print_timings(res, "scored", "full")
 
 
 if __name__ == "__main__":

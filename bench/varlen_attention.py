@@ -16,12 +16,10 @@ from __future__ import annotations
 import argparse
 import copy
 import math
-import os
 import random
-import statistics
-import time
 
 import torch
+from common import print_timings, spread, time_forward_backward
 
 
 def packed_positions(rows: int, length: int, seed: int) -> torch.Tensor:
@@ -62,36 +60,19 @@ def main() -> None:
     labels = ids.clone()
     labels[:, ::2] = -100
     batch = {"input_ids": ids, "labels": labels, "position_ids": pos}
-    sides = {"masked": masked, "varlen": varlen}
-    res: dict[str, dict[str, list[float]]] = {s: {"wall": [], "cpu": [], "loss": []} for s in sides}
-    load = []
-    for rep in range(a.repeats + 1):  # the first round warms up and is not counted
-        for side in sides if rep % 2 == 0 else reversed(list(sides)):
-            model = sides[side]
-            model.zero_grad(set_to_none=True)
-            w0, c0 = time.perf_counter(), time.process_time()
-            loss = model_nll(model, batch)
-            loss.backward()
-            wall, cpu = time.perf_counter() - w0, time.process_time() - c0
-            if rep:
-                res[side]["wall"].append(wall)
-                res[side]["cpu"].append(cpu)
-                res[side]["loss"].append(float(loss.detach()))
-                load.append(os.getloadavg()[0])
+    sides = {"masked": lambda: model_nll(masked, batch), "varlen": lambda: model_nll(varlen, batch)}
+
+    def zero_grad() -> None:
+        masked.zero_grad(set_to_none=True)
+        varlen.zero_grad(set_to_none=True)
+
+    res, load = time_forward_backward(sides, a.repeats, zero_grad)
     examples = int((torch.diff(pos, dim=-1) != 1).sum()) + a.rows
-
-    def spread(v: list[float]) -> str:
-        return f"{min(v):.2f} / {statistics.median(v):.2f} / {max(v):.2f}"
-
     print(
         f"{a.rows} x {a.length} tokens packed from {examples} examples, {a.repeats} alternating repeats, "
         f"1 thread, 1-minute load {spread(load)}"
     )
-    for side, r in res.items():
-        print(f"{side:7s} wall {spread(r['wall'])} s, CPU {spread(r['cpu'])} s, loss {r['loss'][0]:.6f}")
-    for k in ("wall", "cpu"):
-        ratios = [x / y for x, y in zip(res["varlen"][k], res["masked"][k])]
-        print(f"varlen/masked {k}: {spread(ratios)}")
+    print_timings(res, "varlen", "masked")
 
 
 if __name__ == "__main__":
