@@ -40,7 +40,7 @@ from distft.data.schemas import (
     to_canonical,
     without_assistant_turn,
 )
-from distft.data.sft_format import PRETOKENIZED, SftTokens
+from distft.data.sft_format import SftTokens
 from distft.data.sources import iter_path, mix_indices
 from distft.data.split import split_indices
 from distft.errors import DataError
@@ -126,33 +126,22 @@ def unpack_tokens(b) -> SftTokens | None:
 
 class StoreRows(Sequence):
     """Rows of a Store by index: row k is decoded when it is asked for, read straight from the
-    memory-mapped file (O(1) a row, whatever the order). `with_tokens()`: the same rows carrying
-    their SftTokens (sft_format.PRETOKENIZED) where the store has them, for the SFT encoder only;
-    `read(a, b)`: rows a..b and their SftTokens apart (what an encoding worker reads)."""
+    memory-mapped file (O(1) a row, whatever the order). `read(a, b)`: rows a..b and their
+    SftTokens apart (what an encoding worker reads)."""
 
-    def __init__(self, store: Store, indices: np.ndarray, tokens: bool = False):
+    def __init__(self, store: Store, indices: np.ndarray):
         self._store = store
         self.indices = indices
-        self._tokens = tokens
-
-    def with_tokens(self) -> StoreRows:
-        return StoreRows(self._store, self.indices, tokens=True)
 
     def __len__(self) -> int:
         return len(self.indices)
 
     def read(self, start: int, end: int) -> tuple[list[dict], list[SftTokens | None]]:
         idx = self.indices[start:end]
-        rows = list(map(pickle.loads, self._store.column("row").values(idx)))
-        return rows, list(map(unpack_tokens, self._store.column("tokens").values(idx)))
+        return self._rows(idx), list(map(unpack_tokens, self._store.column("tokens").values(idx)))
 
     def _rows(self, indices: np.ndarray) -> list[dict]:
-        rows = list(map(pickle.loads, self._store.column("row").values(indices)))
-        if self._tokens:
-            for row, t in zip(rows, map(unpack_tokens, self._store.column("tokens").values(indices))):
-                if t is not None:
-                    row[PRETOKENIZED] = t
-        return rows
+        return list(map(pickle.loads, self._store.column("row").values(indices)))
 
     def __getitem__(self, k):
         if isinstance(k, slice):

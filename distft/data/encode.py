@@ -133,18 +133,18 @@ class RowCopies:
             self.add(copy_texts(list(part[i : i + CHUNK]), self.jsons))
         self.close()
 
-    def close(self) -> str | None:
-        """Flush; the rows file's encoding ("json"), or None without one."""
+    def close(self) -> None:
+        """Flush both files (the rows file is always in the json encoding)."""
         if self._file is None:
-            return None
+            return
         self._file.close()
         self._file = None
         if self._writer is None:
-            return None
+            return
         if self._pending:
             self._writer.add_table("json", json_table(self._pending))
-        self._writer, writer = None, self._writer
-        return writer.close().encoding
+        self._writer.close()
+        self._writer = None
 
 
 def row_wise(method) -> bool:
