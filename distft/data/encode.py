@@ -196,10 +196,7 @@ def encode_split(
     `copies`, the split's rows are written there too (by the same workers)."""
     path = folder / f"{name}.arrow"
     if not chunked(method):
-        if copies is not None:
-            copies.write(part)
-        examples, stats = method.encode(list(part), tokenizer, cfg, train=train)
-        return Rows(path, write_rows(path, examples)), stats
+        return _encode_whole(part, path, train, cfg, method, tokenizer, copies)
     packing = train and cfg.data.packing and row_wise(method)
     linked = hasattr(method, "link_split")
     run_cfg = _chunk_cfg(cfg, packing)
@@ -225,10 +222,7 @@ def encode_split(
         # A check of one chunk (e.g. RL's "every prompt is too long") may not hold for the whole
         # split: encode it in one call, which raises only when the split fails it.
         writer.close()
-        if copies is not None:
-            copies.write(part)
-        examples, stats = method.encode(list(part), tokenizer, cfg, train=train)
-        return Rows(path, write_rows(path, examples)), stats
+        return _encode_whole(part, path, train, cfg, method, tokenizer, copies)
     if copies is not None:
         copies.close()
     if "skipped_first" in stats:
@@ -248,7 +242,24 @@ def encode_split(
         stats["tokens_p50"] = ordered[len(ordered) // 2]
     if not packing:
         return rows, stats
-    bins = pack_bins(all_lengths, cfg.data.max_length)
+    out, stats["packed_sequences"] = _packed(rows, all_lengths, path, cfg.data.max_length)
+    del rows
+    first.unlink()
+    return out, stats
+
+
+def _encode_whole(part, path: Path, train: bool, cfg, method, tokenizer, copies) -> tuple[Rows, dict]:
+    """The split encoded in one call (a method that is not chunked, or a chunk's check that the
+    whole split may still pass), its copies written in this process."""
+    if copies is not None:
+        copies.write(part)
+    examples, stats = method.encode(list(part), tokenizer, cfg, train=train)
+    return Rows(path, write_rows(path, examples)), stats
+
+
+def _packed(rows: Rows, lengths: list[int], path: Path, max_length: int) -> tuple[Rows, int]:
+    """The examples bin-packed (`pack_bins`) into path, a chunk of bins at a time; and the count."""
+    bins = pack_bins(lengths, max_length)
     packed = RowWriter(path)
     for start in range(0, len(bins), CHUNK):
         batch = []
@@ -261,11 +272,7 @@ def encode_split(
                 seq["position_ids"] += ex["position_ids"]
             batch.append(seq)
         packed.add(batch)
-    out = packed.close()
-    del rows
-    first.unlink()
-    stats["packed_sequences"] = len(bins)
-    return out, stats
+    return packed.close(), len(bins)
 
 
 def token_lengths(tokenizer, chunk: int = 10_000):
