@@ -57,7 +57,8 @@ def _worker(rank: int, world: int, port: int, root: str) -> None:
     out = {}
     for family in FAMILIES:
         run_dir = Path(root) / family
-        cfg, composed = load_config([*JOB, f"strategy={family}", f"output_dir={run_dir}"])
+        cache = f"data.cache_dir={root}/data_cache"  # prepared here: the import check covers preparation
+        cfg, composed = load_config([*JOB, f"strategy={family}", f"output_dir={run_dir}", cache])
         trainer = Trainer.build(cfg, composed)  # wrap
         trainer.train()  # 20 steps; the last is saved as checkpoints/latest
         st = trainer.strategy
@@ -71,6 +72,7 @@ def _worker(rank: int, world: int, port: int, root: str) -> None:
         restored = _fingerprint(st)
         out[family] = {"saved": saved, "moved": moved, "restored": restored}
         out[family]["inductor_imported"] = "torch._inductor.compile_fx" in sys.modules
+        out[family]["pandas_imported"] = any(m in sys.modules for m in ("datasets", "pandas"))
     if rank == 0:
         (Path(root) / "checks.json").write_text(json.dumps(out))
     torch.distributed.destroy_process_group()
@@ -115,3 +117,5 @@ def test_wrap_step_save_load_round_trip_per_family(families):
     # DeepSpeed imports its Muon modules, whose decorators ran torch.compile and so imported all of
     # inductor (seconds of the first step); distft.perf.warm.deepspeed_muon defers them to first use.
     assert not checks["zero2"]["inductor_imported"]
+    # Prepared rows are read and written with pyarrow alone: `datasets` imports pandas (~0.4 s a rank)
+    assert not any(checks[f]["pandas_imported"] for f in FAMILIES)

@@ -34,6 +34,7 @@ from distft.data import clean as cl
 from distft.data import near_dedup as nd
 from distft.data.cleaned import EXAMPLES_PER_REASON
 from distft.data.report import first_word
+from distft.data.rows import binary_array
 from distft.data.schemas import (
     assistant_turns_error,
     prompt_and_answer,
@@ -63,10 +64,8 @@ class Store:
 
     def add(self, pickled: list[bytes], tokens: list[bytes] | None = None) -> None:
         if pickled:
-            toks = pa.array(tokens or [b""] * len(pickled), pa.large_binary())
-            self._writer.write_batch(
-                pa.record_batch([pa.array(pickled, pa.large_binary()), toks], schema=SCHEMA)
-            )
+            toks = binary_array(tokens or [b""] * len(pickled))
+            self._writer.write_batch(pa.record_batch([binary_array(pickled), toks], schema=SCHEMA))
 
     def close(self) -> None:
         self._writer.close()

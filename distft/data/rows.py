@@ -1,4 +1,4 @@
-"""Prepared rows in Arrow files, memory-mapped by every rank (`datasets.Dataset.from_file`).
+"""Prepared rows in Arrow files (IPC streams), memory-mapped by every rank.
 
 A split is written once by the preparing rank and read by all: row i is decoded only when it is
 asked for, so a rank's memory holds the rows of its current batches, not the split.
@@ -16,6 +16,7 @@ Three encodings:
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -45,13 +46,9 @@ def token_table(rows: list[dict], encoding: str = "tokens") -> pa.Table | None:
     """The tokens (or tokens16) encoding of a batch, or None when a row does not fit it exactly."""
     if not all(isinstance(r, dict) and tuple(r) == TOKEN_KEYS for r in rows):
         return None
-    ids = pa.array([r["input_ids"] for r in rows], type=pa.list_(pa.int64()))
-    labels = pa.array([r["labels"] for r in rows], type=pa.list_(pa.int64()))
-    pos = pa.array([r["position_ids"] for r in rows], type=pa.list_(pa.int64()))
-    offsets = ids.offsets.to_numpy()
-    if not all(np.array_equal(offsets, a.offsets.to_numpy()) for a in (labels, pos)):
+    (offsets, i), (lab_off, lab), (pos_off, p) = (int_lists([r[k] for r in rows]) for k in TOKEN_KEYS)
+    if not (np.array_equal(offsets, lab_off) and np.array_equal(offsets, pos_off)):
         return None
-    i, lab, p = (a.values.to_numpy(zero_copy_only=False) for a in (ids, labels, pos))
     if not _fits(i, encoding):
         return None
     targets = lab == i
@@ -81,17 +78,15 @@ def _token_arrays(offsets, ids, targets, starts_off, starts_local, encoding: str
     """The table of the token encodings from flat arrays: row offsets, ids, target flags, and per
     row the offsets into the flat local starts of its position runs."""
     id_type = np.uint16 if encoding == "tokens16" else np.int32
-    row_offsets = pa.array(offsets.astype(np.int32))
-    return pa.table(
-        {
-            "input_ids": pa.ListArray.from_arrays(row_offsets, pa.array(ids.astype(id_type))),
-            "targets": pa.ListArray.from_arrays(row_offsets, pa.array(targets)),
-            "starts": pa.ListArray.from_arrays(
-                pa.array(starts_off.astype(np.int32)), pa.array(starts_local.astype(np.int32))
-            ),
-        },
-        schema=SCHEMAS[encoding],
-    )
+    row_offsets = numpy_array(offsets.astype(np.int32))
+    columns = [
+        pa.ListArray.from_arrays(row_offsets, numpy_array(ids.astype(id_type))),
+        pa.ListArray.from_arrays(row_offsets, numpy_array(targets)),
+        pa.ListArray.from_arrays(
+            numpy_array(starts_off.astype(np.int32)), numpy_array(starts_local.astype(np.int32))
+        ),
+    ]
+    return pa.Table.from_arrays(columns, schema=SCHEMAS[encoding])
 
 
 def unpacked_token_table(offsets: np.ndarray, ids: np.ndarray, targets: np.ndarray) -> tuple | None:
@@ -122,7 +117,36 @@ def narrowest(rows: list[dict], start: str | None = None) -> tuple[str, pa.Table
 
 def json_table(texts: list[str]) -> pa.Table:
     """The json encoding of rows already dumped (`json.dumps(row, default=str)`)."""
-    return pa.table({"json": texts}, schema=JSON_SCHEMA)
+    column = binary_array([t.encode() for t in texts], pa.large_string())
+    return pa.Table.from_arrays([column], schema=JSON_SCHEMA)
+
+
+# pa.array() and pa.table() import pandas, to ask whether their input is a pandas object: ~0.25 s
+# of the preparing rank's start. Arrays built from buffers skip that question.
+def numpy_array(values: np.ndarray) -> pa.Array:
+    """A 1-D numpy array of numbers or bools as an Arrow array."""
+    values = np.ascontiguousarray(values)
+    if values.dtype == np.bool_:  # Arrow packs bools in bits
+        return pa.Array.from_buffers(
+            pa.bool_(), len(values), [None, pa.py_buffer(np.packbits(values, bitorder="little"))]
+        )
+    return pa.Array.from_buffers(pa.from_numpy_dtype(values.dtype), len(values), [None, pa.py_buffer(values)])
+
+
+def binary_array(items: Sequence[bytes], type: pa.DataType = pa.large_binary()) -> pa.Array:
+    """A large_binary (or large_string, of UTF-8 items) array of the items."""
+    offsets = np.zeros(len(items) + 1, dtype=np.int64)
+    np.cumsum([len(b) for b in items], out=offsets[1:])
+    data = pa.py_buffer(b"".join(items))
+    return pa.Array.from_buffers(type, len(items), [None, pa.py_buffer(offsets), data])
+
+
+def int_lists(lists: Sequence) -> tuple[np.ndarray, np.ndarray]:
+    """(row offsets, flat int64 values) of lists of integers."""
+    offsets = np.zeros(len(lists) + 1, dtype=np.int64)
+    np.cumsum([len(x) for x in lists], out=offsets[1:])
+    flat = np.fromiter(itertools.chain.from_iterable(lists), dtype=np.int64, count=int(offsets[-1]))
+    return offsets, flat
 
 
 def _json_batch(rows: list[dict]) -> pa.Table:
@@ -150,14 +174,11 @@ class RowWriter:
     next encoding that does. `add_table` takes a batch a worker has already encoded (`narrowest`)."""
 
     def __init__(self, path: Path, encoding: str | None = None):
-        from datasets.arrow_writer import ArrowWriter
-
-        self._arrow_writer = ArrowWriter
         self.path, self.encoding, self._writer, self.count = Path(path), encoding, None, 0
 
     def _open(self, encoding: str) -> None:
         self.encoding = encoding
-        self._writer = self._arrow_writer(path=str(self.path), schema=SCHEMAS[encoding])
+        self._writer = _StreamWriter(self.path, SCHEMAS[encoding])
 
     def add(self, rows: list[dict]) -> None:
         for i in range(0, len(rows), BATCH):
@@ -190,6 +211,30 @@ class RowWriter:
         return Rows(self.path, self.encoding)
 
 
+class _StreamWriter:
+    """An Arrow IPC stream file written in record batches of at most BATCH rows (the layout
+    `datasets`' ArrowWriter wrote: caches from before read the same). pyarrow directly: importing
+    `datasets` (and the pandas it imports) cost every rank ~0.4 s before its first step."""
+
+    def __init__(self, path: Path, schema: pa.Schema):
+        self._schema, self._sink = schema, pa.OSFile(str(path), "wb")
+        self._writer = pa.ipc.new_stream(self._sink, schema)
+
+    def write_table(self, table: pa.Table) -> None:
+        if not table.schema.equals(self._schema):  # e.g. a field's nullability
+            table = table.cast(self._schema)
+        self._writer.write_table(table.combine_chunks(), max_chunksize=BATCH)
+
+    def finalize(self) -> None:
+        self._writer.close()
+        self._sink.close()
+
+
+def read_table(path: Path) -> pa.Table:
+    """A rows file as a table whose buffers are the memory-mapped file (nothing is read yet)."""
+    return pa.ipc.open_stream(pa.memory_map(str(path))).read_all()
+
+
 def write_rows(path: Path, rows: Iterable[dict], encoding: str | None = None) -> str:
     """Write rows to an Arrow file; returns the encoding used (the narrowest every row fits, from
     `encoding` on: "json" forces json)."""
@@ -205,10 +250,8 @@ class Rows(Sequence):
     annotates every example in place (reference log-probs precomputed once) keeps working."""
 
     def __init__(self, path: Path, encoding: str, limit: int | None = None, _table=None):
-        import datasets
-
         self.path, self.encoding = Path(path), encoding
-        self._table = _table if _table is not None else datasets.Dataset.from_file(str(path)).data.table
+        self._table = _table if _table is not None else read_table(path)
         n = self._table.num_rows
         self._len = n if limit is None else min(n, limit)
         self._pinned: list[dict] | None = None
