@@ -67,7 +67,17 @@ INNER = {
     label for label, _, _ in PHASES[PHASES.index(("forward + loss", "distft.methods.sft", "SFT.loss")) :]
 }
 # Libraries a plain full-tuning SFT job should not need to import (each costs seconds).
-HEAVY = ("peft", "bitsandbytes", "deepspeed", "trl", "matplotlib", "matplotlib.pyplot", "datasets", "sklearn")
+HEAVY = (
+    "peft",
+    "bitsandbytes",
+    "deepspeed",
+    "trl",
+    "matplotlib",
+    "matplotlib.pyplot",
+    "datasets",
+    "pandas",
+    "sklearn",
+)
 STAMPS: list[tuple[str, float, float]] = []
 T0 = time.time()
 

@@ -120,8 +120,9 @@ class DataConfig:
     and method settings, the tokenizer and the seed, so every run, resume and sweep trial with the
     same key reuses it. Empty: $XDG_CACHE_HOME/distft/data (~/.cache/distft/data). On several
     nodes, give a directory they all see."""
-    num_proc: int = num(1, ge=1)
-    """Worker processes for reading, cleaning and encoding the data (the result does not depend on it)."""
+    num_proc: int | str = num("auto", ge=1, also=("auto",))
+    """Worker processes for cleaning and encoding the data (the result does not depend on it); auto:
+    the CPUs the preparing process may use, at most 8 (the other ranks wait meanwhile)."""
     group_by_length: bool = False
     """Without packing: put examples of similar length in the same micro-batches (less padding);
     the global batches still do not depend on the world size."""

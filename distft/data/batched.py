@@ -20,6 +20,7 @@ assistant turn.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import multiprocessing as mp
 import pickle
 from collections import deque
@@ -32,6 +33,7 @@ import pyarrow as pa
 
 from distft.data import clean as cl
 from distft.data import near_dedup as nd
+from distft.data import workers
 from distft.data.cleaned import EXAMPLES_PER_REASON
 from distft.data.report import first_word
 from distft.data.rows import binary_array
@@ -233,8 +235,11 @@ def _clean_batch(raw: list[dict]) -> dict:
 def ordered(fn, items: Iterator, num_proc: int, init, initargs) -> Iterator:
     """Calls that give fn(item) for the items in order, computed in num_proc forked workers with
     at most 2 x num_proc batches in flight (reading waits for the workers, so memory holds a few
-    batches, not the file)."""
-    if num_proc <= 1:
+    batches, not the file). A single item runs here: no workers are forked for it."""
+    items = iter(items)
+    head = list(itertools.islice(items, 2))
+    items = itertools.chain(head, items)
+    if num_proc <= 1 or len(head) < 2:
         init(*initargs)
         for item in items:
             yield lambda item=item: fn(item)
@@ -358,7 +363,7 @@ def _clean_all(cfg, lengths_of, tokens_of, store: Store, kind, embedded, seen: S
     initargs = (d, kind, cfg.method.name, lengths_of, d.max_length, near, tokens_of)
     got = Batches()
     batches = _read(seen.specs, d.bad_lines, embedded, seen)
-    for job in ordered(_clean_batch, batches, d.num_proc, _init, initargs):
+    for job in ordered(_clean_batch, batches, workers.count(d), _init, initargs):
         try:
             out = job()
         except DataError as e:  # the first schema error, raised once every source is read

@@ -23,6 +23,7 @@ import re
 import unicodedata
 from collections.abc import Callable
 
+from distft.data import workers
 from distft.data.cleaned import Cleaned
 from distft.data.schemas import prompt_and_answer, required_texts
 from distft.errors import ConfigError
@@ -183,7 +184,7 @@ def clean(
     if c.near_dedup and c.near_dedup_threshold > 0 and len(rows) > 1:  # 5. near duplicates
         from distft.data.near_dedup import near_duplicates
 
-        keep = near_duplicates(rows, c.near_dedup_threshold, res, getattr(c, "num_proc", 1))
+        keep = near_duplicates(rows, c.near_dedup_threshold, res, workers.count(c))
         rows, lengths = _take(rows, lengths, keep)
     res.conflicts = _conflicts(rows)
     res.rows, res.lengths = rows, lengths

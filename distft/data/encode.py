@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from distft.data import workers
 from distft.data.collate import pack_bins
 from distft.data.preference import Skips
 from distft.data.rows import BATCH, Rows, RowWriter, json_table, narrowest, write_rows
@@ -208,7 +209,7 @@ def encode_split(
         copies.open()
     try:
         for tables, chunk_lengths, chunk_stats, copied in _encoded(
-            part, method, tokenizer, run_cfg, train, cfg.data.num_proc, copies
+            part, method, tokenizer, run_cfg, train, workers.count(cfg.data), copies
         ):
             for encoding, table in tables:
                 writer.add_table(encoding, table)

@@ -206,7 +206,7 @@ class RowWriter:
     def close(self) -> Rows:
         if self._writer is None:
             self._open(self.encoding or "json")
-            self._writer.write_table(SCHEMAS[self.encoding].empty_table())
+            self._writer.write_table(pa.Table.from_batches([], schema=SCHEMAS[self.encoding]))
         self._writer.finalize()
         return Rows(self.path, self.encoding)
 
@@ -306,5 +306,6 @@ class Rows(Sequence):
         """Tokens per row from the Arrow offsets (no row decoded); zeros for json rows."""
         if self.encoding not in TOKEN_ENCODINGS:
             return np.zeros(self._len, dtype=np.int64)
-        col = self._table.column("input_ids").combine_chunks()
-        return np.diff(col.offsets.to_numpy())[: self._len]
+        col = self._table.column("input_ids").combine_chunks()  # int32 offsets: `to_numpy` imports pandas
+        offsets = np.frombuffer(col.buffers()[1], dtype=np.int32)[col.offset : col.offset + len(col) + 1]
+        return np.diff(offsets)[: self._len].astype(np.int64)

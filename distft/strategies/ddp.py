@@ -42,13 +42,13 @@ def parallelize(model: torch.nn.Module, cfg, info) -> torch.nn.Module:
 
     ids = [info.device.index] if info.device.type == "cuda" else None
     # Gradients live in the all-reduce buckets (no second copy); buffers (rotary tables) are the
-    # same on every rank by construction, so no per-forward broadcast.
+    # same on every rank by construction: synced once at init, not broadcast every forward.
     return DistributedDataParallel(
         model,
         device_ids=ids,
         bucket_cap_mb=cfg.strategy.bucket_cap_mb,
         gradient_as_bucket_view=True,
-        broadcast_buffers=False,
+        forward_sync_buffers=False,
     )
 
 
