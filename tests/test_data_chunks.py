@@ -50,7 +50,9 @@ def test_kto_is_encoded_in_bounded_chunks_linked_across_them(tmp_path, tok, monk
         return real(rows, tokenizer, cfg, train, start)
 
     monkeypatch.setattr(kto, "encode_chunk", staticmethod(spy))
-    cfg = _cfg(tmp_path, "method=kto", "data.num_examples=300", "data.splits=[1,0,0]")
+    cfg = _cfg(
+        tmp_path, "method=kto", "data.num_examples=300", "data.splits=[1,0,0]", "data.num_proc=1"
+    )  # spied here
     fresh = pipeline.prepare(cfg, kto(cfg, tok), tok)
     cached = pipeline.prepare_cached(cfg, kto(cfg, tok), tok, tmp_path / "run", True, quiet=True)
     assert [s for s, n in calls if n] == list(range(0, 300, 50)) and max(n for _, n in calls) == 50
@@ -82,6 +84,7 @@ def test_pairs_are_encoded_in_bounded_chunks_and_skips_checked_on_the_split(tmp_
 
     monkeypatch.setattr(dpo, "encode", staticmethod(spy))
     over = [f"data.path=[{path}]", "method=dpo", "data.splits=[1,0,0]", "data.near_dedup=false"]
+    over.append("data.num_proc=1")  # the spy counts calls in this process
     cfg = _cfg(tmp_path, *over, "method.max_skip_fraction=0.1")
     data = pipeline.prepare_cached(cfg, dpo(cfg, tok), tok, tmp_path / "run", True, quiet=True)
     assert max(calls) <= 40 and len(calls) >= 10  # never the whole split at once

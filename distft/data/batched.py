@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-import multiprocessing as mp
 import pickle
 from collections import deque
 from collections.abc import Iterator, Sequence
@@ -244,7 +243,7 @@ def ordered(fn, items: Iterator, num_proc: int, init, initargs) -> Iterator:
         for item in items:
             yield lambda item=item: fn(item)
         return
-    with mp.get_context("fork").Pool(num_proc, initializer=init, initargs=initargs) as pool:
+    with workers.forked_pool(num_proc, init, initargs) as pool:
         pending: deque = deque()
         for item in items:
             pending.append(pool.apply_async(fn, (item,)))

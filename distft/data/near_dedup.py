@@ -10,6 +10,7 @@ import hashlib
 import operator
 import re
 
+from distft.data import workers
 from distft.data.cleaned import Cleaned
 from distft.data.schemas import prompt_and_answer
 
@@ -161,15 +162,13 @@ def signatures(texts: list[str], num_proc: int = 1):
     """MinHash signatures (datasketch, 128 permutations) as one uint32 array [n, 128]: its hash
     values are below 2**32, so this is exact and 4 bytes a value, computed in chunks by
     `num_proc` forked workers."""
-    import multiprocessing as mp
-
     import numpy as np
 
     chunks = [texts[i : i + SIG_CHUNK] for i in range(0, len(texts), SIG_CHUNK)]
     if num_proc <= 1 or len(chunks) <= 1:
         parts = [_signatures(c) for c in chunks]
     else:
-        with mp.get_context("fork").Pool(num_proc) as pool:
+        with workers.forked_pool(num_proc) as pool:
             parts = pool.map(_signatures, chunks)
     return np.concatenate(parts) if parts else np.zeros((0, NUM_PERM), np.uint32)
 

@@ -5,7 +5,10 @@ rows before the first step. Workers are forked only when there are at least two 
 
 from __future__ import annotations
 
+import contextlib
+import multiprocessing as mp
 import os
+from collections.abc import Callable, Iterator
 
 MAX_AUTO = 8  # beyond this, reading and writing in the main process is the limit
 
@@ -16,3 +19,17 @@ def count(data_cfg) -> int:
         return int(n)
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return max(1, min(cpus, MAX_AUTO))
+
+
+@contextlib.contextmanager
+def forked_pool(num_proc: int, init: Callable | None = None, initargs: tuple = ()) -> Iterator:
+    """A Pool of forked workers that ends with close and join: every task it was given finishes
+    (also when the caller stops early on an error), then the workers exit. Pool's own exit
+    terminates the workers while its task thread may still be handing them work, and that can
+    hang the process (seen in the test suite)."""
+    pool = mp.get_context("fork").Pool(num_proc, initializer=init, initargs=initargs)
+    try:
+        yield pool
+    finally:
+        pool.close()
+        pool.join()
