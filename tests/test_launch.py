@@ -36,6 +36,34 @@ def launch(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
     )
 
 
+# ------------------------------------------------------------------ torchrun forked from the launcher
+FORK_PROBE = """
+import os, sys, torch
+from launch import supervise
+cmd = [sys.executable, "-m", "launch.torchrun", *sys.argv[1:]]
+proc = supervise._start(cmd, dict(os.environ, PROBE="1"))
+print(type(proc).__name__, proc.wait())
+"""
+
+
+@pytest.mark.quick
+def test_torchrun_is_forked_from_a_launcher_that_imported_torch(tmp_path):
+    """The launcher validates the config with torch imported, so torchrun's agent is a fork of it
+    (no second interpreter importing torch): it runs launch.torchrun and its exit code comes back."""
+    script = "import os, sys; sys.exit(0 if os.environ.get('PROBE') == '1' else 5)"
+    (tmp_path / "probe.py").write_text(script)
+    ok = subprocess.run(
+        [sys.executable, "-c", FORK_PROBE, "--nproc-per-node=1", "--standalone", str(tmp_path / "probe.py")],
+        cwd=REPO, env=env(), capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert ok.stdout.split()[:2] == ["_Forked", "0"], ok.stdout + ok.stderr  # the env reached the rank
+    bad = subprocess.run(
+        [sys.executable, "-c", FORK_PROBE, "--no-such-flag"], cwd=REPO, env=env(), capture_output=True,
+        text=True, timeout=120,
+    )  # fmt: skip
+    assert bad.stdout.split()[:2] == ["_Forked", "2"], bad.stdout + bad.stderr  # argparse's exit code
+
+
 # ------------------------------------------------------------------ dry runs (no process starts)
 @pytest.mark.quick
 def test_local_dry_run_prints_the_torchrun_command_and_starts_nothing(tmp_path, capsys):
