@@ -178,12 +178,13 @@ NOISE = [
     "DeprecationWarning",
     "torch.distributed is disabled, unavailable or uninitialized",
     "Loading weights:",  # transformers' per-load bars
+    "Setting accelerator to CPU",  # DeepSpeed, imported by transformers, on a machine without GPUs
 ]
 NOISY = """
 import warnings
 from distft.runtime import quiet
 quiet.install()
-import bitsandbytes, torch
+import bitsandbytes, deepspeed, torch
 from transformers import LlamaConfig, LlamaForCausalLM
 cfg = LlamaConfig(vocab_size=16, hidden_size=8, intermediate_size=8, num_hidden_layers=1,
                   num_attention_heads=1, num_key_value_heads=1)
@@ -200,7 +201,7 @@ def test_known_noise_is_filtered_and_the_switch_shows_it():
             [sys.executable, "-c", NOISY], cwd=REPO, env=env(**extra), capture_output=True, text=True
         )
         assert proc.returncode == 0, proc.stderr
-        return proc.stderr
+        return proc.stderr + proc.stdout  # DeepSpeed logs to stdout
 
     quiet, loud = stderr(), stderr(DISTFT_VERBOSE="1")
     assert "distft: your data has 3 rows" in quiet and "distft: your data has 3 rows" in loud
@@ -208,6 +209,8 @@ def test_known_noise_is_filtered_and_the_switch_shows_it():
         assert noise in loud and noise not in quiet, noise
     if "pip install kernels" in loud:  # printed only on CPUs with AVX512-bf16
         assert "pip install kernels" not in quiet
+    if "Setting accelerator to CPU" in loud:  # printed only where DeepSpeed finds no GPU
+        assert "Setting accelerator to CPU" not in quiet
 
 
 @pytest.mark.slow

@@ -26,6 +26,9 @@ WARNINGS = [
 LOG_RECORDS = {
     # bitsandbytes looks for an optional CPU kernel package at import, on every rank.
     "bitsandbytes.backends.cpu.ops": [r"Failed to load CPU gemm_4bit_forward from kernels-community"],
+    # DeepSpeed (imported by transformers wherever it is installed, so in DDP and FSDP jobs too)
+    # finds no GPU on a CPU machine; the run's preflight report names the device.
+    "DeepSpeed": [r"Setting accelerator to CPU\. If you have GPU"],
 }
 
 
