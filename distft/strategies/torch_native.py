@@ -9,13 +9,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_state_dict,
-    set_state_dict,
-)
 
 from distft.contracts import Strategy
 from distft.dtypes import PRECISION_DTYPES
@@ -169,11 +162,16 @@ class TorchNativeStrategy(Strategy):
             cp.attach(model, self.cfg.strategy.cp_style)
         return model
 
-    # Checkpoints: DCP writes one shard per rank and reshards on load (any world size).
-    def _options(self) -> StateDictOptions:
+    # Checkpoints: DCP writes one shard per rank and reshards on load (any world size). DCP is
+    # imported at the first save or load: it pulls in DTensor and sympy (~0.5 s before step 1).
+    def _options(self):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions
+
         return StateDictOptions(ignore_frozen_params=True)
 
     def _state(self) -> dict:
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer, options=self._options())
         state = {"model": model_sd, "optim": optim_sd}
         if self.scaler:
@@ -181,6 +179,8 @@ class TorchNativeStrategy(Strategy):
         return state
 
     def save(self, path: Path) -> None:
+        import torch.distributed.checkpoint as dcp
+
         dcp.save(self._state(), checkpoint_id=str(path / "dcp"))
 
     def save_async(self, path: Path):
@@ -193,6 +193,8 @@ class TorchNativeStrategy(Strategy):
             from distft.strategies.staging import stager
 
             self._stager = stager(self.info.device)
+        import torch.distributed.checkpoint as dcp
+
         return dcp.async_save(
             self._state(),
             checkpoint_id=str(path / "dcp"),
@@ -201,6 +203,9 @@ class TorchNativeStrategy(Strategy):
         )
 
     def load(self, path: Path) -> None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer, options=self._options())
         state = {"model": model_sd, "optim": optim_sd}
         dcp.load(state, checkpoint_id=str(path / "dcp"))
@@ -214,6 +219,8 @@ class TorchNativeStrategy(Strategy):
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """Full (unsharded) weights on rank 0, empty elsewhere; a collective."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
         opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
         sd = get_model_state_dict(self.model, options=opts)
         if self.shape is not None:  # fsdp/hsdp keep expert LoRA stacked by expert: PEFT's shapes
