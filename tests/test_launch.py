@@ -64,6 +64,18 @@ def test_torchrun_is_forked_from_a_launcher_that_imported_torch(tmp_path):
     assert bad.stdout.split()[:2] == ["_Forked", "2"], bad.stdout + bad.stderr  # argparse's exit code
 
 
+@pytest.mark.quick
+def test_validating_a_config_does_not_import_checkpointing():
+    """distft-launch validates the config (importing the strategies) and forks torchrun from
+    itself: neither needs torch.distributed.checkpoint (DTensor, sympy: 0.4 s of its start)."""
+    probe = (
+        "import sys; from distft.config.load import load_config; load_config(['strategy=fsdp']); "
+        "print('torch' in sys.modules, 'torch.distributed.checkpoint' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], cwd=REPO, env=env(), capture_output=True, text=True)
+    assert out.stdout.split() == ["True", "False"], out.stdout + out.stderr
+
+
 # ------------------------------------------------------------------ dry runs (no process starts)
 @pytest.mark.quick
 def test_local_dry_run_prints_the_torchrun_command_and_starts_nothing(tmp_path, capsys):
