@@ -317,7 +317,7 @@ def test_deepspeed_launcher_runs_distft_train(tmp_path):
 # ------------------------------------------------------------------ data prep vs collective timeout
 RACE_SCRIPT = textwrap.dedent(
     """
-    import datetime, sys, time
+    import datetime, os, sys, time
     from pathlib import Path
     import torch, torch.distributed as dist
     from distft.config.load import load_config
@@ -350,6 +350,7 @@ RACE_SCRIPT = textwrap.dedent(
     dist.all_reduce(t)
     print(f"rank {rank} ok train={int(t.item())}", flush=True)
     dist.destroy_process_group()
+    os._exit(0)  # as distft.train exits: a teardown abort after this line once failed the suite
     """
 )
 
