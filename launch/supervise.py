@@ -121,8 +121,8 @@ def _start(cmd: list[str], env: dict[str, str]):
             from launch import torchrun
 
             rc = torchrun.main(cmd[3:])
-        except SystemExit as e:
-            rc = e.code if isinstance(e.code, int) else 1
+        except SystemExit as e:  # as the interpreter maps it: None is 0, a message is 1
+            rc = 0 if e.code is None else e.code if isinstance(e.code, int) else 1
         except BaseException:  # noqa: BLE001  said on stderr, as the interpreter would
             import traceback
 

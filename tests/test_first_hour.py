@@ -196,14 +196,14 @@ warnings.warn("distft: your data has 3 rows")  # about the run: always shown
 
 
 def test_known_noise_is_filtered_and_the_switch_shows_it():
-    def stderr(**extra):
+    def output(**extra):
         proc = subprocess.run(
             [sys.executable, "-c", NOISY], cwd=REPO, env=env(**extra), capture_output=True, text=True
         )
         assert proc.returncode == 0, proc.stderr
         return proc.stderr + proc.stdout  # DeepSpeed logs to stdout
 
-    quiet, loud = stderr(), stderr(DISTFT_VERBOSE="1")
+    quiet, loud = output(), output(DISTFT_VERBOSE="1")
     assert "distft: your data has 3 rows" in quiet and "distft: your data has 3 rows" in loud
     for noise in ["FutureWarning", "torch.distributed is disabled"]:
         assert noise in loud and noise not in quiet, noise

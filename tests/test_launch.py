@@ -62,6 +62,12 @@ def test_torchrun_is_forked_from_a_launcher_that_imported_torch(tmp_path):
         text=True, timeout=120,
     )  # fmt: skip
     assert bad.stdout.split()[:2] == ["_Forked", "2"], bad.stdout + bad.stderr  # argparse's exit code
+    bare_exit = "import sys; from launch import torchrun; torchrun.main = lambda argv: sys.exit()\n"
+    done = subprocess.run(
+        [sys.executable, "-c", bare_exit + FORK_PROBE], cwd=REPO, env=env(), capture_output=True,
+        text=True, timeout=120,
+    )  # fmt: skip
+    assert done.stdout.split()[:2] == ["_Forked", "0"], done.stdout + done.stderr  # sys.exit() is 0
 
 
 @pytest.mark.quick

@@ -235,10 +235,12 @@ def ordered(fn, items: Iterator, num_proc: int, init, initargs) -> Iterator:
     """Calls that give fn(item) for the items in order, computed in num_proc forked workers with
     at most 2 x num_proc batches in flight (reading waits for the workers, so memory holds a few
     batches, not the file). A single item runs here: no workers are forked for it."""
-    items = iter(items)
-    head = list(itertools.islice(items, 2))
-    items = itertools.chain(head, items)
-    if num_proc <= 1 or len(head) < 2:
+    if num_proc > 1:  # look ahead: workers only for two items or more
+        items = iter(items)
+        head = list(itertools.islice(items, 2))
+        items = itertools.chain(head, items)
+        num_proc = num_proc if len(head) == 2 else 1
+    if num_proc <= 1:
         init(*initargs)
         for item in items:
             yield lambda item=item: fn(item)
